@@ -1,0 +1,485 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * fleetsnitch kernel programs: count the bytes every process sends and
+ * receives per socket, in the kernel, and announce each process's identity
+ * once through a ring buffer.
+ *
+ * Hooks, in the order the agent prefers them (exporter/src/probes.rs holds the
+ * table that picks one per kernel):
+ *
+ *  - tp_btf sock_send_length / sock_recv_length (Linux >= 6.3): fire in
+ *    process context at the end of sock_sendmsg / sock_recvmsg with the socket
+ *    and the returned length, for every path that ends there: send*, write,
+ *    sendmmsg/recvmmsg, sendfile and splice *to* a socket, io_uring.
+ *  - fexit sock_sendmsg / sock_recvmsg: same information where BPF
+ *    trampolines work but the tracepoints do not exist yet.
+ *  - kprobe + kretprobe on the same functions: oldest fallback; the entry
+ *    probe stashes the socket per thread for the return probe.
+ *
+ *  - tracepoints syscalls:sys_{enter,exit}_splice: splice *from* a TCP socket
+ *    reads through tcp_read_sock, which never reaches sock_recvmsg, so it is
+ *    counted from the splice syscall's return value instead; receive hooks
+ *    skip threads inside splice so nothing is counted twice.
+ *  - tp_btf / tracepoint sched_process_exit: forget announced processes.
+ *
+ * Counting happens in the `traffic` hash, keyed by process, executable and
+ * socket. The agent drains it by flipping `config.generation` and reading back
+ * the keys of the previous generation, so nothing is lost between two reads.
+ */
+#include "kernel_types.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include "fleetsnitch.h"
+
+#define AF_INET 2
+#define AF_INET6 10
+#define AF_PACKET 17
+#define MSG_PEEK 2
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
+
+char LICENSE[] SEC("license") = "GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct fs_config);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct fs_traffic_key);
+	__type(value, struct fs_traffic_value);
+} traffic SEC(".maps");
+
+/* tgid -> executable inode last announced for it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 32768);
+	__type(key, __u32);
+	__type(value, __u64);
+} announced SEC(".maps");
+
+/* Thread id -> fd_in of a splice in progress. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, __s32);
+} splice_calls SEC(".maps");
+
+/* Thread id -> socket of a sock_sendmsg/sock_recvmsg in progress (kprobe mode). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, __u32);
+	__type(value, __u64);
+} kprobe_socks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, FS_STAT_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 256 * 1024);
+} events SEC(".maps");
+
+static __always_inline void stat_add(__u32 index, __u64 amount)
+{
+	__u64 *counter = bpf_map_lookup_elem(&stats, &index);
+
+	if (counter)
+		*counter += amount;
+}
+
+static __always_inline struct file *task_exe_file(struct task_struct *task)
+{
+	struct mm_struct *mm = BPF_CORE_READ(task, mm);
+
+	if (!mm)
+		return NULL;
+	return BPF_CORE_READ(mm, exe_file);
+}
+
+static __always_inline void file_identity(struct file *file, __u64 *ino, __u32 *dev)
+{
+	struct inode *inode;
+
+	*ino = 0;
+	*dev = 0;
+	if (!file)
+		return;
+	inode = BPF_CORE_READ(file, f_inode);
+	if (!inode)
+		return;
+	*ino = BPF_CORE_READ(inode, i_ino);
+	*dev = BPF_CORE_READ(inode, i_sb, s_dev);
+}
+
+/*
+ * Walk the executable's dentries up to the root of the mount tree, crossing
+ * mount points, and copy each name into its own slot (leaf first). Slot i is
+ * written in iteration i whatever happens, so the verifier sees the same
+ * state shape in every iteration and can prune: a separate depth counter
+ * would make every path through the loop distinct. A mount crossing leaves
+ * its slot empty; the agent skips empty slots.
+ */
+static __always_inline void fill_path(struct fs_identity_event *event, struct file *file)
+{
+	struct dentry *dentry = BPF_CORE_READ(file, f_path.dentry);
+	struct vfsmount *vfsmnt = BPF_CORE_READ(file, f_path.mnt);
+	__u32 mount_offset = bpf_core_field_offset(struct mount, mnt);
+	struct mount *mnt = (void *)vfsmnt - mount_offset;
+
+	event->depth = FS_PATH_DEPTH;
+	for (__u32 slot = 0; slot < FS_PATH_DEPTH; slot++) {
+		struct dentry *parent = BPF_CORE_READ(dentry, d_parent);
+
+		event->names[slot][0] = 0;
+		if (dentry == BPF_CORE_READ(vfsmnt, mnt_root) || dentry == parent) {
+			struct mount *mnt_parent = BPF_CORE_READ(mnt, mnt_parent);
+
+			if (mnt_parent == mnt || !mnt_parent) {
+				event->depth = slot;
+				return;
+			}
+			dentry = BPF_CORE_READ(mnt, mnt_mountpoint);
+			mnt = mnt_parent;
+			vfsmnt = (void *)mnt + mount_offset;
+			continue;
+		}
+		const unsigned char *name = BPF_CORE_READ(dentry, d_name.name);
+
+		if (bpf_probe_read_kernel_str(event->names[slot], FS_NAME_LEN, name) >= FS_NAME_LEN)
+			event->flags |= FS_IDENTITY_PATH_TRUNCATED;
+		dentry = parent;
+	}
+	/* Slots ran out before the root. */
+	event->flags |= FS_IDENTITY_PATH_TRUNCATED;
+}
+
+/* Announce `task`'s identity once per (process, executable). */
+static __always_inline void announce(struct task_struct *task, __u32 tgid, __u64 exe_ino, __u32 exe_dev,
+				     struct file *exe)
+{
+	__u64 *seen = bpf_map_lookup_elem(&announced, &tgid);
+
+	if (seen && *seen == exe_ino)
+		return;
+
+	struct fs_identity_event *event = bpf_ringbuf_reserve(&events, sizeof(*event), 0);
+
+	if (!event) {
+		/* Not marked as announced, so the next packet tries again. */
+		stat_add(FS_STAT_EVENTS_LOST, 1);
+		return;
+	}
+	event->kind = FS_EVENT_IDENTITY;
+	event->tgid = tgid;
+	event->uid = BPF_CORE_READ(task, cred, uid.val);
+	event->start_time_ns = BPF_CORE_READ(task, start_time);
+	event->exe_ino = exe_ino;
+	event->exe_dev = exe_dev;
+	event->flags = 0;
+	event->depth = 0;
+	bpf_probe_read_kernel_str(event->comm, sizeof(event->comm), task->comm);
+
+	struct task_struct *parent = BPF_CORE_READ(task, real_parent);
+
+	event->ppid = BPF_CORE_READ(parent, tgid);
+	file_identity(task_exe_file(parent), &event->parent_exe_ino, &event->parent_exe_dev);
+
+	if (exe)
+		fill_path(event, exe);
+	else
+		event->flags |= FS_IDENTITY_NO_EXE;
+	bpf_ringbuf_submit(event, 0);
+
+	if (bpf_map_update_elem(&announced, &tgid, &exe_ino, BPF_ANY) != 0)
+		stat_add(FS_STAT_ANNOUNCED_MAP_FULL, 1);
+}
+
+static __always_inline void fill_addressing(struct fs_traffic_value *value, struct sock *sk, __u16 family)
+{
+	value->family = family;
+	value->protocol = BPF_CORE_READ(sk, sk_protocol);
+	value->sock_type = BPF_CORE_READ(sk, sk_type);
+	if (family == AF_PACKET)
+		return;
+	value->local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	value->remote_port = BPF_CORE_READ(sk, __sk_common.skc_dport);
+	if (family == AF_INET) {
+		BPF_CORE_READ_INTO(value->local_addr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO(value->remote_addr, sk, __sk_common.skc_daddr);
+	} else {
+		BPF_CORE_READ_INTO(value->local_addr, sk, __sk_common.skc_v6_rcv_saddr);
+		BPF_CORE_READ_INTO(value->remote_addr, sk, __sk_common.skc_v6_daddr);
+	}
+}
+
+/* The shared body of every send/receive hook. */
+static __always_inline void account(struct sock *sk, long ret, __u32 direction)
+{
+	if (ret <= 0 || !sk)
+		return;
+
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+
+	/* Network sockets only: AF_UNIX, netlink and friends are local IPC. */
+	if (family != AF_INET && family != AF_INET6 && family != AF_PACKET)
+		return;
+
+	__u32 zero = 0;
+	struct fs_config *cfg = bpf_map_lookup_elem(&config, &zero);
+
+	if (!cfg)
+		return;
+
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct file *exe = task_exe_file(task);
+	struct fs_traffic_key key = {
+		.tgid = tgid,
+		.generation = cfg->generation,
+		.sock = (__u64)sk,
+	};
+
+	file_identity(exe, &key.exe_ino, &key.exe_dev);
+	announce(task, tgid, key.exe_ino, key.exe_dev, exe);
+
+	struct fs_traffic_value *value = bpf_map_lookup_elem(&traffic, &key);
+
+	if (!value) {
+		struct fs_traffic_value fresh = {};
+		long err;
+
+		fill_addressing(&fresh, sk, family);
+		fresh.bytes[direction & 1] = ret;
+		fresh.calls[direction & 1] = 1;
+		err = bpf_map_update_elem(&traffic, &key, &fresh, BPF_NOEXIST);
+		if (err == 0)
+			return;
+		/* Another CPU created the key between lookup and update. */
+		value = bpf_map_lookup_elem(&traffic, &key);
+		if (!value) {
+			stat_add(FS_STAT_TRAFFIC_MAP_FULL, 1);
+			stat_add(direction == FS_DIR_SENT ? FS_STAT_UNATTRIBUTED_SENT_BYTES
+							  : FS_STAT_UNATTRIBUTED_RECEIVED_BYTES,
+				 ret);
+			return;
+		}
+	}
+	__sync_fetch_and_add(&value->bytes[direction & 1], ret);
+	__sync_fetch_and_add(&value->calls[direction & 1], 1);
+}
+
+static __always_inline bool in_splice(void)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+
+	return bpf_map_lookup_elem(&splice_calls, &tid) != NULL;
+}
+
+static __always_inline void account_receive(struct sock *sk, long ret, int flags)
+{
+	/* A peek leaves the data in the socket: it is counted when it is read. */
+	if (flags & MSG_PEEK)
+		return;
+	if (in_splice())
+		return;
+	account(sk, ret, FS_DIR_RECEIVED);
+}
+
+/* --- mode 1: BTF tracepoints (Linux >= 6.3) ------------------------------ */
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(send_length_btf, struct sock *sk, int ret, int flags)
+{
+	account(sk, ret, FS_DIR_SENT);
+	return 0;
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(recv_length_btf, struct sock *sk, int ret, int flags)
+{
+	account_receive(sk, ret, flags);
+	return 0;
+}
+
+/* --- mode 2: fexit on the socket layer ----------------------------------- */
+
+SEC("fexit/sock_sendmsg")
+int BPF_PROG(sendmsg_fexit, struct socket *sock, void *msg, int ret)
+{
+	account(BPF_CORE_READ(sock, sk), ret, FS_DIR_SENT);
+	return 0;
+}
+
+SEC("fexit/sock_recvmsg")
+int BPF_PROG(recvmsg_fexit, struct socket *sock, void *msg, int flags, int ret)
+{
+	account_receive(BPF_CORE_READ(sock, sk), ret, flags);
+	return 0;
+}
+
+/* --- mode 3: kprobe + kretprobe on the socket layer ---------------------- */
+
+static __always_inline void stash_socket(struct socket *sock, int flags)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	/* Keep MSG_PEEK in the low bit: a socket pointer is always aligned. */
+	__u64 entry = (__u64)sock | ((flags & MSG_PEEK) ? 1 : 0);
+
+	bpf_map_update_elem(&kprobe_socks, &tid, &entry, BPF_ANY);
+}
+
+static __always_inline void take_socket(long ret, __u32 direction)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u64 *entry = bpf_map_lookup_elem(&kprobe_socks, &tid);
+
+	if (!entry)
+		return;
+	__u64 stashed = *entry;
+
+	bpf_map_delete_elem(&kprobe_socks, &tid);
+	struct socket *sock = (struct socket *)(stashed & ~1ULL);
+	struct sock *sk = BPF_CORE_READ(sock, sk);
+
+	if (direction == FS_DIR_SENT)
+		account(sk, ret, FS_DIR_SENT);
+	else
+		account_receive(sk, ret, (stashed & 1) ? MSG_PEEK : 0);
+}
+
+SEC("kprobe/sock_sendmsg")
+int BPF_KPROBE(sendmsg_kprobe, struct socket *sock)
+{
+	stash_socket(sock, 0);
+	return 0;
+}
+
+SEC("kretprobe/sock_sendmsg")
+int BPF_KRETPROBE(sendmsg_kretprobe, int ret)
+{
+	take_socket(ret, FS_DIR_SENT);
+	return 0;
+}
+
+SEC("kprobe/sock_recvmsg")
+int BPF_KPROBE(recvmsg_kprobe, struct socket *sock, void *msg, int flags)
+{
+	stash_socket(sock, flags);
+	return 0;
+}
+
+SEC("kretprobe/sock_recvmsg")
+int BPF_KRETPROBE(recvmsg_kretprobe, int ret)
+{
+	take_socket(ret, FS_DIR_RECEIVED);
+	return 0;
+}
+
+/* --- splice from a socket (every mode) ----------------------------------- */
+
+struct syscall_enter_splice {
+	__u64 common;
+	__s32 nr;
+	__s32 _pad;
+	__u64 fd_in;
+	__u64 off_in;
+	__u64 fd_out;
+};
+
+struct syscall_exit {
+	__u64 common;
+	__s32 nr;
+	__s32 _pad;
+	__s64 ret;
+};
+
+SEC("tracepoint/syscalls/sys_enter_splice")
+int splice_enter(struct syscall_enter_splice *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__s32 fd_in = (__s32)ctx->fd_in;
+
+	if (bpf_map_update_elem(&splice_calls, &tid, &fd_in, BPF_ANY) != 0)
+		stat_add(FS_STAT_SPLICE_MAP_FULL, 1);
+	return 0;
+}
+
+static __always_inline struct sock *socket_of_fd(__s32 fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *file = NULL;
+
+	if (fd < 0 || (__u32)fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
+	if (!file)
+		return NULL;
+	if ((BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return NULL;
+	struct socket *sock = BPF_CORE_READ(file, private_data);
+
+	return BPF_CORE_READ(sock, sk);
+}
+
+SEC("tracepoint/syscalls/sys_exit_splice")
+int splice_exit(struct syscall_exit *ctx)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__s32 *fd_in = bpf_map_lookup_elem(&splice_calls, &tid);
+
+	if (!fd_in)
+		return 0;
+	__s32 fd = *fd_in;
+
+	bpf_map_delete_elem(&splice_calls, &tid);
+	if (ctx->ret > 0)
+		account(socket_of_fd(fd), ctx->ret, FS_DIR_RECEIVED);
+	return 0;
+}
+
+/* --- process exit -------------------------------------------------------- */
+
+static __always_inline void forget(struct task_struct *task)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tgid = pid_tgid >> 32;
+
+	/* Only the thread-group leader's exit ends the process's identity. */
+	if ((__u32)pid_tgid != tgid)
+		return;
+	if (!bpf_map_lookup_elem(&announced, &tgid))
+		return;
+	bpf_map_delete_elem(&announced, &tgid);
+
+	struct fs_exit_event *event = bpf_ringbuf_reserve(&events, sizeof(*event), 0);
+
+	if (!event) {
+		stat_add(FS_STAT_EVENTS_LOST, 1);
+		return;
+	}
+	event->kind = FS_EVENT_EXIT;
+	event->tgid = tgid;
+	event->start_time_ns = BPF_CORE_READ(task, start_time);
+	bpf_ringbuf_submit(event, 0);
+}
+
+SEC("tracepoint/sched/sched_process_exit")
+int process_exit(void *ctx)
+{
+	forget((struct task_struct *)bpf_get_current_task());
+	return 0;
+}

@@ -1,0 +1,111 @@
+/* SPDX-License-Identifier: GPL-2.0 OR Apache-2.0 */
+/*
+ * Types shared between the kernel programs and the agent. Every struct here
+ * has a twin in ebpf/src/lib.rs; both sides assert the same sizes and field
+ * offsets at compile time, so a change to one that is not made to the other
+ * fails the build instead of corrupting data.
+ */
+#ifndef FLEETSNITCH_H
+#define FLEETSNITCH_H
+
+#define FS_COMM_LEN 16
+/* Path components walked per executable; deeper paths are marked truncated. */
+#define FS_PATH_DEPTH 32
+/* Bytes kept per path component (NUL included); longer names are marked truncated. */
+#define FS_NAME_LEN 128
+
+/* Directions, used as indexes. */
+#define FS_DIR_SENT 0
+#define FS_DIR_RECEIVED 1
+
+/* Indexes into the `stats` per-CPU array: what the kernel side could not do. */
+enum fs_stat {
+	/* A (process, socket) key could not be inserted into `traffic`. */
+	FS_STAT_TRAFFIC_MAP_FULL = 0,
+	/* Bytes that could not be attributed because `traffic` was full. */
+	FS_STAT_UNATTRIBUTED_SENT_BYTES = 1,
+	FS_STAT_UNATTRIBUTED_RECEIVED_BYTES = 2,
+	/* An identity event did not fit in the ring buffer. */
+	FS_STAT_EVENTS_LOST = 3,
+	/* `announced` was full: identities may be announced more than once. */
+	FS_STAT_ANNOUNCED_MAP_FULL = 4,
+	/* `splice_calls` was full: a splice from a socket went uncounted. */
+	FS_STAT_SPLICE_MAP_FULL = 5,
+	FS_STAT_COUNT = 6,
+};
+
+/* Written by the agent, read by every program. */
+struct fs_config {
+	/* Generation new traffic is recorded under; the agent flips it to drain. */
+	__u32 generation;
+	__u32 _pad;
+};
+
+/* One (process, executable, socket) within one drain generation. */
+struct fs_traffic_key {
+	__u32 tgid;
+	__u32 generation;
+	/* Address of the kernel `struct sock`: unique while the socket lives. */
+	__u64 sock;
+	__u64 exe_ino;
+	/* Kernel-internal dev_t of the executable's file system (MAJOR << 20 | MINOR). */
+	__u32 exe_dev;
+	__u32 _pad;
+};
+
+struct fs_traffic_value {
+	__u64 bytes[2];
+	__u64 calls[2];
+	/* Socket addressing, captured when the key was created. */
+	__u16 family;
+	__u16 protocol;
+	__u16 sock_type;
+	__u16 local_port;
+	/* Network byte order, as the kernel keeps it. */
+	__u16 remote_port;
+	__u16 _pad[3];
+	__u8 local_addr[16];
+	__u8 remote_addr[16];
+};
+
+enum fs_event_kind {
+	/* A process was seen doing network I/O for the first time (or after exec). */
+	FS_EVENT_IDENTITY = 1,
+	/* A process announced by FS_EVENT_IDENTITY exited. */
+	FS_EVENT_EXIT = 2,
+};
+
+#define FS_IDENTITY_PATH_TRUNCATED 1u
+#define FS_IDENTITY_NO_EXE 2u
+
+struct fs_identity_event {
+	__u32 kind;
+	__u32 tgid;
+	__u32 ppid;
+	__u32 uid;
+	__u64 start_time_ns;
+	__u64 exe_ino;
+	__u32 exe_dev;
+	__u32 flags;
+	__u64 parent_exe_ino;
+	__u32 parent_exe_dev;
+	/* Slots of `names` used, leaf first; empty slots mark mount crossings. */
+	__u32 depth;
+	char comm[FS_COMM_LEN];
+	char names[FS_PATH_DEPTH][FS_NAME_LEN];
+};
+
+struct fs_exit_event {
+	__u32 kind;
+	__u32 tgid;
+	__u64 start_time_ns;
+};
+
+_Static_assert(sizeof(struct fs_config) == 8, "fs_config layout");
+_Static_assert(sizeof(struct fs_traffic_key) == 32, "fs_traffic_key layout");
+_Static_assert(sizeof(struct fs_traffic_value) == 80, "fs_traffic_value layout");
+_Static_assert(sizeof(struct fs_identity_event) == 72 + FS_PATH_DEPTH * FS_NAME_LEN, "fs_identity_event layout");
+_Static_assert(__builtin_offsetof(struct fs_identity_event, names) == 72, "fs_identity_event.names offset");
+_Static_assert(sizeof(struct fs_exit_event) == 16, "fs_exit_event layout");
+
+#endif

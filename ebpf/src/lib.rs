@@ -1,0 +1,146 @@
+//! Types shared between fleetsnitch's kernel programs (`bpf/*.bpf.c`) and the agent.
+//!
+//! Each struct mirrors one in `bpf/fleetsnitch.h`. Both sides assert the same
+//! sizes and offsets at compile time, so the two definitions cannot drift apart
+//! silently. The object file itself is compiled by the agent's build script.
+#![no_std]
+
+use core::mem::{offset_of, size_of};
+
+/// Length of a task's `comm`, NUL included.
+pub const COMM_LEN: usize = 16;
+/// Path components the kernel walks per executable.
+pub const PATH_DEPTH: usize = 32;
+/// Bytes kept per path component, NUL included.
+pub const NAME_LEN: usize = 128;
+
+/// Index of sent bytes in [`TrafficValue::bytes`].
+pub const DIR_SENT: usize = 0;
+/// Index of received bytes in [`TrafficValue::bytes`].
+pub const DIR_RECEIVED: usize = 1;
+
+/// Indexes into the `stats` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    TrafficMapFull = 0,
+    UnattributedSentBytes = 1,
+    UnattributedReceivedBytes = 2,
+    EventsLost = 3,
+    AnnouncedMapFull = 4,
+    SpliceMapFull = 5,
+}
+
+impl Stat {
+    /// Every counter, in index order.
+    pub const ALL: [Stat; 6] = [
+        Stat::TrafficMapFull,
+        Stat::UnattributedSentBytes,
+        Stat::UnattributedReceivedBytes,
+        Stat::EventsLost,
+        Stat::AnnouncedMapFull,
+        Stat::SpliceMapFull,
+    ];
+}
+
+/// The single entry of the `config` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    pub generation: u32,
+    pub _pad: u32,
+}
+
+/// Key of the `traffic` hash: one (process, executable, socket) per generation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TrafficKey {
+    pub tgid: u32,
+    pub generation: u32,
+    /// Kernel address of the socket; an opaque identifier.
+    pub sock: u64,
+    pub exe_ino: u64,
+    /// Kernel-internal `dev_t` (`MAJOR << 20 | MINOR`).
+    pub exe_dev: u32,
+    pub _pad: u32,
+}
+
+/// Value of the `traffic` hash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrafficValue {
+    /// Bytes, indexed by [`DIR_SENT`] / [`DIR_RECEIVED`].
+    pub bytes: [u64; 2],
+    /// Successful calls, same indexes.
+    pub calls: [u64; 2],
+    pub family: u16,
+    pub protocol: u16,
+    pub sock_type: u16,
+    /// Host byte order.
+    pub local_port: u16,
+    /// Network byte order, as the kernel keeps it.
+    pub remote_port: u16,
+    pub _pad: [u16; 3],
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+/// `kind` of a ring-buffer record.
+pub const EVENT_IDENTITY: u32 = 1;
+/// `kind` of a ring-buffer record.
+pub const EVENT_EXIT: u32 = 2;
+
+/// The path did not fit in [`PATH_DEPTH`] components of [`NAME_LEN`] bytes.
+pub const IDENTITY_PATH_TRUNCATED: u32 = 1;
+/// The process has no executable (a kernel thread).
+pub const IDENTITY_NO_EXE: u32 = 2;
+
+/// A process seen doing network I/O for the first time, or after an exec.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct IdentityEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub ppid: u32,
+    pub uid: u32,
+    pub start_time_ns: u64,
+    pub exe_ino: u64,
+    pub exe_dev: u32,
+    pub flags: u32,
+    pub parent_exe_ino: u64,
+    pub parent_exe_dev: u32,
+    /// Filled entries of `names`, leaf first.
+    pub depth: u32,
+    pub comm: [u8; COMM_LEN],
+    pub names: [[u8; NAME_LEN]; PATH_DEPTH],
+}
+
+/// An announced process exited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExitEvent {
+    pub kind: u32,
+    pub tgid: u32,
+    pub start_time_ns: u64,
+}
+
+// The same numbers as the _Static_asserts in bpf/fleetsnitch.h.
+const _: () = assert!(size_of::<Config>() == 8);
+const _: () = assert!(size_of::<TrafficKey>() == 32);
+const _: () = assert!(size_of::<TrafficValue>() == 80);
+const _: () = assert!(size_of::<IdentityEvent>() == 72 + PATH_DEPTH * NAME_LEN);
+const _: () = assert!(offset_of!(IdentityEvent, names) == 72);
+const _: () = assert!(size_of::<ExitEvent>() == 16);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{Config, TrafficKey, TrafficValue};
+
+    // SAFETY: plain `repr(C)` structs of integers with explicit padding fields,
+    // valid for every bit pattern.
+    unsafe impl aya::Pod for Config {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TrafficKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for TrafficValue {}
+}

@@ -1,0 +1,153 @@
+//! Start-up, steady state and shutdown of the agent.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicBool},
+    thread,
+};
+
+use aya::{Btf, Ebpf, EbpfError, EbpfLoader};
+use tokio::net::TcpListener;
+
+use crate::{
+    collector::{Collector, CollectorError, Health},
+    config::Config,
+    hashing::Hasher,
+    http,
+    metrics::{Metrics, ProbeLabels},
+    preflight::{self, PreflightError},
+    probes::{self, NoModeFits, ProbeOutcome},
+};
+
+/// The kernel programs, compiled by build.rs.
+static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fleetsnitch.bpf.o"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error("cannot listen on {address} (web.listen_address): {source}")]
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read the kernel's BTF from {}: {source}", preflight::BTF_PATH)]
+    Btf { source: aya::BtfError },
+    #[error(
+        "the kernel refused to load fleetsnitch's maps or programs: {detail}. BPF may be \
+         restricted here (kernel.unprivileged_bpf_disabled, lockdown=confidentiality, a \
+         seccomp profile or a container without CAP_BPF/CAP_PERFMON)"
+    )]
+    BpfRefused { detail: String },
+    #[error(transparent)]
+    NoProbe(#[from] NoModeFits),
+    #[error(transparent)]
+    Collector(#[from] CollectorError),
+    #[error("cannot start a worker thread: {0}")]
+    Thread(std::io::Error),
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> Result<(), AgentError> {
+    preflight::check()?;
+    preflight::raise_memlock_limit();
+
+    // Bind first: a port in use is the cheapest failure to report.
+    let address = config
+        .listen_address()
+        .expect("validated before the agent starts");
+    let listener = TcpListener::bind(address)
+        .await
+        .map_err(|source| AgentError::Listen { address, source })?;
+
+    let btf = Btf::from_sys_fs().map_err(|source| AgentError::Btf { source })?;
+    let mut ebpf = load_object(&config)?;
+    let outcomes = probes::attach_all(&mut ebpf, &btf)?;
+
+    let metrics = Arc::new(Metrics::new());
+    export_probe_outcomes(&metrics, &outcomes);
+    let health = Arc::new(Health::default());
+    let hasher = Hasher::spawn(metrics.clone()).map_err(AgentError::Thread)?;
+    let collector = Collector::new(
+        &mut ebpf,
+        metrics.clone(),
+        health.clone(),
+        hasher,
+        config.collector.drain_interval,
+    )?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let collector_thread = {
+        let stop = stop.clone();
+        thread::Builder::new()
+            .name("fleetsnitch-collector".into())
+            .spawn(move || collector.run(stop))
+            .map_err(AgentError::Thread)?
+    };
+
+    tracing::info!(
+        %address,
+        telemetry_path = %config.web.telemetry_path,
+        "fleetsnitch is counting; serving metrics"
+    );
+    let router = http::router(
+        &config.web.telemetry_path,
+        metrics,
+        health,
+        config.collector.drain_interval,
+    );
+    let served = http::serve(listener, router, shutdown_signal()).await;
+
+    tracing::info!("shutting down: final drain, then detaching every probe");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if collector_thread.join().is_err() {
+        tracing::error!("the collector thread panicked");
+    }
+    // Dropping the object detaches every link and unloads every program.
+    drop(ebpf);
+    served.map_err(AgentError::Http)
+}
+
+fn load_object(config: &Config) -> Result<Ebpf, AgentError> {
+    EbpfLoader::new()
+        .map_max_entries("traffic", config.collector.traffic_map_entries)
+        .map_max_entries("announced", config.collector.process_map_entries)
+        .map_max_entries("events", config.collector.ring_buffer_bytes)
+        .load(BPF_OBJECT)
+        .map_err(|error: EbpfError| AgentError::BpfRefused {
+            detail: probes::error_chain(&error),
+        })
+}
+
+fn export_probe_outcomes(metrics: &Metrics, outcomes: &[ProbeOutcome]) {
+    for outcome in outcomes {
+        let labels = ProbeLabels {
+            probe: outcome.probe.to_owned(),
+            mode: outcome.mode.unwrap_or("none").to_owned(),
+        };
+        metrics
+            .probe_attached
+            .get_or_create(&labels)
+            .set(i64::from(outcome.mode.is_some()));
+    }
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only SIGINT stops the agent");
+                let _ = interrupt.await;
+                return;
+            }
+        };
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -1,0 +1,377 @@
+//! Moves what the kernel counted into the identity table and the metrics.
+//!
+//! One thread owns the maps. It consumes process announcements from the ring
+//! buffer as they arrive and, every drain interval, flips the generation the
+//! kernel writes under, waits out programs still running with the old one,
+//! then reads and deletes every key of the old generation. Deltas go into the
+//! Prometheus counters, so `/metrics` is at most one interval behind.
+
+use std::{
+    collections::HashMap,
+    os::fd::AsRawFd,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
+};
+use fleetsnitch_ebpf::{
+    Config, DIR_RECEIVED, DIR_SENT, EVENT_EXIT, EVENT_IDENTITY, ExitEvent, IdentityEvent, Stat,
+    TrafficKey, TrafficValue,
+};
+
+use crate::{
+    hashing::{HashJob, Hasher},
+    identity::{ExeKey, IdentityTable},
+    metrics::{Direction, DirectionLabels, MapLabels, Metrics, TrafficLabels},
+};
+
+/// Time given to programs that read the old generation before it is drained.
+/// Tracing programs run with migration disabled for microseconds at most.
+const GENERATION_GRACE: Duration = Duration::from_millis(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorError {
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Shared with the HTTP server: when the counters were last drained.
+#[derive(Debug, Default)]
+pub struct Health {
+    last_drain_unix_ms: AtomicU64,
+}
+
+impl Health {
+    fn mark_drained(&self) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_drain_unix_ms
+            .store(now.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Healthy once a drain succeeded within `max_age`.
+    pub fn is_fresh(&self, max_age: Duration) -> bool {
+        let last = self.last_drain_unix_ms.load(Ordering::Relaxed);
+        if last == 0 {
+            return false;
+        }
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
+        now.saturating_sub(last) <= max_age.as_millis() as u64
+    }
+}
+
+pub struct Collector {
+    traffic: BpfHashMap<MapData, TrafficKey, TrafficValue>,
+    config: Array<MapData, Config>,
+    stats: PerCpuArray<MapData, u64>,
+    events: RingBuf<MapData>,
+    generation: u32,
+    stats_seen: [u64; Stat::ALL.len()],
+    identities: IdentityTable,
+    hasher: Hasher,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    drain_interval: Duration,
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CollectorError> {
+    ebpf.take_map(name)
+        .ok_or(CollectorError::MissingMap { name })
+}
+
+fn map_error(name: &'static str) -> impl FnOnce(MapError) -> CollectorError {
+    move |source| CollectorError::Map { name, source }
+}
+
+impl Collector {
+    pub fn new(
+        ebpf: &mut Ebpf,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        hasher: Hasher,
+        drain_interval: Duration,
+    ) -> Result<Self, CollectorError> {
+        let traffic =
+            BpfHashMap::try_from(take_map(ebpf, "traffic")?).map_err(map_error("traffic"))?;
+        let config = Array::try_from(take_map(ebpf, "config")?).map_err(map_error("config"))?;
+        let stats = PerCpuArray::try_from(take_map(ebpf, "stats")?).map_err(map_error("stats"))?;
+        let events = RingBuf::try_from(take_map(ebpf, "events")?).map_err(map_error("events"))?;
+        Ok(Self {
+            traffic,
+            config,
+            stats,
+            events,
+            generation: 0,
+            stats_seen: [0; Stat::ALL.len()],
+            identities: IdentityTable::default(),
+            hasher,
+            metrics,
+            health,
+            drain_interval,
+        })
+    }
+
+    /// Runs until `stop` is set, then drains one last time.
+    pub fn run(mut self, stop: Arc<AtomicBool>) {
+        let mut next_drain = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now >= next_drain {
+                self.drain_and_report();
+                next_drain = now + self.drain_interval;
+            }
+            let wait = next_drain.saturating_duration_since(Instant::now());
+            self.wait_for_events(wait.min(Duration::from_millis(100)));
+            self.read_events();
+        }
+        self.drain_and_report();
+    }
+
+    fn drain_and_report(&mut self) {
+        match self.drain() {
+            Ok(()) => {
+                self.metrics.drains.inc();
+                self.health.mark_drained();
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                self.metrics.last_drain_seconds.set(now.as_secs_f64());
+            }
+            Err(error) => {
+                self.metrics.drain_errors.inc();
+                tracing::error!(%error, "draining the in-kernel counters failed");
+            }
+        }
+    }
+
+    fn wait_for_events(&self, timeout: Duration) {
+        let mut pollfd = libc::pollfd {
+            fd: self.events.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pollfd, 1, timeout.as_millis() as libc::c_int) };
+    }
+
+    fn read_events(&mut self) {
+        while let Some(item) = self.events.next() {
+            let bytes: &[u8] = &item;
+            let Some(kind) = bytes
+                .get(..4)
+                .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+            else {
+                continue;
+            };
+            match kind {
+                EVENT_IDENTITY if bytes.len() >= size_of::<IdentityEvent>() => {
+                    // SAFETY: the length was checked; IdentityEvent is plain integers
+                    // and byte arrays, valid for any bit pattern.
+                    let event: IdentityEvent =
+                        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                    let recorded = self.identities.record(&event);
+                    if let Some(path) = recorded.new_exe {
+                        tracing::debug!(exe = %path, pid = event.tgid, "new executable");
+                        self.hasher.request(HashJob {
+                            exe: recorded.process.exe,
+                            tgid: event.tgid,
+                            path,
+                        });
+                    }
+                }
+                EVENT_EXIT if bytes.len() >= size_of::<ExitEvent>() => {
+                    // SAFETY: as above.
+                    let event: ExitEvent =
+                        unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+                    self.identities.forget(event.tgid, event.start_time_ns);
+                }
+                other => tracing::warn!(
+                    kind = other,
+                    len = bytes.len(),
+                    "unexpected ring buffer record"
+                ),
+            }
+        }
+    }
+
+    fn drain(&mut self) -> Result<(), CollectorError> {
+        self.generation ^= 1;
+        let config = Config {
+            generation: self.generation,
+            _pad: 0,
+        };
+        self.config.set(0, config, 0).map_err(map_error("config"))?;
+        thread::sleep(GENERATION_GRACE);
+        // Announcements precede their traffic in the ring buffer.
+        self.read_events();
+
+        let old_keys: Vec<TrafficKey> = self
+            .traffic
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.generation != self.generation)
+            .collect();
+        let mut totals: HashMap<(String, Direction), u64> = HashMap::new();
+        let mut unresolved = [0u64; 2];
+        for key in old_keys {
+            let value = match self.traffic.get(&key, 0) {
+                Ok(value) => value,
+                Err(MapError::KeyNotFound) => continue,
+                Err(source) => {
+                    return Err(CollectorError::Map {
+                        name: "traffic",
+                        source,
+                    });
+                }
+            };
+            match self.traffic.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(CollectorError::Map {
+                        name: "traffic",
+                        source,
+                    });
+                }
+            }
+            let exe = ExeKey::from_kernel(key.exe_dev, key.exe_ino);
+            let known_before = self.identities.known_path(exe).is_some();
+            let (path, resolved) = self.identities.exe_path(key.tgid, exe);
+            if resolved && !known_before && !exe.is_kernel() {
+                self.hasher.request(HashJob {
+                    exe,
+                    tgid: key.tgid,
+                    path: path.clone(),
+                });
+            }
+            for (index, direction) in [
+                (DIR_SENT, Direction::Sent),
+                (DIR_RECEIVED, Direction::Received),
+            ] {
+                let bytes = value.bytes[index];
+                if bytes == 0 {
+                    continue;
+                }
+                if !resolved {
+                    unresolved[index] += bytes;
+                }
+                *totals.entry((path.clone(), direction)).or_default() += bytes;
+            }
+        }
+        for ((exe, direction), bytes) in totals {
+            self.metrics
+                .bytes
+                .get_or_create(&TrafficLabels { exe, direction })
+                .inc_by(bytes);
+        }
+        for (index, direction) in [
+            (DIR_SENT, Direction::Sent),
+            (DIR_RECEIVED, Direction::Received),
+        ] {
+            if unresolved[index] > 0 {
+                self.metrics
+                    .unresolved_bytes
+                    .get_or_create(&DirectionLabels { direction })
+                    .inc_by(unresolved[index]);
+            }
+        }
+        self.report_kernel_stats()?;
+        self.metrics
+            .tracked_processes
+            .set(self.identities.process_count() as i64);
+        self.metrics
+            .tracked_executables
+            .set(self.identities.executable_count() as i64);
+        Ok(())
+    }
+
+    /// Turns the kernel's cumulative per-CPU counters into metric increments.
+    fn report_kernel_stats(&mut self) -> Result<(), CollectorError> {
+        for stat in Stat::ALL {
+            let index = stat as u32;
+            let total: u64 = self
+                .stats
+                .get(&index, 0)
+                .map_err(map_error("stats"))?
+                .iter()
+                .sum();
+            let delta = total.saturating_sub(self.stats_seen[index as usize]);
+            self.stats_seen[index as usize] = total;
+            if delta == 0 {
+                continue;
+            }
+            let map = |name: &str| MapLabels {
+                map: name.to_owned(),
+            };
+            match stat {
+                Stat::TrafficMapFull => {
+                    tracing::warn!(
+                        refused = delta,
+                        "traffic map full: raise collector.traffic_map_entries; bytes counted as unattributed"
+                    );
+                    self.metrics
+                        .map_full
+                        .get_or_create(&map("traffic"))
+                        .inc_by(delta);
+                }
+                Stat::UnattributedSentBytes => {
+                    self.metrics
+                        .unattributed_bytes
+                        .get_or_create(&DirectionLabels {
+                            direction: Direction::Sent,
+                        })
+                        .inc_by(delta);
+                }
+                Stat::UnattributedReceivedBytes => {
+                    self.metrics
+                        .unattributed_bytes
+                        .get_or_create(&DirectionLabels {
+                            direction: Direction::Received,
+                        })
+                        .inc_by(delta);
+                }
+                Stat::EventsLost => {
+                    tracing::warn!(
+                        lost = delta,
+                        "process announcements lost (ring buffer full): raise collector.ring_buffer_bytes"
+                    );
+                    self.metrics.events_lost.inc_by(delta);
+                }
+                Stat::AnnouncedMapFull => {
+                    self.metrics
+                        .map_full
+                        .get_or_create(&map("announced"))
+                        .inc_by(delta);
+                }
+                Stat::SpliceMapFull => {
+                    self.metrics
+                        .map_full
+                        .get_or_create(&map("splice_calls"))
+                        .inc_by(delta);
+                }
+            }
+        }
+        let truncated = self.identities.truncated_paths();
+        let reported = self.metrics.truncated_paths.get();
+        if truncated > reported {
+            self.metrics.truncated_paths.inc_by(truncated - reported);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,275 @@
+//! Configuration: the YAML file, then command-line flags on top of it.
+//!
+//! Every key has a default, so the agent runs without a file. Unknown keys and
+//! out-of-range values are errors that name the file, the key and the value.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+/// Where `/metrics` is served unless configured otherwise.
+pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0:9941";
+pub const DEFAULT_TELEMETRY_PATH: &str = "/metrics";
+pub const DEFAULT_JOURNAL_PATH: &str = "/var/lib/fleetsnitch/journal.db";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+    #[error("invalid value for {key} ({value}): {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub web: WebConfig,
+    pub journal: JournalConfig,
+    pub collector: CollectorConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebConfig {
+    /// `host:port` to serve `/metrics` and `/healthz` on.
+    pub listen_address: String,
+    /// Path of the Prometheus endpoint.
+    pub telemetry_path: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JournalConfig {
+    /// SQLite journal of every executable seen on this host.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CollectorConfig {
+    /// How often the in-kernel counters are drained into `/metrics`.
+    #[serde(with = "humantime_serde")]
+    pub drain_interval: Duration,
+    /// Capacity of the in-kernel (process, socket) table per drain interval.
+    pub traffic_map_entries: u32,
+    /// Capacity of the in-kernel table of processes already announced.
+    pub process_map_entries: u32,
+    /// Size of the ring buffer carrying process identities to the agent.
+    pub ring_buffer_bytes: u32,
+}
+
+impl Default for WebConfig {
+    fn default() -> Self {
+        Self {
+            listen_address: DEFAULT_LISTEN_ADDRESS.to_owned(),
+            telemetry_path: DEFAULT_TELEMETRY_PATH.to_owned(),
+        }
+    }
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from(DEFAULT_JOURNAL_PATH),
+        }
+    }
+}
+
+impl Default for CollectorConfig {
+    fn default() -> Self {
+        Self {
+            drain_interval: Duration::from_secs(1),
+            traffic_map_entries: 65_536,
+            process_map_entries: 32_768,
+            ring_buffer_bytes: 4 << 20,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            web: WebConfig::default(),
+            journal: JournalConfig::default(),
+            collector: CollectorConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(&text).map_err(|err| match err {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses a YAML document; an empty document means every default.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        let config: Self = serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks every value the agent relies on; called after flags are applied.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_address()?;
+        if !self.web.telemetry_path.starts_with('/') || self.web.telemetry_path == "/healthz" {
+            return Err(invalid(
+                "web.telemetry_path",
+                &self.web.telemetry_path,
+                "must start with '/' and must not be /healthz",
+            ));
+        }
+        if self.journal.path.as_os_str().is_empty() {
+            return Err(invalid("journal.path", "", "must not be empty"));
+        }
+        let drain = self.collector.drain_interval;
+        if drain < Duration::from_millis(100) || drain > Duration::from_secs(2) {
+            return Err(invalid(
+                "collector.drain_interval",
+                &humantime::format_duration(drain).to_string(),
+                "must be between 100ms and 2s: /metrics reflects traffic within 2 s",
+            ));
+        }
+        check_range(
+            "collector.traffic_map_entries",
+            self.collector.traffic_map_entries,
+            1_024,
+            4 << 20,
+        )?;
+        check_range(
+            "collector.process_map_entries",
+            self.collector.process_map_entries,
+            1_024,
+            4 << 20,
+        )?;
+        let ring = self.collector.ring_buffer_bytes;
+        if !ring.is_power_of_two() || !(64 << 10..=256 << 20).contains(&ring) {
+            return Err(invalid(
+                "collector.ring_buffer_bytes",
+                &ring.to_string(),
+                "must be a power of two between 65536 and 268435456",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn listen_address(&self) -> Result<SocketAddr, ConfigError> {
+        self.web.listen_address.parse().map_err(|err| {
+            invalid(
+                "web.listen_address",
+                &self.web.listen_address,
+                &format!("{err} (expected host:port, e.g. 0.0.0.0:9941)"),
+            )
+        })
+    }
+}
+
+fn check_range(key: &'static str, value: u32, min: u32, max: u32) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            key,
+            &value.to_string(),
+            &format!("must be between {min} and {max}"),
+        ))
+    }
+}
+
+fn invalid(key: &'static str, value: &str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.to_owned(),
+        reason: reason.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_document_is_all_defaults() {
+        let config = Config::from_yaml("").unwrap();
+        assert_eq!(config, Config::default());
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn keys_override_defaults() {
+        let config = Config::from_yaml(
+            "web:\n  listen_address: 127.0.0.1:1234\ncollector:\n  drain_interval: 500ms\n",
+        )
+        .unwrap();
+        assert_eq!(config.web.listen_address, "127.0.0.1:1234");
+        assert_eq!(config.collector.drain_interval, Duration::from_millis(500));
+        assert_eq!(config.web.telemetry_path, DEFAULT_TELEMETRY_PATH);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = Config::from_yaml("web:\n  listen_adress: 1.2.3.4:5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_adress"), "{err}");
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_value_names_key_and_value() {
+        let config = Config::from_yaml("collector:\n  drain_interval: 5s\n").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("collector.drain_interval"), "{err}");
+        assert!(err.contains("5s"), "{err}");
+
+        let config = Config::from_yaml("collector:\n  ring_buffer_bytes: 1000\n").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("collector.ring_buffer_bytes (1000)"), "{err}");
+    }
+
+    #[test]
+    fn bad_listen_address_is_named() {
+        let config = Config::from_yaml("web:\n  listen_address: nowhere\n").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("web.listen_address (nowhere)"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let err = Config::from_file(Path::new("/nonexistent/fleetsnitch.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/fleetsnitch.yaml"), "{err}");
+    }
+}

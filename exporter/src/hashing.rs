@@ -1,0 +1,255 @@
+//! sha256 of executables, off the hot path, cached by device+inode.
+//!
+//! A hash is only ever computed from a file descriptor whose device+inode
+//! match what the kernel reported for the process, so a file replaced at the
+//! same path is never hashed under the old identity. The process's own
+//! `/proc/<tgid>/exe` is tried first: it reaches the exact file the process
+//! runs even when the path was replaced or deleted since.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::{self, Read},
+    os::unix::fs::MetadataExt,
+    sync::{Arc, mpsc},
+    thread,
+};
+
+use sha2::{Digest, Sha256};
+
+use crate::{
+    identity::ExeKey,
+    metrics::{ExecutableLabels, Metrics, ReasonLabels},
+};
+
+/// Label value of `sha256` when the executable could not be hashed.
+pub const UNAVAILABLE: &str = "unavailable";
+
+/// Why an executable has no hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HashFailure {
+    /// The process exited and its path no longer leads to the same file.
+    ProcessExited,
+    /// The path now holds another file, and the process could not be reached.
+    Replaced,
+    /// The file was reachable but reading it failed.
+    Unreadable,
+}
+
+impl HashFailure {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::ProcessExited => "process_exited",
+            Self::Replaced => "replaced",
+            Self::Unreadable => "unreadable",
+        }
+    }
+}
+
+/// A request to hash the executable `exe` that process `tgid` ran from `path`.
+#[derive(Debug, Clone)]
+pub struct HashJob {
+    pub exe: ExeKey,
+    pub tgid: u32,
+    pub path: String,
+}
+
+/// Handle to the hashing worker thread.
+pub struct Hasher {
+    jobs: mpsc::Sender<HashJob>,
+}
+
+impl Hasher {
+    /// Starts the worker; it exits when the `Hasher` is dropped.
+    pub fn spawn(metrics: Arc<Metrics>) -> io::Result<Self> {
+        let (jobs, queue) = mpsc::channel::<HashJob>();
+        thread::Builder::new()
+            .name("fleetsnitch-hash".into())
+            .spawn(move || {
+                let mut worker = Worker {
+                    metrics,
+                    cache: HashMap::new(),
+                    current: HashMap::new(),
+                };
+                for job in queue {
+                    worker.run(job);
+                }
+            })?;
+        Ok(Self { jobs })
+    }
+
+    /// Queues `job`; never blocks.
+    pub fn request(&self, job: HashJob) {
+        // The worker only stops when the agent shuts down.
+        let _ = self.jobs.send(job);
+    }
+}
+
+struct Worker {
+    metrics: Arc<Metrics>,
+    /// Results by file identity: one hash per (device, inode).
+    cache: HashMap<ExeKey, Result<String, HashFailure>>,
+    /// The `executable_info` series currently exported for each path.
+    current: HashMap<String, ExecutableLabels>,
+}
+
+impl Worker {
+    fn run(&mut self, job: HashJob) {
+        let outcome = match self.cache.get(&job.exe) {
+            Some(outcome) => outcome.clone(),
+            None => {
+                let outcome = hash_executable(&job);
+                if let Err(failure) = &outcome {
+                    tracing::warn!(
+                        exe = %job.path,
+                        pid = job.tgid,
+                        reason = failure.reason(),
+                        "cannot hash executable; its traffic is still counted"
+                    );
+                    self.metrics
+                        .hash_failures
+                        .get_or_create(&ReasonLabels {
+                            reason: failure.reason().to_owned(),
+                        })
+                        .inc();
+                }
+                self.cache.insert(job.exe, outcome.clone());
+                outcome
+            }
+        };
+        let labels = ExecutableLabels {
+            exe: job.path.clone(),
+            sha256: outcome.unwrap_or_else(|_| UNAVAILABLE.to_owned()),
+        };
+        if let Some(previous) = self.current.insert(job.path, labels.clone()) {
+            if previous != labels {
+                self.metrics.executable_info.remove(&previous);
+            }
+        }
+        self.metrics.executable_info.get_or_create(&labels).set(1);
+    }
+}
+
+/// Hashes the file the kernel identified as `job.exe`.
+pub fn hash_executable(job: &HashJob) -> Result<String, HashFailure> {
+    let via_process = open_matching(&format!("/proc/{}/exe", job.tgid), job.exe);
+    let file = match via_process {
+        Ok(file) => file,
+        Err(process_error) => match open_matching(&job.path, job.exe) {
+            Ok(file) => file,
+            Err(Mismatch::Other) => return Err(HashFailure::Replaced),
+            Err(Mismatch::Missing) if process_error == Mismatch::Missing => {
+                return Err(HashFailure::ProcessExited);
+            }
+            Err(_) => return Err(HashFailure::Replaced),
+        },
+    };
+    sha256_of(file).map_err(|_| HashFailure::Unreadable)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Mismatch {
+    /// Nothing to open there.
+    Missing,
+    /// A file, but not the one the kernel reported.
+    Other,
+}
+
+fn open_matching(path: &str, exe: ExeKey) -> Result<File, Mismatch> {
+    let file = File::open(path).map_err(|_| Mismatch::Missing)?;
+    let metadata = file.metadata().map_err(|_| Mismatch::Missing)?;
+    if metadata.dev() == exe.dev && metadata.ino() == exe.ino {
+        Ok(file)
+    } else {
+        Err(Mismatch::Other)
+    }
+}
+
+fn sha256_of(mut file: File) -> io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 64 << 10];
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&buffer[..read]);
+    }
+    Ok(format!("{:x}", hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn key_of(path: &std::path::Path) -> ExeKey {
+        let metadata = std::fs::metadata(path).unwrap();
+        ExeKey {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+        }
+    }
+
+    #[test]
+    fn hashes_the_file_with_the_reported_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"abc").unwrap();
+        let job = HashJob {
+            exe: key_of(&path),
+            tgid: u32::MAX - 1,
+            path: path.to_string_lossy().into_owned(),
+        };
+        assert_eq!(
+            hash_executable(&job).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn replaced_file_is_never_hashed_under_the_old_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"old").unwrap();
+        let old = key_of(&path);
+        let replacement = dir.path().join("tool.new");
+        File::create(&replacement)
+            .unwrap()
+            .write_all(b"new")
+            .unwrap();
+        std::fs::rename(&replacement, &path).unwrap();
+        let job = HashJob {
+            exe: old,
+            tgid: u32::MAX - 1,
+            path: path.to_string_lossy().into_owned(),
+        };
+        assert_eq!(hash_executable(&job), Err(HashFailure::Replaced));
+    }
+
+    #[test]
+    fn vanished_file_and_process_is_process_exited() {
+        let job = HashJob {
+            exe: ExeKey { dev: 1, ino: 2 },
+            tgid: u32::MAX - 1,
+            path: "/nonexistent/fleetsnitch-test".into(),
+        };
+        assert_eq!(hash_executable(&job), Err(HashFailure::ProcessExited));
+    }
+
+    #[test]
+    fn running_process_is_hashed_through_proc_even_if_path_is_wrong() {
+        let metadata = std::fs::metadata("/proc/self/exe").unwrap();
+        let job = HashJob {
+            exe: ExeKey {
+                dev: metadata.dev(),
+                ino: metadata.ino(),
+            },
+            tgid: std::process::id(),
+            path: "/nonexistent/elsewhere".into(),
+        };
+        let expected = sha256_of(File::open(std::env::current_exe().unwrap()).unwrap()).unwrap();
+        assert_eq!(hash_executable(&job).unwrap(), expected);
+    }
+}

@@ -1,0 +1,298 @@
+//! Who is behind the traffic: processes and executables as the kernel saw them.
+//!
+//! The kernel announces each process once (path walked from its executable's
+//! dentries, device+inode, parent, uid) when it first touches the network.
+//! Traffic keys carry the executable's device+inode, so attribution holds even
+//! after the process is gone; `/proc` is only a fallback for announcements the
+//! ring buffer could not carry, and then only if device+inode still match.
+
+use std::{
+    collections::HashMap,
+    ffi::OsStr,
+    fs,
+    os::unix::{ffi::OsStrExt, fs::MetadataExt},
+    path::PathBuf,
+};
+
+use fleetsnitch_ebpf::{IDENTITY_NO_EXE, IDENTITY_PATH_TRUNCATED, IdentityEvent};
+
+/// Label used for traffic of kernel threads, which have no executable.
+pub const KERNEL_EXE: &str = "[kernel]";
+/// Label used when neither the kernel nor `/proc` could name the executable.
+pub const UNKNOWN_EXE: &str = "[unknown]";
+
+/// An executable file, by the device and inode the kernel reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExeKey {
+    /// Device number in the userspace `st_dev` encoding.
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl ExeKey {
+    /// From the kernel's internal `dev_t` (`MAJOR << 20 | MINOR`).
+    pub fn from_kernel(kernel_dev: u32, ino: u64) -> Self {
+        let major = kernel_dev >> 20;
+        let minor = kernel_dev & ((1 << 20) - 1);
+        Self {
+            dev: libc::makedev(major, minor),
+            ino,
+        }
+    }
+
+    pub fn is_kernel(&self) -> bool {
+        self.dev == 0 && self.ino == 0
+    }
+
+    /// Whether `metadata` describes this very file.
+    pub fn matches(&self, metadata: &fs::Metadata) -> bool {
+        metadata.dev() == self.dev && metadata.ino() == self.ino
+    }
+}
+
+/// A process as announced by the kernel.
+#[derive(Debug, Clone)]
+pub struct Process {
+    pub tgid: u32,
+    pub start_time_ns: u64,
+    pub exe: ExeKey,
+    pub comm: String,
+    pub uid: u32,
+    pub ppid: u32,
+    pub parent_exe: ExeKey,
+}
+
+/// Processes and executables known to the agent.
+#[derive(Debug, Default)]
+pub struct IdentityTable {
+    processes: HashMap<u32, Process>,
+    exe_paths: HashMap<ExeKey, String>,
+    truncated_paths: u64,
+}
+
+/// What [`IdentityTable::record`] learnt.
+#[derive(Debug)]
+pub struct Recorded {
+    pub process: Process,
+    /// Set when this executable had no known path before.
+    pub new_exe: Option<String>,
+}
+
+impl IdentityTable {
+    /// Records an identity announcement from the kernel.
+    pub fn record(&mut self, event: &IdentityEvent) -> Recorded {
+        let exe = ExeKey::from_kernel(event.exe_dev, event.exe_ino);
+        let process = Process {
+            tgid: event.tgid,
+            start_time_ns: event.start_time_ns,
+            exe,
+            comm: c_string(&event.comm),
+            uid: event.uid,
+            ppid: event.ppid,
+            parent_exe: ExeKey::from_kernel(event.parent_exe_dev, event.parent_exe_ino),
+        };
+        let mut new_exe = None;
+        if event.flags & IDENTITY_NO_EXE == 0 && !self.exe_paths.contains_key(&exe) {
+            let path = if event.flags & IDENTITY_PATH_TRUNCATED != 0 {
+                self.truncated_paths += 1;
+                proc_exe_path(event.tgid, exe).unwrap_or_else(|| format!("/…{}", join_path(event)))
+            } else {
+                join_path(event)
+            };
+            self.exe_paths.insert(exe, path.clone());
+            new_exe = Some(path);
+        }
+        self.processes.insert(event.tgid, process.clone());
+        Recorded { process, new_exe }
+    }
+
+    /// Forgets a process that exited, unless the tgid was reused since.
+    pub fn forget(&mut self, tgid: u32, start_time_ns: u64) {
+        if self
+            .processes
+            .get(&tgid)
+            .is_some_and(|p| p.start_time_ns == start_time_ns)
+        {
+            self.processes.remove(&tgid);
+        }
+    }
+
+    pub fn process(&self, tgid: u32) -> Option<&Process> {
+        self.processes.get(&tgid)
+    }
+
+    /// The path of `exe`, resolving through `/proc/<tgid>/exe` when the kernel's
+    /// announcement was lost. Kernel threads and unknown files get a bracketed label.
+    pub fn exe_path(&mut self, tgid: u32, exe: ExeKey) -> (String, bool) {
+        if exe.is_kernel() {
+            return (KERNEL_EXE.to_owned(), true);
+        }
+        if let Some(path) = self.exe_paths.get(&exe) {
+            return (path.clone(), true);
+        }
+        match proc_exe_path(tgid, exe) {
+            Some(path) => {
+                self.exe_paths.insert(exe, path.clone());
+                (path, true)
+            }
+            None => (UNKNOWN_EXE.to_owned(), false),
+        }
+    }
+
+    /// Path already known for `exe`, without any lookup.
+    pub fn known_path(&self, exe: ExeKey) -> Option<&str> {
+        self.exe_paths.get(&exe).map(String::as_str)
+    }
+
+    pub fn process_count(&self) -> usize {
+        self.processes.len()
+    }
+
+    pub fn executable_count(&self) -> usize {
+        self.exe_paths.len()
+    }
+
+    pub fn truncated_paths(&self) -> u64 {
+        self.truncated_paths
+    }
+}
+
+/// `/proc/<tgid>/exe`, if that process still runs the executable `exe`.
+pub fn proc_exe_path(tgid: u32, exe: ExeKey) -> Option<String> {
+    let link = PathBuf::from(format!("/proc/{tgid}/exe"));
+    let metadata = fs::metadata(&link).ok()?;
+    if !exe.matches(&metadata) {
+        return None;
+    }
+    let target = fs::read_link(&link).ok()?;
+    let text = target.to_string_lossy();
+    Some(text.strip_suffix(" (deleted)").unwrap_or(&text).to_owned())
+}
+
+/// Joins the kernel's leaf-first components into an absolute path.
+fn join_path(event: &IdentityEvent) -> String {
+    let depth = (event.depth as usize).min(event.names.len());
+    let mut path = Vec::with_capacity(depth * 16);
+    // Empty slots are mount crossings; "/" is the root of a file system
+    // mounted on the namespace's root (seen under some init setups).
+    for name in event.names[..depth].iter().rev().map(|name| c_bytes(name)) {
+        if !name.is_empty() && name != b"/" {
+            path.push(b'/');
+            path.extend_from_slice(name);
+        }
+    }
+    if path.is_empty() {
+        path.push(b'/');
+    }
+    OsStr::from_bytes(&path).to_string_lossy().into_owned()
+}
+
+fn c_bytes(buffer: &[u8]) -> &[u8] {
+    let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+    &buffer[..end]
+}
+
+fn c_string(buffer: &[u8]) -> String {
+    String::from_utf8_lossy(c_bytes(buffer)).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetsnitch_ebpf::{EVENT_IDENTITY, NAME_LEN, PATH_DEPTH};
+
+    use super::*;
+
+    fn event(components: &[&str]) -> IdentityEvent {
+        let mut names = [[0u8; NAME_LEN]; PATH_DEPTH];
+        for (slot, name) in names.iter_mut().zip(components.iter().rev()) {
+            slot[..name.len()].copy_from_slice(name.as_bytes());
+        }
+        let mut comm = [0u8; 16];
+        comm[..4].copy_from_slice(b"curl");
+        IdentityEvent {
+            kind: EVENT_IDENTITY,
+            tgid: 4242,
+            ppid: 1,
+            uid: 1000,
+            start_time_ns: 7,
+            exe_ino: 99,
+            exe_dev: (8 << 20) | 1,
+            flags: 0,
+            parent_exe_ino: 0,
+            parent_exe_dev: 0,
+            depth: components.len() as u32,
+            comm,
+            names,
+        }
+    }
+
+    #[test]
+    fn path_is_rebuilt_root_first() {
+        let mut table = IdentityTable::default();
+        let recorded = table.record(&event(&["usr", "bin", "curl"]));
+        assert_eq!(recorded.new_exe.as_deref(), Some("/usr/bin/curl"));
+        assert_eq!(recorded.process.comm, "curl");
+        let key = ExeKey::from_kernel((8 << 20) | 1, 99);
+        assert_eq!(
+            table.exe_path(4242, key),
+            ("/usr/bin/curl".to_owned(), true)
+        );
+    }
+
+    #[test]
+    fn empty_slots_of_mount_crossings_are_skipped() {
+        let mut table = IdentityTable::default();
+        let recorded = table.record(&event(&["/", "", "usr", "", "bin", "tool"]));
+        assert_eq!(recorded.new_exe.as_deref(), Some("/usr/bin/tool"));
+    }
+
+    #[test]
+    fn kernel_dev_is_converted_to_userspace_encoding() {
+        let key = ExeKey::from_kernel((259 << 20) | 3, 5);
+        assert_eq!(libc::major(key.dev), 259);
+        assert_eq!(libc::minor(key.dev), 3);
+    }
+
+    #[test]
+    fn second_announcement_of_a_known_exe_is_not_new() {
+        let mut table = IdentityTable::default();
+        assert!(table.record(&event(&["bin", "sh"])).new_exe.is_some());
+        assert!(table.record(&event(&["bin", "sh"])).new_exe.is_none());
+    }
+
+    #[test]
+    fn exit_of_a_reused_tgid_keeps_the_new_process() {
+        let mut table = IdentityTable::default();
+        table.record(&event(&["bin", "sh"]));
+        table.forget(4242, 6);
+        assert!(table.process(4242).is_some());
+        table.forget(4242, 7);
+        assert!(table.process(4242).is_none());
+    }
+
+    #[test]
+    fn unknown_exe_of_a_vanished_process_is_labelled_unknown() {
+        let mut table = IdentityTable::default();
+        let key = ExeKey { dev: 1, ino: 1 };
+        assert_eq!(
+            table.exe_path(u32::MAX - 1, key),
+            (UNKNOWN_EXE.to_owned(), false)
+        );
+    }
+
+    #[test]
+    fn own_process_resolves_through_proc() {
+        let metadata = fs::metadata("/proc/self/exe").unwrap();
+        let key = ExeKey {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+        };
+        let path = proc_exe_path(std::process::id(), key).unwrap();
+        assert_eq!(PathBuf::from(path), std::env::current_exe().unwrap());
+        let wrong = ExeKey {
+            dev: key.dev,
+            ino: key.ino + 1,
+        };
+        assert!(proc_exe_path(std::process::id(), wrong).is_none());
+    }
+}

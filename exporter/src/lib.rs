@@ -1,0 +1,17 @@
+//! fleetsnitch: per-executable network accounting for Linux fleets.
+//!
+//! Kernel programs (`ebpf/bpf/`) count the bytes each process sends and
+//! receives per socket; this crate loads them ([`probes`]), drains their
+//! counters ([`collector`]), resolves who the processes are ([`identity`],
+//! [`hashing`]) and serves the result to Prometheus ([`metrics`], [`http`]).
+
+pub mod agent;
+pub mod cli;
+pub mod collector;
+pub mod config;
+pub mod hashing;
+pub mod http;
+pub mod identity;
+pub mod metrics;
+pub mod preflight;
+pub mod probes;

@@ -1,0 +1,222 @@
+//! Every metric the agent exports, registered once in a prometheus-client registry.
+//!
+//! Traffic counters carry only `exe` and `direction`; long values such as the
+//! sha256 live in `fleetsnitch_executable_info`, to be joined on `exe`.
+
+use std::{fmt::Write, sync::atomic::AtomicU64};
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TrafficLabels {
+    pub exe: String,
+    pub direction: Direction,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Sent,
+    Received,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::Received => "received",
+        }
+    }
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExecutableLabels {
+    pub exe: String,
+    /// Hex sha256, or `unavailable` when hashing failed (see `fleetsnitch_hash_failures_total`).
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProbeLabels {
+    pub probe: String,
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: Direction,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub bytes: Family<TrafficLabels, Counter>,
+    pub executable_info: Family<ExecutableLabels, Gauge>,
+    pub hash_failures: Family<ReasonLabels, Counter>,
+    pub events_lost: Counter,
+    pub map_full: Family<MapLabels, Counter>,
+    pub unattributed_bytes: Family<DirectionLabels, Counter>,
+    pub unresolved_bytes: Family<DirectionLabels, Counter>,
+    pub probe_attached: Family<ProbeLabels, Gauge>,
+    pub drains: Counter,
+    pub drain_errors: Counter,
+    pub last_drain_seconds: Gauge<f64, AtomicU64>,
+    pub tracked_processes: Gauge,
+    pub tracked_executables: Gauge,
+    pub truncated_paths: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("fleetsnitch");
+        let metrics = Self {
+            bytes: Family::default(),
+            executable_info: Family::default(),
+            hash_failures: Family::default(),
+            events_lost: Counter::default(),
+            map_full: Family::default(),
+            unattributed_bytes: Family::default(),
+            unresolved_bytes: Family::default(),
+            probe_attached: Family::default(),
+            drains: Counter::default(),
+            drain_errors: Counter::default(),
+            last_drain_seconds: Gauge::default(),
+            tracked_processes: Gauge::default(),
+            tracked_executables: Gauge::default(),
+            truncated_paths: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "bytes",
+            "Application payload bytes sent and received on network sockets, by executable",
+            metrics.bytes.clone(),
+        );
+        registry.register(
+            "executable_info",
+            "Executables seen on the network with their sha256; value 1, join on exe",
+            metrics.executable_info.clone(),
+        );
+        registry.register(
+            "hash_failures",
+            "Executables that could not be hashed, by reason",
+            metrics.hash_failures.clone(),
+        );
+        registry.register(
+            "events_lost",
+            "Process announcements the kernel could not deliver (ring buffer full)",
+            metrics.events_lost.clone(),
+        );
+        registry.register(
+            "map_full",
+            "Insertions refused because an in-kernel map was full, by map",
+            metrics.map_full.clone(),
+        );
+        registry.register(
+            "unattributed_bytes",
+            "Bytes counted in the kernel but not attributed to an executable (traffic map full)",
+            metrics.unattributed_bytes.clone(),
+        );
+        registry.register(
+            "unresolved_bytes",
+            "Bytes attributed to exe=\"[unknown]\" because the executable's path could not be found",
+            metrics.unresolved_bytes.clone(),
+        );
+        registry.register(
+            "probe_attached",
+            "Whether each probe is attached (1) or missing (0), and in which mode",
+            metrics.probe_attached.clone(),
+        );
+        registry.register(
+            "drains",
+            "Times the in-kernel counters were drained",
+            metrics.drains.clone(),
+        );
+        registry.register(
+            "drain_errors",
+            "Drains of the in-kernel counters that failed",
+            metrics.drain_errors.clone(),
+        );
+        registry.register_with_unit(
+            "last_drain_timestamp",
+            "Unix time of the last successful drain",
+            Unit::Seconds,
+            metrics.last_drain_seconds.clone(),
+        );
+        registry.register(
+            "tracked_processes",
+            "Processes with a known identity",
+            metrics.tracked_processes.clone(),
+        );
+        registry.register(
+            "tracked_executables",
+            "Executables with a known path",
+            metrics.tracked_executables.clone(),
+        );
+        registry.register(
+            "truncated_paths",
+            "Executable paths too deep or too long for the kernel walk, resolved through /proc",
+            metrics.truncated_paths.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut text = String::with_capacity(16 << 10);
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_counter_is_exposed_with_exe_and_direction() {
+        let metrics = Metrics::new();
+        metrics
+            .bytes
+            .get_or_create(&TrafficLabels {
+                exe: "/usr/bin/curl \"x\"\n".into(),
+                direction: Direction::Sent,
+            })
+            .inc_by(42);
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                "fleetsnitch_bytes_total{exe=\"/usr/bin/curl \\\"x\\\"\\n\",direction=\"sent\"} 42"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE fleetsnitch_bytes counter"), "{text}");
+    }
+}

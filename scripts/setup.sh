@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what building and testing fleetsnitch needs on a Debian 12 host,
+# idempotently: a second run only checks and returns within seconds.
+set -euo pipefail
+
+# clang builds the eBPF programs; libbpf-dev brings bpf_helpers.h; iproute2 and
+# util-linux give the tests their network and pid namespaces.
+DEBIAN_PACKAGES=(clang-16 libbpf-dev iproute2 util-linux curl)
+
+missing=()
+for package in "${DEBIAN_PACKAGES[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$package")
+  fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing Debian packages (${missing[*]}); run this script as root" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found; install the Rust toolchain (rustup) first" >&2
+  exit 1
+fi
+if command -v rustup >/dev/null 2>&1; then
+  installed=$(rustup component list --installed 2>/dev/null || true)
+  for component in rustfmt clippy; do
+    if ! grep -q "^${component}" <<<"$installed"; then
+      echo "setup: adding rustup component $component" >&2
+      rustup component add "$component"
+    fi
+  done
+fi
