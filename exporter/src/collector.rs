@@ -277,7 +277,10 @@ impl Collector {
         for ((exe, direction), bytes) in totals {
             self.metrics
                 .bytes
-                .get_or_create(&TrafficLabels { exe, direction })
+                .get_or_create(&TrafficLabels {
+                    exe: exe.into(),
+                    direction,
+                })
                 .inc_by(bytes);
         }
         for (index, direction) in [

@@ -36,7 +36,7 @@ pub enum ConfigError {
     },
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub web: WebConfig,
@@ -98,16 +98,6 @@ impl Default for CollectorConfig {
             traffic_map_entries: 65_536,
             process_map_entries: 32_768,
             ring_buffer_bytes: 4 << 20,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            web: WebConfig::default(),
-            journal: JournalConfig::default(),
-            collector: CollectorConfig::default(),
         }
     }
 }

@@ -118,13 +118,13 @@ impl Worker {
             }
         };
         let labels = ExecutableLabels {
-            exe: job.path.clone(),
+            exe: job.path.clone().into(),
             sha256: outcome.unwrap_or_else(|_| UNAVAILABLE.to_owned()),
         };
-        if let Some(previous) = self.current.insert(job.path, labels.clone()) {
-            if previous != labels {
-                self.metrics.executable_info.remove(&previous);
-            }
+        if let Some(previous) = self.current.insert(job.path, labels.clone())
+            && previous != labels
+        {
+            self.metrics.executable_info.remove(&previous);
         }
         self.metrics.executable_info.get_or_create(&labels).set(1);
     }

@@ -11,9 +11,41 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
+/// A label value taken from the outside world (a path, a name), escaped as the
+/// exposition format requires. prometheus-client writes label values verbatim,
+/// so a quote or newline in an executable's path would otherwise break the page.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Text(pub String);
+
+impl EncodeLabelValue for Text {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> Result<(), std::fmt::Error> {
+        for c in self.0.chars() {
+            match c {
+                '\\' => encoder.write_str("\\\\")?,
+                '"' => encoder.write_str("\\\"")?,
+                '\n' => encoder.write_str("\\n")?,
+                other => encoder.write_char(other)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl From<String> for Text {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl From<&str> for Text {
+    fn from(value: &str) -> Self {
+        Self(value.to_owned())
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrafficLabels {
-    pub exe: String,
+    pub exe: Text,
     pub direction: Direction,
 }
 
@@ -40,7 +72,7 @@ impl EncodeLabelValue for Direction {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExecutableLabels {
-    pub exe: String,
+    pub exe: Text,
     /// Hex sha256, or `unavailable` when hashing failed (see `fleetsnitch_hash_failures_total`).
     pub sha256: String,
 }
@@ -206,14 +238,14 @@ mod tests {
         metrics
             .bytes
             .get_or_create(&TrafficLabels {
-                exe: "/usr/bin/curl \"x\"\n".into(),
+                exe: "/usr/bin/curl \"x\"\n\\".into(),
                 direction: Direction::Sent,
             })
             .inc_by(42);
         let text = metrics.encode();
         assert!(
             text.contains(
-                "fleetsnitch_bytes_total{exe=\"/usr/bin/curl \\\"x\\\"\\n\",direction=\"sent\"} 42"
+                "fleetsnitch_bytes_total{exe=\"/usr/bin/curl \\\"x\\\"\\n\\\\\",direction=\"sent\"} 42"
             ),
             "{text}"
         );
