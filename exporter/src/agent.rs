@@ -65,7 +65,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     let btf = Btf::from_sys_fs().map_err(|source| AgentError::Btf { source })?;
     let mut ebpf = load_object(&config)?;
-    let outcomes = probes::attach_all(&mut ebpf, &btf)?;
+    let outcomes = probes::attach_all(&mut ebpf, &btf, &config.probes.disabled_modes)?;
 
     let metrics = Arc::new(Metrics::new());
     export_probe_outcomes(&metrics, &outcomes);

@@ -42,6 +42,15 @@ pub struct Config {
     pub web: WebConfig,
     pub journal: JournalConfig,
     pub collector: CollectorConfig,
+    pub probes: ProbesConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProbesConfig {
+    /// Attachment modes never to use (tp_btf, fexit, kprobe, tracepoint), e.g. to
+    /// force a fallback on a kernel where the preferred mode misbehaves.
+    pub disabled_modes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -171,6 +180,18 @@ impl Config {
                 "must be a power of two between 65536 and 268435456",
             ));
         }
+        for mode in &self.probes.disabled_modes {
+            if !crate::probes::MODE_NAMES.contains(&mode.as_str()) {
+                return Err(invalid(
+                    "probes.disabled_modes",
+                    mode,
+                    &format!(
+                        "unknown mode; known modes: {}",
+                        crate::probes::MODE_NAMES.join(", ")
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -246,6 +267,13 @@ mod tests {
         let config = Config::from_yaml("collector:\n  ring_buffer_bytes: 1000\n").unwrap();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("collector.ring_buffer_bytes (1000)"), "{err}");
+    }
+
+    #[test]
+    fn unknown_probe_mode_is_named() {
+        let config = Config::from_yaml("probes:\n  disabled_modes: [tp_btf, uprobe]\n").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("probes.disabled_modes (uprobe)"), "{err}");
     }
 
     #[test]

@@ -54,6 +54,9 @@ const fn at(program: &'static str, hook: Hook) -> Attachment {
     Attachment { program, hook }
 }
 
+/// Names a mode can have, for validating `probes.disabled_modes`.
+pub const MODE_NAMES: &[&str] = &["tp_btf", "fexit", "kprobe", "tracepoint"];
+
 /// Every probe, each with its modes from most to least preferred.
 pub const PROBES: &[Probe] = &[
     Probe {
@@ -174,10 +177,16 @@ impl fmt::Display for NoModeFits {
 }
 
 /// Attaches every probe in [`PROBES`]; fails if a required one cannot attach.
-pub fn attach_all(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<ProbeOutcome>, NoModeFits> {
+///
+/// Modes named in `disabled` are skipped, and say so in the outcome.
+pub fn attach_all(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    disabled: &[String],
+) -> Result<Vec<ProbeOutcome>, NoModeFits> {
     let mut outcomes = Vec::with_capacity(PROBES.len());
     for probe in PROBES {
-        let outcome = attach_probe(ebpf, btf, probe);
+        let outcome = attach_probe(ebpf, btf, probe, disabled);
         match outcome.mode {
             Some(mode) => tracing::info!(probe = probe.name, mode, "probe attached"),
             None if probe.required => {
@@ -199,9 +208,13 @@ pub fn attach_all(ebpf: &mut Ebpf, btf: &Btf) -> Result<Vec<ProbeOutcome>, NoMod
     Ok(outcomes)
 }
 
-fn attach_probe(ebpf: &mut Ebpf, btf: &Btf, probe: &Probe) -> ProbeOutcome {
+fn attach_probe(ebpf: &mut Ebpf, btf: &Btf, probe: &Probe, disabled: &[String]) -> ProbeOutcome {
     let mut rejected = Vec::new();
     for mode in probe.modes {
+        if disabled.iter().any(|name| name == mode.name) {
+            rejected.push((mode.name, "disabled by probes.disabled_modes".to_owned()));
+            continue;
+        }
         match attach_mode(ebpf, btf, mode) {
             Ok(()) => {
                 return ProbeOutcome {
@@ -225,8 +238,20 @@ fn attach_probe(ebpf: &mut Ebpf, btf: &Btf, probe: &Probe) -> ProbeOutcome {
     }
 }
 
+/// Where the kernel lists its kprobe PMU; absent when CONFIG_KPROBES is off.
+const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
+
 /// Loads and attaches every program of `mode`; on failure unloads those that did.
 fn attach_mode(ebpf: &mut Ebpf, btf: &Btf, mode: &Mode) -> Result<(), String> {
+    let uses_kprobes = mode
+        .attachments
+        .iter()
+        .any(|attachment| matches!(attachment.hook, Hook::KProbe(_)));
+    if uses_kprobes && !std::path::Path::new(KPROBE_PMU).exists() {
+        return Err(format!(
+            "kprobes are not available in this kernel ({KPROBE_PMU} is missing: CONFIG_KPROBES is off)"
+        ));
+    }
     for (index, attachment) in mode.attachments.iter().enumerate() {
         if let Err(error) = attach_one(ebpf, btf, attachment) {
             for done in &mode.attachments[..index] {
