@@ -13,7 +13,7 @@ use crate::{
     collector::{Collector, CollectorError, Health},
     config::Config,
     hashing::Hasher,
-    http,
+    http, journal,
     metrics::{Metrics, ProbeLabels},
     preflight::{self, PreflightError},
     probes::{self, NoModeFits, ProbeOutcome},
@@ -70,12 +70,16 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::new());
     export_probe_outcomes(&metrics, &outcomes);
     let health = Arc::new(Health::default());
-    let hasher = Hasher::spawn(metrics.clone()).map_err(AgentError::Thread)?;
+    let (journal, journal_thread) =
+        journal::spawn(config.journal.clone(), metrics.clone()).map_err(AgentError::Thread)?;
+    let hasher =
+        Hasher::spawn(metrics.clone(), Some(journal.clone())).map_err(AgentError::Thread)?;
     let collector = Collector::new(
         &mut ebpf,
         metrics.clone(),
         health.clone(),
         hasher,
+        Some(journal),
         config.collector.drain_interval,
     )?;
 
@@ -105,6 +109,11 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if collector_thread.join().is_err() {
         tracing::error!("the collector thread panicked");
+    }
+    // The collector held the last journal handles (its own and the hasher's):
+    // the journal thread now writes what is queued and stops.
+    if journal_thread.join().is_err() {
+        tracing::error!("the journal thread panicked");
     }
     // Dropping the object detaches every link and unloads every program.
     drop(ebpf);

@@ -28,8 +28,10 @@ use fleetsnitch_ebpf::{
 
 use crate::{
     hashing::{HashJob, Hasher},
-    identity::{ExeKey, IdentityTable},
+    identity::{ExeKey, IdentityTable, Process},
+    journal::{self, Input, JournalHandle, Rollup},
     metrics::{Direction, DirectionLabels, MapLabels, Metrics, TrafficLabels},
+    socket,
 };
 
 /// Time given to programs that read the old generation before it is drained.
@@ -86,9 +88,22 @@ pub struct Collector {
     stats_seen: [u64; Stat::ALL.len()],
     identities: IdentityTable,
     hasher: Hasher,
+    journal: Option<JournalHandle>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     drain_interval: Duration,
+}
+
+fn hash_job(process: &Process, path: String) -> HashJob {
+    HashJob {
+        exe: process.exe,
+        tgid: process.tgid,
+        path,
+        name: process.comm.clone(),
+        uid: process.uid,
+        parent_path: process.parent_path.clone(),
+        seen_at: journal::unix_now(),
+    }
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CollectorError> {
@@ -106,6 +121,7 @@ impl Collector {
         metrics: Arc<Metrics>,
         health: Arc<Health>,
         hasher: Hasher,
+        journal: Option<JournalHandle>,
         drain_interval: Duration,
     ) -> Result<Self, CollectorError> {
         let traffic =
@@ -122,6 +138,7 @@ impl Collector {
             stats_seen: [0; Stat::ALL.len()],
             identities: IdentityTable::default(),
             hasher,
+            journal,
             metrics,
             health,
             drain_interval,
@@ -187,13 +204,12 @@ impl Collector {
                     let event: IdentityEvent =
                         unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
                     let recorded = self.identities.record(&event);
-                    if let Some(path) = recorded.new_exe {
+                    if let Some(path) = &recorded.new_exe {
                         tracing::debug!(exe = %path, pid = event.tgid, "new executable");
-                        self.hasher.request(HashJob {
-                            exe: recorded.process.exe,
-                            tgid: event.tgid,
-                            path,
-                        });
+                    }
+                    if !recorded.process.exe.is_kernel() {
+                        let (path, _) = self.identities.exe_path(event.tgid, recorded.process.exe);
+                        self.hasher.request(hash_job(&recorded.process, path));
                     }
                 }
                 EVENT_EXIT if bytes.len() >= size_of::<ExitEvent>() => {
@@ -229,6 +245,7 @@ impl Collector {
             .filter(|key| key.generation != self.generation)
             .collect();
         let mut totals: HashMap<(String, Direction), u64> = HashMap::new();
+        let mut rollups = Vec::new();
         let mut unresolved = [0u64; 2];
         for key in old_keys {
             let value = match self.traffic.get(&key, 0) {
@@ -254,11 +271,19 @@ impl Collector {
             let known_before = self.identities.known_path(exe).is_some();
             let (path, resolved) = self.identities.exe_path(key.tgid, exe);
             if resolved && !known_before && !exe.is_kernel() {
+                // The announcement was lost; /proc named the executable instead.
                 self.hasher.request(HashJob {
                     exe,
                     tgid: key.tgid,
                     path: path.clone(),
+                    name: String::new(),
+                    uid: 0,
+                    parent_path: None,
+                    seen_at: journal::unix_now(),
                 });
+            }
+            if self.journal.is_some() {
+                rollups.push(self.rollup(&key, &value, exe, &path));
             }
             for (index, direction) in [
                 (DIR_SENT, Direction::Sent),
@@ -273,6 +298,11 @@ impl Collector {
                 }
                 *totals.entry((path.clone(), direction)).or_default() += bytes;
             }
+        }
+        if let Some(journal) = &self.journal
+            && !rollups.is_empty()
+        {
+            journal.send(Input::Rollups(rollups));
         }
         for ((exe, direction), bytes) in totals {
             self.metrics
@@ -302,6 +332,24 @@ impl Collector {
             .tracked_executables
             .set(self.identities.executable_count() as i64);
         Ok(())
+    }
+
+    /// One socket's traffic in this drain, as the journal records it.
+    fn rollup(&self, key: &TrafficKey, value: &TrafficValue, exe: ExeKey, path: &str) -> Rollup {
+        let process = self.identities.process(key.tgid);
+        Rollup {
+            exe: path.to_owned(),
+            sha256: self.hasher.sha256_of(exe).unwrap_or_default(),
+            parent: process.and_then(|p| p.parent_path.clone()),
+            uid: process.map(|p| p.uid),
+            transport: socket::transport(value),
+            local_port: socket::local_port(value),
+            remote_address: socket::remote_address(value).map(|a| a.to_string()),
+            remote_port: socket::remote_port(value),
+            domain: None,
+            bytes_sent: value.bytes[DIR_SENT],
+            bytes_received: value.bytes[DIR_RECEIVED],
+        }
     }
 
     /// Turns the kernel's cumulative per-CPU counters into metric increments.

@@ -11,6 +11,8 @@ use std::{
 
 use serde::Deserialize;
 
+use crate::journal::IgnoreList;
+
 /// Where `/metrics` is served unless configured otherwise.
 pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0:9941";
 pub const DEFAULT_TELEMETRY_PATH: &str = "/metrics";
@@ -67,6 +69,22 @@ pub struct WebConfig {
 pub struct JournalConfig {
     /// SQLite journal of every executable seen on this host.
     pub path: PathBuf,
+    /// How often queued entries are written, in one transaction.
+    #[serde(with = "humantime_serde")]
+    pub write_interval: Duration,
+    /// Connection rollups and events older than this many days are deleted
+    /// (checked at every write). Executables are kept: forgetting one would
+    /// announce it as new again.
+    pub retention_days: u32,
+    /// Record remote addresses in connection rollups.
+    pub record_addresses: bool,
+    /// Record local and remote ports in connection rollups.
+    pub record_ports: bool,
+    /// Entries kept in memory while the journal cannot be written; beyond
+    /// that they are dropped and counted in fleetsnitch_journal_dropped_total.
+    pub max_pending: usize,
+    /// Traffic kept out of the connection log.
+    pub ignore: IgnoreList,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -96,6 +114,12 @@ impl Default for JournalConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from(DEFAULT_JOURNAL_PATH),
+            write_interval: Duration::from_secs(10),
+            retention_days: 30,
+            record_addresses: true,
+            record_ports: true,
+            max_pending: 100_000,
+            ignore: IgnoreList::default(),
         }
     }
 }
@@ -151,6 +175,27 @@ impl Config {
         }
         if self.journal.path.as_os_str().is_empty() {
             return Err(invalid("journal.path", "", "must not be empty"));
+        }
+        let write = self.journal.write_interval;
+        if write < Duration::from_millis(100) || write > Duration::from_secs(3600) {
+            return Err(invalid(
+                "journal.write_interval",
+                &humantime::format_duration(write).to_string(),
+                "must be between 100ms and 1h",
+            ));
+        }
+        check_range(
+            "journal.retention_days",
+            self.journal.retention_days,
+            1,
+            36_500,
+        )?;
+        if !(1_000..=100_000_000).contains(&self.journal.max_pending) {
+            return Err(invalid(
+                "journal.max_pending",
+                &self.journal.max_pending.to_string(),
+                "must be between 1000 and 100000000",
+            ));
         }
         let drain = self.collector.drain_interval;
         if drain < Duration::from_millis(100) || drain > Duration::from_secs(2) {

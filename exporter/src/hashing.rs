@@ -11,7 +11,7 @@ use std::{
     fs::File,
     io::{self, Read},
     os::unix::fs::MetadataExt,
-    sync::{Arc, mpsc},
+    sync::{Arc, RwLock, mpsc},
     thread,
 };
 
@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     identity::ExeKey,
+    journal::{ExecutableSeen, Input, JournalHandle},
     metrics::{ExecutableLabels, Metrics, ReasonLabels},
 };
 
@@ -46,28 +47,41 @@ impl HashFailure {
     }
 }
 
-/// A request to hash the executable `exe` that process `tgid` ran from `path`.
+/// A process ran the executable `exe` from `path`: hash it (once per file) and journal the sighting.
 #[derive(Debug, Clone)]
 pub struct HashJob {
     pub exe: ExeKey,
     pub tgid: u32,
     pub path: String,
+    pub name: String,
+    pub uid: u32,
+    pub parent_path: Option<String>,
+    /// Unix seconds.
+    pub seen_at: i64,
 }
+
+/// sha256 of every executable hashed so far, by file identity.
+pub type HashIndex = Arc<RwLock<HashMap<ExeKey, String>>>;
 
 /// Handle to the hashing worker thread.
 pub struct Hasher {
     jobs: mpsc::Sender<HashJob>,
+    index: HashIndex,
 }
 
 impl Hasher {
     /// Starts the worker; it exits when the `Hasher` is dropped.
-    pub fn spawn(metrics: Arc<Metrics>) -> io::Result<Self> {
+    pub fn spawn(metrics: Arc<Metrics>, journal: Option<JournalHandle>) -> io::Result<Self> {
         let (jobs, queue) = mpsc::channel::<HashJob>();
+        let index = HashIndex::default();
+        let worker_index = index.clone();
         thread::Builder::new()
             .name("fleetsnitch-hash".into())
             .spawn(move || {
                 let mut worker = Worker {
                     metrics,
+                    journal,
+                    index: worker_index,
                     cache: HashMap::new(),
                     current: HashMap::new(),
                 };
@@ -75,7 +89,12 @@ impl Hasher {
                     worker.run(job);
                 }
             })?;
-        Ok(Self { jobs })
+        Ok(Self { jobs, index })
+    }
+
+    /// The sha256 of `exe`, if it was hashed already.
+    pub fn sha256_of(&self, exe: ExeKey) -> Option<String> {
+        self.index.read().ok()?.get(&exe).cloned()
     }
 
     /// Queues `job`; never blocks.
@@ -87,6 +106,8 @@ impl Hasher {
 
 struct Worker {
     metrics: Arc<Metrics>,
+    journal: Option<JournalHandle>,
+    index: HashIndex,
     /// Results by file identity: one hash per (device, inode).
     cache: HashMap<ExeKey, Result<String, HashFailure>>,
     /// The `executable_info` series currently exported for each path.
@@ -114,9 +135,22 @@ impl Worker {
                         .inc();
                 }
                 self.cache.insert(job.exe, outcome.clone());
+                if let (Ok(sha256), Ok(mut index)) = (&outcome, self.index.write()) {
+                    index.insert(job.exe, sha256.clone());
+                }
                 outcome
             }
         };
+        if let Some(journal) = &self.journal {
+            journal.send(Input::Executable(ExecutableSeen {
+                path: job.path.clone(),
+                sha256: outcome.clone().ok(),
+                name: job.name.clone(),
+                uid: job.uid,
+                parent_path: job.parent_path.clone(),
+                seen_at: job.seen_at,
+            }));
+        }
         let labels = ExecutableLabels {
             exe: job.path.clone().into(),
             sha256: outcome.unwrap_or_else(|_| UNAVAILABLE.to_owned()),
@@ -184,6 +218,18 @@ mod tests {
 
     use super::*;
 
+    fn job(exe: ExeKey, tgid: u32, path: &str) -> HashJob {
+        HashJob {
+            exe,
+            tgid,
+            path: path.to_owned(),
+            name: "tool".into(),
+            uid: 0,
+            parent_path: None,
+            seen_at: 0,
+        }
+    }
+
     fn key_of(path: &std::path::Path) -> ExeKey {
         let metadata = std::fs::metadata(path).unwrap();
         ExeKey {
@@ -197,11 +243,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tool");
         std::fs::write(&path, b"abc").unwrap();
-        let job = HashJob {
-            exe: key_of(&path),
-            tgid: u32::MAX - 1,
-            path: path.to_string_lossy().into_owned(),
-        };
+        let job = job(key_of(&path), u32::MAX - 1, &path.to_string_lossy());
         assert_eq!(
             hash_executable(&job).unwrap(),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
@@ -220,35 +262,28 @@ mod tests {
             .write_all(b"new")
             .unwrap();
         std::fs::rename(&replacement, &path).unwrap();
-        let job = HashJob {
-            exe: old,
-            tgid: u32::MAX - 1,
-            path: path.to_string_lossy().into_owned(),
-        };
+        let job = job(old, u32::MAX - 1, &path.to_string_lossy());
         assert_eq!(hash_executable(&job), Err(HashFailure::Replaced));
     }
 
     #[test]
     fn vanished_file_and_process_is_process_exited() {
-        let job = HashJob {
-            exe: ExeKey { dev: 1, ino: 2 },
-            tgid: u32::MAX - 1,
-            path: "/nonexistent/fleetsnitch-test".into(),
-        };
+        let job = job(
+            ExeKey { dev: 1, ino: 2 },
+            u32::MAX - 1,
+            "/nonexistent/fleetsnitch-test",
+        );
         assert_eq!(hash_executable(&job), Err(HashFailure::ProcessExited));
     }
 
     #[test]
     fn running_process_is_hashed_through_proc_even_if_path_is_wrong() {
         let metadata = std::fs::metadata("/proc/self/exe").unwrap();
-        let job = HashJob {
-            exe: ExeKey {
-                dev: metadata.dev(),
-                ino: metadata.ino(),
-            },
-            tgid: std::process::id(),
-            path: "/nonexistent/elsewhere".into(),
+        let key = ExeKey {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
         };
+        let job = job(key, std::process::id(), "/nonexistent/elsewhere");
         let expected = sha256_of(File::open(std::env::current_exe().unwrap()).unwrap()).unwrap();
         assert_eq!(hash_executable(&job).unwrap(), expected);
     }

@@ -60,6 +60,8 @@ pub struct Process {
     pub uid: u32,
     pub ppid: u32,
     pub parent_exe: ExeKey,
+    /// Path of the parent's executable, when it could be found.
+    pub parent_path: Option<String>,
 }
 
 /// Processes and executables known to the agent.
@@ -82,6 +84,7 @@ impl IdentityTable {
     /// Records an identity announcement from the kernel.
     pub fn record(&mut self, event: &IdentityEvent) -> Recorded {
         let exe = ExeKey::from_kernel(event.exe_dev, event.exe_ino);
+        let parent_exe = ExeKey::from_kernel(event.parent_exe_dev, event.parent_exe_ino);
         let process = Process {
             tgid: event.tgid,
             start_time_ns: event.start_time_ns,
@@ -89,7 +92,8 @@ impl IdentityTable {
             comm: c_string(&event.comm),
             uid: event.uid,
             ppid: event.ppid,
-            parent_exe: ExeKey::from_kernel(event.parent_exe_dev, event.parent_exe_ino),
+            parent_exe,
+            parent_path: self.parent_path(event.ppid, parent_exe),
         };
         let mut new_exe = None;
         if event.flags & IDENTITY_NO_EXE == 0 && !self.exe_paths.contains_key(&exe) {
@@ -104,6 +108,21 @@ impl IdentityTable {
         }
         self.processes.insert(event.tgid, process.clone());
         Recorded { process, new_exe }
+    }
+
+    /// The parent's executable path: known already, or read from `/proc` while
+    /// the parent still runs that very file. The kernel announces parents only
+    /// when they use the network themselves.
+    fn parent_path(&mut self, ppid: u32, parent_exe: ExeKey) -> Option<String> {
+        if parent_exe.is_kernel() {
+            return Some(KERNEL_EXE.to_owned());
+        }
+        if let Some(path) = self.exe_paths.get(&parent_exe) {
+            return Some(path.clone());
+        }
+        let path = proc_exe_path(ppid, parent_exe)?;
+        self.exe_paths.insert(parent_exe, path.clone());
+        Some(path)
     }
 
     /// Forgets a process that exited, unless the tgid was reused since.

@@ -12,6 +12,8 @@ pub mod config;
 pub mod hashing;
 pub mod http;
 pub mod identity;
+pub mod journal;
 pub mod metrics;
 pub mod preflight;
 pub mod probes;
+pub mod socket;

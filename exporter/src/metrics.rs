@@ -78,6 +78,16 @@ pub struct ExecutableLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExeLabels {
+    pub exe: Text,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -114,6 +124,13 @@ pub struct Metrics {
     pub tracked_processes: Gauge,
     pub tracked_executables: Gauge,
     pub truncated_paths: Counter,
+    pub start_time_seconds: Gauge,
+    pub executable_first_seen: Family<ExecutableLabels, Gauge>,
+    pub path_first_seen: Family<ExeLabels, Gauge>,
+    pub journal_events: Family<KindLabels, Counter>,
+    pub journal_writes: Counter,
+    pub journal_write_errors: Counter,
+    pub journal_dropped: Counter,
 }
 
 impl Metrics {
@@ -134,6 +151,13 @@ impl Metrics {
             tracked_processes: Gauge::default(),
             tracked_executables: Gauge::default(),
             truncated_paths: Counter::default(),
+            start_time_seconds: Gauge::default(),
+            executable_first_seen: Family::default(),
+            path_first_seen: Family::default(),
+            journal_events: Family::default(),
+            journal_writes: Counter::default(),
+            journal_write_errors: Counter::default(),
+            journal_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -207,6 +231,49 @@ impl Metrics {
             "Executable paths too deep or too long for the kernel walk, resolved through /proc",
             metrics.truncated_paths.clone(),
         );
+        registry.register_with_unit(
+            "start_time",
+            "Unix time the agent started; executables first seen after it are new in this run",
+            Unit::Seconds,
+            metrics.start_time_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "executable_first_seen_timestamp",
+            "Unix time each (executable, sha256) was first seen on this host, from the journal",
+            Unit::Seconds,
+            metrics.executable_first_seen.clone(),
+        );
+        registry.register_with_unit(
+            "path_first_seen_timestamp",
+            "Unix time each executable path was first seen on this host with any hash",
+            Unit::Seconds,
+            metrics.path_first_seen.clone(),
+        );
+        registry.register(
+            "journal_events",
+            "Journal events by kind (new_executable, new_hash, modified, virustotal, agent_error)",
+            metrics.journal_events.clone(),
+        );
+        registry.register(
+            "journal_writes",
+            "Transactions committed to the journal",
+            metrics.journal_writes.clone(),
+        );
+        registry.register(
+            "journal_write_errors",
+            "Journal opens or writes that failed",
+            metrics.journal_write_errors.clone(),
+        );
+        registry.register(
+            "journal_dropped",
+            "Journal entries dropped because the queue or the pending bound was full",
+            metrics.journal_dropped.clone(),
+        );
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default();
+        metrics.start_time_seconds.set(started);
         Self {
             registry,
             ..metrics

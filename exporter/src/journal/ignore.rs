@@ -1,0 +1,118 @@
+//! Traffic kept out of the connection log (its executable is still journaled).
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use super::Rollup;
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct IgnoreList {
+    /// Executables by sha256 (hex).
+    pub hashes: Vec<String>,
+    /// Domains ending with one of these (`example.com` matches `a.example.com`).
+    pub domain_suffixes: Vec<String>,
+    /// Remote addresses inside one of these networks, e.g. `10.0.0.0/8`.
+    pub subnets: Vec<IpNet>,
+    /// Remote ports.
+    pub ports: Vec<u16>,
+}
+
+impl IgnoreList {
+    pub fn matches(&self, rollup: &Rollup) -> bool {
+        if self
+            .hashes
+            .iter()
+            .any(|hash| hash.eq_ignore_ascii_case(&rollup.sha256))
+        {
+            return true;
+        }
+        if let Some(port) = rollup.remote_port
+            && self.ports.contains(&port)
+        {
+            return true;
+        }
+        if let Some(address) = rollup
+            .remote_address
+            .as_deref()
+            .and_then(|a| a.parse::<IpAddr>().ok())
+            && self.subnets.iter().any(|net| net.contains(&address))
+        {
+            return true;
+        }
+        if let Some(domain) = rollup.domain.as_deref() {
+            let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+            return self.domain_suffixes.iter().any(|suffix| {
+                let suffix = suffix
+                    .trim_start_matches('.')
+                    .trim_end_matches('.')
+                    .to_ascii_lowercase();
+                domain == suffix || domain.ends_with(&format!(".{suffix}"))
+            });
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rollup() -> Rollup {
+        Rollup {
+            exe: "/usr/bin/curl".into(),
+            sha256: "ABCD".into(),
+            parent: None,
+            uid: None,
+            transport: "tcp",
+            local_port: Some(50000),
+            remote_address: Some("10.1.2.3".into()),
+            remote_port: Some(443),
+            domain: Some("api.example.com".into()),
+            bytes_sent: 1,
+            bytes_received: 1,
+        }
+    }
+
+    #[test]
+    fn each_rule_matches_on_its_own() {
+        let none = IgnoreList::default();
+        assert!(!none.matches(&rollup()));
+        let by_hash = IgnoreList {
+            hashes: vec!["abcd".into()],
+            ..IgnoreList::default()
+        };
+        assert!(by_hash.matches(&rollup()));
+        let by_port = IgnoreList {
+            ports: vec![443],
+            ..IgnoreList::default()
+        };
+        assert!(by_port.matches(&rollup()));
+        let by_subnet = IgnoreList {
+            subnets: vec!["10.0.0.0/8".parse().unwrap()],
+            ..IgnoreList::default()
+        };
+        assert!(by_subnet.matches(&rollup()));
+        let by_domain = IgnoreList {
+            domain_suffixes: vec!["example.com".into()],
+            ..IgnoreList::default()
+        };
+        assert!(by_domain.matches(&rollup()));
+    }
+
+    #[test]
+    fn suffix_matches_whole_labels_only() {
+        let list = IgnoreList {
+            domain_suffixes: vec!["ample.com".into()],
+            ..IgnoreList::default()
+        };
+        assert!(!list.matches(&rollup()));
+        let other_subnet = IgnoreList {
+            subnets: vec!["192.168.0.0/16".parse().unwrap()],
+            ..IgnoreList::default()
+        };
+        assert!(!other_subnet.matches(&rollup()));
+    }
+}

@@ -1,0 +1,602 @@
+//! The SQLite journal itself: executables seen on this host, connection
+//! rollups and events. Everything one flush writes goes in one transaction,
+//! so a crash leaves either all of it or none of it.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    fs::{self, OpenOptions},
+    io,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::schema::{self, SchemaError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the journal's directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("cannot create the journal {path}: {source}")]
+    CreateFile { path: PathBuf, source: io::Error },
+    #[error("cannot open the journal {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("journal {path}: {source}")]
+    Schema { path: PathBuf, source: SchemaError },
+    #[error("writing to the journal {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+}
+
+/// An executable as one process ran it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecutableSeen {
+    pub path: String,
+    /// `None` when the executable could not be hashed.
+    pub sha256: Option<String>,
+    pub name: String,
+    pub uid: u32,
+    pub parent_path: Option<String>,
+    /// Unix seconds.
+    pub seen_at: i64,
+}
+
+/// Traffic of one executable with one peer during one write window.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Rollup {
+    pub exe: String,
+    pub sha256: String,
+    pub parent: Option<String>,
+    pub uid: Option<u32>,
+    pub transport: &'static str,
+    pub local_port: Option<u16>,
+    pub remote_address: Option<String>,
+    pub remote_port: Option<u16>,
+    pub domain: Option<String>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+/// Kinds of journal events; also the `kind` label of `fleetsnitch_journal_events_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    NewExecutable,
+    NewHash,
+    Modified,
+    VirusTotal,
+    AgentError,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NewExecutable => "new_executable",
+            Self::NewHash => "new_hash",
+            Self::Modified => "modified",
+            Self::VirusTotal => "virustotal",
+            Self::AgentError => "agent_error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub time: i64,
+    pub kind: EventKind,
+    pub exe: Option<String>,
+    pub sha256: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// What the journal knows of an executable after a flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecutableState {
+    pub path: String,
+    pub sha256: String,
+    /// When this (path, sha256) was first seen on this host.
+    pub first_seen: i64,
+    /// When this path was first seen on this host, with any hash.
+    pub path_first_seen: i64,
+}
+
+/// What one flush writes.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Per (path, sha256): names, parents and users seen, and the time range.
+    executables: HashMap<(String, String), Sightings>,
+    rollups: HashMap<RollupKey, (u64, u64)>,
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug, Default)]
+struct Sightings {
+    names: BTreeSet<String>,
+    parents: BTreeSet<String>,
+    users: BTreeSet<u32>,
+    first: i64,
+    last: i64,
+}
+
+type RollupKey = Rollup;
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.executables.is_empty() && self.rollups.is_empty() && self.events.is_empty()
+    }
+
+    /// Entries held, for bounding memory while the journal cannot be written.
+    pub fn len(&self) -> usize {
+        self.executables.len() + self.rollups.len() + self.events.len()
+    }
+
+    pub fn add_executable(&mut self, seen: ExecutableSeen) {
+        let key = (seen.path, seen.sha256.unwrap_or_default());
+        let entry = self.executables.entry(key).or_insert_with(|| Sightings {
+            first: seen.seen_at,
+            last: seen.seen_at,
+            ..Sightings::default()
+        });
+        entry.names.insert(seen.name);
+        if let Some(parent) = seen.parent_path {
+            entry.parents.insert(parent);
+        }
+        entry.users.insert(seen.uid);
+        entry.first = entry.first.min(seen.seen_at);
+        entry.last = entry.last.max(seen.seen_at);
+    }
+
+    /// Adds traffic, merging it with the same peer's traffic in this window.
+    pub fn add_rollup(&mut self, rollup: Rollup) {
+        let (sent, received) = (rollup.bytes_sent, rollup.bytes_received);
+        let key = Rollup {
+            bytes_sent: 0,
+            bytes_received: 0,
+            ..rollup
+        };
+        let totals = self.rollups.entry(key).or_default();
+        totals.0 += sent;
+        totals.1 += received;
+    }
+}
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating it if needed, readable by its owner only) and migrates the journal.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| StoreError::CreateDir {
+                    path: dir.to_owned(),
+                    source,
+                })?;
+        }
+        if !path.exists() {
+            OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|source| StoreError::CreateFile {
+                    path: path.to_owned(),
+                    source,
+                })?;
+        } else if let Ok(metadata) = fs::metadata(path) {
+            let mode = metadata.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    path = %path.display(),
+                    mode = format!("{mode:o}"),
+                    "the journal is readable by other users: it lists every program and peer of this host"
+                );
+            }
+        }
+        let open_error = |source| StoreError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(open_error)?;
+        conn.busy_timeout(Duration::from_secs(5))
+            .map_err(open_error)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_error)?;
+        // WAL + NORMAL: a committed transaction survives a crash of the agent;
+        // only a power loss can take back the last commits.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_error)?;
+        conn.pragma_update(None, "foreign_keys", true)
+            .map_err(open_error)?;
+        schema::migrate(&mut conn).map_err(|source| StoreError::Schema {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `batch` in one transaction, and deletes rollups and events older
+    /// than `retention` before `now`. Returns the state of every executable in
+    /// the batch and the events it caused, new ones included.
+    pub fn flush(
+        &mut self,
+        batch: &Batch,
+        window_start: i64,
+        window_seconds: i64,
+        now: i64,
+        retention: Duration,
+    ) -> Result<(Vec<ExecutableState>, Vec<Event>), StoreError> {
+        let path = self.path.clone();
+        let write_error = |source| StoreError::Write {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(write_error)?;
+        let mut states = Vec::with_capacity(batch.executables.len());
+        let mut events = batch.events.clone();
+        for ((exe, sha256), sightings) in &batch.executables {
+            let (state, new_kind) =
+                upsert_executable(&tx, exe, sha256, sightings).map_err(write_error)?;
+            if let Some(kind) = new_kind {
+                events.push(Event {
+                    time: sightings.first,
+                    kind,
+                    exe: Some(exe.clone()),
+                    sha256: Some(sha256.clone()).filter(|s| !s.is_empty()),
+                    detail: None,
+                });
+            }
+            states.push(state);
+        }
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO connections (window_start, window_seconds, exe, sha256, parent, uid,
+                         transport, local_port, remote_address, remote_port, domain,
+                         bytes_sent, bytes_received)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                )
+                .map_err(write_error)?;
+            for (rollup, (sent, received)) in &batch.rollups {
+                insert
+                    .execute(params![
+                        window_start,
+                        window_seconds,
+                        rollup.exe,
+                        rollup.sha256,
+                        rollup.parent,
+                        rollup.uid,
+                        rollup.transport,
+                        rollup.local_port,
+                        rollup.remote_address,
+                        rollup.remote_port,
+                        rollup.domain,
+                        *sent as i64,
+                        *received as i64,
+                    ])
+                    .map_err(write_error)?;
+            }
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO events (time, kind, exe, sha256, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(write_error)?;
+            for event in &events {
+                insert
+                    .execute(params![
+                        event.time,
+                        event.kind.as_str(),
+                        event.exe,
+                        event.sha256,
+                        event.detail
+                    ])
+                    .map_err(write_error)?;
+            }
+        }
+        let horizon = now - retention.as_secs() as i64;
+        tx.execute("DELETE FROM connections WHERE window_start < ?1", [horizon])
+            .map_err(write_error)?;
+        tx.execute("DELETE FROM events WHERE time < ?1", [horizon])
+            .map_err(write_error)?;
+        tx.commit().map_err(write_error)?;
+        Ok((states, events))
+    }
+
+    /// First-seen times of a (path, sha256), if the journal knows it.
+    pub fn executable_state(
+        &self,
+        path: &str,
+        sha256: &str,
+    ) -> Result<Option<ExecutableState>, StoreError> {
+        let query = || -> rusqlite::Result<Option<ExecutableState>> {
+            let first_seen: Option<i64> = self
+                .conn
+                .query_row(
+                    "SELECT first_seen FROM executables WHERE path = ?1 AND sha256 = ?2",
+                    params![path, sha256],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            let Some(first_seen) = first_seen else {
+                return Ok(None);
+            };
+            let path_first_seen: i64 = self.conn.query_row(
+                "SELECT min(first_seen) FROM executables WHERE path = ?1",
+                [path],
+                |row| row.get(0),
+            )?;
+            Ok(Some(ExecutableState {
+                path: path.to_owned(),
+                sha256: sha256.to_owned(),
+                first_seen,
+                path_first_seen,
+            }))
+        };
+        query().map_err(|source| StoreError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Runs `PRAGMA integrity_check`; `Ok(())` when the journal is sound.
+    pub fn integrity_check(&self) -> Result<(), String> {
+        let verdict: String = self
+            .conn
+            .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+            .map_err(|err| err.to_string())?;
+        if verdict == "ok" {
+            Ok(())
+        } else {
+            Err(verdict)
+        }
+    }
+
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+/// Inserts or refreshes one executable; says whether it is new to the host.
+fn upsert_executable(
+    tx: &rusqlite::Transaction<'_>,
+    path: &str,
+    sha256: &str,
+    sightings: &Sightings,
+) -> rusqlite::Result<(ExecutableState, Option<EventKind>)> {
+    let existing: Option<(i64, i64)> = tx
+        .query_row(
+            "SELECT id, first_seen FROM executables WHERE path = ?1 AND sha256 = ?2",
+            params![path, sha256],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+    let path_first_seen: Option<i64> = tx.query_row(
+        "SELECT min(first_seen) FROM executables WHERE path = ?1",
+        [path],
+        |row| row.get(0),
+    )?;
+    let (id, first_seen, new_kind) = match existing {
+        Some((id, first_seen)) => {
+            tx.execute(
+                "UPDATE executables SET last_seen = max(last_seen, ?2) WHERE id = ?1",
+                params![id, sightings.last],
+            )?;
+            (id, first_seen, None)
+        }
+        None => {
+            tx.execute(
+                "INSERT INTO executables (path, sha256, first_seen, last_seen) VALUES (?1, ?2, ?3, ?4)",
+                params![path, sha256, sightings.first, sightings.last],
+            )?;
+            let kind = match path_first_seen {
+                // An unhashable sighting of a known path is not a new hash.
+                Some(_) if sha256.is_empty() => None,
+                Some(_) => Some(EventKind::NewHash),
+                None => Some(EventKind::NewExecutable),
+            };
+            (tx.last_insert_rowid(), sightings.first, kind)
+        }
+    };
+    for name in &sightings.names {
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO executable_names (executable_id, name) VALUES (?1, ?2)",
+        )?
+        .execute(params![id, name])?;
+    }
+    for parent in &sightings.parents {
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO executable_parents (executable_id, parent_path) VALUES (?1, ?2)",
+        )?
+        .execute(params![id, parent])?;
+    }
+    for uid in &sightings.users {
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO executable_users (executable_id, uid) VALUES (?1, ?2)",
+        )?
+        .execute(params![id, uid])?;
+    }
+    Ok((
+        ExecutableState {
+            path: path.to_owned(),
+            sha256: sha256.to_owned(),
+            first_seen,
+            path_first_seen: path_first_seen.unwrap_or(first_seen).min(first_seen),
+        },
+        new_kind,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn seen(path: &str, sha: &str, at: i64) -> ExecutableSeen {
+        ExecutableSeen {
+            path: path.into(),
+            sha256: Some(sha.into()),
+            name: "tool".into(),
+            uid: 1000,
+            parent_path: Some("/bin/bash".into()),
+            seen_at: at,
+        }
+    }
+
+    fn rollup(exe: &str, sent: u64) -> Rollup {
+        Rollup {
+            exe: exe.into(),
+            sha256: "aa".into(),
+            parent: None,
+            uid: Some(0),
+            transport: "tcp",
+            local_port: Some(40000),
+            remote_address: Some("198.18.0.2".into()),
+            remote_port: Some(443),
+            domain: None,
+            bytes_sent: sent,
+            bytes_received: 1,
+        }
+    }
+
+    #[test]
+    fn new_executable_then_new_hash_then_nothing_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("j.db")).unwrap();
+
+        let mut batch = Batch::default();
+        batch.add_executable(seen("/usr/bin/tool", "aa", 100));
+        let (states, events) = store.flush(&batch, 90, 10, 100, DAY).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, EventKind::NewExecutable);
+        assert_eq!(states[0].first_seen, 100);
+
+        let mut batch = Batch::default();
+        batch.add_executable(seen("/usr/bin/tool", "bb", 200));
+        let (states, events) = store.flush(&batch, 190, 10, 200, DAY).unwrap();
+        assert_eq!(events[0].kind, EventKind::NewHash);
+        assert_eq!(states[0].first_seen, 200);
+        assert_eq!(states[0].path_first_seen, 100);
+
+        let mut batch = Batch::default();
+        batch.add_executable(seen("/usr/bin/tool", "aa", 300));
+        let (states, events) = store.flush(&batch, 290, 10, 300, DAY).unwrap();
+        assert!(events.is_empty(), "{events:?}");
+        assert_eq!(states[0].first_seen, 100);
+    }
+
+    #[test]
+    fn reopened_journal_remembers_what_it_saw() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        {
+            let mut store = Store::open(&path).unwrap();
+            let mut batch = Batch::default();
+            batch.add_executable(seen("/usr/bin/tool", "aa", 100));
+            store.flush(&batch, 90, 10, 100, DAY).unwrap();
+        }
+        let mut store = Store::open(&path).unwrap();
+        let mut batch = Batch::default();
+        batch.add_executable(seen("/usr/bin/tool", "aa", 500));
+        let (_, events) = store.flush(&batch, 490, 10, 500, DAY).unwrap();
+        assert!(events.is_empty());
+        let state = store
+            .executable_state("/usr/bin/tool", "aa")
+            .unwrap()
+            .unwrap();
+        assert_eq!(state.first_seen, 100);
+    }
+
+    #[test]
+    fn rollups_of_one_peer_merge_within_a_window_and_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("j.db")).unwrap();
+        let mut batch = Batch::default();
+        batch.add_rollup(rollup("/usr/bin/tool", 10));
+        batch.add_rollup(rollup("/usr/bin/tool", 5));
+        store.flush(&batch, 0, 10, 10, DAY).unwrap();
+        let (rows, sent): (i64, i64) = store
+            .connection()
+            .query_row(
+                "SELECT count(*), sum(bytes_sent) FROM connections",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((rows, sent), (1, 15));
+
+        // Two days later the window is past retention and goes.
+        store
+            .flush(&Batch::default(), 0, 10, 2 * 86_400, DAY)
+            .unwrap();
+        let rows: i64 = store
+            .connection()
+            .query_row("SELECT count(*) FROM connections", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
+    }
+
+    #[test]
+    fn journal_is_created_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/j.db");
+        Store::open(&path).unwrap();
+        let file_mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        let dir_mode = fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(file_mode, 0o600);
+        assert_eq!(dir_mode, 0o700);
+    }
+
+    #[test]
+    fn missing_parent_that_cannot_be_created_names_the_directory() {
+        let err = Store::open(Path::new("/proc/fleetsnitch-test/j.db"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("/proc/fleetsnitch-test"), "{err}");
+    }
+
+    #[test]
+    fn names_parents_and_users_accumulate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("j.db")).unwrap();
+        let mut batch = Batch::default();
+        batch.add_executable(seen("/usr/bin/tool", "aa", 100));
+        let mut other = seen("/usr/bin/tool", "aa", 101);
+        other.name = "tool2".into();
+        other.uid = 0;
+        other.parent_path = Some("/usr/bin/cron".into());
+        batch.add_executable(other);
+        store.flush(&batch, 90, 10, 101, DAY).unwrap();
+        let count =
+            |sql: &str| -> i64 { store.connection().query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(count("SELECT count(*) FROM executable_names"), 2);
+        assert_eq!(count("SELECT count(*) FROM executable_parents"), 2);
+        assert_eq!(count("SELECT count(*) FROM executable_users"), 2);
+    }
+}
