@@ -13,14 +13,16 @@ use std::{
     os::unix::fs::MetadataExt,
     sync::{Arc, RwLock, mpsc},
     thread,
+    time::Duration,
 };
 
 use sha2::{Digest, Sha256};
 
 use crate::{
     identity::ExeKey,
-    journal::{ExecutableSeen, Input, JournalHandle},
-    metrics::{ExecutableLabels, Metrics, ReasonLabels},
+    journal::{ExecutableSeen, Input, JournalHandle, unix_now},
+    metrics::{ExeLabels, ExecutableLabels, Metrics, ReasonLabels},
+    modification::ModificationWatch,
 };
 
 /// Label value of `sha256` when the executable could not be hashed.
@@ -84,10 +86,10 @@ impl Hasher {
                     index: worker_index,
                     cache: HashMap::new(),
                     current: HashMap::new(),
+                    last_jobs: HashMap::new(),
+                    watch: ModificationWatch::new(),
                 };
-                for job in queue {
-                    worker.run(job);
-                }
+                worker.serve(queue);
             })?;
         Ok(Self { jobs, index })
     }
@@ -112,9 +114,55 @@ struct Worker {
     cache: HashMap<ExeKey, Result<String, HashFailure>>,
     /// The `executable_info` series currently exported for each path.
     current: HashMap<String, ExecutableLabels>,
+    /// The last sighting of each watched executable, to journal a modification with it.
+    last_jobs: HashMap<ExeKey, HashJob>,
+    watch: ModificationWatch,
 }
 
 impl Worker {
+    fn serve(&mut self, queue: mpsc::Receiver<HashJob>) {
+        loop {
+            match queue.recv_timeout(Duration::from_millis(100)) {
+                Ok(job) => self.run(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            for (exe, path) in self.watch.poll() {
+                self.rehash_modified(exe, &path);
+            }
+        }
+    }
+
+    /// `exe` was written to in place: hash it again and journal the change.
+    fn rehash_modified(&mut self, exe: ExeKey, path: &str) {
+        let Some(mut job) = self.last_jobs.get(&exe).cloned() else {
+            return;
+        };
+        let sha256 = match open_matching(path, exe).map(sha256_of) {
+            Ok(Ok(sha256)) => sha256,
+            _ => return,
+        };
+        let previous = self.cache.insert(exe, Ok(sha256.clone()));
+        if previous
+            .as_ref()
+            .is_some_and(|p| p.as_deref() == Ok(sha256.as_str()))
+        {
+            return;
+        }
+        if let Ok(mut index) = self.index.write() {
+            index.insert(exe, sha256.clone());
+        }
+        tracing::warn!(exe = path, %sha256, "executable modified in place");
+        self.metrics
+            .executable_modified
+            .get_or_create(&ExeLabels {
+                exe: path.to_owned().into(),
+            })
+            .set(unix_now());
+        job.seen_at = unix_now();
+        self.export(&job, Ok(sha256), true);
+    }
+
     fn run(&mut self, job: HashJob) {
         let outcome = match self.cache.get(&job.exe) {
             Some(outcome) => outcome.clone(),
@@ -141,6 +189,15 @@ impl Worker {
                 outcome
             }
         };
+        if outcome.is_ok() {
+            self.watch.watch(job.exe, &job.path);
+            self.last_jobs.insert(job.exe, job.clone());
+        }
+        self.export(&job, outcome, false);
+    }
+
+    /// Journals the sighting and exports the executable's current hash.
+    fn export(&mut self, job: &HashJob, outcome: Result<String, HashFailure>, modified: bool) {
         if let Some(journal) = &self.journal {
             journal.send(Input::Executable(ExecutableSeen {
                 path: job.path.clone(),
@@ -149,13 +206,14 @@ impl Worker {
                 uid: job.uid,
                 parent_path: job.parent_path.clone(),
                 seen_at: job.seen_at,
+                modified,
             }));
         }
         let labels = ExecutableLabels {
             exe: job.path.clone().into(),
             sha256: outcome.unwrap_or_else(|_| UNAVAILABLE.to_owned()),
         };
-        if let Some(previous) = self.current.insert(job.path, labels.clone())
+        if let Some(previous) = self.current.insert(job.path.clone(), labels.clone())
             && previous != labels
         {
             self.metrics.executable_info.remove(&previous);

@@ -14,6 +14,7 @@ pub mod http;
 pub mod identity;
 pub mod journal;
 pub mod metrics;
+pub mod modification;
 pub mod preflight;
 pub mod probes;
 pub mod socket;

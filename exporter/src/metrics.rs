@@ -127,6 +127,7 @@ pub struct Metrics {
     pub start_time_seconds: Gauge,
     pub executable_first_seen: Family<ExecutableLabels, Gauge>,
     pub path_first_seen: Family<ExeLabels, Gauge>,
+    pub executable_modified: Family<ExeLabels, Gauge>,
     pub journal_events: Family<KindLabels, Counter>,
     pub journal_writes: Counter,
     pub journal_write_errors: Counter,
@@ -154,6 +155,7 @@ impl Metrics {
             start_time_seconds: Gauge::default(),
             executable_first_seen: Family::default(),
             path_first_seen: Family::default(),
+            executable_modified: Family::default(),
             journal_events: Family::default(),
             journal_writes: Counter::default(),
             journal_write_errors: Counter::default(),
@@ -248,6 +250,12 @@ impl Metrics {
             "Unix time each executable path was first seen on this host with any hash",
             Unit::Seconds,
             metrics.path_first_seen.clone(),
+        );
+        registry.register_with_unit(
+            "executable_modified_timestamp",
+            "Unix time an executable was last modified in place (seen through fanotify)",
+            Unit::Seconds,
+            metrics.executable_modified.clone(),
         );
         registry.register(
             "journal_events",

@@ -46,6 +46,8 @@ pub struct ExecutableSeen {
     pub parent_path: Option<String>,
     /// Unix seconds.
     pub seen_at: i64,
+    /// The file was modified in place since it was last hashed.
+    pub modified: bool,
 }
 
 /// Traffic of one executable with one peer during one write window.
@@ -122,6 +124,7 @@ struct Sightings {
     users: BTreeSet<u32>,
     first: i64,
     last: i64,
+    modified: bool,
 }
 
 type RollupKey = Rollup;
@@ -143,7 +146,10 @@ impl Batch {
             last: seen.seen_at,
             ..Sightings::default()
         });
-        entry.names.insert(seen.name);
+        entry.modified |= seen.modified;
+        if !seen.name.is_empty() {
+            entry.names.insert(seen.name);
+        }
         if let Some(parent) = seen.parent_path {
             entry.parents.insert(parent);
         }
@@ -412,6 +418,7 @@ fn upsert_executable(
             let kind = match path_first_seen {
                 // An unhashable sighting of a known path is not a new hash.
                 Some(_) if sha256.is_empty() => None,
+                Some(_) if sightings.modified => Some(EventKind::Modified),
                 Some(_) => Some(EventKind::NewHash),
                 None => Some(EventKind::NewExecutable),
             };
@@ -461,6 +468,7 @@ mod tests {
             uid: 1000,
             parent_path: Some("/bin/bash".into()),
             seen_at: at,
+            modified: false,
         }
     }
 
@@ -504,6 +512,23 @@ mod tests {
         let (states, events) = store.flush(&batch, 290, 10, 300, DAY).unwrap();
         assert!(events.is_empty(), "{events:?}");
         assert_eq!(states[0].first_seen, 100);
+    }
+
+    #[test]
+    fn in_place_modification_is_journaled_as_modified_not_new_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("j.db")).unwrap();
+        let mut batch = Batch::default();
+        batch.add_executable(seen("/usr/bin/tool", "aa", 100));
+        store.flush(&batch, 90, 10, 100, DAY).unwrap();
+        let mut batch = Batch::default();
+        let mut modified = seen("/usr/bin/tool", "cc", 150);
+        modified.modified = true;
+        batch.add_executable(modified);
+        let (_, events) = store.flush(&batch, 140, 10, 150, DAY).unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, EventKind::Modified);
+        assert_eq!(events[0].sha256.as_deref(), Some("cc"));
     }
 
     #[test]

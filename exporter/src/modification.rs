@@ -1,0 +1,194 @@
+//! fanotify marks on every executable the agent has hashed, so a file
+//! modified in place is rehashed (and journaled as modified) at once, without
+//! waiting for the next process to run it.
+//!
+//! A file replaced by rename gets a new inode: that is not a modification of
+//! the watched file and shows up as a new hash when the new file runs.
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::MetadataExt,
+    time::{Duration, Instant},
+};
+
+use nix::{
+    errno::Errno,
+    fcntl::AT_FDCWD,
+    sys::{
+        fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags},
+        stat::fstat,
+    },
+};
+
+use crate::identity::ExeKey;
+
+/// Writes keep coming while a file is rewritten: rehash once it is quiet.
+const QUIET_TIME: Duration = Duration::from_millis(300);
+
+pub struct ModificationWatch {
+    fanotify: Option<Fanotify>,
+    watched: HashMap<ExeKey, String>,
+    /// Modified files and when they were last written.
+    dirty: HashMap<ExeKey, Instant>,
+    failed_marks: u64,
+}
+
+impl ModificationWatch {
+    /// A watch; without fanotify (no privilege, old kernel) it watches nothing and says so once.
+    pub fn new() -> Self {
+        let fanotify = Fanotify::init(
+            InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
+            EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
+        );
+        let fanotify = match fanotify {
+            Ok(fanotify) => Some(fanotify),
+            Err(errno) => {
+                tracing::warn!(
+                    error = %errno,
+                    "fanotify is unavailable: executables modified in place are only noticed \
+                     when they run again (needs CAP_SYS_ADMIN and CONFIG_FANOTIFY)"
+                );
+                None
+            }
+        };
+        Self {
+            fanotify,
+            watched: HashMap::new(),
+            dirty: HashMap::new(),
+            failed_marks: 0,
+        }
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.fanotify.is_some()
+    }
+
+    /// Marks failed so far (file gone, unsupported file system).
+    pub fn failed_marks(&self) -> u64 {
+        self.failed_marks
+    }
+
+    /// Watches `path`, which must still be the file `exe`.
+    pub fn watch(&mut self, exe: ExeKey, path: &str) {
+        let Some(fanotify) = &self.fanotify else {
+            return;
+        };
+        if self.watched.contains_key(&exe) {
+            return;
+        }
+        let still_same = fs::metadata(path).is_ok_and(|m| exe.matches(&m));
+        if !still_same {
+            return;
+        }
+        let mask = MaskFlags::FAN_MODIFY | MaskFlags::FAN_CLOSE_WRITE;
+        match fanotify.mark(MarkFlags::FAN_MARK_ADD, mask, AT_FDCWD, Some(path)) {
+            Ok(()) => {
+                self.watched.insert(exe, path.to_owned());
+            }
+            Err(errno) => {
+                self.failed_marks += 1;
+                tracing::debug!(exe = path, error = %errno, "cannot watch executable");
+            }
+        }
+    }
+
+    /// Reads pending notifications; returns the files whose writes have
+    /// settled and that need a new hash.
+    pub fn poll(&mut self) -> Vec<(ExeKey, String)> {
+        if let Some(fanotify) = &self.fanotify {
+            match fanotify.read_events() {
+                Ok(events) => {
+                    let now = Instant::now();
+                    for event in events {
+                        let Some(fd) = event.fd() else {
+                            tracing::warn!(
+                                "fanotify queue overflowed: some modifications were missed"
+                            );
+                            continue;
+                        };
+                        if let Ok(stat) = fstat(fd) {
+                            let key = ExeKey {
+                                dev: stat.st_dev,
+                                ino: stat.st_ino,
+                            };
+                            if self.watched.contains_key(&key) {
+                                self.dirty.insert(key, now);
+                            }
+                        }
+                    }
+                }
+                Err(Errno::EAGAIN) => {}
+                Err(errno) => tracing::debug!(error = %errno, "reading fanotify events"),
+            }
+        }
+        let settled: Vec<ExeKey> = self
+            .dirty
+            .iter()
+            .filter(|(_, last)| last.elapsed() >= QUIET_TIME)
+            .map(|(key, _)| *key)
+            .collect();
+        settled
+            .into_iter()
+            .filter_map(|key| {
+                self.dirty.remove(&key);
+                self.watched.get(&key).map(|path| (key, path.clone()))
+            })
+            .collect()
+    }
+
+    /// Whether a modification is waiting to settle.
+    pub fn has_pending(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+}
+
+impl Default for ModificationWatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Device+inode of `path` right now.
+pub fn identity_of(path: &str) -> Option<ExeKey> {
+    let metadata = fs::metadata(path).ok()?;
+    Some(ExeKey {
+        dev: metadata.dev(),
+        ino: metadata.ino(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn in_place_modification_is_reported_once_settled() {
+        let mut watch = ModificationWatch::new();
+        if !watch.is_active() {
+            eprintln!("skipped: fanotify needs CAP_SYS_ADMIN");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        fs::write(&path, b"v1").unwrap();
+        let path = path.to_str().unwrap().to_owned();
+        let key = identity_of(&path).unwrap();
+        watch.watch(key, &path);
+
+        let mut file = fs::OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"v2").unwrap();
+        drop(file);
+
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut reported = Vec::new();
+        while reported.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+            reported = watch.poll();
+        }
+        assert_eq!(reported, vec![(key, path)]);
+        assert!(watch.poll().is_empty(), "reported twice");
+    }
+}
