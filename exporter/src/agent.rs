@@ -17,6 +17,7 @@ use crate::{
     metrics::{Metrics, ProbeLabels},
     preflight::{self, PreflightError},
     probes::{self, NoModeFits, ProbeOutcome},
+    virustotal,
 };
 
 /// The kernel programs, compiled by build.rs.
@@ -46,6 +47,8 @@ pub enum AgentError {
     Collector(#[from] CollectorError),
     #[error("cannot start a worker thread: {0}")]
     Thread(std::io::Error),
+    #[error("VirusTotal: {0}")]
+    VirusTotal(String),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
 }
@@ -72,8 +75,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let health = Arc::new(Health::default());
     let (journal, journal_thread) =
         journal::spawn(config.journal.clone(), metrics.clone()).map_err(AgentError::Thread)?;
-    let hasher =
-        Hasher::spawn(metrics.clone(), Some(journal.clone())).map_err(AgentError::Thread)?;
+    let virustotal = virustotal::spawn(&config.virustotal, metrics.clone(), Some(journal.clone()))
+        .map_err(|error| AgentError::VirusTotal(error.to_string()))?;
+    let hasher = Hasher::spawn(metrics.clone(), Some(journal.clone()), virustotal)
+        .map_err(AgentError::Thread)?;
     let collector = Collector::new(
         &mut ebpf,
         metrics.clone(),

@@ -45,6 +45,66 @@ pub struct Config {
     pub journal: JournalConfig,
     pub collector: CollectorConfig,
     pub probes: ProbesConfig,
+    pub virustotal: VirusTotalConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct VirusTotalConfig {
+    /// API key; checks are off without one. Prefer `api_key_file`.
+    pub api_key: Option<String>,
+    /// File holding the API key (surrounding whitespace ignored).
+    pub api_key_file: Option<PathBuf>,
+    /// Base URL of the v3 API.
+    pub base_url: String,
+    /// Minimum time between two requests (the public API allows 4 a minute).
+    #[serde(with = "humantime_serde")]
+    pub request_interval: Duration,
+    /// Upload executables VirusTotal does not know. Off: uploading sends the file away.
+    pub upload_unknown: bool,
+    /// Larger files are never uploaded (32 MiB is the API's limit for a plain upload).
+    pub max_upload_bytes: u64,
+    /// Timeout of one request.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for VirusTotalConfig {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            api_key_file: None,
+            base_url: "https://www.virustotal.com/api/v3".to_owned(),
+            request_interval: Duration::from_secs(15),
+            upload_unknown: false,
+            max_upload_bytes: 32 << 20,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl VirusTotalConfig {
+    /// The API key from `api_key` or `api_key_file`, if any.
+    pub fn api_key(&self) -> Result<Option<String>, crate::virustotal::LookupError> {
+        if let Some(key) = self
+            .api_key
+            .as_deref()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+        {
+            return Ok(Some(key.to_owned()));
+        }
+        let Some(path) = &self.api_key_file else {
+            return Ok(None);
+        };
+        let key = std::fs::read_to_string(path).map_err(|err| {
+            crate::virustotal::LookupError::File(format!(
+                "virustotal.api_key_file {}: {err}",
+                path.display()
+            ))
+        })?;
+        Ok(Some(key.trim().to_owned()).filter(|k| !k.is_empty()))
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -195,6 +255,21 @@ impl Config {
                 "journal.max_pending",
                 &self.journal.max_pending.to_string(),
                 "must be between 1000 and 100000000",
+            ));
+        }
+        let vt = &self.virustotal;
+        if vt.request_interval < Duration::from_millis(10) {
+            return Err(invalid(
+                "virustotal.request_interval",
+                &humantime::format_duration(vt.request_interval).to_string(),
+                "must be at least 10ms",
+            ));
+        }
+        if !(vt.base_url.starts_with("https://") || vt.base_url.starts_with("http://")) {
+            return Err(invalid(
+                "virustotal.base_url",
+                &vt.base_url,
+                "must be an http(s) URL",
             ));
         }
         let drain = self.collector.drain_interval;

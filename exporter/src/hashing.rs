@@ -23,6 +23,7 @@ use crate::{
     journal::{ExecutableSeen, Input, JournalHandle, unix_now},
     metrics::{ExeLabels, ExecutableLabels, Metrics, ReasonLabels},
     modification::ModificationWatch,
+    virustotal::{Check, VirusTotalHandle},
 };
 
 /// Label value of `sha256` when the executable could not be hashed.
@@ -73,7 +74,11 @@ pub struct Hasher {
 
 impl Hasher {
     /// Starts the worker; it exits when the `Hasher` is dropped.
-    pub fn spawn(metrics: Arc<Metrics>, journal: Option<JournalHandle>) -> io::Result<Self> {
+    pub fn spawn(
+        metrics: Arc<Metrics>,
+        journal: Option<JournalHandle>,
+        virustotal: Option<VirusTotalHandle>,
+    ) -> io::Result<Self> {
         let (jobs, queue) = mpsc::channel::<HashJob>();
         let index = HashIndex::default();
         let worker_index = index.clone();
@@ -83,6 +88,7 @@ impl Hasher {
                 let mut worker = Worker {
                     metrics,
                     journal,
+                    virustotal,
                     index: worker_index,
                     cache: HashMap::new(),
                     current: HashMap::new(),
@@ -109,6 +115,7 @@ impl Hasher {
 struct Worker {
     metrics: Arc<Metrics>,
     journal: Option<JournalHandle>,
+    virustotal: Option<VirusTotalHandle>,
     index: HashIndex,
     /// Results by file identity: one hash per (device, inode).
     cache: HashMap<ExeKey, Result<String, HashFailure>>,
@@ -153,6 +160,7 @@ impl Worker {
             index.insert(exe, sha256.clone());
         }
         tracing::warn!(exe = path, %sha256, "executable modified in place");
+        self.check_virustotal(path, &sha256);
         self.metrics
             .executable_modified
             .get_or_create(&ExeLabels {
@@ -161,6 +169,15 @@ impl Worker {
             .set(unix_now());
         job.seen_at = unix_now();
         self.export(&job, Ok(sha256), true);
+    }
+
+    fn check_virustotal(&self, path: &str, sha256: &str) {
+        if let Some(virustotal) = &self.virustotal {
+            virustotal.check(Check {
+                path: path.to_owned(),
+                sha256: sha256.to_owned(),
+            });
+        }
     }
 
     fn run(&mut self, job: HashJob) {
@@ -183,8 +200,11 @@ impl Worker {
                         .inc();
                 }
                 self.cache.insert(job.exe, outcome.clone());
-                if let (Ok(sha256), Ok(mut index)) = (&outcome, self.index.write()) {
-                    index.insert(job.exe, sha256.clone());
+                if let Ok(sha256) = &outcome {
+                    if let Ok(mut index) = self.index.write() {
+                        index.insert(job.exe, sha256.clone());
+                    }
+                    self.check_virustotal(&job.path, sha256);
                 }
                 outcome
             }

@@ -18,3 +18,4 @@ pub mod modification;
 pub mod preflight;
 pub mod probes;
 pub mod socket;
+pub mod virustotal;

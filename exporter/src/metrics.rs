@@ -88,6 +88,11 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
 }
@@ -128,6 +133,8 @@ pub struct Metrics {
     pub executable_first_seen: Family<ExecutableLabels, Gauge>,
     pub path_first_seen: Family<ExeLabels, Gauge>,
     pub executable_modified: Family<ExeLabels, Gauge>,
+    pub virustotal_detections: Family<ExecutableLabels, Gauge>,
+    pub virustotal_lookups: Family<ResultLabels, Counter>,
     pub journal_events: Family<KindLabels, Counter>,
     pub journal_writes: Counter,
     pub journal_write_errors: Counter,
@@ -156,6 +163,8 @@ impl Metrics {
             executable_first_seen: Family::default(),
             path_first_seen: Family::default(),
             executable_modified: Family::default(),
+            virustotal_detections: Family::default(),
+            virustotal_lookups: Family::default(),
             journal_events: Family::default(),
             journal_writes: Counter::default(),
             journal_write_errors: Counter::default(),
@@ -256,6 +265,16 @@ impl Metrics {
             "Unix time an executable was last modified in place (seen through fanotify)",
             Unit::Seconds,
             metrics.executable_modified.clone(),
+        );
+        registry.register(
+            "virustotal_detections",
+            "Engines that flag the executable as malicious or suspicious on VirusTotal",
+            metrics.virustotal_detections.clone(),
+        );
+        registry.register(
+            "virustotal_lookups",
+            "VirusTotal requests by result (found, not_found, uploaded, rate_limited, http_error, malformed, transport_error, file_error)",
+            metrics.virustotal_lookups.clone(),
         );
         registry.register(
             "journal_events",
