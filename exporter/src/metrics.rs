@@ -301,9 +301,46 @@ impl Metrics {
             .map(|d| d.as_secs() as i64)
             .unwrap_or_default();
         metrics.start_time_seconds.set(started);
+        metrics.initialize_known_series();
         Self {
             registry,
             ..metrics
+        }
+    }
+
+    /// Creates every series whose label values are known in advance at zero,
+    /// so `increase()` in alert rules sees their first increment.
+    fn initialize_known_series(&self) {
+        for map in ["traffic", "announced", "splice_calls"] {
+            self.map_full.get_or_create(&MapLabels {
+                map: map.to_owned(),
+            });
+        }
+        for direction in [Direction::Sent, Direction::Received] {
+            self.unattributed_bytes
+                .get_or_create(&DirectionLabels { direction });
+            self.unresolved_bytes
+                .get_or_create(&DirectionLabels { direction });
+        }
+        for reason in ["process_exited", "replaced", "unreadable"] {
+            self.hash_failures
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .inc_by(0);
+        }
+        for kind in [
+            "new_executable",
+            "new_hash",
+            "modified",
+            "virustotal",
+            "agent_error",
+        ] {
+            self.journal_events
+                .get_or_create(&KindLabels {
+                    kind: kind.to_owned(),
+                })
+                .inc_by(0);
         }
     }
 
