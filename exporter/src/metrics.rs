@@ -312,15 +312,19 @@ impl Metrics {
     /// so `increase()` in alert rules sees their first increment.
     fn initialize_known_series(&self) {
         for map in ["traffic", "announced", "splice_calls"] {
-            self.map_full.get_or_create(&MapLabels {
-                map: map.to_owned(),
-            });
+            self.map_full
+                .get_or_create(&MapLabels {
+                    map: map.to_owned(),
+                })
+                .inc_by(0);
         }
         for direction in [Direction::Sent, Direction::Received] {
             self.unattributed_bytes
-                .get_or_create(&DirectionLabels { direction });
+                .get_or_create(&DirectionLabels { direction })
+                .inc_by(0);
             self.unresolved_bytes
-                .get_or_create(&DirectionLabels { direction });
+                .get_or_create(&DirectionLabels { direction })
+                .inc_by(0);
         }
         for reason in ["process_exited", "replaced", "unreadable"] {
             self.hash_failures
