@@ -26,7 +26,8 @@ pub struct HttpResponse {
 
 /// `GET path` over plain HTTP/1.1 with `Connection: close`.
 pub fn http_get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<HttpResponse> {
-    let mut s = TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
+    let mut s =
+        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     write!(
@@ -89,7 +90,8 @@ fn decode_chunked(mut data: &[u8]) -> Result<Vec<u8>> {
             .ok_or_else(|| anyhow!("truncated chunk size"))?;
         let size_str = std::str::from_utf8(&data[..eol])?;
         let size_str = size_str.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_str, 16).with_context(|| format!("chunk size {size_str:?}"))?;
+        let size = usize::from_str_radix(size_str, 16)
+            .with_context(|| format!("chunk size {size_str:?}"))?;
         data = &data[eol + 2..];
         if size == 0 {
             return Ok(out);
@@ -147,14 +149,21 @@ fn parse_sample_rest(rest: &str) -> Result<Sample> {
                 None => bail!("unterminated label set"),
             }
             let mut key = String::new();
-            while let Some((_, c)) = chars.next_if(|(_, c)| c.is_ascii_alphanumeric() || *c == '_') {
+            while let Some((_, c)) = chars.next_if(|(_, c)| c.is_ascii_alphanumeric() || *c == '_')
+            {
                 key.push(c);
             }
             ensure!(!key.is_empty(), "empty label name");
             while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
-            ensure!(chars.next().map(|(_, c)| c) == Some('='), "expected '=' after {key}");
+            ensure!(
+                chars.next().map(|(_, c)| c) == Some('='),
+                "expected '=' after {key}"
+            );
             while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
-            ensure!(chars.next().map(|(_, c)| c) == Some('"'), "expected '\"' for {key}");
+            ensure!(
+                chars.next().map(|(_, c)| c) == Some('"'),
+                "expected '\"' for {key}"
+            );
             let mut value = String::new();
             loop {
                 match chars.next() {
@@ -245,18 +254,32 @@ impl MetricsClient {
     /// Fetches and parses `fleetsnitch_bytes_total`.
     pub fn scrape(&self) -> Result<Vec<Sample>> {
         let resp = http_get(self.addr, &self.path, Duration::from_secs(5))?;
-        ensure!(resp.status == 200, "GET {} answered {}", self.path, resp.status);
+        ensure!(
+            resp.status == 200,
+            "GET {} answered {}",
+            self.path,
+            resp.status
+        );
         parse_samples(&resp.body, BYTES_METRIC)
     }
 
     /// Current value for `exe` / `direction` (`None` if absent).
     pub fn bytes(&self, exe: &Path, direction: &str) -> Result<Option<f64>> {
-        Ok(bytes_for(&self.scrape()?, &exe.to_string_lossy(), direction))
+        Ok(bytes_for(
+            &self.scrape()?,
+            &exe.to_string_lossy(),
+            direction,
+        ))
     }
 
     /// Polls every 200 ms for up to 10 s until the value for `exe` / `direction` is within
     /// ±2 % of `expected` (0 or absent when `expected` is 0); returns the last value seen.
-    pub fn wait_for_bytes(&self, exe: &Path, direction: &str, expected: u64) -> Result<Option<f64>> {
+    pub fn wait_for_bytes(
+        &self,
+        exe: &Path,
+        direction: &str,
+        expected: u64,
+    ) -> Result<Option<f64>> {
         self.wait_for_bytes_within(exe, direction, expected, Duration::from_secs(10))
     }
 
@@ -272,10 +295,10 @@ impl MetricsClient {
         let mut last: Option<Result<Option<f64>>> = None;
         loop {
             let v = self.bytes(exe, direction);
-            if let Ok(v) = &v {
-                if within_tolerance(expected, *v, TOLERANCE) {
-                    return Ok(*v);
-                }
+            if let Ok(v) = &v
+                && within_tolerance(expected, *v, TOLERANCE)
+            {
+                return Ok(*v);
             }
             // Keep the last successful value over a later scrape error.
             if v.is_ok() || !matches!(last, Some(Ok(_))) {
@@ -336,7 +359,8 @@ other_metric{exe="/usr/bin/curl",direction="sent"} 1
 
     #[test]
     fn http_plain_and_chunked() {
-        let r = parse_http_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello!!").unwrap();
+        let r =
+            parse_http_response(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello!!").unwrap();
         assert_eq!((r.status, r.body.as_str()), (200, "hello"));
         let r = parse_http_response(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n",

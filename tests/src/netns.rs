@@ -4,9 +4,12 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use anyhow::{Context, Result};
+use std::thread;
+use std::time::{Duration, Instant};
 
-use crate::process::{ip_bin, run_checked};
+use anyhow::{Context, Result, bail};
+
+use crate::process::{ip_bin, run_bounded, run_checked};
 use crate::scenarios::{CLIENT_V4, CLIENT_V6, PEER_V4, PEER_V6};
 
 /// veth end in the client namespace.
@@ -14,11 +17,16 @@ pub const CLIENT_IFACE: &str = "fsnc0";
 /// veth end in the peer namespace.
 pub const PEER_IFACE: &str = "fsnp0";
 
+/// MAC of the client veth end (locally administered).
+pub const CLIENT_MAC: &str = "02:f5:00:00:00:01";
+/// MAC of the peer veth end (locally administered).
+pub const PEER_MAC: &str = "02:f5:00:00:00:02";
+
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
 /// Two network namespaces (`fsn-cli-<pid>[-n]`, `fsn-peer-<pid>[-n]`) joined by a veth
 /// pair: client 198.18.0.1/30 + fd00:f5::1/64, peer 198.18.0.2/30 + fd00:f5::2/64, all
-/// links up. Dropping it deletes both namespaces (which removes the veth pair once the
+/// links up, static neighbour entries on both sides. Dropping it deletes both namespaces (which removes the veth pair once the
 /// processes inside have exited: stop them first).
 pub struct NetnsPair {
     /// Client namespace name.
@@ -63,19 +71,64 @@ impl NetnsPair {
         run_checked(
             &ip,
             &[
-                "link", "add", CLIENT_IFACE, "netns", c, "type", "veth", "peer", "name",
-                PEER_IFACE, "netns", p,
+                "link",
+                "add",
+                CLIENT_IFACE,
+                "address",
+                CLIENT_MAC,
+                "netns",
+                c,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                PEER_IFACE,
+                "address",
+                PEER_MAC,
+                "netns",
+                p,
             ],
         )?;
         let c4 = format!("{CLIENT_V4}/30");
         let p4 = format!("{PEER_V4}/30");
         let c6 = format!("{CLIENT_V6}/64");
         let p6 = format!("{PEER_V6}/64");
-        for (ns, dev, v4, v6) in [(c, CLIENT_IFACE, &c4, &c6), (p, PEER_IFACE, &p4, &p6)] {
+        let sides = [
+            (c, CLIENT_IFACE, &c4, &c6, (PEER_V4, PEER_V6, PEER_MAC)),
+            (p, PEER_IFACE, &p4, &p6, (CLIENT_V4, CLIENT_V6, CLIENT_MAC)),
+        ];
+        for (ns, dev, v4, v6, (other_v4, other_v6, other_mac)) in sides {
             run_checked(&ip, &["-n", ns, "addr", "add", v4, "dev", dev])?;
-            run_checked(&ip, &["-n", ns, "-6", "addr", "add", v6, "dev", dev, "nodad"])?;
+            run_checked(
+                &ip,
+                &["-n", ns, "-6", "addr", "add", v6, "dev", dev, "nodad"],
+            )?;
+            // Static neighbours: right after a veth comes up, the first ARP/NDP packets can
+            // be lost (the peer joins its solicited-node group asynchronously), which
+            // delays first packets by a 1 s retransmit. Scenarios need none of that.
+            for addr in [other_v4, other_v6] {
+                run_checked(
+                    &ip,
+                    &[
+                        "-n",
+                        ns,
+                        "neigh",
+                        "replace",
+                        addr,
+                        "lladdr",
+                        other_mac,
+                        "dev",
+                        dev,
+                        "nud",
+                        "permanent",
+                    ],
+                )?;
+            }
             run_checked(&ip, &["-n", ns, "link", "set", "lo", "up"])?;
             run_checked(&ip, &["-n", ns, "link", "set", dev, "up"])?;
+        }
+        for (ns, dev) in [(c, CLIENT_IFACE), (p, PEER_IFACE)] {
+            wait_oper_up(&ip, ns, dev)?;
         }
         Ok(())
     }
@@ -98,14 +151,33 @@ impl NetnsPair {
     }
 }
 
+/// Waits (bounded) until `dev` in `ns` is operationally up, i.e. its qdisc is active and
+/// packets are no longer dropped.
+fn wait_oper_up(ip: &Path, ns: &str, dev: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = run_bounded(
+            Command::new(ip).args(["-n", ns, "-o", "link", "show", "dev", dev]),
+            Duration::from_secs(10),
+        )?;
+        if out.stdout.contains("state UP") {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{dev} in {ns} is not up: {}", out.stdout.trim());
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 impl Drop for NetnsPair {
     fn drop(&mut self) {
         let ip = ip_bin();
         for ns in [&self.client, &self.peer] {
-            if !ns.is_empty() {
-                if let Err(e) = run_checked(&ip, &["netns", "del", ns]) {
-                    eprintln!("fleetsnitch-e2e: cleanup: {e:#}");
-                }
+            if !ns.is_empty()
+                && let Err(e) = run_checked(&ip, &["netns", "del", ns])
+            {
+                eprintln!("fleetsnitch-e2e: cleanup: {e:#}");
             }
         }
     }

@@ -61,7 +61,7 @@ pub const SCENARIOS: &[Scenario] = &[
         name: "short_lived",
         bytes: 300_000,
         count: 300,
-        help: "--count child processes (fork+exec of /proc/self/exe), each sends --bytes/--count over TCP or UDP and exits",
+        help: "--count child processes of /proc/self/exe (fork+exec and posix_spawn alternately), each sends --bytes/--count over TCP or UDP and exits",
     },
     Scenario {
         name: "many_tcp_conns",

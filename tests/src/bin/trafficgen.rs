@@ -7,7 +7,9 @@
 //! trafficgen list
 //! ```
 //!
-//! `serve` runs every peer service until killed and prints `ready` once all are bound.
+//! `serve` runs every peer service until killed and prints `ready` once all are bound;
+//! each `stats` line on its stdin is answered with one JSON line
+//! `{"scenario":"serve","sent":N,"received":M}` of what its own socket calls returned.
 //! `client` runs one scenario and prints exactly one JSON line
 //! `{"scenario":"...","sent":N,"received":M}`: the sums of what the send-side and the
 //! receive-side socket calls returned in this process and its children.
@@ -54,7 +56,7 @@ fn main() -> ExitCode {
 
 fn usage() -> String {
     let mut s = String::from(
-        "usage:\n  trafficgen serve [--v4 ADDR] [--v6 ADDR]\n  \
+        "usage:\n  trafficgen serve [--v4 ADDR] [--v6 ADDR]   (prints `ready`; answers `stats` on stdin)\n  \
          trafficgen client <scenario> [--peer-v4 ADDR] [--peer-v6 ADDR] [--bytes N] [--count N] \
          [--secs N] [--iface NAME]\n  trafficgen list\n\nscenarios (default --bytes / --count):\n",
     );
@@ -98,7 +100,7 @@ fn run(args: &[String]) -> Result<()> {
                 iface: opts.get("iface").map(str::to_owned),
                 counts: Counts::default(),
             };
-            let result = run_scenario(sc.name, &ctx);
+            let result = check_where(sc.name, &ctx).and_then(|()| run_scenario(sc.name, &ctx));
             let (sent, received) = ctx.counts.get();
             match result {
                 Ok(()) => {
@@ -190,6 +192,12 @@ struct Counts {
 }
 
 impl Counts {
+    const fn new() -> Self {
+        Self {
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        }
+    }
     fn sent(&self, n: usize) {
         self.sent.fetch_add(n as u64, Ordering::Relaxed);
     }
@@ -226,6 +234,55 @@ impl Ctx {
         ensure!(self.count > 0, "--count must be > 0");
         Ok(usize::try_from((self.bytes / self.count).max(1))?)
     }
+}
+
+/// Whether this network namespace has a usable default route (IPv4 or IPv6), i.e. is
+/// attached to a real network rather than being a test namespace. Unknown counts as yes.
+fn has_default_route() -> bool {
+    let (Ok(v4), Ok(v6)) = (
+        std::fs::read_to_string("/proc/net/route"),
+        std::fs::read_to_string("/proc/net/ipv6_route"),
+    ) else {
+        return true;
+    };
+    // Iface Destination Gateway Flags RefCnt Use Metric Mask ...
+    let v4_default = v4.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 7 && f[1] == "00000000" && f[7] == "00000000"
+    });
+    // dest plen src splen next_hop metric refcnt use flags iface; the kernel's own
+    // `::/0 ... lo` entry is a reject route (RTF_REJECT, 0x0200).
+    let v6_default = v6.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 9
+            && f[0].bytes().all(|b| b == b'0')
+            && f[1] == "00"
+            && u32::from_str_radix(f[8], 16).is_ok_and(|flags| flags & 0x0200 == 0)
+            && f[9] != "lo"
+    });
+    v4_default || v6_default
+}
+
+/// Traffic to the peer addresses (or frames on an interface) may only leave from a test
+/// network namespace, never from one attached to a real network: there, 198.18.0.2 would
+/// go out the default route. Loopback-only scenarios and loopback peers are fine anywhere.
+fn check_where(name: &str, ctx: &Ctx) -> Result<()> {
+    let loopback_only = matches!(name, "loopback" | "own_namespaces");
+    let loopback_peers = ctx.peer_v4.is_loopback() && ctx.peer_v6.is_loopback();
+    if loopback_only || (loopback_peers && name != "af_packet") {
+        return Ok(());
+    }
+    let hint = if name == "af_packet" {
+        ""
+    } else {
+        " or point --peer-v4/--peer-v6 at loopback"
+    };
+    ensure!(
+        !has_default_route(),
+        "refusing to run {name} in a network namespace with a default route (the host's?): \
+         run it inside a test namespace (ip netns exec <ns> ...){hint}"
+    );
+    Ok(())
 }
 
 fn run_scenario(name: &str, ctx: &Ctx) -> Result<()> {
@@ -1285,15 +1342,36 @@ fn parse_child_counts(line: &str) -> Result<(u64, u64)> {
     Ok((s.parse()?, r.parse()?))
 }
 
+/// How a child is started.
+#[derive(Clone, Copy)]
+enum Spawn {
+    /// std's default: posix_spawn (clone with CLONE_VM|CLONE_VFORK, then exec).
+    PosixSpawn,
+    /// A real fork(), then exec (std falls back to it when a pre_exec hook is set; the
+    /// hook also makes the child die with its parent).
+    ForkExec,
+}
+
 /// Runs `/proc/self/exe <args>` and returns the counts it reported on stdout.
-fn run_self(args: &[String]) -> Result<(u64, u64)> {
-    let out = Command::new("/proc/self/exe")
-        .args(args)
+fn run_self(args: &[String], spawn: Spawn) -> Result<(u64, u64)> {
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .output()
-        .context("spawn /proc/self/exe")?;
+        .stderr(Stdio::inherit());
+    if let Spawn::ForkExec = spawn {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let out = cmd.output().context("spawn /proc/self/exe")?;
     let line = String::from_utf8_lossy(&out.stdout);
     let counts = parse_child_counts(line.trim());
     ensure!(
@@ -1324,7 +1402,13 @@ fn short_lived(ctx: &Ctx) -> Result<()> {
                         ctx.peer_v4.to_string(),
                         size.to_string(),
                     ];
-                    match run_self(&args) {
+                    // Alternate the two ways a process starts another.
+                    let spawn = if i.is_multiple_of(2) {
+                        Spawn::ForkExec
+                    } else {
+                        Spawn::PosixSpawn
+                    };
+                    match run_self(&args, spawn) {
                         Ok((s, r)) => {
                             ctx.counts.sent.fetch_add(s, Ordering::Relaxed);
                             ctx.counts.received.fetch_add(r, Ordering::Relaxed);
@@ -1394,7 +1478,10 @@ fn short_lived_child(args: &[String]) -> Result<()> {
 }
 
 fn own_namespaces(ctx: &Ctx) -> Result<()> {
-    let (s, r) = run_self(&["__ownns-outer".to_owned(), ctx.bytes.to_string()])?;
+    let (s, r) = run_self(
+        &["__ownns-outer".to_owned(), ctx.bytes.to_string()],
+        Spawn::ForkExec,
+    )?;
     ctx.counts.sent.fetch_add(s, Ordering::Relaxed);
     ctx.counts.received.fetch_add(r, Ordering::Relaxed);
     Ok(())
@@ -1531,6 +1618,9 @@ fn bind_retry<T>(what: &str, mut f: impl FnMut() -> io::Result<T>) -> Result<T> 
     ))
 }
 
+/// What the peer services' own socket calls returned (all threads).
+static SERVE: Counts = Counts::new();
+
 fn serve(v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
     for ip in [IpAddr::V4(v4), IpAddr::V6(v6)] {
         for (port, handler) in [
@@ -1563,15 +1653,28 @@ fn serve(v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
         loop {
             // SAFETY: `buf` is valid for its length.
             let rc = unsafe { libc::recv(raw.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                eprintln!("trafficgen serve: raw 253: {}", io::Error::last_os_error());
-                return;
+            match cvt_size(rc) {
+                Ok(n) => SERVE.received(n),
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    eprintln!("trafficgen serve: raw 253: {e}");
+                    return;
+                }
             }
         }
     });
     println!("ready");
     io::stdout().flush()?;
-    // Serve until killed.
+    // Serve until killed. Each `stats` line on stdin is answered with one JSON line of
+    // what the services' own socket calls returned so far; stdin at EOF changes nothing.
+    for line in io::stdin().lines() {
+        let Ok(line) = line else { break };
+        if line.trim() == "stats" {
+            let (sent, received) = SERVE.get();
+            println!("{{\"scenario\":\"serve\",\"sent\":{sent},\"received\":{received}}}");
+            io::stdout().flush()?;
+        }
+    }
     loop {
         thread::park();
     }
@@ -1584,13 +1687,13 @@ fn accept_loop(l: TcpListener, handler: fn(TcpStream) -> io::Result<()>) {
                 thread::spawn(move || {
                     let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
                     let _ = s.set_write_timeout(Some(Duration::from_secs(60)));
-                    if let Err(e) = handler(s) {
-                        if !matches!(
+                    if let Err(e) = handler(s)
+                        && !matches!(
                             e.kind(),
                             io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-                        ) {
-                            eprintln!("trafficgen serve: connection: {e}");
-                        }
+                        )
+                    {
+                        eprintln!("trafficgen serve: connection: {e}");
                     }
                 });
             }
@@ -1602,36 +1705,37 @@ fn accept_loop(l: TcpListener, handler: fn(TcpStream) -> io::Result<()>) {
     }
 }
 
-fn tcp_sink(mut s: TcpStream) -> io::Result<()> {
-    io::copy(&mut s, &mut io::sink())?;
+fn tcp_sink(s: TcpStream) -> io::Result<()> {
+    read_to_eof_counted(&s, &SERVE)?;
     Ok(())
 }
 
-fn tcp_source(mut s: TcpStream) -> io::Result<()> {
+fn tcp_source(s: TcpStream) -> io::Result<()> {
     let mut req = [0u8; 8];
-    s.read_exact(&mut req)?;
+    let mut got = 0;
+    while got < req.len() {
+        let n = read_counted(&s, &mut req[got..], &SERVE)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        got += n;
+    }
     let n = u64::from_be_bytes(req);
     if n > MAX_REQUEST_BYTES {
         return Err(io::Error::other(format!("request for {n} bytes refused")));
     }
-    let buf = payload(CHUNK);
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(CHUNK as u64) as usize;
-        s.write_all(&buf[..k])?;
-        left -= k as u64;
-    }
+    send_bytes(&s, n, &SERVE)?;
     s.shutdown(Shutdown::Write)
 }
 
 fn tcp_echo(s: TcpStream) -> io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
     loop {
-        let n = (&s).read(&mut buf)?;
+        let n = read_counted(&s, &mut buf, &SERVE)?;
         if n == 0 {
             return s.shutdown(Shutdown::Write);
         }
-        (&s).write_all(&buf[..n])?;
+        write_all_counted(&s, &buf[..n], &SERVE)?;
     }
 }
 
@@ -1647,7 +1751,10 @@ fn udp_loop(s: Arc<UdpSocket>, kind: UdpKind) {
     let mut buf = vec![0u8; 65536];
     loop {
         let (n, from) = match s.recv_from(&mut buf) {
-            Ok(v) => v,
+            Ok(v) => {
+                SERVE.received(v.0);
+                v
+            }
             Err(e) => {
                 eprintln!("trafficgen serve: udp recv: {e}");
                 thread::sleep(Duration::from_millis(10));
@@ -1671,16 +1778,21 @@ fn udp_loop(s: Arc<UdpSocket>, kind: UdpKind) {
                 continue;
             }
         };
-        let _ = s.send_to(&reply, from);
+        if let Ok(n) = s.send_to(&reply, from) {
+            SERVE.sent(n);
+        }
     }
 }
 
 fn udp_source_send(s: &UdpSocket, to: SocketAddr, count: u32, size: usize) {
     let buf = payload(size);
     for i in 0..count {
-        if let Err(e) = s.send_to(&buf, to) {
-            eprintln!("trafficgen serve: udp source send: {e}");
-            thread::sleep(Duration::from_millis(1));
+        match s.send_to(&buf, to) {
+            Ok(n) => SERVE.sent(n),
+            Err(e) => {
+                eprintln!("trafficgen serve: udp source send: {e}");
+                thread::sleep(Duration::from_millis(1));
+            }
         }
         // Light pacing so the client's receive queue keeps up.
         if i % 64 == 63 {
