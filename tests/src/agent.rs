@@ -58,13 +58,21 @@ impl AgentGuard {
 
     /// [`Self::start`] with extra arguments appended.
     pub fn start_with_args(bin: &Path, extra: &[&str]) -> Result<Self> {
+        Self::start_with_journal(bin, None, extra)
+    }
+
+    /// Starts the agent with its journal at `journal` (kept across agents, for
+    /// restart tests), or in the agent's own temporary directory when `None`.
+    pub fn start_with_journal(bin: &Path, journal: Option<&Path>, extra: &[&str]) -> Result<Self> {
         let dir = TempDir::new("fsn-agent")?;
         let log = dir.path().join("agent.log");
         let out = File::create(&log)?;
         let err = out.try_clone()?;
         let port = free_port()?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let journal = dir.path().join("journal.db");
+        let journal = journal
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.path().join("journal.db"));
         let mut cmd = Command::new(bin);
         cmd.arg("--web.listen-address")
             .arg(addr.to_string())
@@ -128,6 +136,20 @@ impl AgentGuard {
     /// The agent's temporary directory (journal lives there).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    pub fn pid(&mut self) -> u32 {
+        self.process.child_mut().id()
+    }
+
+    /// Sends `signal` to the agent.
+    pub fn signal(&mut self, signal: i32) {
+        crate::process::signal(self.pid(), signal);
+    }
+
+    /// Waits up to `bound` for the agent to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, bound: Duration) -> Result<Option<std::process::ExitStatus>> {
+        crate::process::wait_timeout(self.process.child_mut(), bound)
     }
 
     /// Fails (with the log tail) if the agent has exited.

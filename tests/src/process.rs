@@ -36,7 +36,7 @@ pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
 }
 
 /// Sends `sig` to `pid` (ignoring errors: the process may be gone already).
-fn signal(pid: u32, sig: libc::c_int) {
+pub fn signal(pid: u32, sig: libc::c_int) {
     if let Ok(pid) = libc::pid_t::try_from(pid) {
         // SAFETY: plain syscall on a pid we spawned and have not reaped yet.
         unsafe {

@@ -1,0 +1,357 @@
+//! The agent's life: identity of a replaced executable, clean shutdown, and
+//! the one-sentence errors it stops with. Needs root (eBPF); skips otherwise.
+
+use std::{
+    fs,
+    io::Write,
+    net::TcpListener,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use fleetsnitch_e2e::{
+    AgentGuard, TempDir, agent_binary, exe_copy, is_root, process, random_suffix,
+};
+use sha2::{Digest, Sha256};
+
+fn trafficgen() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
+}
+
+fn sha256_of(path: &Path) -> String {
+    format!("{:x}", Sha256::digest(fs::read(path).unwrap()))
+}
+
+/// Runs a loopback transfer of `bytes` from `exe` in the root namespace.
+fn loopback(exe: &Path, bytes: u64) -> Result<()> {
+    let out = process::run_bounded(
+        Command::new(exe).args(["client", "loopback", "--bytes", &bytes.to_string()]),
+        Duration::from_secs(30),
+    )?;
+    ensure!(out.status.success(), "loopback failed: {}", out.stderr);
+    Ok(())
+}
+
+/// `fleetsnitch_executable_info` series for `exe`: sha256 -> value.
+fn info_for(agent: &AgentGuard, exe: &Path) -> Result<Vec<(String, f64)>> {
+    let text =
+        fleetsnitch_e2e::metrics::http_get(agent.addr, "/metrics", Duration::from_secs(5))?.body;
+    let samples = fleetsnitch_e2e::parse_samples(&text, "fleetsnitch_executable_info")?;
+    Ok(samples
+        .into_iter()
+        .filter(|s| s.labels.get("exe").map(String::as_str) == exe.to_str())
+        .map(|s| (s.labels.get("sha256").cloned().unwrap_or_default(), s.value))
+        .collect())
+}
+
+fn wait_for<T>(bound: Duration, mut probe: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + bound;
+    loop {
+        if let Some(value) = probe()? {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("condition not met within {bound:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn replaced_executable_is_reported_under_its_new_sha256() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root to load eBPF programs");
+        return Ok(());
+    }
+    let agent = AgentGuard::start(&agent_binary()?)?;
+    let dir = TempDir::new("fsn-replace")?;
+    let name = format!("replaced-{}", random_suffix());
+    let exe = exe_copy(&trafficgen(), dir.path(), &name)?;
+    let first_sha = sha256_of(&exe);
+
+    loopback(&exe, 100_000)?;
+    agent.metrics().wait_for_bytes(&exe, "sent", 100_000)?;
+    let info = wait_for(Duration::from_secs(10), || {
+        let info = info_for(&agent, &exe)?;
+        Ok((!info.is_empty()).then_some(info))
+    })?;
+    assert_eq!(
+        info,
+        vec![(first_sha.clone(), 1.0)],
+        "hash of the first file"
+    );
+
+    // A new file at the same path, as a package upgrade does: write, rename over.
+    let staged = dir.path().join(format!("{name}.new"));
+    let mut content = fs::read(&exe)?;
+    content.extend_from_slice(b"\0fleetsnitch replaced build");
+    let mut file = fs::File::create(&staged)?;
+    file.write_all(&content)?;
+    drop(file);
+    fs::set_permissions(&staged, fs::Permissions::from_mode(0o755))?;
+    fs::rename(&staged, &exe)?;
+    let second_sha = sha256_of(&exe);
+    assert_ne!(first_sha, second_sha);
+
+    loopback(&exe, 50_000)?;
+    agent.metrics().wait_for_bytes(&exe, "sent", 150_000)?;
+    let info = wait_for(Duration::from_secs(10), || {
+        let info = info_for(&agent, &exe)?;
+        Ok(info
+            .iter()
+            .any(|(sha, _)| *sha == second_sha)
+            .then_some(info))
+    })
+    .context("the new sha256 never appeared")?;
+    assert_eq!(
+        info,
+        vec![(second_sha, 1.0)],
+        "the path now carries only the new hash"
+    );
+    Ok(())
+}
+
+/// Ids of the BPF programs process `pid` holds, from its file descriptors.
+fn programs_of(pid: u32) -> Result<Vec<u32>> {
+    let mut ids = Vec::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
+        let Ok(info) = fs::read_to_string(entry?.path()) else {
+            continue;
+        };
+        ids.extend(
+            info.lines()
+                .filter_map(|line| line.strip_prefix("prog_id:"))
+                .filter_map(|id| id.trim().parse::<u32>().ok()),
+        );
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+/// Whether the kernel still has program `id` loaded.
+fn program_loaded(id: u32) -> Result<bool> {
+    let out = process::run_bounded(
+        Command::new("bpftool").args(["prog", "show", "id", &id.to_string()]),
+        Duration::from_secs(10),
+    )?;
+    Ok(out.status.success())
+}
+
+#[test]
+fn sigterm_flushes_the_journal_and_detaches_every_probe() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root to load eBPF programs");
+        return Ok(());
+    }
+    let dir = TempDir::new("fsn-shutdown")?;
+    let journal = dir.path().join("journal.db");
+    let mut agent = AgentGuard::start_with_journal(&agent_binary()?, Some(&journal), &[])?;
+    let programs = programs_of(agent.pid())?;
+    ensure!(
+        programs.len() >= 4,
+        "expected the agent to hold its programs, found {programs:?}"
+    );
+    for &id in &programs {
+        ensure!(program_loaded(id)?, "bpftool does not see program {id}");
+    }
+
+    let exe = exe_copy(
+        &trafficgen(),
+        dir.path(),
+        &format!("lastword-{}", random_suffix()),
+    )?;
+    loopback(&exe, 10_000)?;
+    agent.metrics().wait_for_bytes(&exe, "sent", 10_000)?;
+    // The journal writes every 10 s by default: only the shutdown flush can have it now.
+    agent.signal(libc::SIGTERM);
+    let status = agent
+        .wait_exit(Duration::from_secs(20))?
+        .context("the agent did not exit within 20 s of SIGTERM")?;
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        agent.log_tail(30)
+    );
+
+    wait_for(Duration::from_secs(10), || {
+        for &id in &programs {
+            if program_loaded(id)? {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .with_context(|| format!("programs {programs:?} still loaded after the agent exited"))?;
+
+    let out = process::run_bounded(
+        Command::new("sqlite3").arg(&journal).arg(format!(
+            "SELECT count(*) FROM executables WHERE path = '{}'",
+            exe.display()
+        )),
+        Duration::from_secs(10),
+    )?;
+    assert_eq!(
+        out.stdout.trim(),
+        "1",
+        "journal after shutdown: {}",
+        out.stderr
+    );
+    Ok(())
+}
+
+/// Runs the agent expecting it to stop at once; returns (exit code, output).
+fn run_to_failure(args: &[&str], wrap: Option<&[&str]>) -> Result<(i32, String)> {
+    let binary = agent_binary()?;
+    let mut command = match wrap {
+        Some(prefix) => {
+            let mut command = Command::new(prefix[0]);
+            command.args(&prefix[1..]).arg(&binary);
+            command
+        }
+        None => Command::new(&binary),
+    };
+    command.args(args);
+    let out = process::run_bounded(&mut command, Duration::from_secs(60))?;
+    let code = out.status.code().unwrap_or(-1);
+    Ok((code, format!("{}{}", out.stdout, out.stderr)))
+}
+
+fn free_address() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+#[test]
+fn invalid_configuration_names_file_key_and_value() -> Result<()> {
+    let dir = TempDir::new("fsn-config")?;
+    let config = dir.path().join("bad.yaml");
+    fs::write(&config, "collector:\n  drain_interval: 5s\n")?;
+    let (code, output) = run_to_failure(&["--config.file", config.to_str().unwrap()], None)?;
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("collector.drain_interval (5s)"), "{output}");
+
+    fs::write(&config, "web:\n  listen_adress: 1.2.3.4:5\n")?;
+    let (code, output) = run_to_failure(&["--config.file", config.to_str().unwrap()], None)?;
+    assert_eq!(code, 2, "{output}");
+    assert!(
+        output.contains(config.to_str().unwrap())
+            && output.contains("listen_adress")
+            && output.contains("line 2"),
+        "{output}"
+    );
+
+    let (code, output) = run_to_failure(&["--config.file", "/nonexistent/fleetsnitch.yaml"], None)?;
+    assert_eq!(code, 2, "{output}");
+    assert!(output.contains("/nonexistent/fleetsnitch.yaml"), "{output}");
+    Ok(())
+}
+
+#[test]
+fn address_in_use_is_reported_before_loading_anything() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root to get past the capability check");
+        return Ok(());
+    }
+    let taken = TcpListener::bind("127.0.0.1:0")?;
+    let address = taken.local_addr()?.to_string();
+    let dir = TempDir::new("fsn-inuse")?;
+    let journal = dir.path().join("j.db");
+    let (code, output) = run_to_failure(
+        &[
+            "--web.listen-address",
+            &address,
+            "--journal.path",
+            journal.to_str().unwrap(),
+        ],
+        None,
+    )?;
+    assert_ne!(code, 0, "{output}");
+    assert!(
+        output.contains(&format!("cannot listen on {address}")) && output.contains("in use"),
+        "{output}"
+    );
+    Ok(())
+}
+
+#[test]
+fn missing_privileges_are_named() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root to drop privileges with setpriv");
+        return Ok(());
+    }
+    let address = free_address();
+    let (code, output) = run_to_failure(
+        &[
+            "--web.listen-address",
+            &address,
+            "--journal.path",
+            "/tmp/fsn-unused.db",
+        ],
+        Some(&[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ]),
+    )?;
+    assert_ne!(code, 0, "{output}");
+    assert!(
+        output.contains("CAP_BPF") && output.contains("root"),
+        "{output}"
+    );
+    Ok(())
+}
+
+#[test]
+fn without_its_preferred_hook_the_agent_falls_back_or_names_what_is_missing() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root to load eBPF programs");
+        return Ok(());
+    }
+    let dir = TempDir::new("fsn-fallback")?;
+    let config = dir.path().join("fallback.yaml");
+    fs::write(&config, "probes:\n  disabled_modes: [tp_btf]\n")?;
+    let args = ["--config.file", config.to_str().unwrap()];
+    match AgentGuard::start_with_args(&agent_binary()?, &args) {
+        // Kernels with BPF trampolines or kprobes carry on in a fallback mode.
+        Ok(agent) => {
+            let text =
+                fleetsnitch_e2e::metrics::http_get(agent.addr, "/metrics", Duration::from_secs(5))?
+                    .body;
+            let samples = fleetsnitch_e2e::parse_samples(&text, "fleetsnitch_probe_attached")?;
+            let send = samples
+                .iter()
+                .find(|s| s.labels.get("probe").map(String::as_str) == Some("socket_send"))
+                .context("no socket_send probe in /metrics")?;
+            let mode = send.labels.get("mode").cloned().unwrap_or_default();
+            assert!(
+                mode == "fexit" || mode == "kprobe",
+                "socket_send attached as {mode}"
+            );
+            assert_eq!(send.value, 1.0);
+        }
+        // Kernels with neither (like the development machines) refuse, naming why.
+        Err(error) => {
+            let text = format!("{error:#}");
+            assert!(
+                text.contains("cannot run the required probe socket_send"),
+                "{text}"
+            );
+            assert!(
+                text.contains("tp_btf: disabled by probes.disabled_modes"),
+                "{text}"
+            );
+            assert!(
+                text.contains("fexit:") && text.contains("kprobe:"),
+                "{text}"
+            );
+        }
+    }
+    Ok(())
+}
