@@ -11,8 +11,10 @@
  *    process context at the end of sock_sendmsg / sock_recvmsg with the socket
  *    and the returned length, for every path that ends there: send*, write,
  *    sendmmsg/recvmmsg, sendfile and splice *to* a socket, io_uring.
- *  - fexit sock_sendmsg / sock_recvmsg: same information where BPF
- *    trampolines work but the tracepoints do not exist yet.
+ *  - fexit on inet_sendmsg, inet6_sendmsg, packet_sendmsg (and tcp_sendpage,
+ *    udp_sendpage before 6.5) and the recvmsg twins: the same information
+ *    where BPF trampolines work but the tracepoints do not exist yet (see
+ *    "modes 2 and 3" below for why not sock_sendmsg).
  *  - kprobe + kretprobe on the same functions: oldest fallback; the entry
  *    probe stashes the socket per thread for the return probe.
  *
@@ -23,7 +25,7 @@
  *  - tp_btf / tracepoint sched_process_exit: forget announced processes.
  *
  * Counting happens in the `traffic` hash, keyed by process, executable and
- * socket. The agent drains it by flipping `config.generation` and reading back
+ * flow. The agent drains it by flipping `config.generation` and reading back
  * the keys of the previous generation, so nothing is lost between two reads.
  */
 #include "kernel_types.h"
@@ -71,7 +73,7 @@ struct {
 	__type(value, __s32);
 } splice_calls SEC(".maps");
 
-/* Thread id -> socket of a sock_sendmsg/sock_recvmsg in progress (kprobe mode). */
+/* Thread id -> socket of a hooked sendmsg/recvmsg/sendpage in progress (kprobe mode). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 8192);
@@ -206,22 +208,29 @@ static __always_inline void announce(struct task_struct *task, __u32 tgid, __u64
 		stat_add(FS_STAT_ANNOUNCED_MAP_FULL, 1);
 }
 
-static __always_inline void fill_addressing(struct fs_traffic_value *value, struct sock *sk, __u16 family)
+/* The flow half of the key: family, protocol, ports and peer. */
+static __always_inline void fill_flow(struct fs_traffic_key *key, struct sock *sk, __u16 family)
 {
-	value->family = family;
-	value->protocol = BPF_CORE_READ(sk, sk_protocol);
-	value->sock_type = BPF_CORE_READ(sk, sk_type);
+	key->family = family;
+	key->protocol = BPF_CORE_READ(sk, sk_protocol);
 	if (family == AF_PACKET)
 		return;
-	value->local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
-	value->remote_port = BPF_CORE_READ(sk, __sk_common.skc_dport);
-	if (family == AF_INET) {
-		BPF_CORE_READ_INTO(value->local_addr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO(value->remote_addr, sk, __sk_common.skc_daddr);
-	} else {
-		BPF_CORE_READ_INTO(value->local_addr, sk, __sk_common.skc_v6_rcv_saddr);
-		BPF_CORE_READ_INTO(value->remote_addr, sk, __sk_common.skc_v6_daddr);
-	}
+	key->local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
+	key->remote_port = BPF_CORE_READ(sk, __sk_common.skc_dport);
+	if (family == AF_INET)
+		BPF_CORE_READ_INTO(&key->remote_addr, sk, __sk_common.skc_daddr);
+	else
+		BPF_CORE_READ_INTO(&key->remote_addr, sk, __sk_common.skc_v6_daddr);
+}
+
+/* What is only read once, when the key is created. */
+static __always_inline void fill_socket(struct fs_traffic_value *value, struct sock *sk, __u16 family)
+{
+	value->sock_type = BPF_CORE_READ(sk, sk_type);
+	if (family == AF_INET)
+		BPF_CORE_READ_INTO(&value->local_addr, sk, __sk_common.skc_rcv_saddr);
+	else if (family == AF_INET6)
+		BPF_CORE_READ_INTO(&value->local_addr, sk, __sk_common.skc_v6_rcv_saddr);
 }
 
 /* The shared body of every send/receive hook. */
@@ -248,10 +257,10 @@ static __always_inline void account(struct sock *sk, long ret, __u32 direction)
 	struct fs_traffic_key key = {
 		.tgid = tgid,
 		.generation = cfg->generation,
-		.sock = (__u64)sk,
 	};
 
 	file_identity(exe, &key.exe_ino, &key.exe_dev);
+	fill_flow(&key, sk, family);
 	announce(task, tgid, key.exe_ino, key.exe_dev, exe);
 
 	struct fs_traffic_value *value = bpf_map_lookup_elem(&traffic, &key);
@@ -260,7 +269,7 @@ static __always_inline void account(struct sock *sk, long ret, __u32 direction)
 		struct fs_traffic_value fresh = {};
 		long err;
 
-		fill_addressing(&fresh, sk, family);
+		fill_socket(&fresh, sk, family);
 		fresh.bytes[direction & 1] = ret;
 		fresh.calls[direction & 1] = 1;
 		err = bpf_map_update_elem(&traffic, &key, &fresh, BPF_NOEXIST);
@@ -313,34 +322,70 @@ int BPF_PROG(recv_length_btf, struct sock *sk, int ret, int flags)
 	return 0;
 }
 
-/* --- mode 2: fexit on the socket layer ----------------------------------- */
+/*
+ * --- modes 2 and 3: the protocol families' sendmsg/recvmsg ---------------
+ *
+ * Where the tracepoints do not exist, the hooks sit on the functions the
+ * socket layer calls through sock->ops: inet_sendmsg, inet6_sendmsg and
+ * packet_sendmsg (and their recvmsg twins). sock_sendmsg itself is not
+ * enough: the syscalls reach the protocol through __sock_sendmsg (a separate
+ * function in 5.10/6.1 stable, inlined from 6.6 on) and sendmmsg/recvmmsg
+ * through the inlined sock_{send,recv}msg_nosec, so hooks on
+ * sock_sendmsg/sock_recvmsg miss write, send, sendto, sendmsg and most of
+ * sendmmsg/recvmmsg. Kernels before 6.5 send sendfile/splice data to TCP and
+ * UDP through tcp_sendpage/udp_sendpage, which are hooked too where they
+ * exist. The agent treats the inet6, packet and sendpage hooks as optional:
+ * a kernel with IPv6 or AF_PACKET as modules, or without sendpage, still
+ * runs the mode.
+ */
 
-SEC("fexit/sock_sendmsg")
-int BPF_PROG(sendmsg_fexit, struct socket *sock, void *msg, int ret)
-{
-	account(BPF_CORE_READ(sock, sk), ret, FS_DIR_SENT);
-	return 0;
-}
+/* --- mode 2: fexit ------------------------------------------------------ */
 
-SEC("fexit/sock_recvmsg")
-int BPF_PROG(recvmsg_fexit, struct socket *sock, void *msg, int flags, int ret)
-{
-	account_receive(BPF_CORE_READ(sock, sk), ret, flags);
-	return 0;
-}
+#define SENDMSG_FEXIT(name, function)                                                      \
+	SEC("fexit/" #function)                                                            \
+	int BPF_PROG(name, struct socket *sock, void *msg, __u64 size, int ret)            \
+	{                                                                                  \
+		account(BPF_CORE_READ(sock, sk), ret, FS_DIR_SENT);                        \
+		return 0;                                                                  \
+	}
 
-/* --- mode 3: kprobe + kretprobe on the socket layer ---------------------- */
+#define RECVMSG_FEXIT(name, function)                                                      \
+	SEC("fexit/" #function)                                                            \
+	int BPF_PROG(name, struct socket *sock, void *msg, __u64 size, int flags, int ret) \
+	{                                                                                  \
+		account_receive(BPF_CORE_READ(sock, sk), ret, flags);                      \
+		return 0;                                                                  \
+	}
 
-static __always_inline void stash_socket(struct socket *sock, int flags)
+#define SENDPAGE_FEXIT(name, function)                                                           \
+	SEC("fexit/" #function)                                                                  \
+	int BPF_PROG(name, struct sock *sk, void *page, int offset, __u64 size, int flags, int ret) \
+	{                                                                                        \
+		account(sk, ret, FS_DIR_SENT);                                                   \
+		return 0;                                                                        \
+	}
+
+SENDMSG_FEXIT(inet_sendmsg_fexit, inet_sendmsg)
+SENDMSG_FEXIT(inet6_sendmsg_fexit, inet6_sendmsg)
+SENDMSG_FEXIT(packet_sendmsg_fexit, packet_sendmsg)
+SENDPAGE_FEXIT(tcp_sendpage_fexit, tcp_sendpage)
+SENDPAGE_FEXIT(udp_sendpage_fexit, udp_sendpage)
+RECVMSG_FEXIT(inet_recvmsg_fexit, inet_recvmsg)
+RECVMSG_FEXIT(inet6_recvmsg_fexit, inet6_recvmsg)
+RECVMSG_FEXIT(packet_recvmsg_fexit, packet_recvmsg)
+
+/* --- mode 3: kprobe + kretprobe on the same functions -------------------- */
+
+static __always_inline void stash_sock(struct sock *sk, int flags)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	/* Keep MSG_PEEK in the low bit: a socket pointer is always aligned. */
-	__u64 entry = (__u64)sock | ((flags & MSG_PEEK) ? 1 : 0);
+	__u64 entry = (__u64)sk | ((flags & MSG_PEEK) ? 1 : 0);
 
 	bpf_map_update_elem(&kprobe_socks, &tid, &entry, BPF_ANY);
 }
 
-static __always_inline void take_socket(long ret, __u32 direction)
+static __always_inline void take_sock(long ret, __u32 direction)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	__u64 *entry = bpf_map_lookup_elem(&kprobe_socks, &tid);
@@ -350,8 +395,7 @@ static __always_inline void take_socket(long ret, __u32 direction)
 	__u64 stashed = *entry;
 
 	bpf_map_delete_elem(&kprobe_socks, &tid);
-	struct socket *sock = (struct socket *)(stashed & ~1ULL);
-	struct sock *sk = BPF_CORE_READ(sock, sk);
+	struct sock *sk = (struct sock *)(stashed & ~1ULL);
 
 	if (direction == FS_DIR_SENT)
 		account(sk, ret, FS_DIR_SENT);
@@ -359,33 +403,56 @@ static __always_inline void take_socket(long ret, __u32 direction)
 		account_receive(sk, ret, (stashed & 1) ? MSG_PEEK : 0);
 }
 
-SEC("kprobe/sock_sendmsg")
-int BPF_KPROBE(sendmsg_kprobe, struct socket *sock)
-{
-	stash_socket(sock, 0);
-	return 0;
-}
+#define SENDMSG_KPROBE(name, function)                    \
+	SEC("kprobe/" #function)                          \
+	int BPF_KPROBE(name##_kprobe, struct socket *sock) \
+	{                                                 \
+		stash_sock(BPF_CORE_READ(sock, sk), 0);   \
+		return 0;                                 \
+	}                                                 \
+	SEC("kretprobe/" #function)                       \
+	int BPF_KRETPROBE(name##_kretprobe, int ret)      \
+	{                                                 \
+		take_sock(ret, FS_DIR_SENT);              \
+		return 0;                                 \
+	}
 
-SEC("kretprobe/sock_sendmsg")
-int BPF_KRETPROBE(sendmsg_kretprobe, int ret)
-{
-	take_socket(ret, FS_DIR_SENT);
-	return 0;
-}
+#define SENDPAGE_KPROBE(name, function)                \
+	SEC("kprobe/" #function)                       \
+	int BPF_KPROBE(name##_kprobe, struct sock *sk) \
+	{                                              \
+		stash_sock(sk, 0);                     \
+		return 0;                              \
+	}                                              \
+	SEC("kretprobe/" #function)                    \
+	int BPF_KRETPROBE(name##_kretprobe, int ret)   \
+	{                                              \
+		take_sock(ret, FS_DIR_SENT);           \
+		return 0;                              \
+	}
 
-SEC("kprobe/sock_recvmsg")
-int BPF_KPROBE(recvmsg_kprobe, struct socket *sock, void *msg, int flags)
-{
-	stash_socket(sock, flags);
-	return 0;
-}
+#define RECVMSG_KPROBE(name, function)                                                       \
+	SEC("kprobe/" #function)                                                             \
+	int BPF_KPROBE(name##_kprobe, struct socket *sock, void *msg, __u64 size, int flags) \
+	{                                                                                    \
+		stash_sock(BPF_CORE_READ(sock, sk), flags);                                  \
+		return 0;                                                                    \
+	}                                                                                    \
+	SEC("kretprobe/" #function)                                                          \
+	int BPF_KRETPROBE(name##_kretprobe, int ret)                                         \
+	{                                                                                    \
+		take_sock(ret, FS_DIR_RECEIVED);                                             \
+		return 0;                                                                    \
+	}
 
-SEC("kretprobe/sock_recvmsg")
-int BPF_KRETPROBE(recvmsg_kretprobe, int ret)
-{
-	take_socket(ret, FS_DIR_RECEIVED);
-	return 0;
-}
+SENDMSG_KPROBE(inet_sendmsg, inet_sendmsg)
+SENDMSG_KPROBE(inet6_sendmsg, inet6_sendmsg)
+SENDMSG_KPROBE(packet_sendmsg, packet_sendmsg)
+SENDPAGE_KPROBE(tcp_sendpage, tcp_sendpage)
+SENDPAGE_KPROBE(udp_sendpage, udp_sendpage)
+RECVMSG_KPROBE(inet_recvmsg, inet_recvmsg)
+RECVMSG_KPROBE(inet6_recvmsg, inet6_recvmsg)
+RECVMSG_KPROBE(packet_recvmsg, packet_recvmsg)
 
 /* --- splice from a socket (every mode) ----------------------------------- */
 

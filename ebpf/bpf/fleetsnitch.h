@@ -41,31 +41,35 @@ struct fs_config {
 	__u32 _pad;
 };
 
-/* One (process, executable, socket) within one drain generation. */
+/*
+ * One (process, executable, flow) within one drain generation. The flow is
+ * the socket's addressing, not its kernel address: sockets are freed and
+ * their memory reused by the next connection within microseconds, and a key
+ * on the address would merge thousands of short connections into one.
+ */
 struct fs_traffic_key {
 	__u32 tgid;
 	__u32 generation;
-	/* Address of the kernel `struct sock`: unique while the socket lives. */
-	__u64 sock;
 	__u64 exe_ino;
 	/* Kernel-internal dev_t of the executable's file system (MAJOR << 20 | MINOR). */
 	__u32 exe_dev;
+	__u16 family;
+	__u16 protocol;
+	/* Host byte order. */
+	__u16 local_port;
+	/* Network byte order, as the kernel keeps it. */
+	__u16 remote_port;
 	__u32 _pad;
+	/* IPv4 addresses fill the first four bytes; all zero when not connected. */
+	__u8 remote_addr[16];
 };
 
 struct fs_traffic_value {
 	__u64 bytes[2];
 	__u64 calls[2];
-	/* Socket addressing, captured when the key was created. */
-	__u16 family;
-	__u16 protocol;
 	__u16 sock_type;
-	__u16 local_port;
-	/* Network byte order, as the kernel keeps it. */
-	__u16 remote_port;
 	__u16 _pad[3];
 	__u8 local_addr[16];
-	__u8 remote_addr[16];
 };
 
 enum fs_event_kind {
@@ -102,8 +106,8 @@ struct fs_exit_event {
 };
 
 _Static_assert(sizeof(struct fs_config) == 8, "fs_config layout");
-_Static_assert(sizeof(struct fs_traffic_key) == 32, "fs_traffic_key layout");
-_Static_assert(sizeof(struct fs_traffic_value) == 80, "fs_traffic_value layout");
+_Static_assert(sizeof(struct fs_traffic_key) == 48, "fs_traffic_key layout");
+_Static_assert(sizeof(struct fs_traffic_value) == 56, "fs_traffic_value layout");
 _Static_assert(sizeof(struct fs_identity_event) == 72 + FS_PATH_DEPTH * FS_NAME_LEN, "fs_identity_event layout");
 _Static_assert(__builtin_offsetof(struct fs_identity_event, names) == 72, "fs_identity_event.names offset");
 _Static_assert(sizeof(struct fs_exit_event) == 16, "fs_exit_event layout");

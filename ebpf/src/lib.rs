@@ -51,18 +51,24 @@ pub struct Config {
     pub _pad: u32,
 }
 
-/// Key of the `traffic` hash: one (process, executable, socket) per generation.
+/// Key of the `traffic` hash: one (process, executable, flow) per generation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct TrafficKey {
     pub tgid: u32,
     pub generation: u32,
-    /// Kernel address of the socket; an opaque identifier.
-    pub sock: u64,
     pub exe_ino: u64,
     /// Kernel-internal `dev_t` (`MAJOR << 20 | MINOR`).
     pub exe_dev: u32,
+    pub family: u16,
+    pub protocol: u16,
+    /// Host byte order.
+    pub local_port: u16,
+    /// Network byte order, as the kernel keeps it.
+    pub remote_port: u16,
     pub _pad: u32,
+    /// IPv4 addresses fill the first four bytes; all zero when not connected.
+    pub remote_addr: [u8; 16],
 }
 
 /// Value of the `traffic` hash.
@@ -73,16 +79,9 @@ pub struct TrafficValue {
     pub bytes: [u64; 2],
     /// Successful calls, same indexes.
     pub calls: [u64; 2],
-    pub family: u16,
-    pub protocol: u16,
     pub sock_type: u16,
-    /// Host byte order.
-    pub local_port: u16,
-    /// Network byte order, as the kernel keeps it.
-    pub remote_port: u16,
     pub _pad: [u16; 3],
     pub local_addr: [u8; 16],
-    pub remote_addr: [u8; 16],
 }
 
 /// `kind` of a ring-buffer record.
@@ -126,8 +125,8 @@ pub struct ExitEvent {
 
 // The same numbers as the _Static_asserts in bpf/fleetsnitch.h.
 const _: () = assert!(size_of::<Config>() == 8);
-const _: () = assert!(size_of::<TrafficKey>() == 32);
-const _: () = assert!(size_of::<TrafficValue>() == 80);
+const _: () = assert!(size_of::<TrafficKey>() == 48);
+const _: () = assert!(size_of::<TrafficValue>() == 56);
 const _: () = assert!(size_of::<IdentityEvent>() == 72 + PATH_DEPTH * NAME_LEN);
 const _: () = assert!(offset_of!(IdentityEvent, names) == 72);
 const _: () = assert!(size_of::<ExitEvent>() == 16);

@@ -334,7 +334,7 @@ impl Collector {
         Ok(())
     }
 
-    /// One socket's traffic in this drain, as the journal records it.
+    /// One flow's traffic in this drain, as the journal records it.
     fn rollup(&self, key: &TrafficKey, value: &TrafficValue, exe: ExeKey, path: &str) -> Rollup {
         let process = self.identities.process(key.tgid);
         Rollup {
@@ -342,10 +342,10 @@ impl Collector {
             sha256: self.hasher.sha256_of(exe).unwrap_or_default(),
             parent: process.and_then(|p| p.parent_path.clone()),
             uid: process.map(|p| p.uid),
-            transport: socket::transport(value),
-            local_port: socket::local_port(value),
-            remote_address: socket::remote_address(value).map(|a| a.to_string()),
-            remote_port: socket::remote_port(value),
+            transport: socket::transport(key, value),
+            local_port: socket::local_port(key, value),
+            remote_address: socket::remote_address(key).map(|a| a.to_string()),
+            remote_port: socket::remote_port(key, value),
             domain: None,
             bytes_sent: value.bytes[DIR_SENT],
             bytes_received: value.bytes[DIR_RECEIVED],

@@ -141,16 +141,30 @@ fn drain(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
     })
 }
 
+/// Spawns `cmd`, retrying a few times on ETXTBSY: a freshly copied executable
+/// can still be open for writing in a child another test thread just forked.
+pub fn spawn_retrying_busy(cmd: &mut Command) -> std::io::Result<Child> {
+    let mut attempts = 0;
+    loop {
+        match cmd.spawn() {
+            Err(error) if error.raw_os_error() == Some(libc::ETXTBSY) && attempts < 20 => {
+                attempts += 1;
+                thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Runs `cmd` to completion with captured output; kills it after `timeout`.
 pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output> {
     let start = Instant::now();
-    let mut child = die_with_parent(
+    die_with_parent(
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
-    )
-    .spawn()
-    .with_context(|| format!("spawn {cmd:?}"))?;
+    );
+    let mut child = spawn_retrying_busy(cmd).with_context(|| format!("spawn {cmd:?}"))?;
     let out = drain(child.stdout.take().expect("piped stdout"));
     let err = drain(child.stderr.take().expect("piped stderr"));
     let status = match wait_timeout(&mut child, timeout) {

@@ -1,0 +1,408 @@
+//! The journal under stress and on bad file systems: a SIGKILL in the middle
+//! of heavy writing, a read-only file system, a full disk. Needs root.
+
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use fleetsnitch_e2e::{
+    AgentGuard, NetnsPair, PeerServer, TempDir, agent_binary, exe_copy, is_root, process,
+    random_suffix, run_client,
+};
+
+fn trafficgen() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
+}
+
+/// Runs `sql` on `journal` with the sqlite3 shell (a second, independent reader).
+fn query(journal: &Path, sql: &str) -> Result<String> {
+    let out = process::run_bounded(
+        Command::new("sqlite3")
+            .arg("-readonly")
+            .arg(journal)
+            .arg(sql),
+        Duration::from_secs(30),
+    )?;
+    ensure!(out.status.success(), "sqlite3 {sql}: {}", out.stderr);
+    Ok(out.stdout.trim().to_owned())
+}
+
+fn wait_for(bound: Duration, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + bound;
+    while !check()? {
+        if Instant::now() > deadline {
+            bail!("{what}: not within {bound:?}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+fn write_config(dir: &Path, text: &str) -> Result<PathBuf> {
+    let path = dir.join("fleetsnitch.yaml");
+    fs::write(&path, text)?;
+    Ok(path)
+}
+
+fn loopback(exe: &Path, bytes: u64) -> Result<()> {
+    let out = process::run_bounded(
+        Command::new(exe).args(["client", "loopback", "--bytes", &bytes.to_string()]),
+        Duration::from_secs(30),
+    )?;
+    ensure!(out.status.success(), "loopback failed: {}", out.stderr);
+    Ok(())
+}
+
+fn metric(agent: &AgentGuard, name: &str) -> Result<f64> {
+    let text =
+        fleetsnitch_e2e::metrics::http_get(agent.addr, "/metrics", Duration::from_secs(5))?.body;
+    let samples = fleetsnitch_e2e::parse_samples(&text, name)?;
+    Ok(samples.iter().map(|s| s.value).sum())
+}
+
+#[test]
+fn sigkill_during_heavy_writes_keeps_every_committed_row() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF, network namespaces)");
+        return Ok(());
+    }
+    let dir = TempDir::new("fsn-sigkill")?;
+    let net = NetnsPair::new()?;
+    let peer_exe = exe_copy(
+        &trafficgen(),
+        dir.path(),
+        &format!("peer-{}", random_suffix()),
+    )?;
+    let _peer = PeerServer::start(&net, &peer_exe)?;
+    let journal = dir.path().join("journal.db");
+    let config = write_config(dir.path(), "journal:\n  write_interval: 100ms\n")?;
+    let config = config.to_str().unwrap();
+    let mut agent = AgentGuard::start_with_journal(
+        &agent_binary()?,
+        Some(&journal),
+        &["--config.file", config],
+    )?;
+
+    // Thousands of connections a second: one rollup row per connection and
+    // window. Widen the client's port range so TIME_WAIT does not run it dry.
+    let widen = process::run_bounded(
+        &mut net.in_client(
+            Path::new("/sbin/sysctl"),
+            &["-qw", "net.ipv4.ip_local_port_range=1024 65000"],
+        ),
+        Duration::from_secs(10),
+    )?;
+    ensure!(widen.status.success(), "sysctl: {}", widen.stderr);
+    let storm = exe_copy(
+        &trafficgen(),
+        dir.path(),
+        &format!("storm-{}", random_suffix()),
+    )?;
+    let stop = AtomicBool::new(false);
+    let (committed, last_id) = thread::scope(|scope| -> Result<(String, String)> {
+        let traffic = scope.spawn(|| -> Result<()> {
+            for _ in 0..20 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                run_client(&net, &storm, "many_tcp_conns", &[], Duration::from_secs(60))?;
+            }
+            Ok(())
+        });
+        let outcome = (|| -> Result<(String, String)> {
+            wait_for(Duration::from_secs(60), "4000 rollups committed", || {
+                let rows = query(&journal, "SELECT count(*) FROM connections")?
+                    .parse::<u64>()
+                    .unwrap_or(0);
+                ensure!(
+                    rows >= 4_000 || !traffic.is_finished(),
+                    "the traffic stopped with only {rows} rollups journaled"
+                );
+                Ok(rows >= 4_000)
+            })?;
+            let snapshot = query(
+                &journal,
+                "SELECT count(*) || ' ' || max(id) FROM connections",
+            )?;
+            let (committed, last_id) = snapshot.split_once(' ').context("snapshot")?;
+            // Writes keep going while the agent dies.
+            thread::sleep(Duration::from_millis(350));
+            agent.signal(libc::SIGKILL);
+            agent
+                .wait_exit(Duration::from_secs(10))?
+                .context("the agent survived SIGKILL")?;
+            Ok((committed.to_owned(), last_id.to_owned()))
+        })();
+        stop.store(true, Ordering::Relaxed);
+        // A traffic failure explains an early stop better than the wait does.
+        traffic.join().expect("traffic thread")?;
+        outcome
+    })?;
+
+    assert_eq!(query(&journal, "PRAGMA integrity_check")?, "ok");
+    let kept = query(
+        &journal,
+        &format!("SELECT count(*) FROM connections WHERE id <= {last_id}"),
+    )?;
+    assert_eq!(kept, committed, "rows committed before the kill were lost");
+    let after: u64 = query(&journal, "SELECT count(*) FROM connections")?.parse()?;
+    eprintln!("committed before kill: {committed}, after kill: {after}");
+
+    // The restarted agent recovers the journal and does not announce the
+    // storm executable again.
+    let agent = AgentGuard::start_with_journal(
+        &agent_binary()?,
+        Some(&journal),
+        &["--config.file", config],
+    )?;
+    run_client(
+        &net,
+        &storm,
+        "tcp_upload",
+        &["--bytes", "10000"],
+        Duration::from_secs(60),
+    )?;
+    agent.metrics().wait_for_bytes(&storm, "sent", 10_000)?;
+    let storm_path = storm.display().to_string();
+    wait_for(
+        Duration::from_secs(10),
+        "the restarted agent journals again",
+        || {
+            let last_seen: i64 = query(
+                &journal,
+                &format!("SELECT max(last_seen) FROM executables WHERE path = '{storm_path}'"),
+            )?
+            .parse()
+            .unwrap_or(0);
+            let written: u64 = query(
+            &journal,
+            &format!("SELECT count(*) FROM connections WHERE exe = '{storm_path}' AND remote_port = 5001"),
+        )?
+        .parse()
+        .unwrap_or(0);
+            Ok(last_seen > 0 && written > 0)
+        },
+    )?;
+    let announcements = query(
+        &journal,
+        &format!(
+            "SELECT count(*) FROM events WHERE kind = 'new_executable' AND exe = '{storm_path}'"
+        ),
+    )?;
+    assert_eq!(
+        announcements, "1",
+        "the storm executable was announced again after restart"
+    );
+    Ok(())
+}
+
+/// A tmpfs mounted for one test and lazily unmounted when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    fn tmpfs(path: &Path, options: &str) -> Result<Self> {
+        fs::create_dir_all(path)?;
+        process::run_checked(
+            Path::new("/bin/mount"),
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                options,
+                "fsn-test",
+                path.to_str().unwrap(),
+            ],
+        )?;
+        Ok(Self(path.to_owned()))
+    }
+
+    fn remount(&self, options: &str) -> Result<()> {
+        process::run_checked(
+            Path::new("/bin/mount"),
+            &[
+                "-o",
+                &format!("remount,{options}"),
+                self.0.to_str().unwrap(),
+            ],
+        )
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn read_only_journal_degrades_then_catches_up() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF, mounts)");
+        return Ok(());
+    }
+    let dir = TempDir::new("fsn-rofs")?;
+    let mount = Mount::tmpfs(&dir.path().join("ro"), "size=8m,mode=0700,ro")?;
+    let journal = mount.0.join("journal.db");
+    let config = write_config(dir.path(), "journal:\n  write_interval: 200ms\n")?;
+    let agent = AgentGuard::start_with_journal(
+        &agent_binary()?,
+        Some(&journal),
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+
+    let exe = exe_copy(
+        &trafficgen(),
+        dir.path(),
+        &format!("rofs-{}", random_suffix()),
+    )?;
+    loopback(&exe, 20_000)?;
+    agent.metrics().wait_for_bytes(&exe, "sent", 20_000)?;
+    wait_for(Duration::from_secs(10), "journal errors counted", || {
+        Ok(metric(&agent, "fleetsnitch_journal_write_errors_total")? >= 1.0)
+    })?;
+    let log = fs::read_to_string(agent.log_path())?;
+    assert!(
+        log.contains(&format!("cannot create the journal {}", journal.display())),
+        "the log does not name the journal:\n{log}"
+    );
+
+    mount.remount("rw")?;
+    let path = exe.display().to_string();
+    wait_for(
+        Duration::from_secs(15),
+        "entries written once writable",
+        || {
+            Ok(journal.exists()
+                && query(
+                    &journal,
+                    &format!("SELECT count(*) FROM executables WHERE path = '{path}'"),
+                )? == "1")
+        },
+    )?;
+    Ok(())
+}
+
+#[test]
+fn full_disk_is_counted_and_nothing_queued_is_lost() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF, mounts)");
+        return Ok(());
+    }
+    let dir = TempDir::new("fsn-full")?;
+    let mount = Mount::tmpfs(&dir.path().join("small"), "size=32m,mode=0700")?;
+    let journal = mount.0.join("journal.db");
+    // Other tests' namespace traffic (198.18.0.0/15) stays out of this small
+    // file system, which is also how the ignore list is exercised end to end.
+    let config = write_config(
+        dir.path(),
+        "journal:\n  write_interval: 200ms\n  ignore:\n    subnets: [198.18.0.0/15, \"fd00:f5::/64\"]\n",
+    )?;
+    let agent = AgentGuard::start_with_journal(
+        &agent_binary()?,
+        Some(&journal),
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+    let first = exe_copy(
+        &trafficgen(),
+        dir.path(),
+        &format!("before-full-{}", random_suffix()),
+    )?;
+    loopback(&first, 10_000)?;
+    let first_path = first.display().to_string();
+    wait_for(
+        Duration::from_secs(15),
+        "first executable journaled",
+        || {
+            Ok(query(
+                &journal,
+                &format!("SELECT count(*) FROM executables WHERE path = '{first_path}'"),
+            )? == "1")
+        },
+    )?;
+
+    // Fill the file system to the last byte.
+    let filler_path = mount.0.join("filler");
+    let mut filler = fs::File::create(&filler_path)?;
+    let block = vec![0u8; 64 << 10];
+    for _ in 0..1024 {
+        if filler.write_all(&block).is_err() {
+            break;
+        }
+    }
+    let _ = filler.write_all(&[0u8; 1]);
+    drop(filler);
+
+    let errors_before = metric(&agent, "fleetsnitch_journal_write_errors_total")?;
+    // Many distinct executables, so the journal must grow.
+    let mut later = Vec::new();
+    for index in 0..20 {
+        let exe = exe_copy(
+            &trafficgen(),
+            dir.path(),
+            &format!("when-full-{index}-{}", random_suffix()),
+        )?;
+        loopback(&exe, 1_000)?;
+        later.push(exe.display().to_string());
+    }
+    wait_for(Duration::from_secs(15), "full disk counted", || {
+        Ok(metric(&agent, "fleetsnitch_journal_write_errors_total")? > errors_before)
+    })?;
+    let mut agent = agent;
+    agent.check_running()?;
+
+    fs::remove_file(&filler_path)?;
+    let list = later
+        .iter()
+        .map(|p| format!("'{p}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let written = || {
+        query(
+            &journal,
+            &format!("SELECT count(*) FROM executables WHERE path IN ({list})"),
+        )
+    };
+    let caught_up = wait_for(
+        Duration::from_secs(30),
+        "queued entries written after space returns",
+        || Ok(written()? == later.len().to_string()),
+    );
+    if let Err(error) = caught_up {
+        let present = query(
+            &journal,
+            &format!("SELECT path FROM executables WHERE path IN ({list})"),
+        )?;
+        let missing: Vec<&String> = later
+            .iter()
+            .filter(|p| !present.contains(p.as_str()))
+            .collect();
+        let text =
+            fleetsnitch_e2e::metrics::http_get(agent.addr, "/metrics", Duration::from_secs(5))?
+                .body;
+        let related: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                missing.iter().any(|m| l.contains(m.as_str()))
+                    || l.contains("journal")
+                    || l.contains("lost")
+                    || l.contains("hash_failures")
+            })
+            .collect();
+        bail!(
+            "{error:#} ({} of {} written; missing {missing:?})\nmetrics:\n{}\nagent log:\n{}",
+            written()?,
+            later.len(),
+            related.join("\n"),
+            agent.log_tail(40)
+        );
+    }
+    assert_eq!(query(&journal, "PRAGMA integrity_check")?, "ok");
+    Ok(())
+}
