@@ -34,7 +34,7 @@ pub fn agent_binary() -> Result<PathBuf> {
 }
 
 /// A free TCP port on 127.0.0.1 (there is a small race until the agent binds it).
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok(l.local_addr()?.port())
 }
@@ -64,12 +64,21 @@ impl AgentGuard {
     /// Starts the agent with its journal at `journal` (kept across agents, for
     /// restart tests), or in the agent's own temporary directory when `None`.
     pub fn start_with_journal(bin: &Path, journal: Option<&Path>, extra: &[&str]) -> Result<Self> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        Self::start_at(bin, addr, journal, extra)
+    }
+
+    /// Starts the agent listening on `addr` (for restarts a scraper must find again).
+    pub fn start_at(
+        bin: &Path,
+        addr: SocketAddr,
+        journal: Option<&Path>,
+        extra: &[&str],
+    ) -> Result<Self> {
         let dir = TempDir::new("fsn-agent")?;
         let log = dir.path().join("agent.log");
         let out = File::create(&log)?;
         let err = out.try_clone()?;
-        let port = free_port()?;
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         let journal = journal
             .map(Path::to_path_buf)
             .unwrap_or_else(|| dir.path().join("journal.db"));

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod netns;
 pub mod process;
 pub mod scenarios;
+pub mod servers;
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write as _};

@@ -1,0 +1,283 @@
+//! Real Prometheus and Alertmanager servers, and a webhook receiver, all on
+//! loopback, each stopped and cleaned up when dropped.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::{Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+
+use crate::{
+    TempDir,
+    agent::free_port,
+    metrics::http_get,
+    process::{ProcessGuard, file_tail},
+};
+
+/// Percent-encodes a query-string value.
+pub fn url_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn wait_ready(name: &str, process: &mut ProcessGuard, addr: SocketAddr, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = process.child_mut().try_wait()? {
+            bail!("{name} exited ({status}):\n{}", file_tail(log, 30));
+        }
+        if http_get(addr, "/-/ready", Duration::from_secs(2)).is_ok_and(|r| r.status == 200) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{name} not ready within 60 s:\n{}", file_tail(log, 30));
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn spawn_logged(name: &str, command: &mut Command, log: &Path) -> Result<ProcessGuard> {
+    let out = fs::File::create(log)?;
+    command
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    ProcessGuard::spawn(name, command, Duration::from_secs(10))
+}
+
+/// A Prometheus server with its own configuration and storage.
+pub struct Prometheus {
+    process: ProcessGuard,
+    pub addr: SocketAddr,
+    log: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+impl Prometheus {
+    /// Starts Prometheus with `config` (YAML) and waits until it is ready.
+    pub fn start(config: &str) -> Result<Self> {
+        let dir = TempDir::new("fsn-prometheus")?;
+        let config_path = dir.path().join("prometheus.yml");
+        fs::write(&config_path, config)?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let log = dir.path().join("prometheus.log");
+        let mut process = spawn_logged(
+            "prometheus",
+            Command::new("prometheus")
+                .arg(format!("--config.file={}", config_path.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address={addr}"))
+                .arg("--web.enable-lifecycle"),
+            &log,
+        )
+        .context("is the prometheus package installed? (scripts/setup.sh)")?;
+        wait_ready("prometheus", &mut process, addr, &log)?;
+        Ok(Self {
+            process,
+            addr,
+            log,
+            _dir: dir,
+        })
+    }
+
+    /// Runs an instant query; returns the `data.result` array.
+    pub fn query(&self, promql: &str) -> Result<Vec<serde_json::Value>> {
+        let path = format!("/api/v1/query?query={}", url_encode(promql));
+        let response = http_get(self.addr, &path, Duration::from_secs(10))?;
+        let body: serde_json::Value = serde_json::from_str(&response.body)
+            .with_context(|| format!("query {promql}: {}", response.body))?;
+        ensure!(
+            body["status"] == "success",
+            "query {promql} failed: {}",
+            response.body
+        );
+        Ok(body["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        file_tail(&self.log, lines)
+    }
+
+    pub fn check_running(&mut self) -> Result<()> {
+        self.process.check_running()
+    }
+}
+
+/// An Alertmanager that sends every notification to `webhook`.
+pub struct Alertmanager {
+    _process: ProcessGuard,
+    pub addr: SocketAddr,
+    _dir: TempDir,
+}
+
+impl Alertmanager {
+    pub fn start(webhook: SocketAddr) -> Result<Self> {
+        let dir = TempDir::new("fsn-alertmanager")?;
+        let config_path = dir.path().join("alertmanager.yml");
+        fs::write(
+            &config_path,
+            format!(
+                "route:\n  receiver: webhook\n  group_by: [alertname, exe, sha256]\n  \
+                 group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 1h\n\
+                 receivers:\n  - name: webhook\n    webhook_configs:\n      \
+                 - url: http://{webhook}/\n        send_resolved: true\n"
+            ),
+        )?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+        let log = dir.path().join("alertmanager.log");
+        let mut process = spawn_logged(
+            "alertmanager",
+            Command::new("prometheus-alertmanager")
+                .arg(format!("--config.file={}", config_path.display()))
+                .arg(format!(
+                    "--storage.path={}",
+                    dir.path().join("data").display()
+                ))
+                .arg(format!("--web.listen-address={addr}"))
+                // A single instance: no gossip port.
+                .arg("--cluster.listen-address="),
+            &log,
+        )
+        .context("is the prometheus-alertmanager package installed? (scripts/setup.sh)")?;
+        wait_ready("alertmanager", &mut process, addr, &log)?;
+        Ok(Self {
+            _process: process,
+            addr,
+            _dir: dir,
+        })
+    }
+}
+
+/// One notification Alertmanager posted.
+#[derive(Debug, Clone)]
+pub struct Notification {
+    pub received: Instant,
+    pub body: serde_json::Value,
+}
+
+impl Notification {
+    /// The alerts it carries with the given status (`firing` or `resolved`).
+    pub fn alerts(&self, status: &str) -> Vec<serde_json::Value> {
+        self.body["alerts"]
+            .as_array()
+            .map(|alerts| {
+                alerts
+                    .iter()
+                    .filter(|alert| alert["status"] == status)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// A webhook receiver that records every POST body.
+pub struct Webhook {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Notification>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Webhook {
+    pub fn start() -> Result<Self> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let received = received.clone();
+            let stop = stop.clone();
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            if let Ok(body) = read_post(stream) {
+                                if let Ok(body) = serde_json::from_slice(&body) {
+                                    received.lock().unwrap().push(Notification {
+                                        received: Instant::now(),
+                                        body,
+                                    });
+                                }
+                            }
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            })
+        };
+        Ok(Self {
+            addr,
+            received,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn notifications(&self) -> Vec<Notification> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Reads one HTTP request's body and answers 200.
+fn read_post(stream: TcpStream) -> Result<Vec<u8>> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream);
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        ensure!(
+            reader.read_line(&mut line)? > 0,
+            "connection closed in headers"
+        );
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse()?;
+        }
+    }
+    ensure!(length <= 1 << 20, "body too large");
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    let mut stream = reader.into_inner();
+    stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    Ok(body)
+}
