@@ -216,13 +216,14 @@ impl Webhook {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
                         Ok((stream, _)) => {
-                            if let Ok(body) = read_post(stream) {
-                                if let Ok(body) = serde_json::from_slice(&body) {
-                                    received.lock().unwrap().push(Notification {
-                                        received: Instant::now(),
-                                        body,
-                                    });
-                                }
+                            let body = read_post(stream)
+                                .ok()
+                                .and_then(|body| serde_json::from_slice(&body).ok());
+                            if let Some(body) = body {
+                                received.lock().unwrap().push(Notification {
+                                    received: Instant::now(),
+                                    body,
+                                });
                             }
                         }
                         Err(_) => thread::sleep(Duration::from_millis(20)),
