@@ -14,6 +14,7 @@ use crate::{
     config::Config,
     hashing::Hasher,
     http, journal,
+    labels::{self, LabelPolicy},
     metrics::{Metrics, ProbeLabels},
     preflight::{self, PreflightError},
     probes::{self, NoModeFits, ProbeOutcome},
@@ -85,6 +86,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         health.clone(),
         hasher,
         Some(journal),
+        label_policy(&config),
         config.collector.drain_interval,
     )?;
 
@@ -134,6 +136,18 @@ fn load_object(config: &Config) -> Result<Ebpf, AgentError> {
         .map_err(|error: EbpfError| AgentError::BpfRefused {
             detail: probes::error_chain(&error),
         })
+}
+
+fn label_policy(config: &Config) -> LabelPolicy {
+    let metrics = &config.metrics;
+    let ephemeral = labels::parse_port_range(&metrics.ephemeral_ports)
+        .expect("validated before the agent starts");
+    LabelPolicy::new(
+        &metrics.bytes_labels,
+        &metrics.label_caps,
+        ephemeral,
+        metrics.max_series,
+    )
 }
 
 fn export_probe_outcomes(metrics: &Metrics, outcomes: &[ProbeOutcome]) {

@@ -30,7 +30,8 @@ use crate::{
     hashing::{HashJob, Hasher},
     identity::{ExeKey, IdentityTable, Process},
     journal::{self, Input, JournalHandle, Rollup},
-    metrics::{Direction, DirectionLabels, MapLabels, Metrics, TrafficLabels},
+    labels::{FlowFacts, LabelPolicy, TrafficLabels},
+    metrics::{Direction, DirectionLabels, LabelLabels, MapLabels, Metrics},
     socket,
 };
 
@@ -89,6 +90,7 @@ pub struct Collector {
     identities: IdentityTable,
     hasher: Hasher,
     journal: Option<JournalHandle>,
+    labels: LabelPolicy,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     drain_interval: Duration,
@@ -122,6 +124,7 @@ impl Collector {
         health: Arc<Health>,
         hasher: Hasher,
         journal: Option<JournalHandle>,
+        labels: LabelPolicy,
         drain_interval: Duration,
     ) -> Result<Self, CollectorError> {
         let traffic =
@@ -139,6 +142,7 @@ impl Collector {
             identities: IdentityTable::default(),
             hasher,
             journal,
+            labels,
             metrics,
             health,
             drain_interval,
@@ -228,6 +232,9 @@ impl Collector {
     }
 
     fn drain(&mut self) -> Result<(), CollectorError> {
+        // Processes that exited before this flip have all their traffic in
+        // the generation drained now: forget them only afterwards.
+        let exited = self.identities.take_exited();
         self.generation ^= 1;
         let config = Config {
             generation: self.generation,
@@ -244,7 +251,7 @@ impl Collector {
             .filter_map(Result::ok)
             .filter(|key| key.generation != self.generation)
             .collect();
-        let mut totals: HashMap<(String, Direction), u64> = HashMap::new();
+        let mut totals: HashMap<TrafficLabels, u64> = HashMap::new();
         let mut rollups = Vec::new();
         let mut unresolved = [0u64; 2];
         for key in old_keys {
@@ -285,6 +292,14 @@ impl Collector {
             if self.journal.is_some() {
                 rollups.push(self.rollup(&key, &value, exe, &path));
             }
+            let process = self.identities.process(key.tgid);
+            let facts = FlowFacts {
+                parent: process.and_then(|p| p.parent_path.as_deref()),
+                uid: process.map(|p| p.uid),
+                remote_port: socket::remote_port(&key, &value),
+                transport: socket::transport(&key, &value),
+                ..FlowFacts::default()
+            };
             for (index, direction) in [
                 (DIR_SENT, Direction::Sent),
                 (DIR_RECEIVED, Direction::Received),
@@ -296,7 +311,8 @@ impl Collector {
                 if !resolved {
                     unresolved[index] += bytes;
                 }
-                *totals.entry((path.clone(), direction)).or_default() += bytes;
+                let labels = self.labels.labels(&path, direction, &facts);
+                *totals.entry(labels).or_default() += bytes;
             }
         }
         if let Some(journal) = &self.journal
@@ -304,15 +320,10 @@ impl Collector {
         {
             journal.send(Input::Rollups(rollups));
         }
-        for ((exe, direction), bytes) in totals {
-            self.metrics
-                .bytes
-                .get_or_create(&TrafficLabels {
-                    exe: exe.into(),
-                    direction,
-                })
-                .inc_by(bytes);
+        for (labels, bytes) in totals {
+            self.metrics.bytes.get_or_create(&labels).inc_by(bytes);
         }
+        self.report_label_overflow();
         for (index, direction) in [
             (DIR_SENT, Direction::Sent),
             (DIR_RECEIVED, Direction::Received),
@@ -324,6 +335,7 @@ impl Collector {
                     .inc_by(unresolved[index]);
             }
         }
+        self.identities.purge(exited);
         self.report_kernel_stats()?;
         self.metrics
             .tracked_processes
@@ -332,6 +344,21 @@ impl Collector {
             .tracked_executables
             .set(self.identities.executable_count() as i64);
         Ok(())
+    }
+
+    fn report_label_overflow(&self) {
+        for (label, folded) in self.labels.overflow() {
+            let counter = self.metrics.label_overflow.get_or_create(&LabelLabels {
+                label: label.to_owned(),
+            });
+            let reported = counter.get();
+            if folded > reported {
+                counter.inc_by(folded - reported);
+            }
+        }
+        self.metrics
+            .bytes_series
+            .set(self.labels.series_count() as i64);
     }
 
     /// One flow's traffic in this drain, as the journal records it.

@@ -4,6 +4,7 @@
 //! out-of-range values are errors that name the file, the key and the value.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::Duration,
@@ -11,7 +12,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::journal::IgnoreList;
+use crate::{
+    journal::IgnoreList,
+    labels::{self, Dimension},
+};
 
 /// Where `/metrics` is served unless configured otherwise.
 pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0:9941";
@@ -46,6 +50,31 @@ pub struct Config {
     pub collector: CollectorConfig,
     pub probes: ProbesConfig,
     pub virustotal: VirusTotalConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Labels of fleetsnitch_bytes_total beyond exe and direction.
+    pub bytes_labels: Vec<Dimension>,
+    /// Distinct values per label (exe or any dimension) before folding into "other".
+    pub label_caps: HashMap<String, usize>,
+    /// Remote ports in this range (LOW-HIGH) are exported as "ephemeral".
+    pub ephemeral_ports: String,
+    /// Series of fleetsnitch_bytes_total before every optional label folds into "other".
+    pub max_series: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            bytes_labels: vec![Dimension::User, Dimension::RemotePort],
+            label_caps: HashMap::new(),
+            ephemeral_ports: "32768-60999".to_owned(),
+            max_series: 10_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -257,6 +286,36 @@ impl Config {
                 "must be between 1000 and 100000000",
             ));
         }
+        labels::parse_port_range(&self.metrics.ephemeral_ports).map_err(|reason| {
+            invalid(
+                "metrics.ephemeral_ports",
+                &self.metrics.ephemeral_ports,
+                &reason,
+            )
+        })?;
+        for (label, cap) in &self.metrics.label_caps {
+            if label != labels::EXE_LABEL && label.parse::<Dimension>().is_err() {
+                return Err(invalid(
+                    "metrics.label_caps",
+                    label,
+                    "not a label; use exe or one of the metrics.bytes_labels names",
+                ));
+            }
+            if !(1..=1_000_000).contains(cap) {
+                return Err(invalid(
+                    "metrics.label_caps",
+                    &format!("{label}: {cap}"),
+                    "a cap must be between 1 and 1000000",
+                ));
+            }
+        }
+        if !(100..=10_000_000).contains(&self.metrics.max_series) {
+            return Err(invalid(
+                "metrics.max_series",
+                &self.metrics.max_series.to_string(),
+                "must be between 100 and 10000000",
+            ));
+        }
         let vt = &self.virustotal;
         if vt.request_interval < Duration::from_millis(10) {
             return Err(invalid(
@@ -394,6 +453,23 @@ mod tests {
         let config = Config::from_yaml("probes:\n  disabled_modes: [tp_btf, uprobe]\n").unwrap();
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("probes.disabled_modes (uprobe)"), "{err}");
+    }
+
+    #[test]
+    fn unknown_label_is_named_with_the_known_ones() {
+        let err = Config::from_yaml("metrics:\n  bytes_labels: [remote_port, colour]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("colour") && err.contains("container_id"),
+            "{err}"
+        );
+        let config = Config::from_yaml("metrics:\n  label_caps: {domain: 0}\n").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("metrics.label_caps (domain: 0)"), "{err}");
+        let config = Config::from_yaml("metrics:\n  ephemeral_ports: 9-1\n").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("metrics.ephemeral_ports (9-1)"), "{err}");
     }
 
     #[test]

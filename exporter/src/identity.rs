@@ -68,6 +68,8 @@ pub struct Process {
 #[derive(Debug, Default)]
 pub struct IdentityTable {
     processes: HashMap<u32, Process>,
+    /// Processes that exited, kept until the drain that carries their last traffic.
+    exited: Vec<(u32, u64)>,
     exe_paths: HashMap<ExeKey, String>,
     truncated_paths: u64,
 }
@@ -125,14 +127,28 @@ impl IdentityTable {
         Some(path)
     }
 
-    /// Forgets a process that exited, unless the tgid was reused since.
+    /// Notes that a process exited. It stays known until [`Self::purge_exited`]:
+    /// its last traffic is still in the kernel map, waiting for the next drain.
     pub fn forget(&mut self, tgid: u32, start_time_ns: u64) {
-        if self
-            .processes
-            .get(&tgid)
-            .is_some_and(|p| p.start_time_ns == start_time_ns)
-        {
-            self.processes.remove(&tgid);
+        self.exited.push((tgid, start_time_ns));
+    }
+
+    /// Takes the exits noted so far; pass them to [`Self::purge`] once the
+    /// traffic that preceded them has been drained.
+    pub fn take_exited(&mut self) -> Vec<(u32, u64)> {
+        std::mem::take(&mut self.exited)
+    }
+
+    /// Removes exited processes, unless their tgid was reused since.
+    pub fn purge(&mut self, exited: Vec<(u32, u64)>) {
+        for (tgid, start_time_ns) in exited {
+            if self
+                .processes
+                .get(&tgid)
+                .is_some_and(|p| p.start_time_ns == start_time_ns)
+            {
+                self.processes.remove(&tgid);
+            }
         }
     }
 
@@ -284,8 +300,16 @@ mod tests {
         let mut table = IdentityTable::default();
         table.record(&event(&["bin", "sh"]));
         table.forget(4242, 6);
+        let exited = table.take_exited();
+        table.purge(exited);
         assert!(table.process(4242).is_some());
         table.forget(4242, 7);
+        assert!(
+            table.process(4242).is_some(),
+            "kept until its traffic is drained"
+        );
+        let exited = table.take_exited();
+        table.purge(exited);
         assert!(table.process(4242).is_none());
     }
 

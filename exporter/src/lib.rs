@@ -13,6 +13,7 @@ pub mod hashing;
 pub mod http;
 pub mod identity;
 pub mod journal;
+pub mod labels;
 pub mod metrics;
 pub mod modification;
 pub mod preflight;

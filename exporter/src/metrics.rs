@@ -5,6 +5,7 @@
 
 use std::{fmt::Write, sync::atomic::AtomicU64};
 
+use crate::labels::TrafficLabels;
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -43,12 +44,6 @@ impl From<&str> for Text {
     }
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TrafficLabels {
-    pub exe: Text,
-    pub direction: Direction,
-}
-
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
     Sent,
@@ -80,6 +75,11 @@ pub struct ExecutableLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ExeLabels {
     pub exe: Text,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LabelLabels {
+    pub label: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,6 +116,8 @@ pub struct DirectionLabels {
 pub struct Metrics {
     pub registry: Registry,
     pub bytes: Family<TrafficLabels, Counter>,
+    pub label_overflow: Family<LabelLabels, Counter>,
+    pub bytes_series: Gauge,
     pub executable_info: Family<ExecutableLabels, Gauge>,
     pub hash_failures: Family<ReasonLabels, Counter>,
     pub events_lost: Counter,
@@ -146,6 +148,8 @@ impl Metrics {
         let mut registry = Registry::with_prefix("fleetsnitch");
         let metrics = Self {
             bytes: Family::default(),
+            label_overflow: Family::default(),
+            bytes_series: Gauge::default(),
             executable_info: Family::default(),
             hash_failures: Family::default(),
             events_lost: Counter::default(),
@@ -175,6 +179,16 @@ impl Metrics {
             "bytes",
             "Application payload bytes sent and received on network sockets, by executable",
             metrics.bytes.clone(),
+        );
+        registry.register(
+            "label_overflow",
+            "Distinct label values folded into \"other\" by the caps of metrics.label_caps (label=\"_series\": series folded by metrics.max_series)",
+            metrics.label_overflow.clone(),
+        );
+        registry.register(
+            "bytes_series",
+            "Series of fleetsnitch_bytes_total created so far",
+            metrics.bytes_series.clone(),
         );
         registry.register(
             "executable_info",
@@ -375,12 +389,13 @@ mod tests {
             .get_or_create(&TrafficLabels {
                 exe: "/usr/bin/curl \"x\"\n\\".into(),
                 direction: Direction::Sent,
+                extra: vec![(crate::labels::Dimension::Domain, "a\"b".into())],
             })
             .inc_by(42);
         let text = metrics.encode();
         assert!(
             text.contains(
-                "fleetsnitch_bytes_total{exe=\"/usr/bin/curl \\\"x\\\"\\n\\\\\",direction=\"sent\"} 42"
+                "fleetsnitch_bytes_total{exe=\"/usr/bin/curl \\\"x\\\"\\n\\\\\",direction=\"sent\",domain=\"a\\\"b\"} 42"
             ),
             "{text}"
         );

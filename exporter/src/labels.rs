@@ -1,0 +1,482 @@
+//! The labels of `fleetsnitch_bytes_total` beyond `exe` and `direction`: which
+//! dimensions are exported, and caps that keep their cardinality bounded.
+//!
+//! Each dimension admits values up to its cap; later values fold into
+//! `other` and are counted (once per distinct value) in
+//! `fleetsnitch_label_overflow_total{label}`. The family as a whole is capped
+//! too: past `metrics.max_series`, new combinations fold every optional
+//! dimension into `other`. Memory stays bounded whatever the traffic.
+
+use std::{
+    collections::{HashMap, HashSet, hash_map::DefaultHasher},
+    fmt,
+    hash::{Hash, Hasher},
+    ops::RangeInclusive,
+    str::FromStr,
+};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder};
+use serde::Deserialize;
+
+use crate::metrics::{Direction, Text};
+
+/// Value of a folded label.
+pub const OTHER: &str = "other";
+/// Value of `remote_port` for ports in the ephemeral range.
+pub const EPHEMERAL: &str = "ephemeral";
+/// Distinct folded values remembered per dimension to count each once; past
+/// this the overflow counter counts every fold (and says so in the log).
+const MAX_REMEMBERED_FOLDS: usize = 1 << 20;
+
+/// An optional label of `fleetsnitch_bytes_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dimension {
+    Parent,
+    User,
+    Uid,
+    RemotePort,
+    Transport,
+    Domain,
+    Country,
+    Asn,
+    ContainerId,
+    ContainerName,
+    Pod,
+    Namespace,
+}
+
+impl Dimension {
+    pub const ALL: [Dimension; 12] = [
+        Dimension::Parent,
+        Dimension::User,
+        Dimension::Uid,
+        Dimension::RemotePort,
+        Dimension::Transport,
+        Dimension::Domain,
+        Dimension::Country,
+        Dimension::Asn,
+        Dimension::ContainerId,
+        Dimension::ContainerName,
+        Dimension::Pod,
+        Dimension::Namespace,
+    ];
+
+    /// The label name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Parent => "parent",
+            Self::User => "user",
+            Self::Uid => "uid",
+            Self::RemotePort => "remote_port",
+            Self::Transport => "transport",
+            Self::Domain => "domain",
+            Self::Country => "country",
+            Self::Asn => "asn",
+            Self::ContainerId => "container_id",
+            Self::ContainerName => "container_name",
+            Self::Pod => "pod",
+            Self::Namespace => "namespace",
+        }
+    }
+
+    /// Default cap of distinct values.
+    pub fn default_cap(self) -> usize {
+        match self {
+            Self::Transport => 16,
+            Self::Country => 250,
+            Self::Namespace => 100,
+            Self::User | Self::Uid => 200,
+            Self::RemotePort => 200,
+            Self::Parent | Self::Domain | Self::Asn => 500,
+            Self::ContainerId | Self::ContainerName | Self::Pod => 500,
+        }
+    }
+}
+
+impl fmt::Display for Dimension {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Dimension {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|dimension| dimension.name() == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = Self::ALL.iter().map(|d| d.name()).collect();
+                format!("unknown label {name:?}; known labels: {}", known.join(", "))
+            })
+    }
+}
+
+impl<'de> Deserialize<'de> for Dimension {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What is known of one flow, for its labels. Unknown values stay empty.
+#[derive(Debug, Default, Clone)]
+pub struct FlowFacts<'a> {
+    pub parent: Option<&'a str>,
+    pub uid: Option<u32>,
+    pub remote_port: Option<u16>,
+    pub transport: &'a str,
+    pub domain: Option<&'a str>,
+    pub country: Option<&'a str>,
+    pub asn: Option<u32>,
+    pub container_id: Option<&'a str>,
+    pub container_name: Option<&'a str>,
+    pub pod: Option<&'a str>,
+    pub namespace: Option<&'a str>,
+}
+
+/// Labels of one `fleetsnitch_bytes_total` series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TrafficLabels {
+    pub exe: Text,
+    pub direction: Direction,
+    pub extra: Vec<(Dimension, Text)>,
+}
+
+impl EncodeLabelSet for TrafficLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), fmt::Error> {
+        encode_pair(encoder, "exe", &self.exe)?;
+        encode_pair(encoder, "direction", &self.direction)?;
+        for (dimension, value) in &self.extra {
+            encode_pair(encoder, dimension.name(), value)?;
+        }
+        Ok(())
+    }
+}
+
+fn encode_pair<V: EncodeLabelValue>(
+    encoder: &mut LabelSetEncoder<'_>,
+    key: &str,
+    value: &V,
+) -> Result<(), fmt::Error> {
+    let mut label = encoder.encode_label();
+    let mut key_encoder = label.encode_label_key()?;
+    fmt::Write::write_str(&mut key_encoder, key)?;
+    let mut value_encoder = key_encoder.encode_label_value()?;
+    value.encode(&mut value_encoder)?;
+    value_encoder.finish()
+}
+
+/// Admits values of one dimension up to its cap.
+#[derive(Debug)]
+struct Folder {
+    cap: usize,
+    admitted: HashSet<String>,
+    folded: HashSet<u64>,
+    folded_total: u64,
+}
+
+impl Folder {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            admitted: HashSet::new(),
+            folded: HashSet::new(),
+            folded_total: 0,
+        }
+    }
+
+    /// The value to export for `value`.
+    fn fold(&mut self, value: &str) -> Text {
+        if value.is_empty() || self.admitted.contains(value) {
+            return Text(value.to_owned());
+        }
+        if self.admitted.len() < self.cap {
+            self.admitted.insert(value.to_owned());
+            return Text(value.to_owned());
+        }
+        let mut hasher = DefaultHasher::new();
+        value.hash(&mut hasher);
+        let fingerprint = hasher.finish();
+        if self.folded.len() >= MAX_REMEMBERED_FOLDS || self.folded.insert(fingerprint) {
+            self.folded_total += 1;
+        }
+        Text(OTHER.to_owned())
+    }
+}
+
+/// Which labels to export and how to keep them bounded.
+#[derive(Debug)]
+pub struct LabelPolicy {
+    dimensions: Vec<Dimension>,
+    ephemeral_ports: RangeInclusive<u16>,
+    exe: Folder,
+    folders: HashMap<Dimension, Folder>,
+    max_series: usize,
+    series: HashSet<TrafficLabels>,
+    series_folded: u64,
+    user_names: HashMap<u32, String>,
+}
+
+/// Name of the `exe` dimension in overflow metrics.
+pub const EXE_LABEL: &str = "exe";
+/// Name used in overflow metrics for whole series folded by `max_series`.
+pub const SERIES_LABEL: &str = "_series";
+
+impl LabelPolicy {
+    pub fn new(
+        dimensions: &[Dimension],
+        caps: &HashMap<String, usize>,
+        ephemeral_ports: RangeInclusive<u16>,
+        max_series: usize,
+    ) -> Self {
+        let mut dimensions = dimensions.to_vec();
+        dimensions.sort();
+        dimensions.dedup();
+        let cap_of = |name: &str, default: usize| caps.get(name).copied().unwrap_or(default);
+        let folders = dimensions
+            .iter()
+            .map(|&d| (d, Folder::new(cap_of(d.name(), d.default_cap()))))
+            .collect();
+        Self {
+            exe: Folder::new(cap_of(EXE_LABEL, 5_000)),
+            dimensions,
+            ephemeral_ports,
+            folders,
+            max_series,
+            series: HashSet::new(),
+            series_folded: 0,
+            user_names: HashMap::new(),
+        }
+    }
+
+    pub fn dimensions(&self) -> &[Dimension] {
+        &self.dimensions
+    }
+
+    /// The labels for bytes of `exe` in `direction` on a flow described by `facts`.
+    pub fn labels(
+        &mut self,
+        exe: &str,
+        direction: Direction,
+        facts: &FlowFacts<'_>,
+    ) -> TrafficLabels {
+        let exe = self.exe.fold(exe);
+        let mut extra = Vec::with_capacity(self.dimensions.len());
+        for index in 0..self.dimensions.len() {
+            let dimension = self.dimensions[index];
+            let raw = self.raw_value(dimension, facts);
+            let folder = self
+                .folders
+                .get_mut(&dimension)
+                .expect("a folder per dimension");
+            extra.push((dimension, folder.fold(&raw)));
+        }
+        let labels = TrafficLabels {
+            exe,
+            direction,
+            extra,
+        };
+        if self.series.contains(&labels) {
+            return labels;
+        }
+        if self.series.len() < self.max_series {
+            self.series.insert(labels.clone());
+            return labels;
+        }
+        self.series_folded += 1;
+        let folded = TrafficLabels {
+            extra: labels
+                .extra
+                .iter()
+                .map(|(dimension, _)| (*dimension, Text(OTHER.to_owned())))
+                .collect(),
+            ..labels
+        };
+        self.series.insert(folded.clone());
+        folded
+    }
+
+    fn raw_value(&mut self, dimension: Dimension, facts: &FlowFacts<'_>) -> String {
+        let text = |value: Option<&str>| value.unwrap_or_default().to_owned();
+        match dimension {
+            Dimension::Parent => text(facts.parent),
+            Dimension::User => facts.uid.map(|uid| self.user_name(uid)).unwrap_or_default(),
+            Dimension::Uid => facts.uid.map(|uid| uid.to_string()).unwrap_or_default(),
+            Dimension::RemotePort => match facts.remote_port {
+                Some(port) if self.ephemeral_ports.contains(&port) => EPHEMERAL.to_owned(),
+                Some(port) => port.to_string(),
+                None => String::new(),
+            },
+            Dimension::Transport => facts.transport.to_owned(),
+            Dimension::Domain => text(facts.domain),
+            Dimension::Country => text(facts.country),
+            Dimension::Asn => facts.asn.map(|asn| asn.to_string()).unwrap_or_default(),
+            Dimension::ContainerId => text(facts.container_id),
+            Dimension::ContainerName => text(facts.container_name),
+            Dimension::Pod => text(facts.pod),
+            Dimension::Namespace => text(facts.namespace),
+        }
+    }
+
+    /// The user name of `uid` on this host, or the number when it has none.
+    fn user_name(&mut self, uid: u32) -> String {
+        self.user_names
+            .entry(uid)
+            .or_insert_with(|| {
+                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                    .ok()
+                    .flatten()
+                    .map(|user| user.name)
+                    .unwrap_or_else(|| uid.to_string())
+            })
+            .clone()
+    }
+
+    /// Distinct values folded so far, per label (`exe`, each dimension, and
+    /// `_series` for whole series folded by `max_series`).
+    pub fn overflow(&self) -> Vec<(&'static str, u64)> {
+        let mut counts = vec![
+            (EXE_LABEL, self.exe.folded_total),
+            (SERIES_LABEL, self.series_folded),
+        ];
+        counts.extend(
+            self.dimensions
+                .iter()
+                .map(|d| (d.name(), self.folders[d].folded_total)),
+        );
+        counts
+    }
+
+    /// Series admitted so far.
+    pub fn series_count(&self) -> usize {
+        self.series.len()
+    }
+}
+
+/// Parses `low-high` (inclusive), e.g. `32768-60999`.
+pub fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
+    let (low, high) = text
+        .split_once('-')
+        .ok_or_else(|| format!("expected LOW-HIGH, got {text:?}"))?;
+    let low: u16 = low.trim().parse().map_err(|e| format!("{low:?}: {e}"))?;
+    let high: u16 = high.trim().parse().map_err(|e| format!("{high:?}: {e}"))?;
+    if low > high {
+        return Err(format!("{low} is above {high}"));
+    }
+    Ok(low..=high)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(dimensions: &[Dimension], caps: &[(&str, usize)], max_series: usize) -> LabelPolicy {
+        let caps = caps.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
+        LabelPolicy::new(dimensions, &caps, 32768..=60999, max_series)
+    }
+
+    fn facts(port: u16) -> FlowFacts<'static> {
+        FlowFacts {
+            remote_port: Some(port),
+            transport: "tcp",
+            uid: Some(0),
+            ..FlowFacts::default()
+        }
+    }
+
+    fn value(labels: &TrafficLabels, dimension: Dimension) -> &str {
+        &labels
+            .extra
+            .iter()
+            .find(|(d, _)| *d == dimension)
+            .unwrap()
+            .1
+            .0
+    }
+
+    #[test]
+    fn ephemeral_ports_fold_into_one_value() {
+        let mut policy = policy(&[Dimension::RemotePort], &[], 1000);
+        let labels = policy.labels("/bin/x", Direction::Sent, &facts(45000));
+        assert_eq!(value(&labels, Dimension::RemotePort), EPHEMERAL);
+        let labels = policy.labels("/bin/x", Direction::Sent, &facts(443));
+        assert_eq!(value(&labels, Dimension::RemotePort), "443");
+    }
+
+    #[test]
+    fn values_past_the_cap_fold_and_are_counted_once_each() {
+        let mut policy = policy(&[Dimension::RemotePort], &[("remote_port", 3)], 1000);
+        for port in 1..=10u16 {
+            policy.labels("/bin/x", Direction::Sent, &facts(port));
+            policy.labels("/bin/x", Direction::Received, &facts(port));
+        }
+        let labels = policy.labels("/bin/x", Direction::Sent, &facts(9));
+        assert_eq!(value(&labels, Dimension::RemotePort), OTHER);
+        let labels = policy.labels("/bin/x", Direction::Sent, &facts(2));
+        assert_eq!(value(&labels, Dimension::RemotePort), "2");
+        let overflow: HashMap<_, _> = policy.overflow().into_iter().collect();
+        assert_eq!(
+            overflow["remote_port"], 7,
+            "ports 4..=10 folded, each counted once"
+        );
+    }
+
+    #[test]
+    fn series_cap_folds_every_optional_label() {
+        let mut policy = policy(&[Dimension::RemotePort, Dimension::Uid], &[], 4);
+        for port in 1..=10u16 {
+            policy.labels("/bin/x", Direction::Sent, &facts(port));
+        }
+        assert_eq!(
+            policy.series_count(),
+            5,
+            "4 admitted plus the folded series"
+        );
+        let labels = policy.labels("/bin/x", Direction::Sent, &facts(10));
+        assert_eq!(value(&labels, Dimension::RemotePort), OTHER);
+        assert_eq!(value(&labels, Dimension::Uid), OTHER);
+        let overflow: HashMap<_, _> = policy.overflow().into_iter().collect();
+        assert_eq!(overflow[SERIES_LABEL], 7);
+    }
+
+    #[test]
+    fn unknown_values_stay_empty_and_are_not_capped() {
+        let mut policy = policy(&[Dimension::Domain], &[("domain", 1)], 1000);
+        let labels = policy.labels("/bin/x", Direction::Sent, &FlowFacts::default());
+        assert_eq!(value(&labels, Dimension::Domain), "");
+        let with_domain = FlowFacts {
+            domain: Some("example.com"),
+            ..FlowFacts::default()
+        };
+        let labels = policy.labels("/bin/x", Direction::Sent, &with_domain);
+        assert_eq!(value(&labels, Dimension::Domain), "example.com");
+    }
+
+    #[test]
+    fn root_is_named() {
+        let mut policy = policy(&[Dimension::User], &[], 1000);
+        let labels = policy.labels("/bin/x", Direction::Sent, &facts(1));
+        assert_eq!(value(&labels, Dimension::User), "root");
+    }
+
+    #[test]
+    fn dimension_names_round_trip_and_unknown_names_are_listed() {
+        for dimension in Dimension::ALL {
+            assert_eq!(dimension.name().parse::<Dimension>().unwrap(), dimension);
+        }
+        let err = "color".parse::<Dimension>().unwrap_err();
+        assert!(
+            err.contains("color") && err.contains("remote_port"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn port_ranges_parse() {
+        assert_eq!(parse_port_range("32768-60999").unwrap(), 32768..=60999);
+        assert!(parse_port_range("60999-32768").is_err());
+        assert!(parse_port_range("80").is_err());
+    }
+}
