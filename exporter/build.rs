@@ -10,7 +10,7 @@ use std::{
     process::Command,
 };
 
-const SOURCES: &[&str] = &["fleetsnitch.bpf.c"];
+const SOURCES: &[&str] = &["fleetsnitch.bpf.c", "dns.bpf.c"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
@@ -48,12 +48,36 @@ fn find_clang() -> String {
     );
 }
 
+/// Debian keeps <asm/types.h>, which the UAPI headers need, per architecture.
+fn multiarch_include() -> Option<PathBuf> {
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").ok()?;
+    let dir = PathBuf::from(format!("/usr/include/{arch}-linux-gnu"));
+    dir.is_dir().then_some(dir)
+}
+
+/// The kernel's name for the target architecture, for libbpf's bpf_tracing.h.
+fn kernel_arch() -> &'static str {
+    match env::var("CARGO_CFG_TARGET_ARCH").as_deref() {
+        Ok("aarch64") => "arm64",
+        Ok("riscv64") => "riscv",
+        Ok("s390x") => "s390",
+        Ok("powerpc64") => "powerpc",
+        _ => "x86",
+    }
+}
+
 fn compile(clang: &str, include_dir: &Path, source: &Path, object: &Path) {
-    let output = Command::new(clang)
-        .args(["-g", "-O2", "-target", "bpf", "-D__TARGET_ARCH_x86"])
+    let mut command = Command::new(clang);
+    command
+        .args(["-g", "-O2", "-target", "bpf"])
+        .arg(format!("-D__TARGET_ARCH_{}", kernel_arch()))
         .args(["-Wall", "-Werror", "-mcpu=v3"])
         .arg("-I")
-        .arg(include_dir)
+        .arg(include_dir);
+    if let Some(dir) = multiarch_include() {
+        command.arg("-idirafter").arg(dir);
+    }
+    let output = command
         .arg("-c")
         .arg(source)
         .arg("-o")

@@ -123,6 +123,32 @@ pub struct ExitEvent {
     pub start_time_ns: u64,
 }
 
+/// Bytes of a DNS answer copied to userspace (bpf/dns.h).
+pub const DNS_PAYLOAD: usize = 1024;
+
+/// A DNS answer delivered to a local socket (bpf/dns.bpf.c).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DnsEvent {
+    /// Process that sent the query on this socket; 0 when unknown.
+    pub tgid: u32,
+    pub family: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+    /// Host byte order.
+    pub local_port: u16,
+    /// Bytes of `payload` filled.
+    pub captured: u16,
+    /// Length of the whole transport payload.
+    pub payload_len: u32,
+    pub socket_cookie: u64,
+    /// IPv4 addresses fill the first four bytes.
+    pub server_addr: [u8; 16],
+    pub payload: [u8; DNS_PAYLOAD],
+}
+
+const _: () = assert!(size_of::<DnsEvent>() == 40 + DNS_PAYLOAD);
+
 // The same numbers as the _Static_asserts in bpf/fleetsnitch.h.
 const _: () = assert!(size_of::<Config>() == 8);
 const _: () = assert!(size_of::<TrafficKey>() == 48);

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod cli;
 pub mod collector;
 pub mod config;
+pub mod dns_capture;
 pub mod hashing;
 pub mod http;
 pub mod identity;

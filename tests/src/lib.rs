@@ -135,16 +135,20 @@ impl PeerServer {
     /// Starts the peer services from `exe` (a trafficgen binary, ideally a copy of its
     /// own so its bytes can be checked too) and waits (bounded) for them to be bound.
     pub fn start(net: &NetnsPair, exe: &Path) -> Result<Self> {
-        let mut cmd = net.in_peer(
-            exe,
-            &[
-                "serve",
-                "--v4",
-                scenarios::PEER_V4,
-                "--v6",
-                scenarios::PEER_V6,
-            ],
-        );
+        Self::start_with(net, exe, &[])
+    }
+
+    /// Starts the peer services with extra `serve` options (e.g. `--dns off`).
+    pub fn start_with(net: &NetnsPair, exe: &Path, extra: &[&str]) -> Result<Self> {
+        let mut args = vec![
+            "serve",
+            "--v4",
+            scenarios::PEER_V4,
+            "--v6",
+            scenarios::PEER_V6,
+        ];
+        args.extend_from_slice(extra);
+        let mut cmd = net.in_peer(exe, &args);
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

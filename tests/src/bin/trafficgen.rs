@@ -76,10 +76,12 @@ fn run(args: &[String]) -> Result<()> {
     let rest = &args[1..];
     match mode.as_str() {
         "serve" => {
-            let opts = Opts::parse(rest, &["v4", "v6"])?;
+            let opts = Opts::parse(rest, &["v4", "v6", "dns"])?;
             let v4: Ipv4Addr = opts.get_parsed("v4")?.unwrap_or(PEER_V4.parse()?);
             let v6: Ipv6Addr = opts.get_parsed("v6")?.unwrap_or(PEER_V6.parse()?);
-            serve(v4, v6)
+            // `--dns off` leaves port 53 to a real DNS server in the same namespace.
+            let dns = opts.get("dns") != Some("off");
+            serve(v4, v6, dns)
         }
         "client" => {
             let Some(name) = rest.first() else {
@@ -1621,7 +1623,7 @@ fn bind_retry<T>(what: &str, mut f: impl FnMut() -> io::Result<T>) -> Result<T> 
 /// What the peer services' own socket calls returned (all threads).
 static SERVE: Counts = Counts::new();
 
-fn serve(v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
+fn serve(v4: Ipv4Addr, v6: Ipv6Addr, dns: bool) -> Result<()> {
     for ip in [IpAddr::V4(v4), IpAddr::V6(v6)] {
         for (port, handler) in [
             (ports::TCP_SINK, tcp_sink as fn(TcpStream) -> io::Result<()>),
@@ -1639,6 +1641,9 @@ fn serve(v4: Ipv4Addr, v6: Ipv6Addr) -> Result<()> {
             (ports::UDP_SINK, UdpKind::Sink),
             (ports::UDP_DNS, UdpKind::Dns),
         ] {
+            if port == ports::UDP_DNS && !dns {
+                continue;
+            }
             let addr = SocketAddr::new(ip, port);
             let s = bind_retry(&addr.to_string(), || UdpSocket::bind(addr))?;
             big_rcvbuf(s.as_raw_fd());

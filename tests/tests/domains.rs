@@ -1,0 +1,255 @@
+//! Domains learnt from the DNS traffic itself: a real DNS server (dnsmasq) in
+//! the peer namespace, three kinds of clients, and one address behind several
+//! names. Needs root (eBPF, namespaces); skips otherwise.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use fleetsnitch_e2e::{
+    AgentGuard, NetnsPair, PeerServer, ProcessGuard, TempDir, agent_binary, exe_copy, is_root,
+    process, random_suffix,
+};
+
+const DNSMASQ: &str = "/usr/sbin/dnsmasq";
+
+fn dnsclient() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_dnsclient"))
+}
+
+fn trafficgen() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
+}
+
+/// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` mounts over /etc/resolv.conf.
+struct NetnsResolvConf(PathBuf);
+
+impl NetnsResolvConf {
+    fn new(namespace: &str, nameserver: &str) -> Result<Self> {
+        let dir = Path::new("/etc/netns").join(namespace);
+        fs::create_dir_all(&dir)?;
+        fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {nameserver}\noptions attempts:1\n"),
+        )?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Bytes reported for `exe` in `direction` with the given extra labels.
+fn bytes_with(
+    agent: &AgentGuard,
+    exe: &Path,
+    direction: &str,
+    labels: &[(&str, &str)],
+) -> Result<f64> {
+    let text =
+        fleetsnitch_e2e::metrics::http_get(agent.addr, "/metrics", Duration::from_secs(5))?.body;
+    let samples = fleetsnitch_e2e::parse_samples(&text, "fleetsnitch_bytes_total")?;
+    Ok(samples
+        .iter()
+        .filter(|s| {
+            s.labels.get("exe").map(String::as_str) == exe.to_str()
+                && s.labels.get("direction").map(String::as_str) == Some(direction)
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum())
+}
+
+fn series_of(agent: &AgentGuard, exe: &Path) -> String {
+    fleetsnitch_e2e::metrics::http_get(agent.addr, "/metrics", Duration::from_secs(5))
+        .map(|r| {
+            r.body
+                .lines()
+                .filter(|l| l.contains(exe.to_str().unwrap_or("?")))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn each_client_gets_the_domain_it_resolved() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF, network namespaces)");
+        return Ok(());
+    }
+    ensure!(
+        Path::new(DNSMASQ).exists(),
+        "{DNSMASQ} missing: run scripts/setup.sh"
+    );
+    let dir = TempDir::new("fsn-domains")?;
+    let net = NetnsPair::new()?;
+    let peer_exe = exe_copy(
+        &trafficgen(),
+        dir.path(),
+        &format!("peer-{}", random_suffix()),
+    )?;
+    let _peer = PeerServer::start_with(&net, &peer_exe, &["--dns", "off"])?;
+    // Three names for the one peer address.
+    let mut dnsmasq = net.in_peer(
+        Path::new(DNSMASQ),
+        &[
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=198.18.0.2",
+            "--port=53",
+            "--host-record=alpha.test,198.18.0.2",
+            "--host-record=beta.test,198.18.0.2",
+            "--host-record=gamma.test,198.18.0.2",
+            "--pid-file=",
+            "--user=root",
+            "--log-facility=-",
+        ],
+    );
+    dnsmasq
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _dnsmasq = ProcessGuard::spawn("dnsmasq", &mut dnsmasq, Duration::from_secs(5))?;
+    let _resolv = NetnsResolvConf::new(&net.client, "198.18.0.2")?;
+
+    let config = dir.path().join("fleetsnitch.yaml");
+    fs::write(&config, "metrics:\n  bytes_labels: [domain, remote_port]\n")?;
+    let agent = AgentGuard::start_with_args(
+        &agent_binary()?,
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+
+    let cases = [
+        ("getaddrinfo", "alpha.test", 30_000u64),
+        ("udp", "beta.test", 20_000),
+        ("tcp", "gamma.test", 10_000),
+    ];
+    let mut runs = Vec::new();
+    for (mode, name, bytes) in cases {
+        let exe = exe_copy(
+            &dnsclient(),
+            dir.path(),
+            &format!("dns-{mode}-{}", random_suffix()),
+        )?;
+        // dnsmasq may take a moment to bind: retry the first resolution briefly.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let out = loop {
+            let out = process::run_bounded(
+                &mut net.in_client(
+                    &exe,
+                    &[
+                        mode,
+                        name,
+                        "--server",
+                        "198.18.0.2",
+                        "--port",
+                        "5001",
+                        "--bytes",
+                        &bytes.to_string(),
+                    ],
+                ),
+                Duration::from_secs(30),
+            )?;
+            if out.status.success() || Instant::now() > deadline {
+                break out;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        ensure!(
+            out.status.success(),
+            "dnsclient {mode} {name}: {}",
+            out.stderr
+        );
+        ensure!(
+            out.stdout.contains("\"address\":\"198.18.0.2\""),
+            "{}",
+            out.stdout
+        );
+        runs.push((exe, name, bytes));
+    }
+
+    for (exe, name, bytes) in &runs {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let reported = bytes_with(
+                &agent,
+                exe,
+                "sent",
+                &[("domain", name), ("remote_port", "5001")],
+            )?;
+            if reported as u64 == *bytes {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{}: expected {bytes} bytes with domain={name}, remote_port=5001; reported {reported}; series:\n{}\nagent log:\n{}",
+                    exe.display(),
+                    series_of(&agent, exe),
+                    agent.log_tail(20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    // No other program's name leaks onto a client's traffic to the shared address.
+    for (exe, name, _) in &runs {
+        for (_, other, _) in runs.iter().filter(|(_, other, _)| other != name) {
+            let leaked = bytes_with(&agent, exe, "sent", &[("domain", other)])?;
+            assert_eq!(leaked, 0.0, "{} got {other}'s domain", exe.display());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn no_answer_means_no_domain() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF, network namespaces)");
+        return Ok(());
+    }
+    let dir = TempDir::new("fsn-nodomain")?;
+    let net = NetnsPair::new()?;
+    let peer_exe = exe_copy(
+        &trafficgen(),
+        dir.path(),
+        &format!("peer-{}", random_suffix()),
+    )?;
+    let _peer = PeerServer::start(&net, &peer_exe)?;
+    let config = dir.path().join("fleetsnitch.yaml");
+    fs::write(&config, "metrics:\n  bytes_labels: [domain]\n")?;
+    let agent = AgentGuard::start_with_args(
+        &agent_binary()?,
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+    let exe = exe_copy(
+        &trafficgen(),
+        dir.path(),
+        &format!("by-address-{}", random_suffix()),
+    )?;
+    let out = process::run_bounded(
+        &mut net.in_client(&exe, &["client", "tcp_upload", "--bytes", "5000"]),
+        Duration::from_secs(30),
+    )?;
+    ensure!(out.status.success(), "{}", out.stderr);
+    agent
+        .metrics()
+        .wait_for_bytes(&exe, "sent", 5_000)
+        .context("bytes never showed up")?;
+    assert_eq!(
+        bytes_with(&agent, &exe, "sent", &[("domain", "")])?,
+        5000.0,
+        "{}",
+        series_of(&agent, &exe)
+    );
+    Ok(())
+}
