@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use crate::{
     collector::{Collector, CollectorError, Health},
     config::Config,
+    geoip::GeoIp,
     hashing::Hasher,
     http, journal,
     labels::{self, LabelPolicy},
@@ -48,6 +49,8 @@ pub enum AgentError {
     Collector(#[from] CollectorError),
     #[error("cannot start a worker thread: {0}")]
     Thread(std::io::Error),
+    #[error("GeoIP (geoip.country_database / geoip.asn_database): {0}")]
+    GeoIp(#[from] crate::geoip::GeoIpError),
     #[error("VirusTotal: {0}")]
     VirusTotal(String),
     #[error("HTTP server failed: {0}")]
@@ -67,6 +70,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         .await
         .map_err(|source| AgentError::Listen { address, source })?;
 
+    let geoip = open_geoip(&config)?;
     let btf = Btf::from_sys_fs().map_err(|source| AgentError::Btf { source })?;
     let mut ebpf = load_object(&config)?;
     let outcomes = probes::attach_all(&mut ebpf, &btf, &config.probes.disabled_modes)?;
@@ -88,7 +92,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         Some(journal),
         label_policy(&config),
         config.collector.drain_interval,
-    )?;
+    )?
+    .with_geoip(geoip);
 
     let stop = Arc::new(AtomicBool::new(false));
     let collector_thread = {
@@ -136,6 +141,27 @@ fn load_object(config: &Config) -> Result<Ebpf, AgentError> {
         .map_err(|error: EbpfError| AgentError::BpfRefused {
             detail: probes::error_chain(&error),
         })
+}
+
+/// Opens the configured GeoIP databases; a configured file that cannot be
+/// read stops the agent (an operator asked for it).
+fn open_geoip(config: &Config) -> Result<Option<GeoIp>, AgentError> {
+    let (country, asn) = (
+        config.geoip.country_database.as_deref(),
+        config.geoip.asn_database.as_deref(),
+    );
+    if country.is_none() && asn.is_none() {
+        return Ok(None);
+    }
+    let geoip = GeoIp::open(country, asn)?;
+    for database in geoip.databases() {
+        tracing::info!(
+            path = %database.path().display(),
+            database_type = database.database_type(),
+            "GeoIP database open"
+        );
+    }
+    Ok(Some(geoip))
 }
 
 fn label_policy(config: &Config) -> LabelPolicy {

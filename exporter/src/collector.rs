@@ -27,6 +27,7 @@ use fleetsnitch_ebpf::{
 };
 
 use crate::{
+    geoip::{GeoIp, GeoRef},
     hashing::{HashJob, Hasher},
     identity::{ExeKey, IdentityTable, Process},
     journal::{self, Input, JournalHandle, Rollup},
@@ -91,6 +92,7 @@ pub struct Collector {
     hasher: Hasher,
     journal: Option<JournalHandle>,
     labels: LabelPolicy,
+    geoip: Option<GeoIp>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     drain_interval: Duration,
@@ -143,10 +145,17 @@ impl Collector {
             hasher,
             journal,
             labels,
+            geoip: None,
             metrics,
             health,
             drain_interval,
         })
+    }
+
+    /// Adds country and ASN to flows from these databases.
+    pub fn with_geoip(mut self, geoip: Option<GeoIp>) -> Self {
+        self.geoip = geoip;
+        self
     }
 
     /// Runs until `stop` is set, then drains one last time.
@@ -293,11 +302,18 @@ impl Collector {
                 rollups.push(self.rollup(&key, &value, exe, &path));
             }
             let process = self.identities.process(key.tgid);
+            let remote = socket::remote_address(&key);
+            let geo = match (&self.geoip, remote) {
+                (Some(geoip), Some(ip)) => geoip.lookup_ref(ip),
+                _ => GeoRef::default(),
+            };
             let facts = FlowFacts {
                 parent: process.and_then(|p| p.parent_path.as_deref()),
                 uid: process.map(|p| p.uid),
                 remote_port: socket::remote_port(&key, &value),
                 transport: socket::transport(&key, &value),
+                country: geo.country,
+                asn: geo.asn,
                 ..FlowFacts::default()
             };
             for (index, direction) in [

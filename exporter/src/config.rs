@@ -51,6 +51,16 @@ pub struct Config {
     pub probes: ProbesConfig,
     pub virustotal: VirusTotalConfig,
     pub metrics: MetricsConfig,
+    pub geoip: GeoIpConfig,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GeoIpConfig {
+    /// A country (or city) database: GeoLite2-Country/City or DB-IP country/city lite.
+    pub country_database: Option<PathBuf>,
+    /// An ASN database: GeoLite2-ASN or DB-IP ASN lite.
+    pub asn_database: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

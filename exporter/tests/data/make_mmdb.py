@@ -65,6 +65,7 @@ CONTINENT_AS = {"code": "AS", "geoname_id": MmdbU32(6255147), "names": names("As
 
 GB = place(2635167, "GB", "United Kingdom", de="Vereinigtes Königreich", ja="イギリス", zh_CN="英国")
 DE = place(2921044, "DE", "Germany", de="Deutschland", ja="ドイツ連邦共和国")
+NL = place(2750405, "NL", "Netherlands", de="Niederlande")
 SE = place(2661886, "SE", "Sweden", de="Schweden", ja="スウェーデン王国")
 DK = place(2623032, "DK", "Denmark", de="Dänemark")
 JP = place(1861060, "JP", "Japan", de="Japan", ja="日本")
@@ -113,6 +114,10 @@ def geolite2_country():
             # loopback, private and link-local addresses are never looked up.
             (["127.0.0.0/8", "10.0.0.0/8", "169.254.0.0/16", "fe80::/10", "fd00::/8"],
              {"country": place(6697173, "AQ", "Antarctica")}),
+            # The benchmarking range the end-to-end tests give their peers
+            # (tests/tests/geoip_labels.rs), so real traffic gets a country.
+            (["198.18.0.0/15"],
+             {"continent": CONTINENT_EU, "country": eu(NL), "registered_country": eu(NL)}),
         ],
     )
 
@@ -160,6 +165,9 @@ def geolite2_asn():
             (["203.0.113.0/24", "2001:db8:203::/48"],
              {"autonomous_system_number": MmdbU32(4200000001),
               "autonomous_system_organization": "Private Use AS 4200000001"}),
+            # The end-to-end tests' peers (see geolite2_country).
+            (["198.18.0.0/15"],
+             {"autonomous_system_number": MmdbU32(64511), "autonomous_system_organization": "Benchmark AS 64511"}),
         ],
     )
 

@@ -1,0 +1,116 @@
+//! Country and ASN on real traffic: the agent with the GeoLite2 fixtures
+//! (exporter/tests/data, which map the test peers' 198.18.0.0/15 to NL and
+//! AS 64511). Needs root (eBPF, namespaces); skips otherwise.
+
+use std::{fs, path::PathBuf, time::Duration};
+
+use anyhow::{Result, ensure};
+use fleetsnitch_e2e::{
+    AgentGuard, NetnsPair, PeerServer, TempDir, agent_binary, exe_copy, is_root, process,
+    random_suffix, workspace_root,
+};
+
+fn trafficgen() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
+}
+
+#[test]
+fn traffic_carries_the_peers_country_and_asn() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF, network namespaces)");
+        return Ok(());
+    }
+    let data = workspace_root().join("exporter/tests/data");
+    let dir = TempDir::new("fsn-geoip")?;
+    let config = dir.path().join("fleetsnitch.yaml");
+    fs::write(
+        &config,
+        format!(
+            "metrics:\n  bytes_labels: [country, asn]\ngeoip:\n  country_database: {}\n  asn_database: {}\n",
+            data.join("GeoLite2-Country.mmdb").display(),
+            data.join("GeoLite2-ASN.mmdb").display()
+        ),
+    )?;
+    let net = NetnsPair::new()?;
+    let peer = exe_copy(
+        &trafficgen(),
+        dir.path(),
+        &format!("peer-{}", random_suffix()),
+    )?;
+    let _peer = PeerServer::start(&net, &peer)?;
+    let agent = AgentGuard::start_with_args(
+        &agent_binary()?,
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+
+    let exe = exe_copy(
+        &trafficgen(),
+        dir.path(),
+        &format!("geo-{}", random_suffix()),
+    )?;
+    let out = process::run_bounded(
+        &mut net.in_client(&exe, &["client", "tcp_upload", "--bytes", "40000"]),
+        Duration::from_secs(30),
+    )?;
+    ensure!(out.status.success(), "{}", out.stderr);
+    agent.metrics().wait_for_bytes(&exe, "sent", 40_000)?;
+
+    let text =
+        fleetsnitch_e2e::metrics::http_get(agent.addr, "/metrics", Duration::from_secs(5))?.body;
+    let samples = fleetsnitch_e2e::parse_samples(&text, "fleetsnitch_bytes_total")?;
+    let sent: Vec<_> = samples
+        .iter()
+        .filter(|s| {
+            s.labels.get("exe").map(String::as_str) == exe.to_str()
+                && s.labels.get("direction").map(String::as_str) == Some("sent")
+        })
+        .collect();
+    ensure!(sent.len() == 1, "one series expected: {sent:?}");
+    assert_eq!(
+        sent[0].labels.get("country").map(String::as_str),
+        Some("NL"),
+        "{sent:?}"
+    );
+    assert_eq!(
+        sent[0].labels.get("asn").map(String::as_str),
+        Some("64511"),
+        "{sent:?}"
+    );
+    assert_eq!(sent[0].value, 40_000.0);
+    Ok(())
+}
+
+#[test]
+fn unreadable_database_stops_the_agent_naming_the_file() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (the agent checks capabilities first)");
+        return Ok(());
+    }
+    let dir = TempDir::new("fsn-geoip-bad")?;
+    let config = dir.path().join("fleetsnitch.yaml");
+    fs::write(
+        &config,
+        "geoip:\n  country_database: /nonexistent/GeoLite2-Country.mmdb\n",
+    )?;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let address = listener.local_addr()?.to_string();
+    drop(listener);
+    let out = process::run_bounded(
+        std::process::Command::new(agent_binary()?).args([
+            "--config.file",
+            config.to_str().unwrap(),
+            "--web.listen-address",
+            &address,
+            "--journal.path",
+            dir.path().join("j.db").to_str().unwrap(),
+        ]),
+        Duration::from_secs(30),
+    )?;
+    assert!(!out.status.success());
+    assert!(
+        out.stderr.contains("/nonexistent/GeoLite2-Country.mmdb"),
+        "{}",
+        out.stderr
+    );
+    Ok(())
+}
