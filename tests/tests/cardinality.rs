@@ -1,0 +1,268 @@
+//! Cardinality under control: 10,000 distinct remote ports and 2,000 distinct
+//! domains in well under a minute leave every label under its cap, the
+//! overflow counters account for every folded value exactly, and the agent's
+//! memory stays bounded. Needs root (eBPF, namespaces); skips otherwise.
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use fleetsnitch_e2e::{
+    AgentGuard, NetnsPair, ProcessGuard, TempDir, agent_binary, exe_copy, is_root, process,
+    random_suffix,
+};
+
+const PORT_CAP: usize = 200;
+const DOMAIN_CAP: usize = 500;
+const PORTS: u32 = 10_000;
+const FIRST_PORT: u16 = 1024;
+const DOMAINS: u32 = 2_000;
+
+fn sweep() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sweep"))
+}
+
+/// Address the peer answers for `d<index>.test`: one per name.
+fn address_of(index: u32) -> String {
+    format!("198.18.{}.{}", 1 + index / 250, 1 + index % 250)
+}
+
+fn scrape(agent: &AgentGuard) -> Result<String> {
+    Ok(fleetsnitch_e2e::metrics::http_get(agent.addr, "/metrics", Duration::from_secs(10))?.body)
+}
+
+/// Distinct values of `label` on `fleetsnitch_bytes_total`, without "other" and "".
+fn admitted(text: &str, label: &str) -> Result<BTreeSet<String>> {
+    Ok(
+        fleetsnitch_e2e::parse_samples(text, "fleetsnitch_bytes_total")?
+            .into_iter()
+            .filter_map(|s| s.labels.get(label).cloned())
+            .filter(|v| !v.is_empty() && v != "other")
+            .collect(),
+    )
+}
+
+fn overflow(text: &str, label: &str) -> Result<u64> {
+    Ok(
+        fleetsnitch_e2e::parse_samples(text, "fleetsnitch_label_overflow_total")?
+            .into_iter()
+            .filter(|s| s.labels.get("label").map(String::as_str) == Some(label))
+            .map(|s| s.value as u64)
+            .sum(),
+    )
+}
+
+fn ip(net: &NetnsPair, namespace: &str, args: &[&str]) -> Result<()> {
+    let mut full = vec!["-n", namespace];
+    full.extend_from_slice(args);
+    process::run_checked(&process::ip_bin(), &full)
+        .map_err(|e| e.context(format!("ip -n {namespace} {args:?} ({})", net.client)))
+}
+
+fn peak_rss_kib(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .context("no VmHWM")
+}
+
+#[test]
+fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF, network namespaces)");
+        return Ok(());
+    }
+    ensure!(
+        Path::new("/usr/sbin/dnsmasq").exists(),
+        "dnsmasq missing: run scripts/setup.sh"
+    );
+    let dir = TempDir::new("fsn-cardinality")?;
+    let net = NetnsPair::new()?;
+    // The peer owns all of 198.18.0.0/16, so every name can get its own address.
+    ip(
+        &net,
+        &net.peer,
+        &["route", "add", "local", "198.18.0.0/16", "dev", "lo"],
+    )?;
+    ip(
+        &net,
+        &net.client,
+        &["route", "add", "198.18.0.0/16", "via", "198.18.0.2"],
+    )?;
+
+    let hosts = dir.path().join("hosts");
+    let mut file = fs::File::create(&hosts)?;
+    for index in 0..DOMAINS {
+        writeln!(file, "{} d{index}.test", address_of(index))?;
+    }
+    drop(file);
+    let addn_hosts = format!("--addn-hosts={}", hosts.display());
+    let mut dnsmasq = net.in_peer(
+        Path::new("/usr/sbin/dnsmasq"),
+        &[
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            &addn_hosts,
+            "--bind-interfaces",
+            "--listen-address=198.18.0.2",
+            "--port=53",
+            "--pid-file=",
+            "--user=root",
+            "--cache-size=0",
+        ],
+    );
+    dnsmasq
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _dnsmasq = ProcessGuard::spawn("dnsmasq", &mut dnsmasq, Duration::from_secs(5))?;
+
+    let config = dir.path().join("fleetsnitch.yaml");
+    fs::write(
+        &config,
+        format!(
+            "metrics:\n  bytes_labels: [remote_port, domain]\n  max_series: 100000\n  \
+             label_caps: {{remote_port: {PORT_CAP}, domain: {DOMAIN_CAP}}}\n"
+        ),
+    )?;
+    let mut agent = AgentGuard::start_with_args(
+        &agent_binary()?,
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+    let before = scrape(&agent)?;
+    let ports_before = admitted(&before, "remote_port")?;
+    let domains_before = admitted(&before, "domain")?;
+
+    let started = Instant::now();
+    let ports_exe = exe_copy(
+        &sweep(),
+        dir.path(),
+        &format!("sweep-ports-{}", random_suffix()),
+    )?;
+    let out = process::run_bounded(
+        &mut net.in_client(
+            &ports_exe,
+            &[
+                "ports",
+                "--peer",
+                "198.18.0.2",
+                "--first",
+                &FIRST_PORT.to_string(),
+                "--count",
+                &PORTS.to_string(),
+            ],
+        ),
+        Duration::from_secs(60),
+    )?;
+    ensure!(out.status.success(), "sweep ports: {}", out.stderr);
+    let domains_exe = exe_copy(
+        &sweep(),
+        dir.path(),
+        &format!("sweep-domains-{}", random_suffix()),
+    )?;
+    // dnsmasq may need a moment to bind.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let out = loop {
+        let out = process::run_bounded(
+            &mut net.in_client(
+                &domains_exe,
+                &[
+                    "domains",
+                    "--server",
+                    "198.18.0.2",
+                    "--suffix",
+                    "test",
+                    "--count",
+                    &DOMAINS.to_string(),
+                ],
+            ),
+            Duration::from_secs(60),
+        )?;
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    ensure!(out.status.success(), "sweep domains: {}", out.stderr);
+    let elapsed = started.elapsed();
+
+    agent
+        .metrics()
+        .wait_for_bytes(&ports_exe, "sent", u64::from(PORTS))?;
+    // Every datagram of the domain sweep (one per name) plus its queries.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let text = loop {
+        let text = scrape(&agent)?;
+        let seen = overflow(&text, "domain")? as usize + admitted(&text, "domain")?.len();
+        if seen >= DOMAINS as usize || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+
+    // Every value the agent could have seen: what it had before, the sweep, and
+    // the few ports the sweeps themselves use (DNS, discard).
+    let mut ports_expected: BTreeSet<String> = ports_before.clone();
+    ports_expected.extend((0..PORTS).map(|i| (u32::from(FIRST_PORT) + i).to_string()));
+    ports_expected.extend(["53".to_owned(), "9".to_owned()]);
+    let ports_now = admitted(&text, "remote_port")?;
+    ensure!(
+        ports_now.is_subset(&ports_expected),
+        "unexpected ports: {:?}",
+        ports_now
+            .difference(&ports_expected)
+            .take(10)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(ports_now.len(), PORT_CAP, "remote_port values exported");
+    assert_eq!(
+        overflow(&text, "remote_port")?,
+        (ports_expected.len() - PORT_CAP) as u64,
+        "every folded port counted once"
+    );
+
+    let mut domains_expected: BTreeSet<String> = domains_before.clone();
+    domains_expected.extend((0..DOMAINS).map(|i| format!("d{i}.test")));
+    let domains_now = admitted(&text, "domain")?;
+    ensure!(
+        domains_now.is_subset(&domains_expected),
+        "unexpected domains: {:?}",
+        domains_now
+            .difference(&domains_expected)
+            .take(10)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(domains_now.len(), DOMAIN_CAP, "domain values exported");
+    assert_eq!(
+        overflow(&text, "domain")?,
+        (domains_expected.len() - DOMAIN_CAP) as u64,
+        "every folded domain counted once"
+    );
+
+    let rss = peak_rss_kib(agent.pid())?;
+    eprintln!(
+        "cardinality: {PORTS} ports and {DOMAINS} domains in {elapsed:?}; {} series; agent peak RSS {} KiB",
+        fleetsnitch_e2e::parse_samples(&text, "fleetsnitch_bytes_series")?
+            .first()
+            .map_or(0.0, |s| s.value),
+        rss
+    );
+    ensure!(
+        elapsed < Duration::from_secs(60),
+        "the sweeps took {elapsed:?}, not within a minute"
+    );
+    // A generous bound: what matters is that it does not grow with the values folded.
+    assert!(rss < 256 * 1024, "peak RSS {rss} KiB");
+    agent.check_running()?;
+    if overflow(&text, "domain")? == 0 {
+        bail!("no domain was folded: the test did not exercise the cap");
+    }
+    Ok(())
+}
