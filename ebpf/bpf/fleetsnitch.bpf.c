@@ -196,6 +196,9 @@ static __always_inline void announce(struct task_struct *task, __u32 tgid, __u64
 	struct task_struct *parent = BPF_CORE_READ(task, real_parent);
 
 	event->ppid = BPF_CORE_READ(parent, tgid);
+	/* Read now: a short-lived process's /proc/<pid>/cgroup is gone by the
+	 * time the agent could look. */
+	event->cgroup_id = bpf_get_current_cgroup_id();
 	file_identity(task_exe_file(parent), &event->parent_exe_ino, &event->parent_exe_dev);
 
 	if (exe)

@@ -96,6 +96,8 @@ struct fs_identity_event {
 	/* Slots of `names` used, leaf first; empty slots mark mount crossings. */
 	__u32 depth;
 	char comm[FS_COMM_LEN];
+	/* cgroup v2 id (the cgroup directory's inode) the process runs in. */
+	__u64 cgroup_id;
 	char names[FS_PATH_DEPTH][FS_NAME_LEN];
 };
 
@@ -108,8 +110,8 @@ struct fs_exit_event {
 _Static_assert(sizeof(struct fs_config) == 8, "fs_config layout");
 _Static_assert(sizeof(struct fs_traffic_key) == 48, "fs_traffic_key layout");
 _Static_assert(sizeof(struct fs_traffic_value) == 56, "fs_traffic_value layout");
-_Static_assert(sizeof(struct fs_identity_event) == 72 + FS_PATH_DEPTH * FS_NAME_LEN, "fs_identity_event layout");
-_Static_assert(__builtin_offsetof(struct fs_identity_event, names) == 72, "fs_identity_event.names offset");
+_Static_assert(sizeof(struct fs_identity_event) == 80 + FS_PATH_DEPTH * FS_NAME_LEN, "fs_identity_event layout");
+_Static_assert(__builtin_offsetof(struct fs_identity_event, names) == 80, "fs_identity_event.names offset");
 _Static_assert(sizeof(struct fs_exit_event) == 16, "fs_exit_event layout");
 
 #endif

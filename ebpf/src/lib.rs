@@ -111,6 +111,8 @@ pub struct IdentityEvent {
     /// Filled entries of `names`, leaf first.
     pub depth: u32,
     pub comm: [u8; COMM_LEN],
+    /// cgroup v2 id (the cgroup directory's inode) the process runs in.
+    pub cgroup_id: u64,
     pub names: [[u8; NAME_LEN]; PATH_DEPTH],
 }
 
@@ -153,8 +155,8 @@ const _: () = assert!(size_of::<DnsEvent>() == 40 + DNS_PAYLOAD);
 const _: () = assert!(size_of::<Config>() == 8);
 const _: () = assert!(size_of::<TrafficKey>() == 48);
 const _: () = assert!(size_of::<TrafficValue>() == 56);
-const _: () = assert!(size_of::<IdentityEvent>() == 72 + PATH_DEPTH * NAME_LEN);
-const _: () = assert!(offset_of!(IdentityEvent, names) == 72);
+const _: () = assert!(size_of::<IdentityEvent>() == 80 + PATH_DEPTH * NAME_LEN);
+const _: () = assert!(offset_of!(IdentityEvent, names) == 80);
 const _: () = assert!(size_of::<ExitEvent>() == 16);
 
 #[cfg(feature = "user")]

@@ -15,6 +15,7 @@ use crate::{
     geoip::GeoIp,
     hashing::Hasher,
     http, journal,
+    kubernetes::PodResolver,
     labels::{self, LabelPolicy},
     metrics::{Metrics, ProbeLabels},
     preflight::{self, PreflightError},
@@ -93,7 +94,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         label_policy(&config),
         config.collector.drain_interval,
     )?
-    .with_geoip(geoip);
+    .with_geoip(geoip)
+    .with_pods(PodResolver::spawn(&config.kubernetes));
 
     let stop = Arc::new(AtomicBool::new(false));
     let collector_thread = {

@@ -31,6 +31,7 @@ use crate::{
     hashing::{HashJob, Hasher},
     identity::{ExeKey, IdentityTable, Process},
     journal::{self, Input, JournalHandle, Rollup},
+    kubernetes::PodResolver,
     labels::{FlowFacts, LabelPolicy, TrafficLabels},
     metrics::{Direction, DirectionLabels, LabelLabels, MapLabels, Metrics},
     socket,
@@ -93,6 +94,7 @@ pub struct Collector {
     journal: Option<JournalHandle>,
     labels: LabelPolicy,
     geoip: Option<GeoIp>,
+    pods: Option<PodResolver>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     drain_interval: Duration,
@@ -146,10 +148,17 @@ impl Collector {
             journal,
             labels,
             geoip: None,
+            pods: None,
             metrics,
             health,
             drain_interval,
         })
+    }
+
+    /// Adds pod, namespace and container name to containers' flows.
+    pub fn with_pods(mut self, pods: Option<PodResolver>) -> Self {
+        self.pods = pods;
+        self
     }
 
     /// Adds country and ASN to flows from these databases.
@@ -307,6 +316,13 @@ impl Collector {
                 (Some(geoip), Some(ip)) => geoip.lookup_ref(ip),
                 _ => GeoRef::default(),
             };
+            let container = process
+                .and_then(|p| p.container.as_ref())
+                .filter(|c| c.runtime.is_container());
+            let pod = match (&self.pods, container) {
+                (Some(pods), Some(container)) => pods.lookup(&container.id),
+                _ => None,
+            };
             let facts = FlowFacts {
                 parent: process.and_then(|p| p.parent_path.as_deref()),
                 uid: process.map(|p| p.uid),
@@ -314,6 +330,10 @@ impl Collector {
                 transport: socket::transport(&key, &value),
                 country: geo.country,
                 asn: geo.asn,
+                container_id: container.map(|c| c.id.as_str()),
+                container_name: pod.as_ref().map(|p| p.container.as_str()),
+                pod: pod.as_ref().map(|p| p.pod.as_str()),
+                namespace: pod.as_ref().map(|p| p.namespace.as_str()),
                 ..FlowFacts::default()
             };
             for (index, direction) in [

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::{
     journal::IgnoreList,
+    kubernetes::KubernetesConfig,
     labels::{self, Dimension},
 };
 
@@ -52,6 +53,7 @@ pub struct Config {
     pub virustotal: VirusTotalConfig,
     pub metrics: MetricsConfig,
     pub geoip: GeoIpConfig,
+    pub kubernetes: KubernetesConfig,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

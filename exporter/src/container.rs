@@ -60,6 +60,7 @@ use std::{
     io,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 /// What created the cgroup a process runs in.
@@ -371,6 +372,85 @@ pub fn cgroup_id(mount: &Path, cgroup_path: &str) -> io::Result<u64> {
     Ok(fs::metadata(mount.join(cgroup_path.trim_start_matches('/')))?.ino())
 }
 
+/// Directories walked at most per rescan of the cgroup v2 tree.
+const MAX_CGROUPS_SCANNED: usize = 200_000;
+/// Shortest time between two rescans: a burst of unknown ids costs one walk.
+const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Cgroup v2 id -> path, built by walking the hierarchy (an id is the inode
+/// of the cgroup's directory). The kernel reports the id with each process,
+/// so a process that has exited is still placed in its cgroup as long as the
+/// cgroup itself exists, which is the case for every container while it runs.
+#[derive(Debug)]
+pub struct CgroupIndex {
+    mount: PathBuf,
+    paths: HashMap<u64, String>,
+    last_scan: Option<Instant>,
+}
+
+impl CgroupIndex {
+    /// An index of the cgroup v2 hierarchy, if one is mounted.
+    pub fn new() -> Option<Self> {
+        Some(Self::at(cgroup2_mount()?))
+    }
+
+    pub fn at(mount: PathBuf) -> Self {
+        Self {
+            mount,
+            paths: HashMap::new(),
+            last_scan: None,
+        }
+    }
+
+    /// The path (`/a/b`, relative to the mount) of cgroup `id`.
+    pub fn path_of(&mut self, id: u64) -> Option<String> {
+        if let Some(path) = self.paths.get(&id) {
+            return Some(path.clone());
+        }
+        let due = self
+            .last_scan
+            .is_none_or(|at| at.elapsed() >= RESCAN_INTERVAL);
+        if !due {
+            return None;
+        }
+        self.rescan();
+        self.paths.get(&id).cloned()
+    }
+
+    fn rescan(&mut self) {
+        self.last_scan = Some(Instant::now());
+        self.paths.clear();
+        let mut pending = vec![(self.mount.clone(), String::from("/"))];
+        while let Some((dir, path)) = pending.pop() {
+            if self.paths.len() >= MAX_CGROUPS_SCANNED {
+                tracing::warn!(
+                    limit = MAX_CGROUPS_SCANNED,
+                    "cgroup tree too large to index completely; some containers go unnamed"
+                );
+                break;
+            }
+            let Ok(metadata) = fs::metadata(&dir) else {
+                continue;
+            };
+            self.paths.insert(metadata.ino(), path.clone());
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let child = if path == "/" {
+                        format!("/{name}")
+                    } else {
+                        format!("{path}/{name}")
+                    };
+                    pending.push((entry.path(), child));
+                }
+            }
+        }
+    }
+}
+
 /// A bounded memo of [`container_of`] answers, keyed by cgroup id (cgroup v2
 /// ids are never reused) or by path.
 ///
@@ -473,6 +553,23 @@ mod tests {
             id: id.to_owned(),
             pod_uid: pod.map(str::to_owned),
         })
+    }
+
+    #[test]
+    fn cgroup_index_finds_a_cgroup_by_its_inode() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("kubepods.slice/cri-containerd-abc.scope")).unwrap();
+        let id = cgroup_id(dir.path(), "/kubepods.slice/cri-containerd-abc.scope").unwrap();
+        let mut index = CgroupIndex::at(dir.path().to_path_buf());
+        assert_eq!(
+            index.path_of(id).as_deref(),
+            Some("/kubepods.slice/cri-containerd-abc.scope")
+        );
+        assert_eq!(
+            index.path_of(u64::MAX),
+            None,
+            "unknown ids are not invented"
+        );
     }
 
     #[test]

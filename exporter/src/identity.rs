@@ -16,6 +16,8 @@ use std::{
 
 use fleetsnitch_ebpf::{IDENTITY_NO_EXE, IDENTITY_PATH_TRUNCATED, IdentityEvent};
 
+use crate::container::{self, CgroupIndex, ContainerCache, ContainerRef};
+
 /// Label used for traffic of kernel threads, which have no executable.
 pub const KERNEL_EXE: &str = "[kernel]";
 /// Label used when neither the kernel nor `/proc` could name the executable.
@@ -62,12 +64,19 @@ pub struct Process {
     pub parent_exe: ExeKey,
     /// Path of the parent's executable, when it could be found.
     pub parent_path: Option<String>,
+    /// The container (or systemd unit) the process runs in, from its cgroup.
+    pub container: Option<ContainerRef>,
 }
+
+/// Distinct cgroup paths whose container is remembered.
+const CONTAINER_CACHE_ENTRIES: usize = 4096;
 
 /// Processes and executables known to the agent.
 #[derive(Debug, Default)]
 pub struct IdentityTable {
     processes: HashMap<u32, Process>,
+    containers: Option<ContainerCache<String>>,
+    cgroups: Option<Option<CgroupIndex>>,
     /// Processes that exited, kept until the drain that carries their last traffic.
     exited: Vec<(u32, u64)>,
     exe_paths: HashMap<ExeKey, String>,
@@ -96,6 +105,7 @@ impl IdentityTable {
             ppid: event.ppid,
             parent_exe,
             parent_path: self.parent_path(event.ppid, parent_exe),
+            container: self.container_of(event.tgid, event.cgroup_id),
         };
         let mut new_exe = None;
         if event.flags & IDENTITY_NO_EXE == 0 && !self.exe_paths.contains_key(&exe) {
@@ -110,6 +120,25 @@ impl IdentityTable {
         }
         self.processes.insert(event.tgid, process.clone());
         Recorded { process, new_exe }
+    }
+
+    /// The container of a process: from the cgroup v2 id the kernel reported
+    /// (which outlives the process), else from `/proc/<tgid>/cgroup` (cgroup
+    /// v1 hosts; the process was just on the network, so it usually still runs).
+    fn container_of(&mut self, tgid: u32, cgroup_id: u64) -> Option<ContainerRef> {
+        let from_kernel = self
+            .cgroups
+            .get_or_insert_with(CgroupIndex::new)
+            .as_mut()
+            .and_then(|index| index.path_of(cgroup_id));
+        let containers = self
+            .containers
+            .get_or_insert_with(|| ContainerCache::new(CONTAINER_CACHE_ENTRIES));
+        if let Some(found) = from_kernel.and_then(|path| containers.container_of(&path)) {
+            return Some(found);
+        }
+        let cgroup = container::cgroup_path_of(tgid).ok()?;
+        containers.container_of(&cgroup)
     }
 
     /// The parent's executable path: known already, or read from `/proc` while
@@ -257,6 +286,7 @@ mod tests {
             parent_exe_dev: 0,
             depth: components.len() as u32,
             comm,
+            cgroup_id: 0,
             names,
         }
     }
