@@ -44,7 +44,8 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 20);
+	/* About 3900 answers: the agent wakes on the first one, this absorbs bursts. */
+	__uint(max_entries, 4 << 20);
 } dns_events SEC(".maps");
 
 /* Answers that did not fit in the ring buffer. */

@@ -12,6 +12,8 @@ use tokio::net::TcpListener;
 use crate::{
     collector::{Collector, CollectorError, Health},
     config::Config,
+    dns::DnsCacheConfig,
+    dns_capture::DnsCapture,
     geoip::GeoIp,
     hashing::Hasher,
     http, journal,
@@ -95,6 +97,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         config.collector.drain_interval,
     )?
     .with_geoip(geoip)
+    .with_dns(start_dns_capture(&metrics), DnsCacheConfig::default())
     .with_pods(PodResolver::spawn(&config.kubernetes));
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -143,6 +146,42 @@ fn load_object(config: &Config) -> Result<Ebpf, AgentError> {
         .map_err(|error: EbpfError| AgentError::BpfRefused {
             detail: probes::error_chain(&error),
         })
+}
+
+/// Starts DNS capture; without it the agent runs, with empty domains.
+fn start_dns_capture(metrics: &Metrics) -> Option<DnsCapture> {
+    match DnsCapture::start() {
+        Ok((capture, probes)) => {
+            for probe in probes {
+                metrics
+                    .probe_attached
+                    .get_or_create(&ProbeLabels {
+                        probe: probe.probe.to_owned(),
+                        mode: if probe.error.is_some() {
+                            "none"
+                        } else {
+                            probe.mode
+                        }
+                        .to_owned(),
+                    })
+                    .set(i64::from(probe.error.is_none()));
+            }
+            Some(capture)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "DNS capture unavailable: domains stay empty");
+            for probe in ["dns_owners", "dns_answers"] {
+                metrics
+                    .probe_attached
+                    .get_or_create(&ProbeLabels {
+                        probe: probe.to_owned(),
+                        mode: "none".to_owned(),
+                    })
+                    .set(0);
+            }
+            None
+        }
+    }
 }
 
 /// Opens the configured GeoIP databases; a configured file that cannot be

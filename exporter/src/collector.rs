@@ -27,15 +27,19 @@ use fleetsnitch_ebpf::{
 };
 
 use crate::{
+    dns::{DnsCache, DnsCacheConfig, DnsStats, Transport},
+    dns_capture::DnsCapture,
     geoip::{GeoIp, GeoRef},
     hashing::{HashJob, Hasher},
     identity::{ExeKey, IdentityTable, Process},
     journal::{self, Input, JournalHandle, Rollup},
     kubernetes::PodResolver,
     labels::{FlowFacts, LabelPolicy, TrafficLabels},
-    metrics::{Direction, DirectionLabels, LabelLabels, MapLabels, Metrics},
+    metrics::{Direction, DirectionLabels, LabelLabels, MapLabels, Metrics, ResultLabels},
     socket,
 };
+
+const IPPROTO_TCP: u8 = 6;
 
 /// Time given to programs that read the old generation before it is drained.
 /// Tracing programs run with migration disabled for microseconds at most.
@@ -95,6 +99,9 @@ pub struct Collector {
     labels: LabelPolicy,
     geoip: Option<GeoIp>,
     pods: Option<PodResolver>,
+    dns: Option<DnsCapture>,
+    domains: DnsCache,
+    dns_reported: DnsStats,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     drain_interval: Duration,
@@ -149,10 +156,20 @@ impl Collector {
             labels,
             geoip: None,
             pods: None,
+            dns: None,
+            domains: DnsCache::new(DnsCacheConfig::default()),
+            dns_reported: DnsStats::default(),
             metrics,
             health,
             drain_interval,
         })
+    }
+
+    /// Names flows' peers from the DNS answers `capture` delivers.
+    pub fn with_dns(mut self, capture: Option<DnsCapture>, cache: DnsCacheConfig) -> Self {
+        self.dns = capture;
+        self.domains = DnsCache::new(cache);
+        self
     }
 
     /// Adds pod, namespace and container name to containers' flows.
@@ -200,14 +217,28 @@ impl Collector {
         }
     }
 
+    /// Sleeps until either ring buffer has records, or `timeout`.
     fn wait_for_events(&self, timeout: Duration) {
-        let mut pollfd = libc::pollfd {
-            fd: self.events.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let mut fds = [
+            libc::pollfd {
+                fd: self.events.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.dns.as_ref().map_or(-1, DnsCapture::as_raw_fd),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: valid pollfds for the duration of the call; a negative fd is ignored.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                timeout.as_millis() as libc::c_int,
+            )
         };
-        // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut pollfd, 1, timeout.as_millis() as libc::c_int) };
     }
 
     fn read_events(&mut self) {
@@ -247,6 +278,46 @@ impl Collector {
                 ),
             }
         }
+        self.read_dns_answers();
+    }
+
+    /// Records the DNS answers processes received, after their identities:
+    /// a process announces itself with its query, before the answer arrives.
+    fn read_dns_answers(&mut self) {
+        let Self {
+            dns: Some(dns),
+            domains,
+            identities,
+            ..
+        } = self
+        else {
+            return;
+        };
+        dns.drain(|event| {
+            if event.tgid == 0 {
+                // The query went out before the agent started: owner unknown.
+                return;
+            }
+            let container = identities
+                .process(event.tgid)
+                .and_then(|p| p.container.as_ref())
+                .filter(|c| c.runtime.is_container())
+                .map(|c| c.id.as_str());
+            let captured = usize::from(event.captured).min(event.payload.len());
+            let transport = if event.protocol == IPPROTO_TCP {
+                Transport::Tcp
+            } else {
+                Transport::Udp
+            };
+            // Failures are counted by the cache; the payload is data, never trusted.
+            let _ = domains.record_payload(
+                event.tgid,
+                container,
+                &event.payload[..captured],
+                event.payload_len as usize,
+                transport,
+            );
+        });
     }
 
     fn drain(&mut self) -> Result<(), CollectorError> {
@@ -319,6 +390,10 @@ impl Collector {
             let container = process
                 .and_then(|p| p.container.as_ref())
                 .filter(|c| c.runtime.is_container());
+            let domain = remote.and_then(|ip| {
+                self.domains
+                    .domain_for(key.tgid, container.map(|c| c.id.as_str()), ip)
+            });
             let pod = match (&self.pods, container) {
                 (Some(pods), Some(container)) => pods.lookup(&container.id),
                 _ => None,
@@ -330,11 +405,11 @@ impl Collector {
                 transport: socket::transport(&key, &value),
                 country: geo.country,
                 asn: geo.asn,
+                domain: domain.as_deref(),
                 container_id: container.map(|c| c.id.as_str()),
                 container_name: pod.as_ref().map(|p| p.container.as_str()),
                 pod: pod.as_ref().map(|p| p.pod.as_str()),
                 namespace: pod.as_ref().map(|p| p.namespace.as_str()),
-                ..FlowFacts::default()
             };
             for (index, direction) in [
                 (DIR_SENT, Direction::Sent),
@@ -371,7 +446,12 @@ impl Collector {
                     .inc_by(unresolved[index]);
             }
         }
+        for &(tgid, _) in &exited {
+            self.domains.forget_process(tgid);
+        }
         self.identities.purge(exited);
+        self.domains.purge_expired();
+        self.report_dns();
         self.report_kernel_stats()?;
         self.metrics
             .tracked_processes
@@ -380,6 +460,38 @@ impl Collector {
             .tracked_executables
             .set(self.identities.executable_count() as i64);
         Ok(())
+    }
+
+    /// DNS self-metrics: deltas of the cache's counters and of lost captures.
+    fn report_dns(&mut self) {
+        let lost = self.dns.as_mut().map_or(0, DnsCapture::take_lost);
+        self.metrics.dns_answers_lost.inc_by(lost);
+        let now = self.domains.stats();
+        let before = std::mem::replace(&mut self.dns_reported, now);
+        let count = |name: &str, delta: u64| {
+            self.metrics
+                .dns_messages
+                .get_or_create(&ResultLabels {
+                    result: name.to_owned(),
+                })
+                .inc_by(delta);
+        };
+        count(
+            "answer_recorded",
+            now.answers_recorded - before.answers_recorded,
+        );
+        count("parse_failure", now.parse_failures - before.parse_failures);
+        count("ignored", now.ignored_messages - before.ignored_messages);
+        count(
+            "truncated",
+            now.truncated_payloads - before.truncated_payloads,
+        );
+        self.metrics
+            .dns_cache_evictions
+            .inc_by(now.evictions - before.evictions);
+        self.metrics
+            .dns_cache_entries
+            .set(self.domains.len() as i64);
     }
 
     fn report_label_overflow(&self) {

@@ -14,12 +14,9 @@ use aya::{
 };
 use fleetsnitch_ebpf::DnsEvent;
 
-use crate::probes::error_chain;
+use crate::{container, probes::error_chain};
 
 static DNS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dns.bpf.o"));
-
-/// Where cgroup2 is usually mounted; /proc/self/mountinfo says otherwise.
-const CGROUP2_DEFAULT: &str = "/sys/fs/cgroup";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DnsCaptureError {
@@ -51,25 +48,6 @@ pub struct DnsCapture {
     lost_seen: u64,
 }
 
-/// The mount point of the cgroup v2 hierarchy.
-pub fn cgroup2_root() -> Option<PathBuf> {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo
-        .lines()
-        .find_map(|line| {
-            let (mount, fs) = line.split_once(" - ")?;
-            let fs_type = fs.split_whitespace().next()?;
-            (fs_type == "cgroup2").then(|| mount.split_whitespace().nth(4).map(PathBuf::from))?
-        })
-        .or_else(|| {
-            let default = PathBuf::from(CGROUP2_DEFAULT);
-            default
-                .join("cgroup.controllers")
-                .exists()
-                .then_some(default)
-        })
-}
-
 const PROGRAMS_OWNERS: &[&str] = &[
     "dns_owner_connect4",
     "dns_owner_connect6",
@@ -80,7 +58,7 @@ const PROGRAMS_OWNERS: &[&str] = &[
 impl DnsCapture {
     /// Loads and attaches the DNS programs; the outcomes go to `fleetsnitch_probe_attached`.
     pub fn start() -> Result<(Self, Vec<DnsProbe>), DnsCaptureError> {
-        let root = cgroup2_root().ok_or(DnsCaptureError::NoCgroup2)?;
+        let root = container::cgroup2_mount().ok_or(DnsCaptureError::NoCgroup2)?;
         let cgroup = File::open(&root).map_err(|source| DnsCaptureError::OpenCgroup {
             path: root.clone(),
             source,
@@ -150,6 +128,12 @@ impl DnsCapture {
         }
     }
 
+    /// The ring buffer's descriptor, to wait for answers with poll(2).
+    pub fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.events.as_raw_fd()
+    }
+
     /// Answers lost since the last call because the ring buffer was full.
     pub fn take_lost(&mut self) -> u64 {
         let total: u64 = self
@@ -163,6 +147,9 @@ impl DnsCapture {
     }
 }
 
+// Attached through bpf_link (kernels >= 5.7), which coexists with other
+// programs on the same cgroup whatever the mode; the legacy flags (such as
+// BPF_F_ALLOW_MULTI) are refused with EINVAL on a link.
 fn attach_owners(ebpf: &mut Ebpf, cgroup: &File) -> Result<(), String> {
     for name in PROGRAMS_OWNERS {
         let program: &mut CgroupSockAddr = ebpf
@@ -172,11 +159,7 @@ fn attach_owners(ebpf: &mut Ebpf, cgroup: &File) -> Result<(), String> {
             .map_err(|e| format!("program {name}: {e}"))?;
         program
             .load()
-            .and_then(|()| {
-                program
-                    .attach(cgroup, CgroupAttachMode::AllowMultiple)
-                    .map(drop)
-            })
+            .and_then(|()| program.attach(cgroup, CgroupAttachMode::Single).map(drop))
             .map_err(|e| format!("program {name}: {}", error_chain(&e)))?;
     }
     Ok(())
@@ -196,25 +179,9 @@ fn attach_answers(ebpf: &mut Ebpf, cgroup: &File) -> Result<(), String> {
                 .attach(
                     cgroup,
                     CgroupSkbAttachType::Ingress,
-                    CgroupAttachMode::AllowMultiple,
+                    CgroupAttachMode::Single,
                 )
                 .map(drop)
         })
         .map_err(|e| format!("program {name}: {}", error_chain(&e)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cgroup2_root_is_found_on_this_host() {
-        // Every machine this is developed and tested on runs cgroup v2.
-        let root = cgroup2_root().expect("a cgroup2 mount");
-        assert!(
-            root.join("cgroup.controllers").exists(),
-            "{}",
-            root.display()
-        );
-    }
 }

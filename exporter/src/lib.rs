@@ -10,6 +10,7 @@ pub mod cli;
 pub mod collector;
 pub mod config;
 pub mod container;
+pub mod dns;
 pub mod dns_capture;
 pub mod geoip;
 pub mod hashing;

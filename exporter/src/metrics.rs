@@ -136,6 +136,10 @@ pub struct Metrics {
     pub path_first_seen: Family<ExeLabels, Gauge>,
     pub executable_modified: Family<ExeLabels, Gauge>,
     pub virustotal_detections: Family<ExecutableLabels, Gauge>,
+    pub dns_messages: Family<ResultLabels, Counter>,
+    pub dns_answers_lost: Counter,
+    pub dns_cache_evictions: Counter,
+    pub dns_cache_entries: Gauge,
     pub virustotal_lookups: Family<ResultLabels, Counter>,
     pub journal_events: Family<KindLabels, Counter>,
     pub journal_writes: Counter,
@@ -168,6 +172,10 @@ impl Metrics {
             path_first_seen: Family::default(),
             executable_modified: Family::default(),
             virustotal_detections: Family::default(),
+            dns_messages: Family::default(),
+            dns_answers_lost: Counter::default(),
+            dns_cache_evictions: Counter::default(),
+            dns_cache_entries: Gauge::default(),
             virustotal_lookups: Family::default(),
             journal_events: Family::default(),
             journal_writes: Counter::default(),
@@ -279,6 +287,26 @@ impl Metrics {
             "Unix time an executable was last modified in place (seen through fanotify)",
             Unit::Seconds,
             metrics.executable_modified.clone(),
+        );
+        registry.register(
+            "dns_messages",
+            "DNS responses seen at the socket layer, by result (answer_recorded counts answers; parse_failure, ignored, truncated count messages)",
+            metrics.dns_messages.clone(),
+        );
+        registry.register(
+            "dns_answers_lost",
+            "DNS responses the kernel could not deliver (DNS ring buffer full): their domains are missing",
+            metrics.dns_answers_lost.clone(),
+        );
+        registry.register(
+            "dns_cache_evictions",
+            "DNS answers dropped before expiry because the cache was full",
+            metrics.dns_cache_evictions.clone(),
+        );
+        registry.register(
+            "dns_cache_entries",
+            "DNS answers held (per process and per container)",
+            metrics.dns_cache_entries.clone(),
         );
         registry.register(
             "virustotal_detections",
