@@ -11,6 +11,7 @@
 //! Every guard cleans up on drop, also while panicking.
 
 pub mod agent;
+pub mod dnswire;
 pub mod metrics;
 pub mod netns;
 pub mod process;
@@ -34,6 +35,44 @@ pub use netns::NetnsPair;
 pub use process::ProcessGuard;
 
 /// Whether we run as root (the suite needs namespaces, raw sockets and eBPF).
+/// Polls `check` every 100 ms until it says yes, for at most `bound`.
+pub fn wait_until(
+    bound: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Result<bool>,
+) -> Result<()> {
+    let deadline = std::time::Instant::now() + bound;
+    while !check()? {
+        if std::time::Instant::now() > deadline {
+            bail!("{what}: not within {bound:?}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Hex sha256 of a file's content.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let content = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    Ok(format!("{:x}", sha2::Sha256::digest(content)))
+}
+
+/// Runs `exe client loopback --bytes N` (a trafficgen copy) in this namespace.
+pub fn run_loopback(exe: &Path, bytes: u64) -> Result<()> {
+    let out = process::run_bounded(
+        std::process::Command::new(exe).args(["client", "loopback", "--bytes", &bytes.to_string()]),
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        out.status.success(),
+        "loopback from {}: {}",
+        exe.display(),
+        out.stderr
+    );
+    Ok(())
+}
+
 pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.
     unsafe { libc::geteuid() == 0 }

@@ -252,6 +252,28 @@ impl MetricsClient {
     }
 
     /// Fetches and parses `fleetsnitch_bytes_total`.
+    /// The whole `/metrics` page.
+    pub fn text(&self) -> Result<String> {
+        Ok(http_get(self.addr, "/metrics", Duration::from_secs(10))?.body)
+    }
+
+    /// Samples of `name` for executable `exe` (and `direction`, if given).
+    pub fn samples_for(
+        &self,
+        name: &str,
+        exe: &Path,
+        direction: Option<&str>,
+    ) -> Result<Vec<Sample>> {
+        Ok(parse_samples(&self.text()?, name)?
+            .into_iter()
+            .filter(|s| {
+                s.labels.get("exe").map(String::as_str) == exe.to_str()
+                    && direction
+                        .is_none_or(|d| s.labels.get("direction").map(String::as_str) == Some(d))
+            })
+            .collect())
+    }
+
     pub fn scrape(&self) -> Result<Vec<Sample>> {
         let resp = http_get(self.addr, &self.path, Duration::from_secs(5))?;
         ensure!(

@@ -13,26 +13,12 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, TempDir, agent_binary, exe_copy, is_root, process, random_suffix,
+    AgentGuard, TempDir, agent_binary, exe_copy, is_root, process, random_suffix, run_loopback,
+    sha256_file,
 };
-use sha2::{Digest, Sha256};
 
 fn trafficgen() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
-}
-
-fn sha256_of(path: &Path) -> String {
-    format!("{:x}", Sha256::digest(fs::read(path).unwrap()))
-}
-
-/// Runs a loopback transfer of `bytes` from `exe` in the root namespace.
-fn loopback(exe: &Path, bytes: u64) -> Result<()> {
-    let out = process::run_bounded(
-        Command::new(exe).args(["client", "loopback", "--bytes", &bytes.to_string()]),
-        Duration::from_secs(30),
-    )?;
-    ensure!(out.status.success(), "loopback failed: {}", out.stderr);
-    Ok(())
 }
 
 /// `fleetsnitch_executable_info` series for `exe`: sha256 -> value.
@@ -70,9 +56,9 @@ fn replaced_executable_is_reported_under_its_new_sha256() -> Result<()> {
     let dir = TempDir::new("fsn-replace")?;
     let name = format!("replaced-{}", random_suffix());
     let exe = exe_copy(&trafficgen(), dir.path(), &name)?;
-    let first_sha = sha256_of(&exe);
+    let first_sha = sha256_file(&exe)?;
 
-    loopback(&exe, 100_000)?;
+    run_loopback(&exe, 100_000)?;
     agent.metrics().wait_for_bytes(&exe, "sent", 100_000)?;
     let info = wait_for(Duration::from_secs(10), || {
         let info = info_for(&agent, &exe)?;
@@ -93,10 +79,10 @@ fn replaced_executable_is_reported_under_its_new_sha256() -> Result<()> {
     drop(file);
     fs::set_permissions(&staged, fs::Permissions::from_mode(0o755))?;
     fs::rename(&staged, &exe)?;
-    let second_sha = sha256_of(&exe);
+    let second_sha = sha256_file(&exe)?;
     assert_ne!(first_sha, second_sha);
 
-    loopback(&exe, 50_000)?;
+    run_loopback(&exe, 50_000)?;
     agent.metrics().wait_for_bytes(&exe, "sent", 150_000)?;
     let info = wait_for(Duration::from_secs(10), || {
         let info = info_for(&agent, &exe)?;
@@ -164,7 +150,7 @@ fn sigterm_flushes_the_journal_and_detaches_every_probe() -> Result<()> {
         dir.path(),
         &format!("lastword-{}", random_suffix()),
     )?;
-    loopback(&exe, 10_000)?;
+    run_loopback(&exe, 10_000)?;
     agent.metrics().wait_for_bytes(&exe, "sent", 10_000)?;
     // The journal writes every 10 s by default: only the shutdown flush can have it now.
     agent.signal(libc::SIGTERM);

@@ -18,18 +18,13 @@ use fleetsnitch_e2e::{
     agent::free_port,
     agent_binary, exe_copy, is_root, random_suffix, run_client,
     servers::{Alertmanager, Notification, Prometheus, Webhook},
-    workspace_root,
+    sha256_file, workspace_root,
 };
-use sha2::{Digest, Sha256};
 
 const HOST: &str = "alerting-test-host";
 
 fn trafficgen() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
-}
-
-fn sha256_of(path: &Path) -> String {
-    format!("{:x}", Sha256::digest(fs::read(path).unwrap()))
 }
 
 fn prometheus_config(agent: SocketAddr, alertmanager: SocketAddr) -> String {
@@ -124,7 +119,7 @@ fn new_program_alerts_once_and_a_modified_copy_alerts_again() -> Result<()> {
         dir.path(),
         &format!("novel-{}", random_suffix()),
     )?;
-    let novel_sha = sha256_of(&novel);
+    let novel_sha = sha256_file(&novel)?;
     let started = Instant::now();
     run_client(
         &net,
@@ -197,7 +192,7 @@ fn new_program_alerts_once_and_a_modified_copy_alerts_again() -> Result<()> {
     content.extend_from_slice(b"\0modified");
     fs::File::create(&modified)?.write_all(&content)?;
     fs::set_permissions(&modified, fs::Permissions::from_mode(0o755))?;
-    let modified_sha = sha256_of(&modified);
+    let modified_sha = sha256_file(&modified)?;
     let before_modified = Instant::now();
     run_client(
         &net,

@@ -8,13 +8,13 @@ use std::{
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
     AgentGuard, NetnsPair, PeerServer, TempDir, agent_binary, exe_copy, is_root, process,
-    random_suffix, run_client,
+    random_suffix, run_client, run_loopback, wait_until,
 };
 
 fn trafficgen() -> PathBuf {
@@ -34,30 +34,10 @@ fn query(journal: &Path, sql: &str) -> Result<String> {
     Ok(out.stdout.trim().to_owned())
 }
 
-fn wait_for(bound: Duration, what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + bound;
-    while !check()? {
-        if Instant::now() > deadline {
-            bail!("{what}: not within {bound:?}");
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
 fn write_config(dir: &Path, text: &str) -> Result<PathBuf> {
     let path = dir.join("fleetsnitch.yaml");
     fs::write(&path, text)?;
     Ok(path)
-}
-
-fn loopback(exe: &Path, bytes: u64) -> Result<()> {
-    let out = process::run_bounded(
-        Command::new(exe).args(["client", "loopback", "--bytes", &bytes.to_string()]),
-        Duration::from_secs(30),
-    )?;
-    ensure!(out.status.success(), "loopback failed: {}", out.stderr);
-    Ok(())
 }
 
 fn metric(agent: &AgentGuard, name: &str) -> Result<f64> {
@@ -117,7 +97,7 @@ fn sigkill_during_heavy_writes_keeps_every_committed_row() -> Result<()> {
             Ok(())
         });
         let outcome = (|| -> Result<(String, String)> {
-            wait_for(Duration::from_secs(60), "4000 rollups committed", || {
+            wait_until(Duration::from_secs(60), "4000 rollups committed", || {
                 let rows = query(&journal, "SELECT count(*) FROM connections")?
                     .parse::<u64>()
                     .unwrap_or(0);
@@ -171,7 +151,7 @@ fn sigkill_during_heavy_writes_keeps_every_committed_row() -> Result<()> {
     )?;
     agent.metrics().wait_for_bytes(&storm, "sent", 10_000)?;
     let storm_path = storm.display().to_string();
-    wait_for(
+    wait_until(
         Duration::from_secs(10),
         "the restarted agent journals again",
         || {
@@ -262,9 +242,9 @@ fn read_only_journal_degrades_then_catches_up() -> Result<()> {
         dir.path(),
         &format!("rofs-{}", random_suffix()),
     )?;
-    loopback(&exe, 20_000)?;
+    run_loopback(&exe, 20_000)?;
     agent.metrics().wait_for_bytes(&exe, "sent", 20_000)?;
-    wait_for(Duration::from_secs(10), "journal errors counted", || {
+    wait_until(Duration::from_secs(10), "journal errors counted", || {
         Ok(metric(&agent, "fleetsnitch_journal_write_errors_total")? >= 1.0)
     })?;
     let log = fs::read_to_string(agent.log_path())?;
@@ -275,7 +255,7 @@ fn read_only_journal_degrades_then_catches_up() -> Result<()> {
 
     mount.remount("rw")?;
     let path = exe.display().to_string();
-    wait_for(
+    wait_until(
         Duration::from_secs(15),
         "entries written once writable",
         || {
@@ -314,9 +294,9 @@ fn full_disk_is_counted_and_nothing_queued_is_lost() -> Result<()> {
         dir.path(),
         &format!("before-full-{}", random_suffix()),
     )?;
-    loopback(&first, 10_000)?;
+    run_loopback(&first, 10_000)?;
     let first_path = first.display().to_string();
-    wait_for(
+    wait_until(
         Duration::from_secs(15),
         "first executable journaled",
         || {
@@ -348,10 +328,10 @@ fn full_disk_is_counted_and_nothing_queued_is_lost() -> Result<()> {
             dir.path(),
             &format!("when-full-{index}-{}", random_suffix()),
         )?;
-        loopback(&exe, 1_000)?;
+        run_loopback(&exe, 1_000)?;
         later.push(exe.display().to_string());
     }
-    wait_for(Duration::from_secs(15), "full disk counted", || {
+    wait_until(Duration::from_secs(15), "full disk counted", || {
         Ok(metric(&agent, "fleetsnitch_journal_write_errors_total")? > errors_before)
     })?;
     let mut agent = agent;
@@ -369,7 +349,7 @@ fn full_disk_is_counted_and_nothing_queued_is_lost() -> Result<()> {
             &format!("SELECT count(*) FROM executables WHERE path IN ({list})"),
         )
     };
-    let caught_up = wait_for(
+    let caught_up = wait_until(
         Duration::from_secs(30),
         "queued entries written after space returns",
         || Ok(written()? == later.len().to_string()),

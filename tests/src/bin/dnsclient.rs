@@ -17,8 +17,10 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use fleetsnitch_e2e::dnswire;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
+const QUERY_ID: u16 = 0x4242;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -75,68 +77,20 @@ fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// A DNS query for the A record of `name`, with id 0x4242.
-fn query(name: &str) -> Vec<u8> {
-    let mut message = vec![0x42, 0x42, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
-    for label in name.trim_end_matches('.').split('.') {
-        message.push(label.len() as u8);
-        message.extend_from_slice(label.as_bytes());
-    }
-    message.extend_from_slice(&[0, 0, 1, 0, 1]);
-    message
-}
-
-/// The first A record of a response (skipping the question; names compressed or not).
-fn first_a_record(message: &[u8]) -> Result<Ipv4Addr> {
-    ensure!(
-        message.len() >= 12 && message[..2] == [0x42, 0x42],
-        "not our answer"
-    );
-    let answers = u16::from_be_bytes([message[6], message[7]]);
-    let mut at = skip_name(message, 12)? + 4;
-    for _ in 0..answers {
-        at = skip_name(message, at)?;
-        let header = message.get(at..at + 10).context("truncated record")?;
-        let kind = u16::from_be_bytes([header[0], header[1]]);
-        let length = usize::from(u16::from_be_bytes([header[8], header[9]]));
-        let data = message
-            .get(at + 10..at + 10 + length)
-            .context("truncated data")?;
-        if kind == 1 && length == 4 {
-            return Ok(Ipv4Addr::new(data[0], data[1], data[2], data[3]));
-        }
-        at += 10 + length;
-    }
-    bail!("no A record in the answer")
-}
-
-fn skip_name(message: &[u8], mut at: usize) -> Result<usize> {
-    loop {
-        let length = *message.get(at).context("truncated name")?;
-        if length & 0xc0 == 0xc0 {
-            return Ok(at + 2);
-        }
-        at += 1 + usize::from(length);
-        if length == 0 {
-            return Ok(at);
-        }
-    }
-}
-
 fn resolve_udp(name: &str, server: SocketAddr) -> Result<Ipv4Addr> {
     let socket = UdpSocket::bind("0.0.0.0:0")?;
     socket.set_read_timeout(Some(TIMEOUT))?;
     // Unconnected: the query goes out with sendto, as many resolvers do it.
-    socket.send_to(&query(name), server)?;
+    socket.send_to(&dnswire::query(QUERY_ID, name), server)?;
     let mut buffer = [0u8; 1500];
     let (length, _) = socket.recv_from(&mut buffer)?;
-    first_a_record(&buffer[..length])
+    dnswire::first_a_record(&buffer[..length], QUERY_ID)
 }
 
 fn resolve_tcp(name: &str, server: SocketAddr) -> Result<Ipv4Addr> {
     let mut stream = TcpStream::connect_timeout(&server, TIMEOUT)?;
     stream.set_read_timeout(Some(TIMEOUT))?;
-    let message = query(name);
+    let message = dnswire::query(QUERY_ID, name);
     let mut framed = (message.len() as u16).to_be_bytes().to_vec();
     framed.extend_from_slice(&message);
     stream.write_all(&framed)?;
@@ -144,5 +98,5 @@ fn resolve_tcp(name: &str, server: SocketAddr) -> Result<Ipv4Addr> {
     stream.read_exact(&mut length)?;
     let mut answer = vec![0u8; usize::from(u16::from_be_bytes(length))];
     stream.read_exact(&mut answer)?;
-    first_a_record(&answer)
+    dnswire::first_a_record(&answer, QUERY_ID)
 }
