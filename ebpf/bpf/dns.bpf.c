@@ -177,8 +177,12 @@ int dns_answers(struct __sk_buff *skb)
 	event->payload_len = payload_len;
 	event->socket_cookie = cookie;
 	__builtin_memcpy(event->server_addr, server, sizeof(server));
-	/* A length the verifier can bound: 1..FS_DNS_PAYLOAD. */
-	captured &= (FS_DNS_PAYLOAD * 2 - 1);
+	/*
+	 * A length the verifier can bound: 1..FS_DNS_PAYLOAD. The empty asm keeps
+	 * clang from folding the check into the clamp above; without it, older
+	 * verifiers (5.10, 6.1) see the length spilled unbounded and refuse.
+	 */
+	asm volatile("" : "+r"(captured));
 	if (captured == 0 || captured > FS_DNS_PAYLOAD ||
 	    bpf_skb_load_bytes(skb, offset, event->payload, captured) < 0) {
 		bpf_ringbuf_discard(event, 0);

@@ -5,11 +5,11 @@
 //! that loads and attaches, and remembers why the others did not, so an
 //! operator can see both in the log and in `fleetsnitch_probe_attached`.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use aya::{
     Btf, Ebpf,
-    programs::{BtfTracePoint, FExit, KProbe, ProgramError, TracePoint},
+    programs::{BtfTracePoint, FExit, KProbe, ProbeKind, ProgramError, TracePoint},
 };
 
 /// How one program attaches to the kernel.
@@ -30,9 +30,12 @@ pub enum Hook {
 pub struct Attachment {
     pub program: &'static str,
     pub hook: Hook,
+    /// `Some(when)`: the mode still fits if this one cannot attach (the hooked
+    /// function is not on every kernel); `when` says which kernels lack it.
+    pub optional: Option<&'static str>,
 }
 
-/// One way to provide a probe: all its programs attach, or none stays.
+/// One way to provide a probe: all its required programs attach, or none stays.
 #[derive(Debug, Clone, Copy)]
 pub struct Mode {
     pub name: &'static str,
@@ -51,11 +54,33 @@ pub struct Probe {
 }
 
 const fn at(program: &'static str, hook: Hook) -> Attachment {
-    Attachment { program, hook }
+    Attachment {
+        program,
+        hook,
+        optional: None,
+    }
+}
+
+const fn optional(program: &'static str, hook: Hook, when: &'static str) -> Attachment {
+    Attachment {
+        program,
+        hook,
+        optional: Some(when),
+    }
 }
 
 /// Names a mode can have, for validating `probes.disabled_modes`.
 pub const MODE_NAMES: &[&str] = &["tp_btf", "fexit", "kprobe", "tracepoint"];
+
+const NO_IPV6: &str = "kernels with IPv6 as a module that is not loaded";
+const NO_PACKET: &str = "kernels with AF_PACKET as a module that is not loaded";
+const NO_SENDPAGE: &str =
+    "kernels from 6.5 on, which send sendfile/splice data through inet_sendmsg";
+
+// Below the tracepoints, the hooks sit on the protocol families' sendmsg/recvmsg
+// (what sock->ops points to), not on sock_sendmsg/sock_recvmsg: the syscalls reach
+// the protocol through __sock_sendmsg and sendmmsg/recvmmsg through the inlined
+// sock_*msg_nosec, bypassing those two (ebpf/bpf/fleetsnitch.bpf.c says more).
 
 /// Every probe, each with its modes from most to least preferred.
 pub const PROBES: &[Probe] = &[
@@ -63,7 +88,7 @@ pub const PROBES: &[Probe] = &[
         name: "socket_send",
         required: true,
         needs: "the sock:sock_send_length tracepoint (Linux >= 6.3), BPF trampolines (fexit) \
-                or kprobes on sock_sendmsg",
+                or kprobes on inet_sendmsg",
         modes: &[
             Mode {
                 name: "tp_btf",
@@ -74,13 +99,71 @@ pub const PROBES: &[Probe] = &[
             },
             Mode {
                 name: "fexit",
-                attachments: &[at("sendmsg_fexit", Hook::FExit("sock_sendmsg"))],
+                attachments: &[
+                    at("inet_sendmsg_fexit", Hook::FExit("inet_sendmsg")),
+                    optional("inet6_sendmsg_fexit", Hook::FExit("inet6_sendmsg"), NO_IPV6),
+                    optional(
+                        "packet_sendmsg_fexit",
+                        Hook::FExit("packet_sendmsg"),
+                        NO_PACKET,
+                    ),
+                    optional(
+                        "tcp_sendpage_fexit",
+                        Hook::FExit("tcp_sendpage"),
+                        NO_SENDPAGE,
+                    ),
+                    optional(
+                        "udp_sendpage_fexit",
+                        Hook::FExit("udp_sendpage"),
+                        NO_SENDPAGE,
+                    ),
+                ],
             },
             Mode {
                 name: "kprobe",
                 attachments: &[
-                    at("sendmsg_kprobe", Hook::KProbe("sock_sendmsg")),
-                    at("sendmsg_kretprobe", Hook::KProbe("sock_sendmsg")),
+                    at("inet_sendmsg_kprobe", Hook::KProbe("inet_sendmsg")),
+                    at("inet_sendmsg_kretprobe", Hook::KProbe("inet_sendmsg")),
+                    optional(
+                        "inet6_sendmsg_kprobe",
+                        Hook::KProbe("inet6_sendmsg"),
+                        NO_IPV6,
+                    ),
+                    optional(
+                        "inet6_sendmsg_kretprobe",
+                        Hook::KProbe("inet6_sendmsg"),
+                        NO_IPV6,
+                    ),
+                    optional(
+                        "packet_sendmsg_kprobe",
+                        Hook::KProbe("packet_sendmsg"),
+                        NO_PACKET,
+                    ),
+                    optional(
+                        "packet_sendmsg_kretprobe",
+                        Hook::KProbe("packet_sendmsg"),
+                        NO_PACKET,
+                    ),
+                    optional(
+                        "tcp_sendpage_kprobe",
+                        Hook::KProbe("tcp_sendpage"),
+                        NO_SENDPAGE,
+                    ),
+                    optional(
+                        "tcp_sendpage_kretprobe",
+                        Hook::KProbe("tcp_sendpage"),
+                        NO_SENDPAGE,
+                    ),
+                    optional(
+                        "udp_sendpage_kprobe",
+                        Hook::KProbe("udp_sendpage"),
+                        NO_SENDPAGE,
+                    ),
+                    optional(
+                        "udp_sendpage_kretprobe",
+                        Hook::KProbe("udp_sendpage"),
+                        NO_SENDPAGE,
+                    ),
                 ],
             },
         ],
@@ -89,7 +172,7 @@ pub const PROBES: &[Probe] = &[
         name: "socket_receive",
         required: true,
         needs: "the sock:sock_recv_length tracepoint (Linux >= 6.3), BPF trampolines (fexit) \
-                or kprobes on sock_recvmsg",
+                or kprobes on inet_recvmsg",
         modes: &[
             Mode {
                 name: "tp_btf",
@@ -100,13 +183,41 @@ pub const PROBES: &[Probe] = &[
             },
             Mode {
                 name: "fexit",
-                attachments: &[at("recvmsg_fexit", Hook::FExit("sock_recvmsg"))],
+                attachments: &[
+                    at("inet_recvmsg_fexit", Hook::FExit("inet_recvmsg")),
+                    optional("inet6_recvmsg_fexit", Hook::FExit("inet6_recvmsg"), NO_IPV6),
+                    optional(
+                        "packet_recvmsg_fexit",
+                        Hook::FExit("packet_recvmsg"),
+                        NO_PACKET,
+                    ),
+                ],
             },
             Mode {
                 name: "kprobe",
                 attachments: &[
-                    at("recvmsg_kprobe", Hook::KProbe("sock_recvmsg")),
-                    at("recvmsg_kretprobe", Hook::KProbe("sock_recvmsg")),
+                    at("inet_recvmsg_kprobe", Hook::KProbe("inet_recvmsg")),
+                    at("inet_recvmsg_kretprobe", Hook::KProbe("inet_recvmsg")),
+                    optional(
+                        "inet6_recvmsg_kprobe",
+                        Hook::KProbe("inet6_recvmsg"),
+                        NO_IPV6,
+                    ),
+                    optional(
+                        "inet6_recvmsg_kretprobe",
+                        Hook::KProbe("inet6_recvmsg"),
+                        NO_IPV6,
+                    ),
+                    optional(
+                        "packet_recvmsg_kprobe",
+                        Hook::KProbe("packet_recvmsg"),
+                        NO_PACKET,
+                    ),
+                    optional(
+                        "packet_recvmsg_kretprobe",
+                        Hook::KProbe("packet_recvmsg"),
+                        NO_PACKET,
+                    ),
                 ],
             },
         ],
@@ -153,6 +264,9 @@ pub struct ProbeOutcome {
     pub mode: Option<&'static str>,
     /// Each mode tried before (or instead of) the one that attached, with its error.
     pub rejected: Vec<(&'static str, String)>,
+    /// Return probes created through tracefs (aya cannot set their maxactive): they
+    /// stay attached as long as this outcome (or a clone) lives.
+    pub kretprobes: Vec<Arc<kretprobe::TracefsKretprobe>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -216,12 +330,13 @@ fn attach_probe(ebpf: &mut Ebpf, btf: &Btf, probe: &Probe, disabled: &[String]) 
             continue;
         }
         match attach_mode(ebpf, btf, mode) {
-            Ok(()) => {
+            Ok(kretprobes) => {
                 return ProbeOutcome {
                     probe: probe.name,
                     required: probe.required,
                     mode: Some(mode.name),
                     rejected,
+                    kretprobes,
                 };
             }
             Err(error) => {
@@ -235,6 +350,7 @@ fn attach_probe(ebpf: &mut Ebpf, btf: &Btf, probe: &Probe, disabled: &[String]) 
         required: probe.required,
         mode: None,
         rejected,
+        kretprobes: Vec::new(),
     }
 }
 
@@ -242,7 +358,12 @@ fn attach_probe(ebpf: &mut Ebpf, btf: &Btf, probe: &Probe, disabled: &[String]) 
 const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
 
 /// Loads and attaches every program of `mode`; on failure unloads those that did.
-fn attach_mode(ebpf: &mut Ebpf, btf: &Btf, mode: &Mode) -> Result<(), String> {
+/// Returns the return probes it attached through tracefs, which must be kept.
+fn attach_mode(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    mode: &Mode,
+) -> Result<Vec<Arc<kretprobe::TracefsKretprobe>>, String> {
     let uses_kprobes = mode
         .attachments
         .iter()
@@ -252,22 +373,61 @@ fn attach_mode(ebpf: &mut Ebpf, btf: &Btf, mode: &Mode) -> Result<(), String> {
             "kprobes are not available in this kernel ({KPROBE_PMU} is missing: CONFIG_KPROBES is off)"
         ));
     }
-    for (index, attachment) in mode.attachments.iter().enumerate() {
-        if let Err(error) = attach_one(ebpf, btf, attachment) {
-            for done in &mode.attachments[..index] {
-                unload(ebpf, done.program);
+    let mut attached: Vec<(&Attachment, Option<Arc<kretprobe::TracefsKretprobe>>)> = Vec::new();
+    let mut missing: Vec<&Attachment> = Vec::new();
+    for attachment in mode.attachments {
+        match attach_one(ebpf, btf, attachment) {
+            Ok(kretprobe) => attached.push((attachment, kretprobe)),
+            Err(error) => {
+                let Some(when) = attachment.optional else {
+                    for (done, kretprobe) in attached {
+                        drop(kretprobe);
+                        unload(ebpf, done.program);
+                    }
+                    return Err(format!(
+                        "program {}: {}",
+                        attachment.program,
+                        error_chain(&error)
+                    ));
+                };
+                tracing::warn!(
+                    mode = mode.name,
+                    program = attachment.program,
+                    function = hooked(attachment),
+                    error = %error_chain(&error),
+                    "optional hook not attached (expected on {when}): traffic through it is not counted"
+                );
+                missing.push(attachment);
             }
-            return Err(format!(
-                "program {}: {}",
-                attachment.program,
-                error_chain(&error)
-            ));
         }
     }
-    Ok(())
+    // A kprobe without its kretprobe (or the reverse) would count nothing and
+    // leave stale entries: drop what attached of a function that did not fully.
+    let mut kept = Vec::new();
+    for (done, kretprobe) in attached {
+        if missing.iter().any(|m| hooked(m) == hooked(done)) {
+            drop(kretprobe);
+            unload(ebpf, done.program);
+        } else {
+            kept.extend(kretprobe);
+        }
+    }
+    Ok(kept)
 }
 
-fn attach_one(ebpf: &mut Ebpf, btf: &Btf, attachment: &Attachment) -> Result<(), ProgramError> {
+/// The kernel function or tracepoint an attachment hooks.
+fn hooked(attachment: &Attachment) -> &'static str {
+    match attachment.hook {
+        Hook::BtfTracePoint(name) | Hook::FExit(name) | Hook::KProbe(name) => name,
+        Hook::TracePoint(_, name) => name,
+    }
+}
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    attachment: &Attachment,
+) -> Result<Option<Arc<kretprobe::TracefsKretprobe>>, ProgramError> {
     let program = ebpf
         .program_mut(attachment.program)
         .ok_or(ProgramError::UnexpectedProgramType)?;
@@ -275,28 +435,56 @@ fn attach_one(ebpf: &mut Ebpf, btf: &Btf, attachment: &Attachment) -> Result<(),
         Hook::BtfTracePoint(tracepoint) => {
             let program: &mut BtfTracePoint = program.try_into()?;
             program.load(tracepoint, btf)?;
-            program.attach().map(drop)
+            program.attach().map(|_| None)
         }
         Hook::FExit(function) => {
             let program: &mut FExit = program.try_into()?;
             program.load(function, btf)?;
-            program.attach().map(drop)
+            program.attach().map(|_| None)
         }
         Hook::KProbe(function) => {
             let program: &mut KProbe = program.try_into()?;
             program.load()?;
-            program.attach(function, 0).map(drop)
+            if matches!(program.kind(), ProbeKind::Return) {
+                attach_kretprobe(program, function)
+            } else {
+                program.attach(function, 0).map(|_| None)
+            }
         }
         Hook::TracePoint(category, name) => {
             let program: &mut TracePoint = program.try_into()?;
             program.load()?;
-            program.attach(category, name).map(drop)
+            program.attach(category, name).map(|_| None)
         }
     };
     if result.is_err() {
         unload(ebpf, attachment.program);
     }
     result
+}
+
+/// A return probe with room for many calls in flight. The kernel's default
+/// maxactive (num_possible_cpus() on 5.10 without CONFIG_PREEMPTION, at most
+/// max(10, 2 * CPUs) elsewhere) is used up by threads blocked in recvmsg, and
+/// every return past it is silently missed; aya cannot set it, tracefs can.
+fn attach_kretprobe(
+    program: &mut KProbe,
+    function: &str,
+) -> Result<Option<Arc<kretprobe::TracefsKretprobe>>, ProgramError> {
+    match kretprobe::TracefsKretprobe::attach(program.fd()?, function) {
+        Ok(kretprobe) => Ok(Some(Arc::new(kretprobe))),
+        Err(error) => {
+            // A function this kernel lacks fails here too, and says so.
+            program.attach(function, 0)?;
+            tracing::warn!(
+                function,
+                %error,
+                "cannot create a kretprobe through tracefs; using the kernel's default \
+                 maxactive: returns are missed while many threads wait in {function}"
+            );
+            Ok(None)
+        }
+    }
 }
 
 fn unload(ebpf: &mut Ebpf, name: &str) {
@@ -328,6 +516,173 @@ pub fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// Return probes created through tracefs `kprobe_events`, where maxactive can be set.
+pub mod kretprobe {
+    use std::{
+        fs::OpenOptions,
+        io::Write,
+        os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+        path::{Path, PathBuf},
+    };
+
+    use aya::programs::ProgramFd;
+
+    /// Calls in flight per return probe: the kernel's upper bound (KRETPROBE_MAXACTIVE_MAX).
+    pub const MAXACTIVE: u32 = 4096;
+    /// The tracefs event group of fleetsnitch's return probes.
+    const GROUP: &str = "fleetsnitch";
+
+    const PERF_TYPE_TRACEPOINT: u32 = 2;
+    const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
+    const PERF_EVENT_IOC_ENABLE: libc::c_ulong = 0x2400;
+    const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
+
+    /// `struct perf_event_attr` up to `config1` (PERF_ATTR_SIZE_VER0, 64 bytes).
+    #[repr(C)]
+    #[derive(Default)]
+    struct PerfEventAttr {
+        kind: u32,
+        size: u32,
+        config: u64,
+        sample_period: u64,
+        sample_type: u64,
+        read_format: u64,
+        flags: u64,
+        wakeup_events: u32,
+        bp_type: u32,
+        config1: u64,
+    }
+
+    /// One kretprobe event with a BPF program attached; detached and removed on drop.
+    #[derive(Debug)]
+    pub struct TracefsKretprobe {
+        perf: Option<OwnedFd>,
+        events: PathBuf,
+        name: String,
+    }
+
+    fn tracefs() -> Option<&'static Path> {
+        ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .into_iter()
+            .map(Path::new)
+            .find(|path| path.join("kprobe_events").exists())
+    }
+
+    fn append(path: &Path, line: &str) -> std::io::Result<()> {
+        OpenOptions::new()
+            .append(true)
+            .open(path)?
+            .write_all(line.as_bytes())
+    }
+
+    /// Removes the events of fleetsnitch processes that are gone (killed before
+    /// they could remove their own).
+    fn remove_stale(events: &Path) {
+        let Ok(text) = std::fs::read_to_string(events) else {
+            return;
+        };
+        let prefix = format!("{GROUP}/fs");
+        for line in text.lines() {
+            let Some(name) = line
+                .split_whitespace()
+                .next()
+                .and_then(|d| d.split(':').nth(1))
+            else {
+                continue;
+            };
+            let Some(pid) = name
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.split('_').next())
+                .and_then(|pid| pid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = append(events, &format!("-:{name}\n"));
+            }
+        }
+    }
+
+    impl TracefsKretprobe {
+        /// Creates `r<MAXACTIVE>:fleetsnitch/fs<pid>_<function> <function>` and
+        /// attaches `program` to it.
+        pub fn attach(program: &ProgramFd, function: &str) -> Result<Self, String> {
+            let tracefs = tracefs().ok_or("no kprobe_events file in tracefs")?;
+            let events = tracefs.join("kprobe_events");
+            remove_stale(&events);
+            let name = format!("fs{}_{function}", std::process::id());
+            // A leftover of an earlier attempt by this process.
+            let _ = append(&events, &format!("-:{GROUP}/{name}\n"));
+            append(
+                &events,
+                &format!("r{MAXACTIVE}:{GROUP}/{name} {function}\n"),
+            )
+            .map_err(|e| format!("writing {}: {e}", events.display()))?;
+            let mut probe = Self {
+                perf: None,
+                events,
+                name,
+            };
+            let id_path = tracefs.join(format!("events/{GROUP}/{}/id", probe.name));
+            let id: u64 = std::fs::read_to_string(&id_path)
+                .map_err(|e| format!("reading {}: {e}", id_path.display()))?
+                .trim()
+                .parse()
+                .map_err(|e| format!("parsing {}: {e}", id_path.display()))?;
+            let attr = PerfEventAttr {
+                kind: PERF_TYPE_TRACEPOINT,
+                size: std::mem::size_of::<PerfEventAttr>() as u32,
+                config: id,
+                sample_period: 1,
+                wakeup_events: 1,
+                ..PerfEventAttr::default()
+            };
+            // SAFETY: a valid attr for the duration of the call; pid -1, cpu 0, no group.
+            let fd = unsafe {
+                libc::syscall(
+                    libc::SYS_perf_event_open,
+                    &attr as *const PerfEventAttr,
+                    -1 as libc::pid_t,
+                    0 as libc::c_int,
+                    -1 as libc::c_int,
+                    PERF_FLAG_FD_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                return Err(format!(
+                    "perf_event_open on {GROUP}/{}: {}",
+                    probe.name,
+                    std::io::Error::last_os_error()
+                ));
+            }
+            // SAFETY: perf_event_open returned a new file descriptor that we own.
+            let perf = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+            let prog = program.as_fd().as_raw_fd();
+            // SAFETY: ioctls on the perf event we own, with a valid program fd.
+            let attached = unsafe {
+                libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_SET_BPF, prog) == 0
+                    && libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_ENABLE, 0) == 0
+            };
+            let error = std::io::Error::last_os_error();
+            probe.perf = Some(perf);
+            if !attached {
+                return Err(format!("attaching to {GROUP}/{}: {error}", probe.name));
+            }
+            Ok(probe)
+        }
+    }
+
+    impl Drop for TracefsKretprobe {
+        fn drop(&mut self) {
+            // Detach first: an event in use cannot be removed.
+            drop(self.perf.take());
+            if let Err(error) = append(&self.events, &format!("-:{GROUP}/{}\n", self.name)) {
+                tracing::debug!(event = %self.name, %error, "removing the kretprobe event");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,6 +700,34 @@ mod tests {
                         attachment.program
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn every_mode_starts_with_what_it_requires() {
+        for probe in PROBES {
+            for mode in probe.modes {
+                let first_optional = mode
+                    .attachments
+                    .iter()
+                    .position(|a| a.optional.is_some())
+                    .unwrap_or(mode.attachments.len());
+                assert!(
+                    first_optional > 0,
+                    "{} {} has no required attachment",
+                    probe.name,
+                    mode.name
+                );
+                assert!(
+                    mode.attachments[first_optional..]
+                        .iter()
+                        .all(|a| a.optional.is_some()),
+                    "{} {}: required attachments must come first, so a mode that does \
+                     not fit attaches nothing optional",
+                    probe.name,
+                    mode.name
+                );
             }
         }
     }
