@@ -178,17 +178,21 @@ int dns_answers(struct __sk_buff *skb)
 	event->socket_cookie = cookie;
 	__builtin_memcpy(event->server_addr, server, sizeof(server));
 	/*
-	 * A length the verifier can bound: 1..FS_DNS_PAYLOAD. The empty asm keeps
-	 * clang from folding the check into the clamp above; without it, older
-	 * verifiers (5.10, 6.1) see the length spilled unbounded and refuse.
+	 * A length the verifier can bound to 1..FS_DNS_PAYLOAD from its bit
+	 * pattern alone: for 1 <= captured <= FS_DNS_PAYLOAD (a power of two)
+	 * this is captured itself. Older verifiers (5.10, 6.1) learn nothing
+	 * from "!= 0" tests and refuse a size that may be zero; the empty asm
+	 * keeps clang from folding the expression back into the comparisons.
 	 */
-	asm volatile("" : "+r"(captured));
-	if (captured == 0 || captured > FS_DNS_PAYLOAD ||
-	    bpf_skb_load_bytes(skb, offset, event->payload, captured) < 0) {
+	__u32 length = captured - 1;
+
+	asm volatile("" : "+r"(length));
+	length = (length & (FS_DNS_PAYLOAD - 1)) + 1;
+	if (bpf_skb_load_bytes(skb, offset, event->payload, length) < 0) {
 		bpf_ringbuf_discard(event, 0);
 		return 1;
 	}
-	event->captured = captured;
+	event->captured = length;
 	bpf_ringbuf_submit(event, 0);
 	return 1;
 }
