@@ -25,6 +25,14 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# rotel (PyPI) ships a real OTLP collector (rotel-agent, gRPC and HTTP) that
+# the OTLP export tests send to; exporter/tests/otlp.rs finds it through python3.
+if ! python3 -c 'import rotel' >/dev/null 2>&1; then
+  echo "setup: installing rotel 0.0.1a15 (PyPI)" >&2
+  python3 -m pip install --quiet 'rotel==0.0.1a15' ||
+    python3 -m pip install --quiet --break-system-packages 'rotel==0.0.1a15'
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found; install the Rust toolchain (rustup) first" >&2
   exit 1

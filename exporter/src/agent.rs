@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use crate::{
     collector::{Collector, CollectorError, Health},
     config::Config,
+    connection_log::ConnectionLog,
     dns::DnsCacheConfig,
     dns_capture::DnsCapture,
     geoip::GeoIp,
@@ -20,6 +21,7 @@ use crate::{
     kubernetes::PodResolver,
     labels::{self, LabelPolicy},
     metrics::{Metrics, ProbeLabels},
+    otlp::{OtlpExporter, ResourceInfo},
     preflight::{self, PreflightError},
     probes::{self, NoModeFits, ProbeOutcome},
     virustotal,
@@ -54,6 +56,10 @@ pub enum AgentError {
     Thread(std::io::Error),
     #[error("GeoIP (geoip.country_database / geoip.asn_database): {0}")]
     GeoIp(#[from] crate::geoip::GeoIpError),
+    #[error("OTLP (otlp.*): {0}")]
+    Otlp(#[from] crate::otlp::OtlpError),
+    #[error("connection log (connection_log.*): {0}")]
+    ConnectionLog(#[from] crate::connection_log::ConnectionLogError),
     #[error("VirusTotal: {0}")]
     VirusTotal(String),
     #[error("HTTP server failed: {0}")]
@@ -81,8 +87,9 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let metrics = Arc::new(Metrics::new());
     export_probe_outcomes(&metrics, &outcomes);
     let health = Arc::new(Health::default());
-    let (journal, journal_thread) =
-        journal::spawn(config.journal.clone(), metrics.clone()).map_err(AgentError::Thread)?;
+    let sinks = start_sinks(&config)?;
+    let (journal, journal_thread) = journal::spawn(config.journal.clone(), metrics.clone(), sinks)
+        .map_err(AgentError::Thread)?;
     let virustotal = virustotal::spawn(&config.virustotal, metrics.clone(), Some(journal.clone()))
         .map_err(|error| AgentError::VirusTotal(error.to_string()))?;
     let hasher = Hasher::spawn(metrics.clone(), Some(journal.clone()), virustotal)
@@ -146,6 +153,32 @@ fn load_object(config: &Config) -> Result<Ebpf, AgentError> {
         .map_err(|error: EbpfError| AgentError::BpfRefused {
             detail: probes::error_chain(&error),
         })
+}
+
+/// Starts the OTLP exporter and the local connection log, when enabled.
+fn start_sinks(config: &Config) -> Result<journal::Sinks, AgentError> {
+    let otlp = if config.otlp.enabled {
+        let mut resource = ResourceInfo::detect();
+        resource.k8s_node_name = config
+            .kubernetes
+            .node_name
+            .clone()
+            .or_else(|| std::env::var(&config.kubernetes.node_name_env).ok());
+        let exporter = OtlpExporter::start(&config.otlp, &resource)?;
+        tracing::info!("OTLP log export enabled");
+        Some(exporter)
+    } else {
+        None
+    };
+    let connection_log = if config.connection_log.enabled {
+        Some(ConnectionLog::start(&config.connection_log)?)
+    } else {
+        None
+    };
+    Ok(journal::Sinks {
+        otlp,
+        connection_log,
+    })
 }
 
 /// Starts DNS capture; without it the agent runs, with empty domains.

@@ -378,9 +378,6 @@ impl Collector {
                     seen_at: journal::unix_now(),
                 });
             }
-            if self.journal.is_some() {
-                rollups.push(self.rollup(&key, &value, exe, &path));
-            }
             let process = self.identities.process(key.tgid);
             let remote = socket::remote_address(&key);
             let geo = match (&self.geoip, remote) {
@@ -394,6 +391,11 @@ impl Collector {
                 self.domains
                     .domain_for(key.tgid, container.map(|c| c.id.as_str()), ip)
             });
+            if self.journal.is_some() {
+                let mut rollup = self.rollup(&key, &value, exe, &path);
+                rollup.domain.clone_from(&domain);
+                rollups.push(rollup);
+            }
             let pod = match (&self.pods, container) {
                 (Some(pods), Some(container)) => pods.lookup(&container.id),
                 _ => None,

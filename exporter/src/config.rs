@@ -13,9 +13,11 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
+    connection_log::ConnectionLogConfig,
     journal::IgnoreList,
     kubernetes::KubernetesConfig,
     labels::{self, Dimension},
+    otlp::OtlpConfig,
 };
 
 /// Where `/metrics` is served unless configured otherwise.
@@ -54,6 +56,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub geoip: GeoIpConfig,
     pub kubernetes: KubernetesConfig,
+    pub otlp: OtlpConfig,
+    pub connection_log: ConnectionLogConfig,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -137,6 +137,13 @@ pub struct Metrics {
     pub executable_modified: Family<ExeLabels, Gauge>,
     pub virustotal_detections: Family<ExecutableLabels, Gauge>,
     pub dns_messages: Family<ResultLabels, Counter>,
+    pub otlp_exported: Counter,
+    pub otlp_dropped: Counter,
+    pub otlp_export_errors: Counter,
+    pub otlp_queued: Gauge,
+    pub connection_log_written: Counter,
+    pub connection_log_dropped: Counter,
+    pub connection_log_errors: Counter,
     pub dns_answers_lost: Counter,
     pub dns_cache_evictions: Counter,
     pub dns_cache_entries: Gauge,
@@ -173,6 +180,13 @@ impl Metrics {
             executable_modified: Family::default(),
             virustotal_detections: Family::default(),
             dns_messages: Family::default(),
+            otlp_exported: Counter::default(),
+            otlp_dropped: Counter::default(),
+            otlp_export_errors: Counter::default(),
+            otlp_queued: Gauge::default(),
+            connection_log_written: Counter::default(),
+            connection_log_dropped: Counter::default(),
+            connection_log_errors: Counter::default(),
             dns_answers_lost: Counter::default(),
             dns_cache_evictions: Counter::default(),
             dns_cache_entries: Gauge::default(),
@@ -287,6 +301,41 @@ impl Metrics {
             "Unix time an executable was last modified in place (seen through fanotify)",
             Unit::Seconds,
             metrics.executable_modified.clone(),
+        );
+        registry.register(
+            "otlp_exported",
+            "Log records the OTLP collector accepted",
+            metrics.otlp_exported.clone(),
+        );
+        registry.register(
+            "otlp_dropped",
+            "Log records dropped: the queue (otlp.max_queued_records) was full or the collector rejected them",
+            metrics.otlp_dropped.clone(),
+        );
+        registry.register(
+            "otlp_export_errors",
+            "Failed OTLP export attempts (retried with back-off)",
+            metrics.otlp_export_errors.clone(),
+        );
+        registry.register(
+            "otlp_queued",
+            "Log records waiting for the OTLP collector",
+            metrics.otlp_queued.clone(),
+        );
+        registry.register(
+            "connection_log_written",
+            "Records written to the local connection log",
+            metrics.connection_log_written.clone(),
+        );
+        registry.register(
+            "connection_log_dropped",
+            "Records dropped because the connection log writer fell behind",
+            metrics.connection_log_dropped.clone(),
+        );
+        registry.register(
+            "connection_log_errors",
+            "Connection log opens, writes or rotations that failed",
+            metrics.connection_log_errors.clone(),
         );
         registry.register(
             "dns_messages",

@@ -14,6 +14,7 @@ pub mod agent;
 pub mod dnswire;
 pub mod metrics;
 pub mod netns;
+pub mod otlp_collector;
 pub mod process;
 pub mod scenarios;
 pub mod servers;

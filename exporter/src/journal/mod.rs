@@ -13,6 +13,7 @@ mod schema;
 mod store;
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc,
         mpsc::{self, RecvTimeoutError, SyncSender, TrySendError},
@@ -28,8 +29,22 @@ pub use store::{
 
 use crate::{
     config::JournalConfig,
+    connection_log::ConnectionLog,
     metrics::{ExeLabels, ExecutableLabels, KindLabels, Metrics},
+    otlp::{OtlpExporter, WindowRecords},
 };
+
+/// Where each window's records go besides the journal: OTLP and the local
+/// connection log. They get every window whether or not the journal can be
+/// written, so an off-host copy never waits on the local disk.
+#[derive(Default)]
+pub struct Sinks {
+    pub otlp: Option<OtlpExporter>,
+    pub connection_log: Option<ConnectionLog>,
+}
+
+/// Time the sinks get at shutdown to deliver what is queued.
+const SINK_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Inputs queued for the journal thread before the producers see back-pressure.
 const QUEUE_CAPACITY: usize = 4096;
@@ -72,6 +87,7 @@ pub fn unix_now() -> i64 {
 pub fn spawn(
     config: JournalConfig,
     metrics: Arc<Metrics>,
+    sinks: Sinks,
 ) -> std::io::Result<(JournalHandle, JoinHandle<()>)> {
     let (sender, receiver) = mpsc::sync_channel(QUEUE_CAPACITY);
     let handle = JournalHandle {
@@ -81,8 +97,9 @@ pub fn spawn(
     let thread = thread::Builder::new()
         .name("fleetsnitch-journal".into())
         .spawn(move || {
-            let mut writer = Writer::new(config, metrics);
+            let mut writer = Writer::new(config, metrics, sinks);
             writer.run(receiver);
+            writer.shutdown_sinks();
         })?;
     Ok((handle, thread))
 }
@@ -92,18 +109,28 @@ struct Writer {
     metrics: Arc<Metrics>,
     store: Option<Store>,
     batch: Batch,
+    sinks: Sinks,
+    /// Latest sha256 of each executable path, for rollups drained before
+    /// their executable was hashed.
+    hashes: HashMap<String, String>,
+    /// This window's traffic and events for the sinks (the journal's batch
+    /// may hold older windows while the journal cannot be written).
+    window: Batch,
     window_start: i64,
     /// Last error logged, so a persisting failure is logged once, not every interval.
     last_error: Option<String>,
 }
 
 impl Writer {
-    fn new(config: JournalConfig, metrics: Arc<Metrics>) -> Self {
+    fn new(config: JournalConfig, metrics: Arc<Metrics>, sinks: Sinks) -> Self {
         let mut writer = Self {
             config,
             metrics,
             store: None,
             batch: Batch::default(),
+            sinks,
+            hashes: HashMap::new(),
+            window: Batch::default(),
             window_start: unix_now(),
             last_error: None,
         };
@@ -135,7 +162,12 @@ impl Writer {
             return;
         }
         match input {
-            Input::Executable(seen) => self.batch.add_executable(seen),
+            Input::Executable(seen) => {
+                if let Some(sha256) = &seen.sha256 {
+                    self.hashes.insert(seen.path.clone(), sha256.clone());
+                }
+                self.batch.add_executable(seen);
+            }
             Input::Rollups(rollups) => {
                 for mut rollup in rollups {
                     if self.config.ignore.matches(&rollup) {
@@ -148,10 +180,18 @@ impl Writer {
                         rollup.local_port = None;
                         rollup.remote_port = None;
                     }
+                    if self.has_sinks() {
+                        self.window.add_rollup(rollup.clone());
+                    }
                     self.batch.add_rollup(rollup);
                 }
             }
-            Input::Event(event) => self.batch.events.push(event),
+            Input::Event(event) => {
+                if self.has_sinks() {
+                    self.window.events.push(event.clone());
+                }
+                self.batch.events.push(event);
+            }
         }
     }
 
@@ -185,8 +225,79 @@ impl Writer {
         }
     }
 
+    fn has_sinks(&self) -> bool {
+        self.sinks.otlp.is_some() || self.sinks.connection_log.is_some()
+    }
+
+    /// Hands records to the sinks; they queue them and never block.
+    fn send_to_sinks(&self, window: &WindowRecords) {
+        if let Some(otlp) = &self.sinks.otlp {
+            otlp.export(window);
+        }
+        if let Some(log) = &self.sinks.connection_log {
+            log.write(window);
+        }
+        self.report_sinks();
+    }
+
+    fn report_sinks(&self) {
+        let raise = |counter: &prometheus_client::metrics::counter::Counter, total: u64| {
+            let reported = counter.get();
+            if total > reported {
+                counter.inc_by(total - reported);
+            }
+        };
+        if let Some(otlp) = &self.sinks.otlp {
+            let counters = otlp.counters();
+            raise(&self.metrics.otlp_exported, counters.exported_total());
+            raise(&self.metrics.otlp_dropped, counters.dropped_total());
+            raise(
+                &self.metrics.otlp_export_errors,
+                counters.export_errors_total(),
+            );
+            self.metrics.otlp_queued.set(counters.queued() as i64);
+        }
+        if let Some(log) = &self.sinks.connection_log {
+            let counters = log.counters();
+            raise(
+                &self.metrics.connection_log_written,
+                counters.written_total(),
+            );
+            raise(
+                &self.metrics.connection_log_dropped,
+                counters.dropped_total(),
+            );
+            raise(&self.metrics.connection_log_errors, counters.errors_total());
+        }
+    }
+
+    fn shutdown_sinks(&mut self) {
+        if let Some(otlp) = self.sinks.otlp.as_mut() {
+            otlp.shutdown(SINK_SHUTDOWN_GRACE);
+        }
+        if let Some(log) = self.sinks.connection_log.as_mut() {
+            log.shutdown(SINK_SHUTDOWN_GRACE);
+        }
+        self.report_sinks();
+    }
+
     fn flush(&mut self) {
         let now = unix_now();
+        self.batch.fill_missing_hashes(&self.hashes);
+        if self.has_sinks() {
+            let mut window = std::mem::take(&mut self.window);
+            window.fill_missing_hashes(&self.hashes);
+            if !window.is_empty() {
+                let seconds = (now - self.window_start).max(1) as u64;
+                let records = WindowRecords::new(
+                    self.window_start,
+                    seconds,
+                    &window.rollups(),
+                    &window.events,
+                );
+                self.send_to_sinks(&records);
+            }
+        }
         if self.batch.is_empty() {
             self.window_start = now;
             return;
@@ -212,6 +323,20 @@ impl Writer {
                     tracing::info!("journal writes succeed again");
                 }
                 self.publish(&states, &events);
+                // Events the journal itself found (new executable, new hash,
+                // modified) reach the sinks now; the others went with their window.
+                let found: Vec<Event> = events
+                    .into_iter()
+                    .filter(|e| {
+                        matches!(
+                            e.kind,
+                            EventKind::NewExecutable | EventKind::NewHash | EventKind::Modified
+                        )
+                    })
+                    .collect();
+                if self.has_sinks() && !found.is_empty() {
+                    self.send_to_sinks(&WindowRecords::new(now, 0, &[], &found));
+                }
             }
             Err(error) => {
                 self.fail(&error);

@@ -158,6 +158,37 @@ impl Batch {
         entry.last = entry.last.max(seen.seen_at);
     }
 
+    /// Fills the sha256 of rollups drained before their executable was
+    /// hashed (hashing runs beside the drain), from `hashes` (path -> sha256).
+    pub fn fill_missing_hashes(&mut self, hashes: &HashMap<String, String>) {
+        if !self.rollups.keys().any(|r| r.sha256.is_empty()) {
+            return;
+        }
+        let rollups = std::mem::take(&mut self.rollups);
+        for (mut key, (sent, received)) in rollups {
+            if key.sha256.is_empty()
+                && let Some(sha256) = hashes.get(&key.exe)
+            {
+                key.sha256.clone_from(sha256);
+            }
+            let totals = self.rollups.entry(key).or_default();
+            totals.0 += sent;
+            totals.1 += received;
+        }
+    }
+
+    /// The traffic of the window, one rollup per peer with its bytes.
+    pub fn rollups(&self) -> Vec<Rollup> {
+        self.rollups
+            .iter()
+            .map(|(key, (sent, received))| Rollup {
+                bytes_sent: *sent,
+                bytes_received: *received,
+                ..key.clone()
+            })
+            .collect()
+    }
+
     /// Adds traffic, merging it with the same peer's traffic in this window.
     pub fn add_rollup(&mut self, rollup: Rollup) {
         let (sent, received) = (rollup.bytes_sent, rollup.bytes_received);
