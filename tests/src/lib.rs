@@ -36,6 +36,31 @@ pub use netns::NetnsPair;
 pub use process::ProcessGuard;
 
 /// Whether we run as root (the suite needs namespaces, raw sockets and eBPF).
+/// Writes an agent configuration file `fleetsnitch.yaml` into `dir`.
+pub fn write_config(dir: &Path, yaml: &str) -> Result<PathBuf> {
+    let path = dir.join("fleetsnitch.yaml");
+    std::fs::write(&path, yaml).with_context(|| format!("write {}", path.display()))?;
+    Ok(path)
+}
+
+/// The client and peer namespaces with the peer services running, from their
+/// own copy of trafficgen (`dir/peer-<random>`), so their traffic is told apart.
+pub struct PeerNet {
+    // Declared first: the server stops before its namespace is deleted.
+    pub server: PeerServer,
+    pub net: NetnsPair,
+}
+
+impl PeerNet {
+    /// `extra` goes to `trafficgen serve` (e.g. `--dns off`).
+    pub fn start(trafficgen: &Path, dir: &Path, extra: &[&str]) -> Result<Self> {
+        let net = NetnsPair::new()?;
+        let peer = exe_copy(trafficgen, dir, &format!("peer-{}", random_suffix()))?;
+        let server = PeerServer::start_with(&net, &peer, extra)?;
+        Ok(Self { server, net })
+    }
+}
+
 /// Polls `check` every 100 ms until it says yes, for at most `bound`.
 pub fn wait_until(
     bound: Duration,

@@ -14,11 +14,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use fleetsnitch_e2e::{
-    AgentGuard, NetnsPair, PeerServer, TempDir,
+    AgentGuard, PeerNet, TempDir,
     agent::free_port,
     agent_binary, exe_copy, is_root, random_suffix, run_client,
     servers::{Alertmanager, Notification, Prometheus, Webhook},
-    sha256_file, workspace_root,
+    sha256_file, workspace_root, write_config,
 };
 
 const HOST: &str = "alerting-test-host";
@@ -91,21 +91,15 @@ fn new_program_alerts_once_and_a_modified_copy_alerts_again() -> Result<()> {
     }
     let dir = TempDir::new("fsn-alerting")?;
     let journal = dir.path().join("journal.db");
-    let config = dir.path().join("fleetsnitch.yaml");
-    fs::write(&config, "journal:\n  write_interval: 1s\n")?;
+    let config = write_config(dir.path(), "journal:\n  write_interval: 1s\n")?;
     let config = config.to_str().unwrap().to_owned();
     let agent_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
 
     let webhook = Webhook::start()?;
     let alertmanager = Alertmanager::start(webhook.addr)?;
     let prometheus = Prometheus::start(&prometheus_config(agent_addr, alertmanager.addr))?;
-    let net = NetnsPair::new()?;
-    let peer_exe = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("peer-{}", random_suffix()),
-    )?;
-    let _peer = PeerServer::start(&net, &peer_exe)?;
+    let peers = PeerNet::start(&trafficgen(), dir.path(), &[])?;
+    let net = &peers.net;
     let mut agent = AgentGuard::start_at(
         &agent_binary()?,
         agent_addr,
@@ -122,7 +116,7 @@ fn new_program_alerts_once_and_a_modified_copy_alerts_again() -> Result<()> {
     let novel_sha = sha256_file(&novel)?;
     let started = Instant::now();
     run_client(
-        &net,
+        net,
         &novel,
         "tcp_upload",
         &["--bytes", "20000"],
@@ -152,7 +146,7 @@ fn new_program_alerts_once_and_a_modified_copy_alerts_again() -> Result<()> {
         &["--config.file", &config],
     )?;
     run_client(
-        &net,
+        net,
         &novel,
         "tcp_upload",
         &["--bytes", "20000"],
@@ -195,7 +189,7 @@ fn new_program_alerts_once_and_a_modified_copy_alerts_again() -> Result<()> {
     let modified_sha = sha256_file(&modified)?;
     let before_modified = Instant::now();
     run_client(
-        &net,
+        net,
         &modified,
         "tcp_upload",
         &["--bytes", "20000"],

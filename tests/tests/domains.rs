@@ -10,8 +10,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, NetnsPair, PeerServer, ProcessGuard, TempDir, agent_binary, exe_copy, is_root,
-    process, random_suffix,
+    AgentGuard, PeerNet, ProcessGuard, TempDir, agent_binary, exe_copy, is_root, process,
+    random_suffix, write_config,
 };
 
 const DNSMASQ: &str = "/usr/sbin/dnsmasq";
@@ -91,13 +91,8 @@ fn each_client_gets_the_domain_it_resolved() -> Result<()> {
         "{DNSMASQ} missing: run scripts/setup.sh"
     );
     let dir = TempDir::new("fsn-domains")?;
-    let net = NetnsPair::new()?;
-    let peer_exe = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("peer-{}", random_suffix()),
-    )?;
-    let _peer = PeerServer::start_with(&net, &peer_exe, &["--dns", "off"])?;
+    let peers = PeerNet::start(&trafficgen(), dir.path(), &["--dns", "off"])?;
+    let net = &peers.net;
     // Three names for the one peer address.
     let mut dnsmasq = net.in_peer(
         Path::new(DNSMASQ),
@@ -122,8 +117,10 @@ fn each_client_gets_the_domain_it_resolved() -> Result<()> {
     let _dnsmasq = ProcessGuard::spawn("dnsmasq", &mut dnsmasq, Duration::from_secs(5))?;
     let _resolv = NetnsResolvConf::new(&net.client, "198.18.0.2")?;
 
-    let config = dir.path().join("fleetsnitch.yaml");
-    fs::write(&config, "metrics:\n  bytes_labels: [domain, remote_port]\n")?;
+    let config = write_config(
+        dir.path(),
+        "metrics:\n  bytes_labels: [domain, remote_port]\n",
+    )?;
     let agent = AgentGuard::start_with_args(
         &agent_binary()?,
         &["--config.file", config.to_str().unwrap()],
@@ -218,15 +215,9 @@ fn no_answer_means_no_domain() -> Result<()> {
         return Ok(());
     }
     let dir = TempDir::new("fsn-nodomain")?;
-    let net = NetnsPair::new()?;
-    let peer_exe = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("peer-{}", random_suffix()),
-    )?;
-    let _peer = PeerServer::start(&net, &peer_exe)?;
-    let config = dir.path().join("fleetsnitch.yaml");
-    fs::write(&config, "metrics:\n  bytes_labels: [domain]\n")?;
+    let peers = PeerNet::start(&trafficgen(), dir.path(), &[])?;
+    let net = &peers.net;
+    let config = write_config(dir.path(), "metrics:\n  bytes_labels: [domain]\n")?;
     let agent = AgentGuard::start_with_args(
         &agent_binary()?,
         &["--config.file", config.to_str().unwrap()],

@@ -2,12 +2,12 @@
 //! (exporter/tests/data, which map the test peers' 198.18.0.0/15 to NL and
 //! AS 64511). Needs root (eBPF, namespaces); skips otherwise.
 
-use std::{fs, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Result, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, NetnsPair, PeerServer, TempDir, agent_binary, exe_copy, is_root, process,
-    random_suffix, workspace_root,
+    AgentGuard, PeerNet, TempDir, agent_binary, exe_copy, is_root, process, random_suffix,
+    workspace_root, write_config,
 };
 
 fn trafficgen() -> PathBuf {
@@ -22,22 +22,16 @@ fn traffic_carries_the_peers_country_and_asn() -> Result<()> {
     }
     let data = workspace_root().join("exporter/tests/data");
     let dir = TempDir::new("fsn-geoip")?;
-    let config = dir.path().join("fleetsnitch.yaml");
-    fs::write(
-        &config,
-        format!(
+    let config = write_config(
+        dir.path(),
+        &format!(
             "metrics:\n  bytes_labels: [country, asn]\ngeoip:\n  country_database: {}\n  asn_database: {}\n",
             data.join("GeoLite2-Country.mmdb").display(),
             data.join("GeoLite2-ASN.mmdb").display()
         ),
     )?;
-    let net = NetnsPair::new()?;
-    let peer = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("peer-{}", random_suffix()),
-    )?;
-    let _peer = PeerServer::start(&net, &peer)?;
+    let peers = PeerNet::start(&trafficgen(), dir.path(), &[])?;
+    let net = &peers.net;
     let agent = AgentGuard::start_with_args(
         &agent_binary()?,
         &["--config.file", config.to_str().unwrap()],
@@ -87,9 +81,8 @@ fn unreadable_database_stops_the_agent_naming_the_file() -> Result<()> {
         return Ok(());
     }
     let dir = TempDir::new("fsn-geoip-bad")?;
-    let config = dir.path().join("fleetsnitch.yaml");
-    fs::write(
-        &config,
+    let config = write_config(
+        dir.path(),
         "geoip:\n  country_database: /nonexistent/GeoLite2-Country.mmdb\n",
     )?;
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;

@@ -13,8 +13,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, NetnsPair, PeerServer, TempDir, agent_binary, exe_copy, is_root, process,
-    random_suffix, run_client, run_loopback, wait_until,
+    AgentGuard, PeerNet, TempDir, agent_binary, exe_copy, is_root, process, random_suffix,
+    run_client, run_loopback, wait_until, write_config,
 };
 
 fn trafficgen() -> PathBuf {
@@ -34,12 +34,6 @@ fn query(journal: &Path, sql: &str) -> Result<String> {
     Ok(out.stdout.trim().to_owned())
 }
 
-fn write_config(dir: &Path, text: &str) -> Result<PathBuf> {
-    let path = dir.join("fleetsnitch.yaml");
-    fs::write(&path, text)?;
-    Ok(path)
-}
-
 fn metric(agent: &AgentGuard, name: &str) -> Result<f64> {
     let text =
         fleetsnitch_e2e::metrics::http_get(agent.addr, "/metrics", Duration::from_secs(5))?.body;
@@ -54,13 +48,8 @@ fn sigkill_during_heavy_writes_keeps_every_committed_row() -> Result<()> {
         return Ok(());
     }
     let dir = TempDir::new("fsn-sigkill")?;
-    let net = NetnsPair::new()?;
-    let peer_exe = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("peer-{}", random_suffix()),
-    )?;
-    let _peer = PeerServer::start(&net, &peer_exe)?;
+    let peers = PeerNet::start(&trafficgen(), dir.path(), &[])?;
+    let net = &peers.net;
     let journal = dir.path().join("journal.db");
     let config = write_config(dir.path(), "journal:\n  write_interval: 100ms\n")?;
     let config = config.to_str().unwrap();
@@ -92,7 +81,7 @@ fn sigkill_during_heavy_writes_keeps_every_committed_row() -> Result<()> {
                 if stop.load(Ordering::Relaxed) {
                     break;
                 }
-                run_client(&net, &storm, "many_tcp_conns", &[], Duration::from_secs(60))?;
+                run_client(net, &storm, "many_tcp_conns", &[], Duration::from_secs(60))?;
             }
             Ok(())
         });
@@ -143,7 +132,7 @@ fn sigkill_during_heavy_writes_keeps_every_committed_row() -> Result<()> {
         &["--config.file", config],
     )?;
     run_client(
-        &net,
+        net,
         &storm,
         "tcp_upload",
         &["--bytes", "10000"],

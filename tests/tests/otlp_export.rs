@@ -4,16 +4,15 @@
 //! journal's new_executable event arrives too. Needs root; skips otherwise.
 
 use std::{
-    fs,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, NetnsPair, PeerServer, TempDir, agent_binary, exe_copy, is_root,
+    AgentGuard, PeerNet, TempDir, agent_binary, exe_copy, is_root,
     otlp_collector::{Collector, Received, free_port, rotel_agent},
-    random_suffix, run_client, sha256_file,
+    random_suffix, run_client, sha256_file, write_config,
 };
 
 fn trafficgen() -> PathBuf {
@@ -44,21 +43,15 @@ fn delivers(protocol: &str) -> Result<()> {
     } else {
         http_port
     };
-    let config = dir.path().join("fleetsnitch.yaml");
-    fs::write(
-        &config,
-        format!(
+    let config = write_config(
+        dir.path(),
+        &format!(
             "journal:\n  write_interval: 1s\n\
              otlp:\n  enabled: true\n  protocol: {protocol}\n  endpoint: http://127.0.0.1:{port}\n  batch_delay: 200ms\n"
         ),
     )?;
-    let net = NetnsPair::new()?;
-    let peer = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("peer-{}", random_suffix()),
-    )?;
-    let _peer = PeerServer::start(&net, &peer)?;
+    let peers = PeerNet::start(&trafficgen(), dir.path(), &[])?;
+    let net = &peers.net;
     let agent = AgentGuard::start_with_args(
         &agent_binary()?,
         &["--config.file", config.to_str().unwrap()],
@@ -71,7 +64,7 @@ fn delivers(protocol: &str) -> Result<()> {
     )?;
     let sha256 = sha256_file(&exe)?;
     run_client(
-        &net,
+        net,
         &exe,
         "tcp_upload",
         &["--bytes", &BYTES.to_string()],
@@ -150,10 +143,9 @@ fn exported_and_dropped_are_counted() -> Result<()> {
     // A collector that does not exist: everything queues, then is dropped
     // past the bound, and the agent keeps running and counting.
     let dir = TempDir::new("fsn-otlp-down")?;
-    let config = dir.path().join("fleetsnitch.yaml");
-    fs::write(
-        &config,
-        format!(
+    let config = write_config(
+        dir.path(),
+        &format!(
             "journal:\n  write_interval: 200ms\n\
              otlp:\n  enabled: true\n  protocol: grpc\n  endpoint: http://127.0.0.1:{}\n  max_queued_records: 1000\n",
             free_port()
