@@ -391,11 +391,6 @@ impl Collector {
                 self.domains
                     .domain_for(key.tgid, container.map(|c| c.id.as_str()), ip)
             });
-            if self.journal.is_some() {
-                let mut rollup = self.rollup(&key, &value, exe, &path);
-                rollup.domain.clone_from(&domain);
-                rollups.push(rollup);
-            }
             let pod = match (&self.pods, container) {
                 (Some(pods), Some(container)) => pods.lookup(&container.id),
                 _ => None,
@@ -413,6 +408,9 @@ impl Collector {
                 pod: pod.as_ref().map(|p| p.pod.as_str()),
                 namespace: pod.as_ref().map(|p| p.namespace.as_str()),
             };
+            if self.journal.is_some() {
+                rollups.push(self.rollup(&key, &value, exe, &path, &facts));
+            }
             for (index, direction) in [
                 (DIR_SENT, Direction::Sent),
                 (DIR_RECEIVED, Direction::Received),
@@ -511,21 +509,36 @@ impl Collector {
             .set(self.labels.series_count() as i64);
     }
 
-    /// One flow's traffic in this drain, as the journal records it.
-    fn rollup(&self, key: &TrafficKey, value: &TrafficValue, exe: ExeKey, path: &str) -> Rollup {
-        let process = self.identities.process(key.tgid);
+    /// One flow's traffic in this drain, with everything known of it, as the
+    /// journal and the sinks record it (uncapped: they are not Prometheus).
+    fn rollup(
+        &self,
+        key: &TrafficKey,
+        value: &TrafficValue,
+        exe: ExeKey,
+        path: &str,
+        facts: &FlowFacts<'_>,
+    ) -> Rollup {
+        let owned = |text: Option<&str>| text.map(str::to_owned);
         Rollup {
             exe: path.to_owned(),
             sha256: self.hasher.sha256_of(exe).unwrap_or_default(),
-            parent: process.and_then(|p| p.parent_path.clone()),
-            uid: process.map(|p| p.uid),
+            parent: owned(facts.parent),
+            uid: facts.uid,
             transport: socket::transport(key, value),
             local_port: socket::local_port(key, value),
             remote_address: socket::remote_address(key).map(|a| a.to_string()),
-            remote_port: socket::remote_port(key, value),
-            domain: None,
+            remote_port: facts.remote_port,
+            domain: owned(facts.domain),
             bytes_sent: value.bytes[DIR_SENT],
             bytes_received: value.bytes[DIR_RECEIVED],
+            comm: self.identities.process(key.tgid).map(|p| p.comm.clone()),
+            container_id: owned(facts.container_id),
+            container_name: owned(facts.container_name),
+            pod: owned(facts.pod),
+            namespace: owned(facts.namespace),
+            country: owned(facts.country),
+            asn: facts.asn,
         }
     }
 

@@ -101,6 +101,13 @@ fn delivers(protocol: &str) -> Result<()> {
                 Some(sha256.as_str()),
                 "{connection:?}"
             );
+            let comm = connection
+                .str("fleetsnitch.process.comm")
+                .unwrap_or_default();
+            assert!(
+                !comm.is_empty() && path.rsplit('/').next().unwrap().starts_with(comm),
+                "process name {comm:?}: {connection:?}"
+            );
             assert_eq!(
                 connection.resource_str("service.name"),
                 Some("fleetsnitch"),

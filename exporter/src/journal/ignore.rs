@@ -73,6 +73,7 @@ mod tests {
             domain: Some("api.example.com".into()),
             bytes_sent: 1,
             bytes_received: 1,
+            ..Rollup::default()
         }
     }
 

@@ -51,7 +51,7 @@ pub struct ExecutableSeen {
 }
 
 /// Traffic of one executable with one peer during one write window.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Rollup {
     pub exe: String,
     pub sha256: String,
@@ -64,6 +64,14 @@ pub struct Rollup {
     pub domain: Option<String>,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Context the journal does not store but OTLP and the connection log carry.
+    pub comm: Option<String>,
+    pub container_id: Option<String>,
+    pub container_name: Option<String>,
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+    pub country: Option<String>,
+    pub asn: Option<u32>,
 }
 
 /// Kinds of journal events; also the `kind` label of `fleetsnitch_journal_events_total`.
@@ -516,6 +524,7 @@ mod tests {
             domain: None,
             bytes_sent: sent,
             bytes_received: 1,
+            ..Rollup::default()
         }
     }
 

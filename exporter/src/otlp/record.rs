@@ -107,7 +107,7 @@ impl From<&Rollup> for ConnectionRecord {
             parent: rollup.parent.clone(),
             uid: rollup.uid,
             user_name: None,
-            comm: None,
+            comm: rollup.comm.clone(),
             transport: Cow::Borrowed(rollup.transport),
             local_port: rollup.local_port,
             remote_address: rollup.remote_address.clone(),
@@ -115,12 +115,12 @@ impl From<&Rollup> for ConnectionRecord {
             domain: rollup.domain.clone(),
             bytes_sent: rollup.bytes_sent,
             bytes_received: rollup.bytes_received,
-            container_id: None,
-            container_name: None,
-            pod: None,
-            namespace: None,
-            country: None,
-            asn: None,
+            container_id: rollup.container_id.clone(),
+            container_name: rollup.container_name.clone(),
+            pod: rollup.pod.clone(),
+            namespace: rollup.namespace.clone(),
+            country: rollup.country.clone(),
+            asn: rollup.asn,
         }
     }
 }
@@ -395,6 +395,7 @@ mod tests {
             domain: Some("example.org".into()),
             bytes_sent: 10,
             bytes_received: 20,
+            ..Rollup::default()
         };
         let record = ConnectionRecord::from(&rollup);
         assert_eq!(record.sha256, None);
