@@ -25,6 +25,10 @@ pub struct Cli {
     /// SQLite journal of executables seen [default: /var/lib/fleetsnitch/journal.db].
     #[arg(long = "journal.path", value_name = "PATH")]
     pub journal_path: Option<PathBuf>,
+    /// Print which kernel features and capabilities this host offers, then exit
+    /// (non-zero when a requirement is missing); loads nothing.
+    #[arg(long)]
+    pub check: bool,
     /// Log filter, e.g. `info` or `fleetsnitch=debug` (RUST_LOG works too).
     #[arg(long = "log.level", value_name = "FILTER", default_value = "info")]
     pub log_level: String,

@@ -25,5 +25,6 @@ pub mod modification;
 pub mod otlp;
 pub mod preflight;
 pub mod probes;
+pub mod readiness;
 pub mod socket;
 pub mod virustotal;

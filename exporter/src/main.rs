@@ -1,12 +1,21 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use fleetsnitch::{agent, cli::Cli};
+use fleetsnitch::{agent, cli::Cli, readiness};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.check {
+        let (text, ready) = readiness::report(&readiness::inspect());
+        print!("{text}");
+        return if ready {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cli.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));

@@ -341,3 +341,36 @@ fn without_its_preferred_hook_the_agent_falls_back_or_names_what_is_missing() ->
     }
     Ok(())
 }
+
+#[test]
+fn check_reports_what_the_host_offers_and_fails_without_privileges() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root to compare with and without privileges");
+        return Ok(());
+    }
+    let (code, output) = run_to_failure(&["--check"], None)?;
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains("ok       capabilities to load eBPF"),
+        "{output}"
+    );
+    assert!(output.contains("ok       BTF"), "{output}");
+    let (code, output) = run_to_failure(
+        &["--check"],
+        Some(&[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ]),
+    )?;
+    assert_eq!(code, 1, "{output}");
+    assert!(
+        output.contains("MISSING  capabilities to load eBPF"),
+        "{output}"
+    );
+    assert!(output.contains("cannot run here"), "{output}");
+    Ok(())
+}
