@@ -9,6 +9,9 @@ scripts/setup.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The Helm chart, rendered with Helm's template stack and checked against the
+# Kubernetes schemas (no helm binary exists here; see README).
+helm/fleetsnitch/ci/check.sh
 # A short cargo-fuzz run of the DNS parser (longer runs: FUZZ_SECONDS=600 scripts/fuzz.sh).
 FUZZ_SECONDS="${FUZZ_SECONDS:-30}" scripts/fuzz.sh
 # The end-to-end tests start the agent binary, so build it first.
