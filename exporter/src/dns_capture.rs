@@ -150,13 +150,20 @@ impl DnsCapture {
 // Attached through bpf_link (kernels >= 5.7), which coexists with other
 // programs on the same cgroup whatever the mode; the legacy flags (such as
 // BPF_F_ALLOW_MULTI) are refused with EINVAL on a link.
+/// Program `name` of the object, as the program type `T`.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("program {name} is missing"))?
+        .try_into()
+        .map_err(|e| format!("program {name}: {e}"))
+}
+
 fn attach_owners(ebpf: &mut Ebpf, cgroup: &File) -> Result<(), String> {
     for name in PROGRAMS_OWNERS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| format!("program {name} is missing"))?
-            .try_into()
-            .map_err(|e| format!("program {name}: {e}"))?;
+        let program: &mut CgroupSockAddr = program(ebpf, name)?;
         program
             .load()
             .and_then(|()| program.attach(cgroup, CgroupAttachMode::Single).map(drop))
@@ -167,11 +174,7 @@ fn attach_owners(ebpf: &mut Ebpf, cgroup: &File) -> Result<(), String> {
 
 fn attach_answers(ebpf: &mut Ebpf, cgroup: &File) -> Result<(), String> {
     let name = "dns_answers";
-    let program: &mut CgroupSkb = ebpf
-        .program_mut(name)
-        .ok_or_else(|| format!("program {name} is missing"))?
-        .try_into()
-        .map_err(|e| format!("program {name}: {e}"))?;
+    let program: &mut CgroupSkb = program(ebpf, name)?;
     program
         .load()
         .and_then(|()| {

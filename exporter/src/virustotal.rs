@@ -143,20 +143,11 @@ impl Client {
             .send()
             .await
             .map_err(|err| LookupError::Transport(err.to_string()))?;
-        match response.status().as_u16() {
-            200 => {
-                let body = response
-                    .bytes()
-                    .await
-                    .map_err(|err| LookupError::Transport(err.to_string()))?;
-                let object: FileObject = serde_json::from_slice(&body)
-                    .map_err(|err| LookupError::Malformed(err.to_string()))?;
-                Ok(Verdict::Found(object.data.attributes.last_analysis_stats))
-            }
-            404 => Ok(Verdict::NotFound),
-            429 => Err(LookupError::RateLimited),
-            status => Err(LookupError::Status(status)),
+        if response.status().as_u16() == 404 {
+            return Ok(Verdict::NotFound);
         }
+        let object: FileObject = read_json(response).await?;
+        Ok(Verdict::Found(object.data.attributes.last_analysis_stats))
     }
 
     /// `POST /files` with the file's content.
@@ -171,20 +162,25 @@ impl Client {
             .send()
             .await
             .map_err(|err| LookupError::Transport(err.to_string()))?;
-        match response.status().as_u16() {
-            200 => {
-                let body = response
-                    .bytes()
-                    .await
-                    .map_err(|err| LookupError::Transport(err.to_string()))?;
-                let answer: UploadAnswer = serde_json::from_slice(&body)
-                    .map_err(|err| LookupError::Malformed(err.to_string()))?;
-                Ok(Verdict::Uploaded(answer.data.id))
-            }
-            429 => Err(LookupError::RateLimited),
-            status => Err(LookupError::Status(status)),
-        }
+        let answer: UploadAnswer = read_json(response).await?;
+        Ok(Verdict::Uploaded(answer.data.id))
     }
+}
+
+/// The JSON body of a 200 answer; 429 and other statuses are errors.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    response: reqwest::Response,
+) -> Result<T, LookupError> {
+    match response.status().as_u16() {
+        200 => {}
+        429 => return Err(LookupError::RateLimited),
+        status => return Err(LookupError::Status(status)),
+    }
+    let body = response
+        .bytes()
+        .await
+        .map_err(|err| LookupError::Transport(err.to_string()))?;
+    serde_json::from_slice(&body).map_err(|err| LookupError::Malformed(err.to_string()))
 }
 
 /// An executable to check.

@@ -189,6 +189,16 @@ fn sigterm_flushes_the_journal_and_detaches_every_probe() -> Result<()> {
     Ok(())
 }
 
+/// Runs a command as `nobody` with every capability dropped.
+const AS_NOBODY: &[&str] = &[
+    "setpriv",
+    "--reuid=65534",
+    "--regid=65534",
+    "--clear-groups",
+    "--inh-caps=-all",
+    "--bounding-set=-all",
+];
+
 /// Runs the agent expecting it to stop at once; returns (exit code, output).
 fn run_to_failure(args: &[&str], wrap: Option<&[&str]>) -> Result<(i32, String)> {
     let binary = agent_binary()?;
@@ -277,14 +287,7 @@ fn missing_privileges_are_named() -> Result<()> {
             "--journal.path",
             "/tmp/fsn-unused.db",
         ],
-        Some(&[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ]),
+        Some(AS_NOBODY),
     )?;
     assert_ne!(code, 0, "{output}");
     assert!(
@@ -355,17 +358,7 @@ fn check_reports_what_the_host_offers_and_fails_without_privileges() -> Result<(
         "{output}"
     );
     assert!(output.contains("ok       BTF"), "{output}");
-    let (code, output) = run_to_failure(
-        &["--check"],
-        Some(&[
-            "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ]),
-    )?;
+    let (code, output) = run_to_failure(&["--check"], Some(AS_NOBODY))?;
     assert_eq!(code, 1, "{output}");
     assert!(
         output.contains("MISSING  capabilities to load eBPF"),

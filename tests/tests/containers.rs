@@ -86,20 +86,6 @@ fn loopback_in(cgroup: &Path, exe: &Path, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-fn series(agent: &AgentGuard, exe: &Path) -> Result<Vec<fleetsnitch_e2e::Sample>> {
-    let text =
-        fleetsnitch_e2e::metrics::http_get(agent.addr, "/metrics", Duration::from_secs(5))?.body;
-    Ok(
-        fleetsnitch_e2e::parse_samples(&text, "fleetsnitch_bytes_total")?
-            .into_iter()
-            .filter(|s| {
-                s.labels.get("exe").map(String::as_str) == exe.to_str()
-                    && s.labels.get("direction").map(String::as_str) == Some("sent")
-            })
-            .collect(),
-    )
-}
-
 /// A 64-hex-digit container id starting with `seed`.
 fn hex_id(seed: char) -> String {
     let id: String = std::iter::repeat_n(seed, 8)
@@ -247,7 +233,9 @@ fn bytes_carry_the_container_id_of_each_runtime_and_the_pod_from_the_api() -> Re
     }
     for (runtime, exe, id) in &runs {
         agent.metrics().wait_for_bytes(exe, "sent", 30_000)?;
-        let sent = series(&agent, exe)?;
+        let sent = agent
+            .metrics()
+            .samples_for("fleetsnitch_bytes_total", exe, Some("sent"))?;
         ensure!(
             sent.len() == 1,
             "{runtime}: one series expected, got {sent:?}"

@@ -52,17 +52,14 @@ fn bytes_with(
     direction: &str,
     labels: &[(&str, &str)],
 ) -> Result<f64> {
-    let text =
-        fleetsnitch_e2e::metrics::http_get(agent.addr, "/metrics", Duration::from_secs(5))?.body;
-    let samples = fleetsnitch_e2e::parse_samples(&text, "fleetsnitch_bytes_total")?;
-    Ok(samples
+    Ok(agent
+        .metrics()
+        .samples_for("fleetsnitch_bytes_total", exe, Some(direction))?
         .iter()
         .filter(|s| {
-            s.labels.get("exe").map(String::as_str) == exe.to_str()
-                && s.labels.get("direction").map(String::as_str) == Some(direction)
-                && labels
-                    .iter()
-                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
         })
         .map(|s| s.value)
         .sum())

@@ -49,16 +49,9 @@ fn traffic_carries_the_peers_country_and_asn() -> Result<()> {
     ensure!(out.status.success(), "{}", out.stderr);
     agent.metrics().wait_for_bytes(&exe, "sent", 40_000)?;
 
-    let text =
-        fleetsnitch_e2e::metrics::http_get(agent.addr, "/metrics", Duration::from_secs(5))?.body;
-    let samples = fleetsnitch_e2e::parse_samples(&text, "fleetsnitch_bytes_total")?;
-    let sent: Vec<_> = samples
-        .iter()
-        .filter(|s| {
-            s.labels.get("exe").map(String::as_str) == exe.to_str()
-                && s.labels.get("direction").map(String::as_str) == Some("sent")
-        })
-        .collect();
+    let sent = agent
+        .metrics()
+        .samples_for("fleetsnitch_bytes_total", &exe, Some("sent"))?;
     ensure!(sent.len() == 1, "one series expected: {sent:?}");
     assert_eq!(
         sent[0].labels.get("country").map(String::as_str),
