@@ -43,6 +43,20 @@ pub fn write_config(dir: &Path, yaml: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Runs `sql` on the journal at `journal` with the sqlite3 shell, read-only (a
+/// second, independent reader), and returns its trimmed output.
+pub fn query_journal(journal: &Path, sql: &str) -> Result<String> {
+    let out = process::run_bounded(
+        std::process::Command::new("sqlite3")
+            .arg("-readonly")
+            .arg(journal)
+            .arg(sql),
+        Duration::from_secs(30),
+    )?;
+    ensure!(out.status.success(), "sqlite3 {sql}: {}", out.stderr);
+    Ok(out.stdout.trim().to_owned())
+}
+
 /// The client and peer namespaces with the peer services running, from their
 /// own copy of trafficgen (`dir/peer-<random>`), so their traffic is told apart.
 pub struct PeerNet {

@@ -13,25 +13,12 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, PeerNet, TempDir, agent_binary, exe_copy, is_root, process, random_suffix,
-    run_client, run_loopback, wait_until, write_config,
+    AgentGuard, PeerNet, TempDir, agent_binary, exe_copy, is_root, process, query_journal,
+    random_suffix, run_client, run_loopback, wait_until, write_config,
 };
 
 fn trafficgen() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
-}
-
-/// Runs `sql` on `journal` with the sqlite3 shell (a second, independent reader).
-fn query(journal: &Path, sql: &str) -> Result<String> {
-    let out = process::run_bounded(
-        Command::new("sqlite3")
-            .arg("-readonly")
-            .arg(journal)
-            .arg(sql),
-        Duration::from_secs(30),
-    )?;
-    ensure!(out.status.success(), "sqlite3 {sql}: {}", out.stderr);
-    Ok(out.stdout.trim().to_owned())
 }
 
 fn metric(agent: &AgentGuard, name: &str) -> Result<f64> {
@@ -87,7 +74,7 @@ fn sigkill_during_heavy_writes_keeps_every_committed_row() -> Result<()> {
         });
         let outcome = (|| -> Result<(String, String)> {
             wait_until(Duration::from_secs(60), "4000 rollups committed", || {
-                let rows = query(&journal, "SELECT count(*) FROM connections")?
+                let rows = query_journal(&journal, "SELECT count(*) FROM connections")?
                     .parse::<u64>()
                     .unwrap_or(0);
                 ensure!(
@@ -96,7 +83,7 @@ fn sigkill_during_heavy_writes_keeps_every_committed_row() -> Result<()> {
                 );
                 Ok(rows >= 4_000)
             })?;
-            let snapshot = query(
+            let snapshot = query_journal(
                 &journal,
                 "SELECT count(*) || ' ' || max(id) FROM connections",
             )?;
@@ -115,13 +102,13 @@ fn sigkill_during_heavy_writes_keeps_every_committed_row() -> Result<()> {
         outcome
     })?;
 
-    assert_eq!(query(&journal, "PRAGMA integrity_check")?, "ok");
-    let kept = query(
+    assert_eq!(query_journal(&journal, "PRAGMA integrity_check")?, "ok");
+    let kept = query_journal(
         &journal,
         &format!("SELECT count(*) FROM connections WHERE id <= {last_id}"),
     )?;
     assert_eq!(kept, committed, "rows committed before the kill were lost");
-    let after: u64 = query(&journal, "SELECT count(*) FROM connections")?.parse()?;
+    let after: u64 = query_journal(&journal, "SELECT count(*) FROM connections")?.parse()?;
     eprintln!("committed before kill: {committed}, after kill: {after}");
 
     // The restarted agent recovers the journal and does not announce the
@@ -144,13 +131,13 @@ fn sigkill_during_heavy_writes_keeps_every_committed_row() -> Result<()> {
         Duration::from_secs(10),
         "the restarted agent journals again",
         || {
-            let last_seen: i64 = query(
+            let last_seen: i64 = query_journal(
                 &journal,
                 &format!("SELECT max(last_seen) FROM executables WHERE path = '{storm_path}'"),
             )?
             .parse()
             .unwrap_or(0);
-            let written: u64 = query(
+            let written: u64 = query_journal(
             &journal,
             &format!("SELECT count(*) FROM connections WHERE exe = '{storm_path}' AND remote_port = 5001"),
         )?
@@ -159,7 +146,7 @@ fn sigkill_during_heavy_writes_keeps_every_committed_row() -> Result<()> {
             Ok(last_seen > 0 && written > 0)
         },
     )?;
-    let announcements = query(
+    let announcements = query_journal(
         &journal,
         &format!(
             "SELECT count(*) FROM events WHERE kind = 'new_executable' AND exe = '{storm_path}'"
@@ -249,7 +236,7 @@ fn read_only_journal_degrades_then_catches_up() -> Result<()> {
         "entries written once writable",
         || {
             Ok(journal.exists()
-                && query(
+                && query_journal(
                     &journal,
                     &format!("SELECT count(*) FROM executables WHERE path = '{path}'"),
                 )? == "1")
@@ -289,7 +276,7 @@ fn full_disk_is_counted_and_nothing_queued_is_lost() -> Result<()> {
         Duration::from_secs(15),
         "first executable journaled",
         || {
-            Ok(query(
+            Ok(query_journal(
                 &journal,
                 &format!("SELECT count(*) FROM executables WHERE path = '{first_path}'"),
             )? == "1")
@@ -333,7 +320,7 @@ fn full_disk_is_counted_and_nothing_queued_is_lost() -> Result<()> {
         .collect::<Vec<_>>()
         .join(",");
     let written = || {
-        query(
+        query_journal(
             &journal,
             &format!("SELECT count(*) FROM executables WHERE path IN ({list})"),
         )
@@ -344,7 +331,7 @@ fn full_disk_is_counted_and_nothing_queued_is_lost() -> Result<()> {
         || Ok(written()? == later.len().to_string()),
     );
     if let Err(error) = caught_up {
-        let present = query(
+        let present = query_journal(
             &journal,
             &format!("SELECT path FROM executables WHERE path IN ({list})"),
         )?;
@@ -372,6 +359,6 @@ fn full_disk_is_counted_and_nothing_queued_is_lost() -> Result<()> {
             agent.log_tail(40)
         );
     }
-    assert_eq!(query(&journal, "PRAGMA integrity_check")?, "ok");
+    assert_eq!(query_journal(&journal, "PRAGMA integrity_check")?, "ok");
     Ok(())
 }
