@@ -124,6 +124,18 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Colle
         .ok_or(CollectorError::MissingMap { name })
 }
 
+/// Values of `map` on `fleetsnitch_map_full_total`.
+const TRAFFIC_MAP: &str = "traffic";
+const ANNOUNCED_MAP: &str = "announced";
+const SPLICE_MAP: &str = "splice_calls";
+const REPORTED_MAPS: [&str; 3] = [TRAFFIC_MAP, ANNOUNCED_MAP, SPLICE_MAP];
+
+fn map_labels(map: &str) -> MapLabels {
+    MapLabels {
+        map: map.to_owned(),
+    }
+}
+
 fn map_error(name: &'static str) -> impl FnOnce(MapError) -> CollectorError {
     move |source| CollectorError::Map { name, source }
 }
@@ -143,6 +155,17 @@ impl Collector {
         let config = Array::try_from(take_map(ebpf, "config")?).map_err(map_error("config"))?;
         let stats = PerCpuArray::try_from(take_map(ebpf, "stats")?).map_err(map_error("stats"))?;
         let events = RingBuf::try_from(take_map(ebpf, "events")?).map_err(map_error("events"))?;
+        // Every series an alert takes `increase()` of exists from the first
+        // scrape at 0: a series born at its first incident shows no increase.
+        for map in REPORTED_MAPS {
+            metrics.map_full.get_or_create(&map_labels(map)).inc_by(0);
+        }
+        for direction in [Direction::Sent, Direction::Received] {
+            metrics
+                .unattributed_bytes
+                .get_or_create(&DirectionLabels { direction })
+                .inc_by(0);
+        }
         Ok(Self {
             traffic,
             config,
@@ -557,9 +580,6 @@ impl Collector {
             if delta == 0 {
                 continue;
             }
-            let map = |name: &str| MapLabels {
-                map: name.to_owned(),
-            };
             match stat {
                 Stat::TrafficMapFull => {
                     tracing::warn!(
@@ -568,7 +588,7 @@ impl Collector {
                     );
                     self.metrics
                         .map_full
-                        .get_or_create(&map("traffic"))
+                        .get_or_create(&map_labels(TRAFFIC_MAP))
                         .inc_by(delta);
                 }
                 Stat::UnattributedSentBytes => {
@@ -597,13 +617,13 @@ impl Collector {
                 Stat::AnnouncedMapFull => {
                     self.metrics
                         .map_full
-                        .get_or_create(&map("announced"))
+                        .get_or_create(&map_labels(ANNOUNCED_MAP))
                         .inc_by(delta);
                 }
                 Stat::SpliceMapFull => {
                     self.metrics
                         .map_full
-                        .get_or_create(&map("splice_calls"))
+                        .get_or_create(&map_labels(SPLICE_MAP))
                         .inc_by(delta);
                 }
             }

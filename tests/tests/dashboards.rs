@@ -4,7 +4,10 @@
 //! least one series. The incidents some panels show (a VirusTotal detection, an
 //! executable modified in place, a new executable) are caused by the test: a fake
 //! VirusTotal API on loopback flags every file, a watched executable is written to,
-//! and the journal starts empty.
+//! and the journal starts empty. The health rules' incidents (lost events, full
+//! maps, hash failures, missing probes, journal errors, a stalled drain, an agent
+//! down, a new hash for a known path) are caused by
+//! `every_health_rule_fires_when_its_incident_is_caused`.
 //! Needs root (eBPF, network namespaces); skips otherwise.
 
 use std::{
@@ -12,15 +15,18 @@ use std::{
     fs,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener},
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, PeerNet, TempDir, agent::free_port, agent_binary, exe_copy, is_root, run_client,
-    servers::Prometheus, workspace_root, write_config,
+    AgentGuard, PeerNet, TempDir, agent::free_port, agent_binary, exe_copy, is_root, process,
+    query_journal, random_suffix, run_client, run_loopback, servers::Prometheus, wait_until,
+    workspace_root, write_config,
 };
 
 const HOST: &str = "dashboards-test-host";
@@ -351,6 +357,14 @@ fn which_prometheus() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Rules whose incidents `every_dashboard_expression_returns_series_from_a_real_agent`
+/// causes; `every_health_rule_fires_when_its_incident_is_caused` causes the rest.
+const CAUSED_WITH_THE_DASHBOARDS: [&str; 3] = [
+    "rule FleetsnitchNewExecutable",
+    "rule FleetsnitchExecutableModified",
+    "rule FleetsnitchVirusTotalDetection",
+];
+
 #[test]
 fn every_dashboard_expression_returns_series_from_a_real_agent() -> Result<()> {
     if !is_root() {
@@ -434,17 +448,16 @@ fn every_dashboard_expression_returns_series_from_a_real_agent() -> Result<()> {
     eprintln!("{} dashboard expressions returned series", exprs.len());
 
     // Rules: every one parses; the incidents this test causes make theirs fire.
-    let caused = [
-        "rule FleetsnitchNewExecutable",
-        "rule FleetsnitchExecutableModified",
-        "rule FleetsnitchVirusTotalDetection",
-    ];
     let caused: Vec<Expr> = rules
         .iter()
-        .filter(|e| caused.contains(&e.place.as_str()))
+        .filter(|e| CAUSED_WITH_THE_DASHBOARDS.contains(&e.place.as_str()))
         .cloned()
         .collect();
-    assert_eq!(caused.len(), 3, "rules renamed? {rules:#?}");
+    assert_eq!(
+        caused.len(),
+        CAUSED_WITH_THE_DASHBOARDS.len(),
+        "rules renamed? {rules:#?}"
+    );
     let missing = wait_for_series(&prometheus, &caused, Duration::from_secs(30))?;
     assert!(
         missing.is_empty(),
@@ -456,5 +469,394 @@ fn every_dashboard_expression_returns_series_from_a_real_agent() -> Result<()> {
             .with_context(|| rule.place.clone())?;
         eprintln!("{}: {} series", rule.place, result.len());
     }
+    Ok(())
+}
+
+fn sweep() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sweep"))
+}
+
+/// Runs a copy of `sweep` in this namespace; fails with its stderr.
+fn run_sweep(exe: &Path, args: &[&str]) -> Result<()> {
+    let out = process::run_bounded(Command::new(exe).args(args), Duration::from_secs(60))?;
+    ensure!(
+        out.status.success(),
+        "{} {args:?}: {}",
+        exe.display(),
+        out.stderr
+    );
+    Ok(())
+}
+
+/// A size-limited tmpfs mounted for the test, lazily unmounted when dropped.
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Result<Self> {
+        fs::create_dir_all(dir)?;
+        let options = format!("size={size},mode=0700");
+        let target = dir.to_str().context("non-UTF-8 temporary path")?;
+        process::run_checked(
+            Path::new("mount"),
+            &["-t", "tmpfs", "-o", &options, "tmpfs", target],
+        )?;
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// Writes zeros until the file system refuses more (ENOSPC).
+    fn fill(&self) -> Result<()> {
+        let mut filler = fs::File::create(self.dir.join("filler"))?;
+        let chunk = vec![0u8; 64 << 10];
+        // Bounded: the file system is a few MiB at most.
+        for _ in 0..1024 {
+            match filler.write_all(&chunk) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Ok(()),
+                Err(e) => return Err(e).context("filling the journal's file system"),
+            }
+        }
+        bail!("{} never filled up", self.dir.display())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = process::run_checked(Path::new("umount"), &["-l", &self.dir.to_string_lossy()]);
+    }
+}
+
+/// One thread of another process held in a ptrace stop while the rest of the
+/// process runs on: a stuck thread, as a deadlock or a hung syscall would leave
+/// it. Released when dropped, which must happen on the thread that froze it
+/// (ptrace requests come from the tracer thread).
+struct FrozenThread {
+    tid: libc::pid_t,
+}
+
+impl FrozenThread {
+    /// Freezes the thread of `pid` whose name (`comm`, 15 bytes at most) is `comm`.
+    fn freeze(pid: u32, comm: &str) -> Result<Self> {
+        let tid = fs::read_dir(format!("/proc/{pid}/task"))?
+            .filter_map(|entry| {
+                entry
+                    .ok()?
+                    .file_name()
+                    .to_str()?
+                    .parse::<libc::pid_t>()
+                    .ok()
+            })
+            .find(|tid| {
+                fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                    .is_ok_and(|name| name.trim_end() == comm)
+            })
+            .with_context(|| format!("no thread named {comm} in process {pid}"))?;
+        let null = std::ptr::null_mut::<libc::c_void>();
+        // SAFETY: ptrace with no addr/data; the kernel checks the tid.
+        if unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, null, null) } == -1 {
+            bail!("PTRACE_SEIZE {tid}: {}", std::io::Error::last_os_error());
+        }
+        let frozen = Self { tid };
+        // SAFETY: as above, on the thread just seized.
+        if unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, null, null) } == -1 {
+            bail!(
+                "PTRACE_INTERRUPT {tid}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let mut status = 0;
+        // SAFETY: waits for the tracee's stop; `status` is valid.
+        if unsafe { libc::waitpid(tid, &mut status, libc::__WALL) } != tid {
+            bail!("waitpid {tid}: {}", std::io::Error::last_os_error());
+        }
+        Ok(frozen)
+    }
+}
+
+impl Drop for FrozenThread {
+    fn drop(&mut self) {
+        let null = std::ptr::null_mut::<libc::c_void>();
+        // SAFETY: detaching the tracee this thread seized resumes it.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.tid, null, null) };
+    }
+}
+
+/// Whether `promql` returns a series whose `instance` is `instance`.
+fn fires_for(prometheus: &Prometheus, promql: &str, instance: SocketAddr) -> Result<bool> {
+    let instance = instance.to_string();
+    Ok(prometheus
+        .query(promql)?
+        .iter()
+        .any(|series| series["metric"]["instance"].as_str() == Some(instance.as_str())))
+}
+
+fn rule<'a>(rules: &'a [Expr], name: &str) -> Result<&'a Expr> {
+    rules
+        .iter()
+        .find(|r| r.place == format!("rule {name}"))
+        .with_context(|| format!("no rule {name} in the shipped rules"))
+}
+
+/// Every health rule of the shipped rules, each made to fire by the fault it
+/// describes, caused for real: a Prometheus scrapes a faulty agent (tiny maps
+/// and ring buffer, no tracepoints, its journal on a tmpfs then filled up, its
+/// collector thread frozen), a healthy agent that restarts and then sees a
+/// known path with a new hash, and a target where no agent listens. Each rule
+/// must return a series for the faulty instance, and the fault rules none for
+/// the healthy one.
+#[test]
+fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF, tmpfs mounts, ptrace)");
+        return Ok(());
+    }
+    let rules = rule_expressions()?;
+    // (rule, the instance it must fire for); the faulty agent's own rules must
+    // not fire for the healthy one.
+    let faulty_rules = [
+        "FleetsnitchEventsLost",
+        "FleetsnitchMapFull",
+        "FleetsnitchUnattributedBytes",
+        "FleetsnitchHashFailures",
+        "FleetsnitchProbeNotAttached",
+        "FleetsnitchJournalWriteErrors",
+        "FleetsnitchJournalDropped",
+        "FleetsnitchDrainStalled",
+    ];
+    let healthy_rules = ["FleetsnitchNewHashForKnownExecutable"];
+    let down_rules = ["FleetsnitchAgentDown"];
+    let covered: BTreeSet<String> = faulty_rules
+        .iter()
+        .chain(&healthy_rules)
+        .chain(&down_rules)
+        .map(|name| format!("rule {name}"))
+        .chain(CAUSED_WITH_THE_DASHBOARDS.iter().map(|p| (*p).to_owned()))
+        .collect();
+    let uncovered: Vec<&str> = rules
+        .iter()
+        .map(|r| r.place.as_str())
+        .filter(|place| !covered.contains(*place))
+        .collect();
+    ensure!(uncovered.is_empty(), "rules no test causes: {uncovered:?}");
+
+    let dir = TempDir::new("fsn-incidents")?;
+    let faulty = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+    let healthy = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+    // Nobody listens there: an agent that is down.
+    let down = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+    let rules_file = workspace_root().join("helm/fleetsnitch/rules/fleetsnitch.rules.yml");
+    let prometheus = Prometheus::start(&format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+         rule_files:\n  - {}\n\
+         scrape_configs:\n  - job_name: fleetsnitch\n    static_configs:\n      \
+         - targets: ['{faulty}', '{healthy}', '{down}']\n",
+        rules_file.display()
+    ))?;
+
+    let journal_fs = Tmpfs::mount(&dir.path().join("faulty-journal"), "1m")?;
+    let faulty_dir = dir.path().join("faulty");
+    fs::create_dir_all(&faulty_dir)?;
+    let faulty_config = write_config(
+        &faulty_dir,
+        "journal:\n  write_interval: 1s\n  max_pending: 1000\n\
+         collector:\n  traffic_map_entries: 1024\n  ring_buffer_bytes: 65536\n\
+         probes:\n  disabled_modes: [tracepoint]\n",
+    )?;
+    let mut faulty_agent = AgentGuard::start_at(
+        &agent_binary()?,
+        faulty,
+        Some(&journal_fs.dir.join("journal.db")),
+        &["--config.file", faulty_config.to_str().unwrap()],
+    )?;
+    let healthy_dir = dir.path().join("healthy");
+    fs::create_dir_all(&healthy_dir)?;
+    let healthy_config = write_config(&healthy_dir, "journal:\n  write_interval: 1s\n")?;
+    let healthy_args = ["--config.file", healthy_config.to_str().unwrap()];
+    let healthy_journal = healthy_dir.join("journal.db");
+    let mut healthy_agent = AgentGuard::start_at(
+        &agent_binary()?,
+        healthy,
+        Some(&healthy_journal),
+        &healthy_args,
+    )?;
+
+    // Prometheus must hold the counters at 0 before the faults: `increase()`
+    // sees nothing of a series whose first sample is already the incident.
+    wait_until(Duration::from_secs(60), "two scrapes of each agent", || {
+        Ok(fires_for(
+            &prometheus,
+            "count_over_time(fleetsnitch_map_full_total{map=\"traffic\"}[1m]) >= 2",
+            faulty,
+        )? && fires_for(
+            &prometheus,
+            "count_over_time(fleetsnitch_hash_failures_total{reason=\"process_exited\"}[1m]) >= 2",
+            faulty,
+        )? && fires_for(
+            &prometheus,
+            "count_over_time(fleetsnitch_events_lost_total[1m]) >= 2",
+            healthy,
+        )?)
+    })?;
+
+    // The faulty agent's journal can no longer grow.
+    journal_fs.fill()?;
+
+    // Its collector stops: nothing drains the kernel's maps and ring buffer.
+    let frozen = FrozenThread::freeze(faulty_agent.pid(), "fleetsnitch-col")?;
+    let frozen_at = Instant::now();
+    // A program dropped, run once and deleted: gone before anyone can hash it.
+    let dropped = exe_copy(
+        &sweep(),
+        dir.path(),
+        &format!("dropped-{}", random_suffix()),
+    )?;
+    run_sweep(
+        &dropped,
+        &[
+            "ports",
+            "--peer",
+            "127.0.0.1",
+            "--first",
+            "9",
+            "--count",
+            "1",
+        ],
+    )?;
+    fs::remove_file(&dropped)?;
+    // More new processes at once than 64 KiB of ring buffer can announce.
+    let burst = exe_copy(&sweep(), dir.path(), "burst")?;
+    run_sweep(
+        &burst,
+        &["forks", "--peer", "127.0.0.1:9", "--count", "500"],
+    )?;
+    // More flows than 1024 traffic map entries.
+    let ports = exe_copy(&sweep(), dir.path(), "ports")?;
+    run_sweep(
+        &ports,
+        &[
+            "ports",
+            "--peer",
+            "127.0.0.1",
+            "--first",
+            "20000",
+            "--count",
+            "3000",
+        ],
+    )?;
+
+    // Meanwhile, the healthy agent: a program it knows comes back with another
+    // hash after a restart.
+    let client = exe_copy(
+        &trafficgen(),
+        dir.path(),
+        &format!("known-{}", random_suffix()),
+    )?;
+    run_loopback(&client, 10_000)?;
+    let known = format!(
+        "SELECT count(*) FROM executables WHERE path = '{}' AND sha256 != ''",
+        client.display()
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the healthy journal knows the client",
+        || Ok(query_journal(&healthy_journal, &known)? == "1"),
+    )
+    .with_context(|| {
+        format!(
+            "journal: {:?}\nhealthy agent:\n{}",
+            query_journal(&healthy_journal, "SELECT path, sha256 FROM executables"),
+            healthy_agent.log_tail(30)
+        )
+    })?;
+    healthy_agent.signal(libc::SIGTERM);
+    ensure!(
+        healthy_agent.wait_exit(Duration::from_secs(30))?.is_some(),
+        "the healthy agent did not stop"
+    );
+    drop(healthy_agent);
+    let mut upgraded = fs::read(&client)?;
+    upgraded.extend_from_slice(b"\0upgraded");
+    let staged = client.with_extension("new");
+    fs::write(&staged, &upgraded)?;
+    fs::set_permissions(&staged, fs::Permissions::from_mode(0o755))?;
+    fs::rename(&staged, &client)?;
+    let healthy_agent = AgentGuard::start_at(
+        &agent_binary()?,
+        healthy,
+        Some(&healthy_journal),
+        &healthy_args,
+    )?;
+    run_loopback(&client, 10_000)?;
+
+    // The collector has been stuck for over a minute: the drain rule fires
+    // while /metrics is still served.
+    let stalled = rule(&rules, "FleetsnitchDrainStalled")?;
+    let remaining = Duration::from_secs(62).saturating_sub(frozen_at.elapsed());
+    thread::sleep(remaining);
+    wait_until(Duration::from_secs(30), "drain stall seen", || {
+        fires_for(&prometheus, &stalled.promql, faulty)
+    })?;
+    drop(frozen);
+
+    // Resumed, the faulty agent finds what it missed and journals flows into a
+    // full file system, past journal.max_pending.
+    run_sweep(
+        &ports,
+        &[
+            "ports",
+            "--peer",
+            "127.0.0.1",
+            "--first",
+            "30000",
+            "--count",
+            "2000",
+        ],
+    )?;
+
+    let mut missing = Vec::new();
+    // The drain stall was seen while it lasted; the rest stay for their windows.
+    let after_the_stall: Vec<&str> = faulty_rules
+        .into_iter()
+        .filter(|name| *name != "FleetsnitchDrainStalled")
+        .collect();
+    for (names, instance) in [
+        (&after_the_stall[..], faulty),
+        (&healthy_rules[..], healthy),
+        (&down_rules[..], down),
+    ] {
+        for name in names {
+            let expr = rule(&rules, name)?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !fires_for(&prometheus, &expr.promql, instance)? {
+                if Instant::now() > deadline {
+                    missing.push(format!("{name} for {instance}"));
+                    break;
+                }
+                thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+    ensure!(
+        missing.is_empty(),
+        "incidents caused but their rules returned nothing: {missing:?}\nfaulty agent:\n{}",
+        faulty_agent.log_tail(40)
+    );
+    // The faults were the faulty agent's own: the healthy one saw the same
+    // traffic without them.
+    for name in faulty_rules
+        .iter()
+        .filter(|name| **name != "FleetsnitchHashFailures")
+    {
+        let expr = rule(&rules, name)?;
+        ensure!(
+            !fires_for(&prometheus, &expr.promql, healthy)?,
+            "{name} fired for the healthy agent:\n{}",
+            healthy_agent.log_tail(40)
+        );
+    }
+    faulty_agent.check_running()?;
     Ok(())
 }

@@ -1,9 +1,12 @@
-//! Many distinct label values quickly, for the cardinality test.
+//! Many distinct label values or processes quickly, for the cardinality and
+//! incident tests.
 //!
 //! ```text
 //! sweep ports   --peer ADDR --first P --count N          # one UDP datagram to each of N ports
 //! sweep domains --server ADDR --count N --suffix test    # resolve d<i>.<suffix> with its own
 //!                                                        # UDP queries, one datagram to each answer
+//! sweep forks   --peer ADDR:PORT --count N               # N processes, released together, each
+//!                                                        # sending one datagram
 //! ```
 //! Prints `{"values":N,"sent":BYTES}`. Loops are bounded by --count.
 
@@ -72,8 +75,70 @@ fn run(args: &[String]) -> Result<()> {
                 sent += socket.send(b"x")?;
             }
         }
-        _ => bail!("usage: sweep ports|domains ..."),
+        Some("forks") => {
+            let peer: SocketAddr = option(args, "--peer")?.parse()?;
+            ensure!(count <= 2_000, "forks: --count is bounded to 2000");
+            sent = fork_burst(peer, count)?;
+        }
+        _ => bail!("usage: sweep ports|domains|forks ..."),
     }
     println!("{{\"values\":{count},\"sent\":{sent}}}");
     Ok(())
+}
+
+/// Forks `count` children that wait on a pipe until all exist, then each sends
+/// one datagram to `peer` and exits: `count` new processes announcing
+/// themselves to the kernel within a few milliseconds. Returns the bytes sent.
+fn fork_burst(peer: SocketAddr, count: u32) -> Result<usize> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid two-element array for pipe(2) to fill.
+    ensure!(
+        unsafe { libc::pipe(fds.as_mut_ptr()) } == 0,
+        "pipe: {}",
+        std::io::Error::last_os_error()
+    );
+    let [gate, release] = fds;
+    let mut children = Vec::new();
+    for _ in 0..count {
+        // SAFETY: this program is single-threaded, so the child may run any code.
+        match unsafe { libc::fork() } {
+            -1 => break,
+            0 => {
+                let mut byte = 0u8;
+                // SAFETY: plain fd calls on descriptors this process owns.
+                unsafe {
+                    libc::close(release);
+                    // Returns at end of file: when the parent closes `release`.
+                    libc::read(gate, (&raw mut byte).cast(), 1);
+                }
+                let sent = UdpSocket::bind("0.0.0.0:0")
+                    .and_then(|socket| socket.send_to(b"x", peer))
+                    .is_ok();
+                // SAFETY: _exit skips the parent's atexit handlers and buffers.
+                unsafe { libc::_exit(if sent { 0 } else { 1 }) }
+            }
+            child => children.push(child),
+        }
+    }
+    // SAFETY: closing our own descriptors releases every child at once.
+    unsafe {
+        libc::close(gate);
+        libc::close(release);
+    }
+    let mut sent = 0;
+    for child in &children {
+        let mut status = 0;
+        // SAFETY: `child` is a child of this process; `status` is valid.
+        unsafe { libc::waitpid(*child, &mut status, 0) };
+        if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+            sent += 1;
+        }
+    }
+    ensure!(
+        children.len() == count as usize,
+        "fork failed after {} children: {}",
+        children.len(),
+        std::io::Error::last_os_error()
+    );
+    Ok(sent)
 }
