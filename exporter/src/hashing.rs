@@ -5,6 +5,11 @@
 //! same path is never hashed under the old identity. The process's own
 //! `/proc/<tgid>/exe` is tried first: it reaches the exact file the process
 //! runs even when the path was replaced or deleted since.
+//!
+//! Device+inode alone do not name a file for ever: a deleted file's inode
+//! number is soon given to a new file. Each cached hash therefore keeps the
+//! file's version (ctime and size) and is reused only while a new process's
+//! file still has it.
 
 use std::{
     collections::HashMap,
@@ -129,8 +134,8 @@ struct Worker {
     journal: Option<JournalHandle>,
     virustotal: Option<VirusTotalHandle>,
     index: HashIndex,
-    /// Results by file identity: one hash per (device, inode).
-    cache: HashMap<ExeKey, Result<String, HashFailure>>,
+    /// Results by file identity: one hash per (device, inode) and version.
+    cache: HashMap<ExeKey, Cached>,
     /// The `executable_info` series currently exported for each path.
     current: HashMap<String, ExecutableLabels>,
     /// The last sighting of each watched executable, to journal a modification with it.
@@ -161,10 +166,19 @@ impl Worker {
             Ok(Ok(sha256)) => sha256,
             _ => return,
         };
-        let previous = self.cache.insert(exe, Ok(sha256.clone()));
+        let version = open_matching(path, exe)
+            .ok()
+            .and_then(|file| Version::of(&file));
+        let previous = self.cache.insert(
+            exe,
+            Cached {
+                outcome: Ok(sha256.clone()),
+                version,
+            },
+        );
         if previous
             .as_ref()
-            .is_some_and(|p| p.as_deref() == Ok(sha256.as_str()))
+            .is_some_and(|p| p.outcome.as_deref() == Ok(sha256.as_str()))
         {
             return;
         }
@@ -193,10 +207,22 @@ impl Worker {
     }
 
     fn run(&mut self, job: HashJob) {
-        let outcome = match self.cache.get(&job.exe) {
-            Some(outcome) => outcome.clone(),
+        let opened = open_executable(&job);
+        let version = opened.as_ref().ok().and_then(Version::of);
+        let cached = self.cache.get(&job.exe).filter(|cached| {
+            // Unreachable now: the cached result is the best knowledge there is.
+            version.is_none() || cached.version == version
+        });
+        let outcome = match cached {
+            Some(cached) => cached.outcome.clone(),
             None => {
-                let outcome = hash_executable(&job);
+                if self.cache.contains_key(&job.exe) {
+                    // Another file under a reused inode number, or one changed
+                    // unseen: its mark (if any) belonged to the old version.
+                    self.watch.forget(job.exe);
+                }
+                let outcome =
+                    opened.and_then(|file| sha256_of(file).map_err(|_| HashFailure::Unreadable));
                 if let Err(failure) = &outcome {
                     tracing::warn!(
                         exe = %job.path,
@@ -211,7 +237,13 @@ impl Worker {
                         })
                         .inc();
                 }
-                self.cache.insert(job.exe, outcome.clone());
+                self.cache.insert(
+                    job.exe,
+                    Cached {
+                        outcome: outcome.clone(),
+                        version,
+                    },
+                );
                 if let Ok(sha256) = &outcome {
                     if let Ok(mut index) = self.index.write() {
                         index.insert(job.exe, sha256.clone());
@@ -254,21 +286,53 @@ impl Worker {
     }
 }
 
+/// A cached hash and the version of the file it was computed from.
+struct Cached {
+    outcome: Result<String, HashFailure>,
+    /// `None` when the file could not be opened.
+    version: Option<Version>,
+}
+
+/// One version of a file: a new file under a reused inode number, or the same
+/// file written to or renamed, gets another ctime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Version {
+    ctime: i64,
+    ctime_nsec: i64,
+    size: u64,
+}
+
+impl Version {
+    fn of(file: &File) -> Option<Self> {
+        let metadata = file.metadata().ok()?;
+        Some(Self {
+            ctime: metadata.ctime(),
+            ctime_nsec: metadata.ctime_nsec(),
+            size: metadata.size(),
+        })
+    }
+}
+
 /// Hashes the file the kernel identified as `job.exe`.
 pub fn hash_executable(job: &HashJob) -> Result<String, HashFailure> {
+    sha256_of(open_executable(job)?).map_err(|_| HashFailure::Unreadable)
+}
+
+/// Opens the file the kernel identified as `job.exe`: through the process,
+/// else at its path if device+inode still match.
+fn open_executable(job: &HashJob) -> Result<File, HashFailure> {
     let via_process = open_matching(&format!("/proc/{}/exe", job.tgid), job.exe);
-    let file = match via_process {
-        Ok(file) => file,
+    match via_process {
+        Ok(file) => Ok(file),
         Err(process_error) => match open_matching(&job.path, job.exe) {
-            Ok(file) => file,
-            Err(Mismatch::Other) => return Err(HashFailure::Replaced),
+            Ok(file) => Ok(file),
+            Err(Mismatch::Other) => Err(HashFailure::Replaced),
             Err(Mismatch::Missing) if process_error == Mismatch::Missing => {
-                return Err(HashFailure::ProcessExited);
+                Err(HashFailure::ProcessExited)
             }
-            Err(_) => return Err(HashFailure::Replaced),
+            Err(_) => Err(HashFailure::Replaced),
         },
-    };
-    sha256_of(file).map_err(|_| HashFailure::Unreadable)
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -354,6 +418,46 @@ mod tests {
         std::fs::rename(&replacement, &path).unwrap();
         let job = job(old, u32::MAX - 1, &path.to_string_lossy());
         assert_eq!(hash_executable(&job), Err(HashFailure::Replaced));
+    }
+
+    fn worker() -> Worker {
+        Worker {
+            metrics: Arc::new(Metrics::new()),
+            journal: None,
+            virustotal: None,
+            index: HashIndex::default(),
+            cache: HashMap::new(),
+            current: HashMap::new(),
+            last_jobs: HashMap::new(),
+            watch: ModificationWatch::new(),
+        }
+    }
+
+    #[test]
+    fn a_cached_hash_is_not_reused_for_another_version_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"abc").unwrap();
+        let key = key_of(&path);
+        let mut worker = worker();
+        worker.run(job(key, u32::MAX - 1, &path.to_string_lossy()));
+        let first = worker.index.read().unwrap()[&key].clone();
+        // What a new file under the same inode number looks like from here:
+        // same device+inode, another ctime and size (no fanotify event seen).
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&path, b"another program").unwrap();
+        assert_eq!(key_of(&path), key);
+        worker.run(job(key, u32::MAX - 1, &path.to_string_lossy()));
+        let second = worker.index.read().unwrap()[&key].clone();
+        assert_ne!(first, second);
+        assert_eq!(
+            second,
+            sha256_of(File::open(&path).unwrap()).unwrap(),
+            "the new content's hash"
+        );
+        // Unchanged, the cached hash is used without reading the file again.
+        worker.run(job(key, u32::MAX - 1, &path.to_string_lossy()));
+        assert_eq!(worker.index.read().unwrap()[&key], second);
     }
 
     #[test]

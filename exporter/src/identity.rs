@@ -108,8 +108,13 @@ impl IdentityTable {
             container: self.container_of(event.tgid, event.cgroup_id),
         };
         let mut new_exe = None;
-        if event.flags & IDENTITY_NO_EXE == 0 && !self.exe_paths.contains_key(&exe) {
-            let path = if event.flags & IDENTITY_PATH_TRUNCATED != 0 {
+        let truncated = event.flags & IDENTITY_PATH_TRUNCATED != 0;
+        // A known file announced under another path was renamed or hard-linked,
+        // or is a new file under a reused inode number: the latest announcement
+        // names it (a truncated one is not worth a /proc lookup when known).
+        let path_changed = |known: &String| !truncated && *known != join_path(event);
+        if event.flags & IDENTITY_NO_EXE == 0 && self.exe_paths.get(&exe).is_none_or(path_changed) {
+            let path = if truncated {
                 self.truncated_paths += 1;
                 proc_exe_path(event.tgid, exe).unwrap_or_else(|| format!("/…{}", join_path(event)))
             } else {
@@ -323,6 +328,16 @@ mod tests {
         let mut table = IdentityTable::default();
         assert!(table.record(&event(&["bin", "sh"])).new_exe.is_some());
         assert!(table.record(&event(&["bin", "sh"])).new_exe.is_none());
+    }
+
+    #[test]
+    fn a_reused_inode_number_takes_the_path_announced_last() {
+        let mut table = IdentityTable::default();
+        let key = ExeKey::from_kernel((8 << 20) | 1, 99);
+        table.record(&event(&["tmp", "deleted-tool"]));
+        let recorded = table.record(&event(&["tmp", "new-tool"]));
+        assert_eq!(recorded.new_exe.as_deref(), Some("/tmp/new-tool"));
+        assert_eq!(table.exe_path(4242, key).0, "/tmp/new-tool");
     }
 
     #[test]

@@ -64,6 +64,13 @@ impl ModificationWatch {
         self.fanotify.is_some()
     }
 
+    /// Stops treating `exe` as watched, so that the next [`Self::watch`] marks
+    /// the file now under that device+inode (the old mark went with its inode,
+    /// or is renewed harmlessly).
+    pub fn forget(&mut self, exe: ExeKey) {
+        self.watched.remove(&exe);
+    }
+
     /// Marks failed so far (file gone, unsupported file system).
     pub fn failed_marks(&self) -> u64 {
         self.failed_marks

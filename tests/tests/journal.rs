@@ -1,9 +1,11 @@
 //! The journal under stress and on bad file systems: a SIGKILL in the middle
-//! of heavy writing, a read-only file system, a full disk. Needs root.
+//! of heavy writing, a read-only file system, a full disk, an inode number
+//! reused by a new program. Needs root.
 
 use std::{
     fs,
     io::Write,
+    os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
@@ -14,7 +16,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
     AgentGuard, PeerNet, TempDir, agent_binary, exe_copy, is_root, process, query_journal,
-    random_suffix, run_client, run_loopback, wait_until, write_config,
+    random_suffix, run_client, run_loopback, sha256_file, wait_until, write_config,
 };
 
 fn trafficgen() -> PathBuf {
@@ -360,5 +362,67 @@ fn full_disk_is_counted_and_nothing_queued_is_lost() -> Result<()> {
         );
     }
     assert_eq!(query_journal(&journal, "PRAGMA integrity_check")?, "ok");
+    Ok(())
+}
+
+/// A deleted program's inode number goes to the next file created (ext4 hands
+/// out the lowest free one): the new program must be journaled and exported
+/// under its own path and hash, not the deleted one's.
+#[test]
+fn a_new_program_under_a_reused_inode_number_gets_its_own_path_and_hash() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF)");
+        return Ok(());
+    }
+    let dir = TempDir::new("fsn-inode-reuse")?;
+    let journal = dir.path().join("journal.db");
+    let config = write_config(dir.path(), "journal:\n  write_interval: 200ms\n")?;
+    let agent = AgentGuard::start_with_journal(
+        &agent_binary()?,
+        Some(&journal),
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+    let hashed = |path: &Path| -> Result<bool> {
+        let sha256 = sha256_file(path)?;
+        Ok(query_journal(
+            &journal,
+            &format!(
+                "SELECT count(*) FROM executables WHERE path = '{}' AND sha256 = '{sha256}'",
+                path.display()
+            ),
+        )? == "1")
+    };
+
+    let first = exe_copy(&trafficgen(), dir.path(), "first")?;
+    run_loopback(&first, 10_000)?;
+    wait_until(Duration::from_secs(30), "first program journaled", || {
+        hashed(&first)
+    })?;
+    let inode = fs::metadata(&first)?.ino();
+    fs::remove_file(&first)?;
+
+    let second = dir.path().join(format!("second-{}", random_suffix()));
+    let mut content = fs::read(trafficgen())?;
+    content.extend_from_slice(b"\0another program");
+    fs::write(&second, &content)?;
+    fs::set_permissions(&second, fs::Permissions::from_mode(0o755))?;
+    ensure!(
+        fs::metadata(&second)?.ino() == inode,
+        "the file system did not reuse inode {inode} (is {} on ext4?): nothing to test",
+        dir.path().display()
+    );
+    run_loopback(&second, 10_000)?;
+    wait_until(
+        Duration::from_secs(30),
+        "second program journaled with its own hash",
+        || hashed(&second),
+    )
+    .with_context(|| {
+        format!(
+            "journal: {:?}",
+            query_journal(&journal, "SELECT path, sha256 FROM executables")
+        )
+    })?;
+    agent.metrics().wait_for_bytes(&second, "sent", 10_000)?;
     Ok(())
 }
