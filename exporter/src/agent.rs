@@ -66,6 +66,17 @@ pub enum AgentError {
     Http(std::io::Error),
 }
 
+/// Hands the memory freed after loading (kernel BTF, object file, relocation
+/// tables) back to the system: glibc keeps freed heap otherwise, and the
+/// agent's resident size would carry its start-up peak for ever.
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), AgentError> {
     preflight::check()?;
@@ -83,6 +94,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let btf = Btf::from_sys_fs().map_err(|source| AgentError::Btf { source })?;
     let mut ebpf = load_object(&config)?;
     let outcomes = probes::attach_all(&mut ebpf, &btf, &config.probes.disabled_modes)?;
+    // The parsed kernel BTF is tens of MiB and only needed to attach.
+    drop(btf);
 
     let metrics = Arc::new(Metrics::new());
     export_probe_outcomes(&metrics, &outcomes);
@@ -106,6 +119,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     .with_geoip(geoip)
     .with_dns(start_dns_capture(&metrics), DnsCacheConfig::default())
     .with_pods(PodResolver::spawn(&config.kubernetes));
+
+    release_freed_memory();
 
     let stop = Arc::new(AtomicBool::new(false));
     let collector_thread = {

@@ -235,7 +235,7 @@ impl Default for CollectorConfig {
             drain_interval: Duration::from_secs(1),
             traffic_map_entries: 65_536,
             process_map_entries: 32_768,
-            ring_buffer_bytes: 4 << 20,
+            ring_buffer_bytes: 1 << 20,
         }
     }
 }

@@ -730,7 +730,7 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
     let burst = exe_copy(&sweep(), dir.path(), "burst")?;
     run_sweep(
         &burst,
-        &["forks", "--peer", "127.0.0.1:9", "--count", "500"],
+        &["forks", "--peer", "127.0.0.1:9", "--count", "200"],
     )?;
     // More flows than 1024 traffic map entries.
     let ports = exe_copy(&sweep(), dir.path(), "ports")?;
