@@ -1,0 +1,192 @@
+//! Stress: more flows than the in-kernel traffic map holds, and more new
+//! processes at once than the ring buffer can announce. Either nothing is
+//! lost, or every loss is counted: bytes the map refused are in
+//! `fleetsnitch_unattributed_bytes_total`, refusals in
+//! `fleetsnitch_map_full_total`, lost announcements in
+//! `fleetsnitch_events_lost_total`, and bytes whose executable could not be
+//! named in `fleetsnitch_unresolved_bytes_total`.
+//! Needs root (eBPF); skips otherwise.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, ensure};
+use fleetsnitch_e2e::{
+    AgentGuard, TempDir, agent_binary, exe_copy, is_root, parse_samples, process, wait_until,
+    write_config,
+};
+
+fn sweep() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sweep"))
+}
+
+/// Runs a sweep copy; returns the bytes it says it sent.
+fn run_sweep(exe: &Path, args: &[&str]) -> Result<u64> {
+    let out = process::run_bounded(Command::new(exe).args(args), Duration::from_secs(60))?;
+    ensure!(
+        out.status.success(),
+        "{} {args:?}: {}",
+        exe.display(),
+        out.stderr
+    );
+    let report: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .with_context(|| format!("sweep output: {}", out.stdout))?;
+    report["sent"]
+        .as_u64()
+        .context("no \"sent\" in sweep output")
+}
+
+fn total(text: &str, family: &str, label: Option<(&str, &str)>) -> Result<f64> {
+    Ok(parse_samples(text, family)?
+        .iter()
+        .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k).map(String::as_str) == Some(v)))
+        .map(|s| s.value)
+        .sum())
+}
+
+#[test]
+fn a_full_traffic_map_loses_no_byte_uncounted() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF)");
+        return Ok(());
+    }
+    let dir = TempDir::new("fsn-stress-map")?;
+    let config = write_config(
+        dir.path(),
+        "collector:\n  traffic_map_entries: 1024\n  drain_interval: 2s\n",
+    )?;
+    let agent = AgentGuard::start_with_args(
+        &agent_binary()?,
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+    let before = agent.metrics().text()?;
+    let sweeper = exe_copy(&sweep(), dir.path(), "flows")?;
+    // 8,000 flows of one byte each, in well under one 2 s drain interval: the
+    // 1,024-entry map must refuse most of them.
+    let sent = run_sweep(
+        &sweeper,
+        &[
+            "ports",
+            "--peer",
+            "127.0.0.1",
+            "--first",
+            "20000",
+            "--count",
+            "8000",
+        ],
+    )?;
+    ensure!(sent == 8000, "the sweep sent {sent} bytes");
+
+    let exe = sweeper.to_string_lossy().into_owned();
+    let mut last = String::new();
+    wait_until(Duration::from_secs(20), "attributed + unattributed", || {
+        last = agent.metrics().text()?;
+        let attributed = total(&last, "fleetsnitch_bytes_total", Some(("exe", &exe)))?;
+        let unattributed = total(
+            &last,
+            "fleetsnitch_unattributed_bytes_total",
+            Some(("direction", "sent")),
+        )? - total(
+            &before,
+            "fleetsnitch_unattributed_bytes_total",
+            Some(("direction", "sent")),
+        )?;
+        Ok(attributed + unattributed >= sent as f64 && attributed > 0.0)
+    })?;
+    let attributed = total(&last, "fleetsnitch_bytes_total", Some(("exe", &exe)))?;
+    let missing = sent as f64 - attributed;
+    let refused = total(
+        &last,
+        "fleetsnitch_map_full_total",
+        Some(("map", "traffic")),
+    )? - total(
+        &before,
+        "fleetsnitch_map_full_total",
+        Some(("map", "traffic")),
+    )?;
+    eprintln!("{sent} one-byte flows: {attributed} attributed, {refused} insertions refused");
+    ensure!(
+        missing > 0.0,
+        "the map never filled: the test proves nothing"
+    );
+    // Each refused flow is one byte of this sweep; other processes' refusals
+    // during the sweep can only add to the count.
+    ensure!(
+        refused >= missing,
+        "{missing} bytes were not attributed but only {refused} refusals were counted"
+    );
+    ensure!(
+        attributed <= sent as f64,
+        "more bytes attributed ({attributed}) than sent ({sent})"
+    );
+    Ok(())
+}
+
+#[test]
+fn lost_announcements_are_counted_and_every_byte_is_accounted() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF)");
+        return Ok(());
+    }
+    let dir = TempDir::new("fsn-stress-ring")?;
+    // The smallest ring buffer: 16 announcements.
+    let config = write_config(dir.path(), "collector:\n  ring_buffer_bytes: 65536\n")?;
+    let agent = AgentGuard::start_with_args(
+        &agent_binary()?,
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+    let before = agent.metrics().text()?;
+    let burst = exe_copy(&sweep(), dir.path(), "burst")?;
+    let mut sent = 0;
+    let mut lost = 0.0;
+    // Bursts until the ring overflows once (bounded): a fast collector may keep
+    // up with a small one.
+    for _ in 0..5 {
+        sent += run_sweep(
+            &burst,
+            &["forks", "--peer", "127.0.0.1:9", "--count", "1000"],
+        )?;
+        let text = agent.metrics().text()?;
+        lost = total(&text, "fleetsnitch_events_lost_total", None)?
+            - total(&before, "fleetsnitch_events_lost_total", None)?;
+        if lost > 0.0 {
+            break;
+        }
+    }
+    ensure!(
+        lost > 0.0,
+        "no announcement was lost: the test proves nothing"
+    );
+    // Every child is a fork of one executable: its bytes are attributed to it
+    // when any announcement of that executable arrived in time, else counted
+    // as unresolved (exe="[unknown]"): never dropped.
+    let exe = burst.to_string_lossy().into_owned();
+    let mut last = String::new();
+    let settled = wait_until(Duration::from_secs(20), "every byte accounted", || {
+        last = agent.metrics().text()?;
+        let attributed = total(&last, "fleetsnitch_bytes_total", Some(("exe", &exe)))?;
+        let unresolved = total(
+            &last,
+            "fleetsnitch_unresolved_bytes_total",
+            Some(("direction", "sent")),
+        )? - total(
+            &before,
+            "fleetsnitch_unresolved_bytes_total",
+            Some(("direction", "sent")),
+        )?;
+        Ok(attributed + unresolved >= sent as f64)
+    });
+    let attributed = total(&last, "fleetsnitch_bytes_total", Some(("exe", &exe)))?;
+    eprintln!(
+        "{sent} bytes from forked children, {lost} announcements lost, {attributed} attributed"
+    );
+    settled?;
+    ensure!(
+        attributed <= sent as f64 && attributed > 0.0,
+        "{attributed} bytes attributed of {sent}"
+    );
+    Ok(())
+}
