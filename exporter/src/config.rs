@@ -464,6 +464,154 @@ mod tests {
         assert!(err.contains("collector.ring_buffer_bytes (1000)"), "{err}");
     }
 
+    /// Every bounded key, just outside each end of its range: each is refused
+    /// with an error that names the key and the value given.
+    #[test]
+    fn every_value_out_of_range_is_refused_naming_key_and_value() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "web:\n  listen_address: nowhere\n",
+                "web.listen_address",
+                "nowhere",
+            ),
+            (
+                "web:\n  telemetry_path: metrics\n",
+                "web.telemetry_path",
+                "metrics",
+            ),
+            (
+                "web:\n  telemetry_path: /healthz\n",
+                "web.telemetry_path",
+                "/healthz",
+            ),
+            ("journal:\n  path: ''\n", "journal.path", ""),
+            (
+                "journal:\n  write_interval: 50ms\n",
+                "journal.write_interval",
+                "50ms",
+            ),
+            (
+                "journal:\n  write_interval: 2h\n",
+                "journal.write_interval",
+                "2h",
+            ),
+            (
+                "journal:\n  retention_days: 0\n",
+                "journal.retention_days",
+                "0",
+            ),
+            (
+                "journal:\n  retention_days: 36501\n",
+                "journal.retention_days",
+                "36501",
+            ),
+            (
+                "journal:\n  max_pending: 999\n",
+                "journal.max_pending",
+                "999",
+            ),
+            (
+                "journal:\n  max_pending: 100000001\n",
+                "journal.max_pending",
+                "100000001",
+            ),
+            (
+                "metrics:\n  ephemeral_ports: 9-1\n",
+                "metrics.ephemeral_ports",
+                "9-1",
+            ),
+            (
+                "metrics:\n  label_caps: {domain: 0}\n",
+                "metrics.label_caps",
+                "domain: 0",
+            ),
+            (
+                "metrics:\n  label_caps: {domain: 1000001}\n",
+                "metrics.label_caps",
+                "domain: 1000001",
+            ),
+            (
+                "metrics:\n  label_caps: {colour: 5}\n",
+                "metrics.label_caps",
+                "colour",
+            ),
+            ("metrics:\n  max_series: 99\n", "metrics.max_series", "99"),
+            (
+                "metrics:\n  max_series: 10000001\n",
+                "metrics.max_series",
+                "10000001",
+            ),
+            (
+                "virustotal:\n  request_interval: 5ms\n",
+                "virustotal.request_interval",
+                "5ms",
+            ),
+            (
+                "virustotal:\n  base_url: ftp://vt\n",
+                "virustotal.base_url",
+                "ftp://vt",
+            ),
+            (
+                "collector:\n  drain_interval: 50ms\n",
+                "collector.drain_interval",
+                "50ms",
+            ),
+            (
+                "collector:\n  drain_interval: 3s\n",
+                "collector.drain_interval",
+                "3s",
+            ),
+            (
+                "collector:\n  traffic_map_entries: 1023\n",
+                "collector.traffic_map_entries",
+                "1023",
+            ),
+            (
+                "collector:\n  traffic_map_entries: 4194305\n",
+                "collector.traffic_map_entries",
+                "4194305",
+            ),
+            (
+                "collector:\n  process_map_entries: 1023\n",
+                "collector.process_map_entries",
+                "1023",
+            ),
+            (
+                "collector:\n  process_map_entries: 4194305\n",
+                "collector.process_map_entries",
+                "4194305",
+            ),
+            (
+                "collector:\n  ring_buffer_bytes: 32768\n",
+                "collector.ring_buffer_bytes",
+                "32768",
+            ),
+            (
+                "collector:\n  ring_buffer_bytes: 3145728\n",
+                "collector.ring_buffer_bytes",
+                "3145728",
+            ),
+            (
+                "collector:\n  ring_buffer_bytes: 536870912\n",
+                "collector.ring_buffer_bytes",
+                "536870912",
+            ),
+            (
+                "probes:\n  disabled_modes: [uprobe]\n",
+                "probes.disabled_modes",
+                "uprobe",
+            ),
+        ];
+        for (yaml, key, value) in cases {
+            let config = Config::from_yaml(yaml).unwrap_or_else(|e| panic!("{yaml}: {e}"));
+            let err = match config.validate() {
+                Ok(()) => panic!("accepted: {yaml}"),
+                Err(err) => err.to_string(),
+            };
+            assert!(err.contains(&format!("{key} ({value})")), "{yaml}: {err}");
+        }
+    }
+
     #[test]
     fn unknown_probe_mode_is_named() {
         let config = Config::from_yaml("probes:\n  disabled_modes: [tp_btf, uprobe]\n").unwrap();
