@@ -73,6 +73,14 @@ struct {
 	__type(value, __s32);
 } splice_calls SEC(".maps");
 
+/* Entries of splice_calls: receives skip the lookup while there are none. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __s64);
+} splices_in_flight SEC(".maps");
+
 /* Thread id -> socket of a hooked sendmsg/recvmsg/sendpage in progress (kprobe mode). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -99,6 +107,40 @@ static __always_inline void stat_add(__u32 index, __u64 amount)
 
 	if (counter)
 		*counter += amount;
+}
+
+/*
+ * Reads on the hot path. A tp_btf program's socket is a BTF pointer, and so
+ * is bpf_get_current_task_btf()'s task: their fields are read with plain
+ * loads, which the verifier makes fault-safe, where the other modes pay one
+ * bpf_probe_read_kernel call per field, several times the cost. `btf` is a
+ * constant once inlined, so each program keeps only its own kind of read.
+ */
+#define HOT_READ(btf, src, a, ...) \
+	((btf) ? ___arrow(src, a, ##__VA_ARGS__) : BPF_CORE_READ(src, a, ##__VA_ARGS__))
+
+static __always_inline struct file *hot_task_exe_file(struct task_struct *task, bool btf)
+{
+	struct mm_struct *mm = HOT_READ(btf, task, mm);
+
+	if (!mm)
+		return NULL;
+	return HOT_READ(btf, mm, exe_file);
+}
+
+static __always_inline void hot_file_identity(struct file *file, __u64 *ino, __u32 *dev, bool btf)
+{
+	struct inode *inode;
+
+	*ino = 0;
+	*dev = 0;
+	if (!file)
+		return;
+	inode = HOT_READ(btf, file, f_inode);
+	if (!inode)
+		return;
+	*ino = HOT_READ(btf, inode, i_ino);
+	*dev = HOT_READ(btf, inode, i_sb, s_dev);
 }
 
 static __always_inline struct file *task_exe_file(struct task_struct *task)
@@ -212,18 +254,24 @@ static __always_inline void announce(struct task_struct *task, __u32 tgid, __u64
 }
 
 /* The flow half of the key: family, protocol, ports and peer. */
-static __always_inline void fill_flow(struct fs_traffic_key *key, struct sock *sk, __u16 family)
+static __always_inline void fill_flow(struct fs_traffic_key *key, struct sock *sk, __u16 family, bool btf)
 {
 	key->family = family;
-	key->protocol = BPF_CORE_READ(sk, sk_protocol);
+	key->protocol = HOT_READ(btf, sk, sk_protocol);
 	if (family == AF_PACKET)
 		return;
-	key->local_port = BPF_CORE_READ(sk, __sk_common.skc_num);
-	key->remote_port = BPF_CORE_READ(sk, __sk_common.skc_dport);
-	if (family == AF_INET)
+	key->local_port = HOT_READ(btf, sk, __sk_common.skc_num);
+	key->remote_port = HOT_READ(btf, sk, __sk_common.skc_dport);
+	if (btf) {
+		if (family == AF_INET)
+			__builtin_memcpy(key->remote_addr, &sk->__sk_common.skc_daddr, 4);
+		else
+			__builtin_memcpy(key->remote_addr, &sk->__sk_common.skc_v6_daddr, 16);
+	} else if (family == AF_INET) {
 		BPF_CORE_READ_INTO(&key->remote_addr, sk, __sk_common.skc_daddr);
-	else
+	} else {
 		BPF_CORE_READ_INTO(&key->remote_addr, sk, __sk_common.skc_v6_daddr);
+	}
 }
 
 /* What is only read once, when the key is created. */
@@ -236,13 +284,16 @@ static __always_inline void fill_socket(struct fs_traffic_value *value, struct s
 		BPF_CORE_READ_INTO(&value->local_addr, sk, __sk_common.skc_v6_rcv_saddr);
 }
 
-/* The shared body of every send/receive hook. */
-static __always_inline void account(struct sock *sk, long ret, __u32 direction)
+/*
+ * The shared body of every send/receive hook. `btf`: `sk` is a BTF pointer
+ * (tp_btf programs), read with plain loads.
+ */
+static __always_inline void account_with(struct sock *sk, long ret, __u32 direction, bool btf)
 {
 	if (ret <= 0 || !sk)
 		return;
 
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	__u16 family = HOT_READ(btf, sk, __sk_common.skc_family);
 
 	/* Network sockets only: AF_UNIX, netlink and friends are local IPC. */
 	if (family != AF_INET && family != AF_INET6 && family != AF_PACKET)
@@ -254,21 +305,26 @@ static __always_inline void account(struct sock *sk, long ret, __u32 direction)
 	if (!cfg)
 		return;
 
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct task_struct *task = btf ? bpf_get_current_task_btf()
+				       : (struct task_struct *)bpf_get_current_task();
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	struct file *exe = task_exe_file(task);
+	struct file *exe = hot_task_exe_file(task, btf);
 	struct fs_traffic_key key = {
 		.tgid = tgid,
 		.generation = cfg->generation,
 	};
 
-	file_identity(exe, &key.exe_ino, &key.exe_dev);
-	fill_flow(&key, sk, family);
-	announce(task, tgid, key.exe_ino, key.exe_dev, exe);
+	hot_file_identity(exe, &key.exe_ino, &key.exe_dev, btf);
+	fill_flow(&key, sk, family, btf);
 
 	struct fs_traffic_value *value = bpf_map_lookup_elem(&traffic, &key);
 
 	if (!value) {
+		/* The flow's first bytes since the last drain: a process is
+		 * announced before any of its flows exists, so a known key needs
+		 * no announcement check. */
+		announce(task, tgid, key.exe_ino, key.exe_dev, exe);
+
 		struct fs_traffic_value fresh = {};
 		long err;
 
@@ -292,21 +348,44 @@ static __always_inline void account(struct sock *sk, long ret, __u32 direction)
 	__sync_fetch_and_add(&value->calls[direction & 1], 1);
 }
 
+static __always_inline void account(struct sock *sk, long ret, __u32 direction)
+{
+	account_with(sk, ret, direction, false);
+}
+
+static __always_inline __s64 *splice_count(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&splices_in_flight, &zero);
+}
+
 static __always_inline bool in_splice(void)
 {
+	__s64 *count = splice_count();
+
+	/* Almost always none: an array read instead of a hash lookup. */
+	if (count && *count <= 0)
+		return false;
+
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 
 	return bpf_map_lookup_elem(&splice_calls, &tid) != NULL;
 }
 
-static __always_inline void account_receive(struct sock *sk, long ret, int flags)
+static __always_inline void account_receive_with(struct sock *sk, long ret, int flags, bool btf)
 {
 	/* A peek leaves the data in the socket: it is counted when it is read. */
 	if (flags & MSG_PEEK)
 		return;
 	if (in_splice())
 		return;
-	account(sk, ret, FS_DIR_RECEIVED);
+	account_with(sk, ret, FS_DIR_RECEIVED, btf);
+}
+
+static __always_inline void account_receive(struct sock *sk, long ret, int flags)
+{
+	account_receive_with(sk, ret, flags, false);
 }
 
 /* --- mode 1: BTF tracepoints (Linux >= 6.3) ------------------------------ */
@@ -314,14 +393,14 @@ static __always_inline void account_receive(struct sock *sk, long ret, int flags
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(send_length_btf, struct sock *sk, int ret, int flags)
 {
-	account(sk, ret, FS_DIR_SENT);
+	account_with(sk, ret, FS_DIR_SENT, true);
 	return 0;
 }
 
 SEC("tp_btf/sock_recv_length")
 int BPF_PROG(recv_length_btf, struct sock *sk, int ret, int flags)
 {
-	account_receive(sk, ret, flags);
+	account_receive_with(sk, ret, flags, true);
 	return 0;
 }
 
@@ -481,8 +560,15 @@ int splice_enter(struct syscall_enter_splice *ctx)
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	__s32 fd_in = (__s32)ctx->fd_in;
 
-	if (bpf_map_update_elem(&splice_calls, &tid, &fd_in, BPF_ANY) != 0)
+	__s64 *count = splice_count();
+
+	if (bpf_map_update_elem(&splice_calls, &tid, &fd_in, BPF_NOEXIST) == 0) {
+		if (count)
+			__sync_fetch_and_add(count, 1);
+	} else if (bpf_map_update_elem(&splice_calls, &tid, &fd_in, BPF_EXIST) != 0) {
+		/* Neither a new entry nor a leftover of this thread to reuse. */
 		stat_add(FS_STAT_SPLICE_MAP_FULL, 1);
+	}
 	return 0;
 }
 
@@ -515,7 +601,12 @@ int splice_exit(struct syscall_exit *ctx)
 		return 0;
 	__s32 fd = *fd_in;
 
-	bpf_map_delete_elem(&splice_calls, &tid);
+	if (bpf_map_delete_elem(&splice_calls, &tid) == 0) {
+		__s64 *count = splice_count();
+
+		if (count)
+			__sync_fetch_and_add(count, -1);
+	}
 	if (ctx->ret > 0)
 		account(socket_of_fd(fd), ctx->ret, FS_DIR_RECEIVED);
 	return 0;
