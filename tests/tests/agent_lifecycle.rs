@@ -1,5 +1,5 @@
-//! The agent's life: identity of a replaced executable, clean shutdown, and
-//! the one-sentence errors it stops with. Needs root (eBPF); skips otherwise.
+//! The agent's life: identity of a replaced or deleted executable, clean
+//! shutdown, and the one-sentence errors it stops with. Needs root (eBPF); skips otherwise.
 
 use std::{
     fs,
@@ -97,6 +97,64 @@ fn replaced_executable_is_reported_under_its_new_sha256() -> Result<()> {
         vec![(second_sha, 1.0)],
         "the path now carries only the new hash"
     );
+    Ok(())
+}
+
+/// A program deleted from disk while it runs, before its first byte on the
+/// network: it is still hashed (through the process) and journaled with the
+/// content it runs.
+#[test]
+fn executable_deleted_while_running_is_still_hashed() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root to load eBPF programs");
+        return Ok(());
+    }
+    let dir = TempDir::new("fsn-deleted")?;
+    let journal = dir.path().join("journal.db");
+    let config = fleetsnitch_e2e::write_config(dir.path(), "journal:\n  write_interval: 200ms\n")?;
+    let agent = AgentGuard::start_with_journal(
+        &agent_binary()?,
+        Some(&journal),
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let connector = PathBuf::from(env!("CARGO_BIN_EXE_connector"));
+    let exe = exe_copy(&connector, dir.path(), "deleted")?;
+    let sha256 = sha256_file(&exe)?;
+    let mut child = Command::new(&exe)
+        .args([
+            "--addr",
+            &addr,
+            "--per-second",
+            "10",
+            "--seconds",
+            "1",
+            "--start-after-ms",
+            "1000",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    // Deleted while it runs and before it connects.
+    fs::remove_file(&exe)?;
+    let accepting = std::thread::spawn(move || {
+        for stream in listener.incoming().take(10) {
+            drop(stream);
+        }
+    });
+    let status = process::wait_timeout(&mut child, Duration::from_secs(30))?;
+    ensure!(status.is_some_and(|s| s.success()), "connector: {status:?}");
+    let _ = accepting.join();
+    let query = format!(
+        "SELECT sha256 FROM executables WHERE path = '{}'",
+        exe.display()
+    );
+    let journaled = wait_for(Duration::from_secs(20), || {
+        let rows = fleetsnitch_e2e::query_journal(&journal, &query)?;
+        Ok((!rows.is_empty()).then_some(rows))
+    })
+    .with_context(|| format!("{} never journaled:\n{}", exe.display(), agent.log_tail(20)))?;
+    assert_eq!(journaled, sha256, "the deleted program's own content");
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 //! distinct executable, open new TCP connections at a steady rate.
 //!
 //! ```text
-//! connector --addr 127.0.0.1:PORT --per-second N --seconds S
+//! connector --addr 127.0.0.1:PORT --per-second N --seconds S [--start-after-ms MS]
 //! ```
 //! Each connection sends 64 bytes and closes. Prints `{"connections":N}`.
 //! Bounded by `--per-second` x `--seconds`.
@@ -36,6 +36,14 @@ fn run(args: &[String]) -> Result<u32, String> {
     if per_second == 0 || per_second > 10_000 || seconds > 3_600 {
         return Err("--per-second must be 1..=10000 and --seconds at most 3600".into());
     }
+    let start_after: u64 = match option(args, "--start-after-ms") {
+        Ok(ms) => ms.parse().map_err(|e| format!("--start-after-ms: {e}"))?,
+        Err(_) => 0,
+    };
+    if start_after > 60_000 {
+        return Err("--start-after-ms is at most 60000".into());
+    }
+    thread::sleep(Duration::from_millis(start_after));
     let interval = Duration::from_secs(1) / per_second;
     let start = Instant::now();
     let mut made = 0;
