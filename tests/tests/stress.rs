@@ -190,3 +190,72 @@ fn lost_announcements_are_counted_and_every_byte_is_accounted() -> Result<()> {
     );
     Ok(())
 }
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// Nobody scrapes, traffic keeps bringing new peers and new processes: the
+/// agent's memory levels off instead of growing with what it has seen (an
+/// hour of a busy host, compressed into phases of new values).
+#[test]
+fn memory_levels_off_without_a_scraper() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF)");
+        return Ok(());
+    }
+    const PHASES: u16 = 6;
+    const PORTS_PER_PHASE: u16 = 5_000;
+    let dir = TempDir::new("fsn-stress-memory")?;
+    let config = write_config(
+        dir.path(),
+        "journal:\n  write_interval: 500ms\nmetrics:\n  bytes_labels: [remote_port]\n",
+    )?;
+    let mut agent = AgentGuard::start_with_args(
+        &agent_binary()?,
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+    let pid = agent.pid();
+    let sweeper = exe_copy(&sweep(), dir.path(), "phases")?;
+    let mut samples = Vec::new();
+    for phase in 0..PHASES {
+        let first = (1_024 + phase * PORTS_PER_PHASE).to_string();
+        run_sweep(
+            &sweeper,
+            &[
+                "ports",
+                "--peer",
+                "127.0.0.1",
+                "--first",
+                &first,
+                "--count",
+                &PORTS_PER_PHASE.to_string(),
+            ],
+        )?;
+        run_sweep(
+            &sweeper,
+            &["forks", "--peer", "127.0.0.1:9", "--count", "300"],
+        )?;
+        // Drained, journaled and forgotten what exited.
+        std::thread::sleep(Duration::from_secs(3));
+        samples.push(rss_kib(pid)?);
+    }
+    agent.check_running()?;
+    eprintln!("agent RSS after each phase (KiB): {samples:?}");
+    // The first phases size the caches and the allocator; after that, phases
+    // of new values must not add memory (a per-value leak of 200 bytes would
+    // add 3 MiB over the last three phases).
+    let settled = samples[2];
+    let last = *samples.last().unwrap();
+    ensure!(
+        last <= settled + 2 * 1024,
+        "RSS grew from {settled} KiB to {last} KiB over the last {} phases of new values: {samples:?}",
+        PHASES - 3
+    );
+    Ok(())
+}
