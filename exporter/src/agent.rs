@@ -116,6 +116,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         label_policy(&config),
         config.collector.drain_interval,
     )?
+    .with_ephemeral_ports_in_rollups(config.journal.record_ephemeral_ports)
     .with_geoip(geoip)
     .with_dns(start_dns_capture(&metrics), DnsCacheConfig::default())
     .with_pods(PodResolver::spawn(&config.kubernetes));

@@ -105,6 +105,8 @@ pub struct Collector {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     drain_interval: Duration,
+    /// Keep ephemeral ports in rollups (`journal.record_ephemeral_ports`).
+    record_ephemeral_ports: bool,
 }
 
 fn hash_job(process: &Process, path: String) -> HashJob {
@@ -185,7 +187,14 @@ impl Collector {
             metrics,
             health,
             drain_interval,
+            record_ephemeral_ports: false,
         })
+    }
+
+    /// Keeps ports in the ephemeral range in rollups (one per source port).
+    pub fn with_ephemeral_ports_in_rollups(mut self, record: bool) -> Self {
+        self.record_ephemeral_ports = record;
+        self
     }
 
     /// Names flows' peers from the DNS answers `capture` delivers.
@@ -543,15 +552,18 @@ impl Collector {
         facts: &FlowFacts<'_>,
     ) -> Rollup {
         let owned = |text: Option<&str>| text.map(str::to_owned);
+        let port = |port: Option<u16>| {
+            port.filter(|port| self.record_ephemeral_ports || !self.labels.is_ephemeral(*port))
+        };
         Rollup {
             exe: path.to_owned(),
             sha256: self.hasher.sha256_of(exe).unwrap_or_default(),
             parent: owned(facts.parent),
             uid: facts.uid,
             transport: socket::transport(key, value),
-            local_port: socket::local_port(key, value),
+            local_port: port(socket::local_port(key, value)),
             remote_address: socket::remote_address(key).map(|a| a.to_string()),
-            remote_port: facts.remote_port,
+            remote_port: port(facts.remote_port),
             domain: owned(facts.domain),
             bytes_sent: value.bytes[DIR_SENT],
             bytes_received: value.bytes[DIR_RECEIVED],

@@ -185,6 +185,10 @@ pub struct JournalConfig {
     pub record_addresses: bool,
     /// Record local and remote ports in connection rollups.
     pub record_ports: bool,
+    /// Record ports in the ephemeral range (`metrics.ephemeral_ports`) in
+    /// connection rollups. Off, a client's connections to one peer port fold
+    /// into one rollup per window instead of one per source port.
+    pub record_ephemeral_ports: bool,
     /// Entries kept in memory while the journal cannot be written; beyond
     /// that they are dropped and counted in fleetsnitch_journal_dropped_total.
     pub max_pending: usize,
@@ -223,6 +227,7 @@ impl Default for JournalConfig {
             retention_days: 30,
             record_addresses: true,
             record_ports: true,
+            record_ephemeral_ports: false,
             max_pending: 100_000,
             ignore: IgnoreList::default(),
         }

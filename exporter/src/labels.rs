@@ -334,6 +334,11 @@ impl LabelPolicy {
             .clone()
     }
 
+    /// Whether `port` is in the ephemeral range (exported as "ephemeral").
+    pub fn is_ephemeral(&self, port: u16) -> bool {
+        self.ephemeral_ports.contains(&port)
+    }
+
     /// Distinct values folded so far, per label (`exe`, each dimension, and
     /// `_series` for whole series folded by `max_series`).
     pub fn overflow(&self) -> Vec<(&'static str, u64)> {

@@ -40,7 +40,11 @@ fn sigkill_during_heavy_writes_keeps_every_committed_row() -> Result<()> {
     let peers = PeerNet::start(&trafficgen(), dir.path(), &[])?;
     let net = &peers.net;
     let journal = dir.path().join("journal.db");
-    let config = write_config(dir.path(), "journal:\n  write_interval: 100ms\n")?;
+    // One row per connection (every source port kept): heavy writing.
+    let config = write_config(
+        dir.path(),
+        "journal:\n  write_interval: 100ms\n  record_ephemeral_ports: true\n",
+    )?;
     let config = config.to_str().unwrap();
     let mut agent = AgentGuard::start_with_journal(
         &agent_binary()?,
@@ -424,5 +428,80 @@ fn a_new_program_under_a_reused_inode_number_gets_its_own_path_and_hash() -> Res
         )
     })?;
     agent.metrics().wait_for_bytes(&second, "sent", 10_000)?;
+    Ok(())
+}
+
+/// Twenty connections from one program to one peer port: their source ports
+/// are ephemeral, so they share one rollup per window (no local port), and
+/// their bytes add up.
+#[test]
+fn connections_from_ephemeral_ports_fold_into_one_rollup_per_window() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF)");
+        return Ok(());
+    }
+    let dir = TempDir::new("fsn-fold")?;
+    let journal = dir.path().join("journal.db");
+    let config = write_config(dir.path(), "journal:\n  write_interval: 200ms\n")?;
+    let _agent = AgentGuard::start_with_journal(
+        &agent_binary()?,
+        Some(&journal),
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+    // A service port below the ephemeral range (32768-60999).
+    let listener = (20_000..20_100)
+        .find_map(|port| std::net::TcpListener::bind(("127.0.0.1", port)).ok())
+        .context("no free port in 20000..20100")?;
+    let port = listener.local_addr()?.port();
+    let accepting = thread::spawn(move || {
+        for stream in listener.incoming().take(20) {
+            let Ok(mut stream) = stream else { continue };
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut stream, &mut sink);
+        }
+    });
+    let connector = exe_copy(
+        Path::new(env!("CARGO_BIN_EXE_connector")),
+        dir.path(),
+        "fold",
+    )?;
+    let out = process::run_bounded(
+        Command::new(&connector).args([
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--per-second",
+            "20",
+            "--seconds",
+            "1",
+        ]),
+        Duration::from_secs(30),
+    )?;
+    ensure!(out.status.success(), "connector: {}", out.stderr);
+    let _ = accepting.join();
+    let rows = |sql: &str| query_journal(&journal, sql);
+    let exe = connector.display();
+    wait_until(
+        Duration::from_secs(20),
+        "all 20 x 64 bytes journaled",
+        || {
+            Ok(rows(&format!(
+                "SELECT coalesce(sum(bytes_sent), 0) FROM connections WHERE exe = '{exe}'"
+            ))? == "1280")
+        },
+    )?;
+    let shape = rows(&format!(
+        "SELECT count(*), count(local_port), count(DISTINCT remote_port), max(remote_port) \
+         FROM connections WHERE exe = '{exe}'"
+    ))?;
+    let fields: Vec<u64> = shape.split('|').map(str::parse).collect::<Result<_, _>>()?;
+    ensure!(
+        fields[1] == 0 && fields[2] == 1 && fields[3] == u64::from(port),
+        "rows, local ports, distinct remote ports, remote port: {shape}"
+    );
+    ensure!(
+        fields[0] < 20,
+        "{} rows for 20 connections: they were not folded",
+        fields[0]
+    );
     Ok(())
 }
