@@ -28,3 +28,5 @@ pub mod probes;
 pub mod readiness;
 pub mod socket;
 pub mod virustotal;
+pub mod web_config;
+pub mod web_server;
