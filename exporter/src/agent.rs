@@ -66,6 +66,8 @@ pub enum AgentError {
     Http(std::io::Error),
     #[error(transparent)]
     WebConfig(#[from] crate::web_config::WebConfigError),
+    #[error(transparent)]
+    Privileges(#[from] crate::privileges::PrivilegeError),
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
@@ -121,6 +123,13 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             .spawn(move || collector.run(stop))
             .map_err(AgentError::Thread)?
     };
+
+    // Everything that needs more is loaded, attached, opened and bound.
+    let kept = crate::privileges::drop_to_runtime_set()?;
+    tracing::info!(
+        kept = %crate::privileges::names(kept),
+        "capabilities beyond the run-time set dropped in every thread"
+    );
 
     tracing::info!(
         %address,

@@ -82,6 +82,9 @@ impl Hasher {
         let (jobs, queue) = mpsc::channel::<HashJob>();
         let index = HashIndex::default();
         let worker_index = index.clone();
+        // fanotify_init needs CAP_SYS_ADMIN, which is dropped once start-up ends:
+        // initialised here, before the worker thread could run late.
+        let watch = ModificationWatch::new();
         thread::Builder::new()
             .name("fleetsnitch-hash".into())
             .spawn(move || {
@@ -93,7 +96,7 @@ impl Hasher {
                     cache: HashMap::new(),
                     current: HashMap::new(),
                     last_jobs: HashMap::new(),
-                    watch: ModificationWatch::new(),
+                    watch,
                 };
                 worker.serve(queue);
             })?;

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod modification;
 pub mod otlp;
 pub mod preflight;
+pub mod privileges;
 pub mod probes;
 pub mod readiness;
 pub mod socket;
