@@ -190,7 +190,7 @@ impl Worker {
                 let outcome = hash_executable(&job);
                 if let Err(failure) = &outcome {
                     tracing::warn!(
-                        exe = %job.path,
+                        exe = ?job.path,
                         pid = job.tgid,
                         reason = failure.reason(),
                         "cannot hash executable; its traffic is still counted"
@@ -271,7 +271,16 @@ enum Mismatch {
 }
 
 fn open_matching(path: &str, exe: ExeKey) -> Result<File, Mismatch> {
-    let file = File::open(path).map_err(|_| Mismatch::Missing)?;
+    // A name with invalid UTF-8 is carried as text with `\xNN` escapes; the
+    // file has the raw bytes (the device+inode check below rejects a wrong file).
+    let file = File::open(path)
+        .or_else(|error| match crate::raw_text::to_bytes(path) {
+            Some(raw) => {
+                File::open(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&raw))
+            }
+            None => Err(error),
+        })
+        .map_err(|_| Mismatch::Missing)?;
     let metadata = file.metadata().map_err(|_| Mismatch::Missing)?;
     if metadata.dev() == exe.dev && metadata.ino() == exe.ino {
         Ok(file)

@@ -26,6 +26,7 @@ pub mod otlp;
 pub mod preflight;
 pub mod privileges;
 pub mod probes;
+pub mod raw_text;
 pub mod readiness;
 pub mod socket;
 pub mod virustotal;
