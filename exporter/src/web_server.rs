@@ -82,7 +82,24 @@ impl WebState {
     /// Re-reads the file; on error the settings in force stay and the
     /// rejection is logged and counted.
     pub fn reload(&self) -> bool {
-        let result = WebSettings::load(&self.path);
+        let result = WebSettings::load(&self.path).and_then(|settings| {
+            // An empty file is valid (plain HTTP, no authentication), and it is
+            // also what a file caught half-written looks like: turning every
+            // protection off takes a restart, never a reload.
+            if settings.tls.is_none() && settings.users.is_empty() {
+                let current = self.current();
+                if current.tls.is_some() || !current.users.is_empty() {
+                    return Err(WebConfigError {
+                        path: self.path.clone(),
+                        message: "neither TLS nor basic_auth_users: turning every protection \
+                                  off is refused at reload (an empty or half-written file?); \
+                                  restart the agent to serve plain HTTP"
+                            .to_owned(),
+                    });
+                }
+            }
+            Ok(settings)
+        });
         let ok = result.is_ok();
         match result {
             Ok(settings) => {

@@ -364,6 +364,18 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_reloads_keep_or_change_settin
         "the rejection is not logged:\n{}",
         agent.log_tail(40)
     );
+    // An empty file (what a half-written one looks like) would turn every
+    // protection off: refused at reload too.
+    let failures_before = reloads(addr, &pki, PASSWORD, "failure")?;
+    replace(&web_config, "")?;
+    wait_until(Duration::from_secs(30), "empty file rejected", || {
+        Ok(reloads(addr, &pki, PASSWORD, "failure")? > failures_before)
+    })?;
+    let plain = http_get(addr, "/metrics", Duration::from_secs(5));
+    ensure!(
+        !plain.as_ref().is_ok_and(|r| r.status == 200),
+        "an empty file at reload turned TLS off"
+    );
     let ups_before = prometheus.query("count_over_time(up{job=\"good\"}[1h])")?;
     let count = |r: &[serde_json::Value]| -> f64 {
         r.first()
