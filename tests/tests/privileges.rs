@@ -4,8 +4,9 @@
 //! permitted and bounding sets are read for every thread from
 //! /proc/<pid>/task/*/status; inheritable and ambient must be empty. And what
 //! those capabilities are kept for still works after the drop: an executable
-//! nobody may read, run by another user, is named and hashed. Needs root;
-//! skips otherwise.
+//! nobody may read, run by another user, is hashed (CAP_DAC_READ_SEARCH), and
+//! so is a root process's executable in a private mount namespace, reachable
+//! only through /proc/<pid>/exe (CAP_SYS_PTRACE). Needs root; skips otherwise.
 
 use std::{
     fs,
@@ -161,6 +162,56 @@ fn every_thread_keeps_only_the_documented_runtime_capabilities() -> Result<()> {
         "sha256 of {}: expected {sha256}, agent says {seen:?}",
         exe.display()
     );
+
+    // A root process in its own mount namespace, as in any container: its path
+    // does not exist in the agent's namespace, so only /proc/<pid>/exe reaches
+    // the file, and with the agent's permitted set now smaller than the
+    // process's, opening it needs CAP_SYS_PTRACE even though both are uid 0.
+    let mount_point = dir.path().join("private-mnt");
+    fs::create_dir(&mount_point)?;
+    let private_exe = mount_point.join(format!("bash-{}", random_suffix()));
+    let shell = run_bounded(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            // The trailing `exit 0` keeps bash from exec'ing sleep in its own
+            // process: the process must still be this bash while it is hashed.
+            .arg(
+                "mount -t tmpfs fsn-private \"$1\" && cp /bin/bash \"$2\" && \
+                 \"$2\" -c 'exec 3<>/dev/udp/127.0.0.1/9; echo hello >&3; sleep 3; exit 0'",
+            )
+            .arg("sh")
+            .arg(&mount_point)
+            .arg(&private_exe),
+        Duration::from_secs(30),
+    )?;
+    ensure!(
+        shell.status.success(),
+        "private mount namespace: {}",
+        shell.stderr
+    );
+    let bash_sha256 = sha256_file(Path::new("/bin/bash"))?;
+    let private_info = format!(
+        "fleetsnitch_executable_info{{exe=\"{}\",sha256=\"{bash_sha256}\"}} 1",
+        private_exe.display()
+    );
+    let mut text = String::new();
+    wait_until(
+        Duration::from_secs(20),
+        "the private namespace's executable hashed",
+        || {
+            text = metrics.text()?;
+            Ok(text.lines().any(|line| line == private_info))
+        },
+    )
+    .with_context(|| {
+        format!(
+            "expected {private_info}, got:\n{}",
+            text.lines()
+                .filter(|l| l.contains("private-mnt") || l.contains("hash_failures"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })?;
 
     // Threads started after the drop (blocking pool, reconnections) inherit the
     // reduced sets; check them all again.
