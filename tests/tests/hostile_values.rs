@@ -7,6 +7,10 @@
 //! - every line of the JSON-lines connection log parses, with the exact names;
 //! - the OTLP/HTTP requests carry the exact names as protobuf strings.
 //!
+//! Domains the same way: a client resolves a hostile name through the peer's
+//! DNS service and talks to the address; the name reaches every sink in its
+//! RFC 1035 presentation form.
+//!
 //! Invalid UTF-8 bytes are carried as `\xNN` (README "Hostile values"); the
 //! expected text is built here independently. NUL cannot be part of a path.
 //! Needs root (the agent loads eBPF); skips otherwise.
@@ -30,8 +34,8 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, TempDir, agent_binary, is_root, parse_samples, process::run_bounded, query_journal,
-    wait_until, write_config,
+    AgentGuard, PeerNet, TempDir, agent_binary, exe_copy, is_root, parse_samples,
+    process::run_bounded, query_journal, random_suffix, wait_until, write_config,
 };
 
 fn trafficgen() -> PathBuf {
@@ -172,6 +176,66 @@ fn hex(text: &str) -> String {
     text.bytes().map(|b| format!("{b:02X}")).collect()
 }
 
+/// `promtool check metrics` parses the page: exit 0, or 3 with only the
+/// findings every OpenMetrics page gets from its text parser.
+fn promtool_accepts(dir: &Path, text: &str) -> Result<()> {
+    let scrape = dir.join("scrape.txt");
+    fs::write(&scrape, text)?;
+    let promtool = run_bounded(
+        Command::new("sh")
+            .arg("-c")
+            .arg("promtool check metrics < \"$1\"")
+            .arg("sh")
+            .arg(&scrape)
+            .stdin(Stdio::null()),
+        Duration::from_secs(30),
+    )?;
+    let findings = format!("{}{}", promtool.stdout, promtool.stderr);
+    // Exit 3 is lint findings; 1 (or anything else) is a page that does not parse.
+    ensure!(
+        matches!(promtool.status.code(), Some(0 | 3)),
+        "promtool check metrics failed ({}):\n{findings}",
+        promtool.status
+    );
+    // The only finding is the text parser not pairing OpenMetrics counter
+    // families with their _total samples ("no help text"); nothing about labels.
+    for line in findings.lines().filter(|l| !l.trim().is_empty()) {
+        ensure!(
+            line.ends_with("no help text"),
+            "promtool: {line}\n{findings}"
+        );
+    }
+    Ok(())
+}
+
+/// The `key` values of every line of the connection log; each line must be JSON.
+fn connection_log_values(path: &Path, key: &str) -> Result<BTreeSet<String>> {
+    let content = fs::read_to_string(path).unwrap_or_default();
+    let mut values = BTreeSet::new();
+    for (number, line) in content.lines().enumerate() {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("line {} is not JSON: {line:?}", number + 1))?;
+        if let Some(text) = value[key].as_str() {
+            values.insert(text.to_owned());
+        }
+    }
+    Ok(values)
+}
+
+/// The agent's configuration for these tests: every sink on, plus `extra`.
+fn all_sinks_config(dir: &Path, otlp: &OtlpSink, extra: &str) -> Result<PathBuf> {
+    write_config(
+        dir,
+        &format!(
+            "journal:\n  write_interval: 1s\n\
+             otlp:\n  enabled: true\n  protocol: http/protobuf\n  endpoint: http://{}\n  batch_delay: 200ms\n\
+             connection_log:\n  enabled: true\n  path: {}\n{extra}",
+            otlp.addr,
+            dir.join("connections.jsonl").display()
+        ),
+    )
+}
+
 #[test]
 fn hostile_names_reach_every_sink_intact() -> Result<()> {
     if !is_root() {
@@ -181,16 +245,7 @@ fn hostile_names_reach_every_sink_intact() -> Result<()> {
     let dir = TempDir::new("fsn-hostile")?;
     let otlp = OtlpSink::start()?;
     let log_path = dir.path().join("connections.jsonl");
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "journal:\n  write_interval: 1s\n\
-             otlp:\n  enabled: true\n  protocol: http/protobuf\n  endpoint: http://{}\n  batch_delay: 200ms\n\
-             connection_log:\n  enabled: true\n  path: {}\n",
-            otlp.addr,
-            log_path.display()
-        ),
-    )?;
+    let config = all_sinks_config(dir.path(), &otlp, "")?;
     let agent = AgentGuard::start_with_args(
         &agent_binary()?,
         // Debug: the lines naming each new executable are logged too.
@@ -260,32 +315,7 @@ fn hostile_names_reach_every_sink_intact() -> Result<()> {
                 .join("\n")
         )
     })?;
-    let scrape = dir.path().join("scrape.txt");
-    fs::write(&scrape, &text)?;
-    let promtool = run_bounded(
-        Command::new("sh")
-            .arg("-c")
-            .arg("promtool check metrics < \"$1\"")
-            .arg("sh")
-            .arg(&scrape)
-            .stdin(Stdio::null()),
-        Duration::from_secs(30),
-    )?;
-    let findings = format!("{}{}", promtool.stdout, promtool.stderr);
-    // Exit 3 is lint findings; 1 (or anything else) is a page that does not parse.
-    ensure!(
-        matches!(promtool.status.code(), Some(0 | 3)),
-        "promtool check metrics failed ({}):\n{findings}",
-        promtool.status
-    );
-    // The only finding is the text parser not pairing OpenMetrics counter
-    // families with their _total samples ("no help text"); nothing about labels.
-    for line in findings.lines().filter(|l| !l.trim().is_empty()) {
-        ensure!(
-            line.ends_with("no help text"),
-            "promtool: {line}\n{findings}"
-        );
-    }
+    promtool_accepts(dir.path(), &text)?;
     let sha256 = parse_samples(&text, "fleetsnitch_executable_info")?;
     for (exe, name) in &expected {
         let info = sha256.iter().find(|s| s.labels.get("exe") == Some(name));
@@ -316,6 +346,19 @@ fn hostile_names_reach_every_sink_intact() -> Result<()> {
         },
     )
     .with_context(|| format!("journal paths (hex): {paths:?}"))?;
+    // Process names: the kernel's 15 first bytes of each file name.
+    let names: BTreeSet<String> =
+        query_journal(&journal, "SELECT hex(name) FROM executable_names")?
+            .lines()
+            .map(str::to_owned)
+            .collect();
+    for name in &hostile {
+        let comm = expected_text(&name[..name.len().min(15)]);
+        ensure!(
+            names.contains(&hex(&comm)),
+            "process name {comm:?} not in the journal (hex): {names:?}"
+        );
+    }
 
     // The connection log: every line is one JSON value; the names come back exactly.
     let mut exes = BTreeSet::new();
@@ -323,15 +366,7 @@ fn hostile_names_reach_every_sink_intact() -> Result<()> {
         Duration::from_secs(30),
         "hostile names in the connection log",
         || {
-            let content = fs::read_to_string(&log_path).unwrap_or_default();
-            exes.clear();
-            for (number, line) in content.lines().enumerate() {
-                let value: serde_json::Value = serde_json::from_str(line)
-                    .with_context(|| format!("line {} is not JSON: {line:?}", number + 1))?;
-                if let Some(exe) = value["exe"].as_str() {
-                    exes.insert(exe.to_owned());
-                }
-            }
+            exes = connection_log_values(&log_path, "exe")?;
             Ok(expected.iter().all(|(_, name)| exes.contains(name)))
         },
     )
@@ -363,5 +398,133 @@ fn hostile_names_reach_every_sink_intact() -> Result<()> {
         .filter(|line| line.starts_with("line\ttab") || line.starts_with("line"))
         .collect();
     ensure!(forged.is_empty(), "log lines forged by a path: {forged:?}");
+    Ok(())
+}
+
+fn dnsclient() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_dnsclient"))
+}
+
+/// A domain as the agent writes it (RFC 1035 presentation format): lowercase
+/// letters, digits, `-`, `_` and `*` as they are, every other octet `\DDD`.
+fn expected_domain(name: &str) -> String {
+    name.split('.')
+        .map(|label| {
+            label
+                .bytes()
+                .map(|byte| match byte.to_ascii_lowercase() {
+                    plain @ (b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'*') => {
+                        (plain as char).to_string()
+                    }
+                    other => format!("\\{other:03}"),
+                })
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+#[test]
+fn hostile_domain_names_reach_every_sink_intact() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF, network namespaces)");
+        return Ok(());
+    }
+    let dir = TempDir::new("fsn-hostile-dns")?;
+    let otlp = OtlpSink::start()?;
+    let config = all_sinks_config(
+        dir.path(),
+        &otlp,
+        "metrics:\n  bytes_labels: [domain, remote_port]\n",
+    )?;
+    // The peer's DNS service answers every A query with the peer's address.
+    let peers = PeerNet::start(&trafficgen(), dir.path(), &[])?;
+    let agent = AgentGuard::start_with_args(
+        &agent_binary()?,
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+    // Labels of up to 63 octets may hold anything but a dot on the wire.
+    let name = "Evil\"quote\\back\nline\t{x=\"y\"}%s$(id)`id`\u{1b}[31m.\u{e9}t\u{e9}-\u{fc}.Test";
+    let expected = expected_domain(name);
+    let exe = exe_copy(
+        &dnsclient(),
+        dir.path(),
+        &format!("dns-hostile-{}", random_suffix()),
+    )?;
+    // The peer's services may take a moment to bind: retry briefly, bounded.
+    let mut attempts = 0;
+    let out = loop {
+        attempts += 1;
+        let out = run_bounded(
+            &mut peers.net.in_client(
+                &exe,
+                &[
+                    "udp",
+                    name,
+                    "--server",
+                    "198.18.0.2",
+                    "--port",
+                    "5001",
+                    "--bytes",
+                    "20000",
+                ],
+            ),
+            Duration::from_secs(30),
+        )?;
+        if out.status.success() || attempts >= 20 {
+            break out;
+        }
+        thread::sleep(Duration::from_millis(250));
+    };
+    ensure!(out.status.success(), "dnsclient: {}", out.stderr);
+    let exe_text = exe.to_str().context("test paths are UTF-8")?.to_owned();
+
+    let mut text = String::new();
+    wait_until(Duration::from_secs(30), "the domain in /metrics", || {
+        text = agent.metrics().text()?;
+        Ok(parse_samples(&text, "fleetsnitch_bytes_total")?
+            .iter()
+            .any(|s| {
+                s.labels.get("exe") == Some(&exe_text) && s.labels.get("domain") == Some(&expected)
+            }))
+    })
+    .with_context(|| {
+        format!(
+            "expected domain {expected:?} for {exe_text}:\n{}",
+            text.lines()
+                .filter(|l| l.contains("dns-hostile"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    })?;
+    promtool_accepts(dir.path(), &text)?;
+
+    let journal = agent.dir().join("journal.db");
+    let mut domains = String::new();
+    wait_until(Duration::from_secs(30), "the domain in the journal", || {
+        domains = query_journal(&journal, "SELECT DISTINCT hex(domain) FROM connections")?;
+        Ok(domains.lines().any(|d| d == hex(&expected)))
+    })
+    .with_context(|| format!("journal domains (hex): {domains}"))?;
+
+    let log_path = dir.path().join("connections.jsonl");
+    let mut logged = BTreeSet::new();
+    wait_until(
+        Duration::from_secs(30),
+        "the domain in the connection log",
+        || {
+            logged = connection_log_values(&log_path, "domain")?;
+            Ok(logged.contains(&expected))
+        },
+    )
+    .with_context(|| format!("domains in the connection log: {logged:?}"))?;
+
+    let field = protobuf_string(&expected);
+    wait_until(
+        Duration::from_secs(30),
+        "the domain in OTLP requests",
+        || Ok(otlp.bodies().iter().any(|body| contains(body, &field))),
+    )
+    .with_context(|| format!("{} OTLP requests received", otlp.bodies().len()))?;
     Ok(())
 }
