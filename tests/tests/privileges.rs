@@ -12,14 +12,14 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{Context, Result, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, TempDir, agent_binary, exe_copy, is_root, process::run_bounded, random_suffix,
-    sha256_file, wait_until,
+    AgentGuard, ProcessGuard, TempDir, agent_binary, exe_copy, is_root, process::run_bounded,
+    random_suffix, sha256_file, wait_until,
 };
 
 const CAP_DAC_READ_SEARCH: u32 = 2;
@@ -170,25 +170,31 @@ fn every_thread_keeps_only_the_documented_runtime_capabilities() -> Result<()> {
     let mount_point = dir.path().join("private-mnt");
     fs::create_dir(&mount_point)?;
     let private_exe = mount_point.join(format!("bash-{}", random_suffix()));
-    let shell = run_bounded(
-        Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "sh", "-c"])
-            // The trailing `exit 0` keeps bash from exec'ing sleep in its own
-            // process: the process must still be this bash while it is hashed.
-            .arg(
-                "mount -t tmpfs fsn-private \"$1\" && cp /bin/bash \"$2\" && \
-                 \"$2\" -c 'exec 3<>/dev/udp/127.0.0.1/9; echo hello >&3; sleep 3; exit 0'",
-            )
-            .arg("sh")
-            .arg(&mount_point)
-            .arg(&private_exe),
-        Duration::from_secs(30),
-    )?;
-    ensure!(
-        shell.status.success(),
-        "private mount namespace: {}",
-        shell.stderr
-    );
+    // bash waits on its stdin (a pipe from this test, a builtin read: no other
+    // process) until the hash is seen; the guard kills unshare on drop, and
+    // --kill-child takes bash (exec'd by sh) with it.
+    let mut command = Command::new("unshare");
+    command
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--fork",
+            "--kill-child",
+            "sh",
+            "-c",
+        ])
+        .arg(
+            "mount -t tmpfs fsn-private \"$1\" && cp /bin/bash \"$2\" && \
+             exec \"$2\" -c 'exec 3<>/dev/udp/127.0.0.1/9; echo hello >&3; read -t 60 line; exit 0'",
+        )
+        .arg("sh")
+        .arg(&mount_point)
+        .arg(&private_exe)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _private_shell = ProcessGuard::spawn("unshare", &mut command, Duration::from_secs(5))?;
     let bash_sha256 = sha256_file(Path::new("/bin/bash"))?;
     let private_info = format!(
         "fleetsnitch_executable_info{{exe=\"{}\",sha256=\"{bash_sha256}\"}} 1",
@@ -196,7 +202,7 @@ fn every_thread_keeps_only_the_documented_runtime_capabilities() -> Result<()> {
     );
     let mut text = String::new();
     wait_until(
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         "the private namespace's executable hashed",
         || {
             text = metrics.text()?;
