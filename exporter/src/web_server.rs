@@ -177,7 +177,7 @@ impl WebState {
 }
 
 /// The user and password of an `Authorization: Basic` header.
-fn basic_credentials(request: &Request<Incoming>) -> Option<(String, Vec<u8>)> {
+fn basic_credentials<B>(request: &Request<B>) -> Option<(String, Vec<u8>)> {
     let value = request
         .headers()
         .get(header::AUTHORIZATION)?
@@ -341,4 +341,49 @@ where
         .header_read_timeout(HANDSHAKE_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_authorization(value: &str) -> Request<()> {
+        Request::builder()
+            .header(header::AUTHORIZATION, value)
+            .body(())
+            .unwrap()
+    }
+
+    #[test]
+    fn basic_credentials_are_decoded() {
+        // "prometheus:pa:ss" (a colon in the password is allowed).
+        let request = with_authorization("Basic cHJvbWV0aGV1czpwYTpzcw==");
+        assert_eq!(
+            basic_credentials(&request),
+            Some(("prometheus".to_owned(), b"pa:ss".to_vec()))
+        );
+        let request = with_authorization("basic cHJvbWV0aGV1czpwYTpzcw==");
+        assert!(
+            basic_credentials(&request).is_some(),
+            "the scheme is case-insensitive"
+        );
+    }
+
+    #[test]
+    fn anything_else_is_no_credentials() {
+        for value in [
+            "Bearer cHJvbWV0aGV1czpw",
+            "Basic !!!",
+            "Basic cHJvbWV0aGV1cw==", // no colon
+            "Basic",
+        ] {
+            assert_eq!(
+                basic_credentials(&with_authorization(value)),
+                None,
+                "{value}"
+            );
+        }
+        let request = Request::builder().body(()).unwrap();
+        assert_eq!(basic_credentials(&request), None);
+    }
 }
