@@ -24,7 +24,7 @@ use crate::{
     otlp::{OtlpExporter, ResourceInfo},
     preflight::{self, PreflightError},
     probes::{self, NoModeFits, ProbeOutcome},
-    virustotal,
+    virustotal, web_server,
 };
 
 /// The kernel programs, compiled by build.rs.
@@ -64,6 +64,10 @@ pub enum AgentError {
     VirusTotal(String),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error(transparent)]
+    WebConfig(#[from] crate::web_config::WebConfigError),
+    #[error(transparent)]
+    Privileges(#[from] crate::privileges::PrivilegeError),
 }
 
 /// Hands the memory freed after loading (kernel BTF, object file, relocation
@@ -89,6 +93,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let listener = TcpListener::bind(address)
         .await
         .map_err(|source| AgentError::Listen { address, source })?;
+    let web_settings = match &config.web.config_file {
+        Some(path) => Some((path, web_server::WebState::load(path)?)),
+        None => None,
+    };
 
     let geoip = open_geoip(&config)?;
     let btf = Btf::from_sys_fs().map_err(|source| AgentError::Btf { source })?;
@@ -132,18 +140,33 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             .map_err(AgentError::Thread)?
     };
 
+    // Everything that needs more is loaded, attached, opened and bound.
+    let kept = crate::privileges::drop_to_runtime_set()?;
+    tracing::info!(
+        kept = %crate::privileges::names(kept),
+        "capabilities beyond the run-time set dropped in every thread"
+    );
+
     tracing::info!(
         %address,
         telemetry_path = %config.web.telemetry_path,
         "fleetsnitch is counting; serving metrics"
     );
+    let metrics_for_web = metrics.clone();
     let router = http::router(
         &config.web.telemetry_path,
         metrics,
         health,
         config.collector.drain_interval,
     );
-    let served = http::serve(listener, router, shutdown_signal()).await;
+    let served = match web_settings {
+        Some((path, settings)) => {
+            let state = web_server::WebState::new(path, settings, metrics_for_web);
+            web_server::spawn_reloader(state.clone());
+            web_server::serve(listener, router, state, shutdown_signal()).await
+        }
+        None => http::serve(listener, router, shutdown_signal()).await,
+    };
 
     tracing::info!("shutting down: final drain, then detaching every probe");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

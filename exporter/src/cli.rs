@@ -22,6 +22,10 @@ pub struct Cli {
     /// Path under which to expose metrics [default: /metrics].
     #[arg(long = "web.telemetry-path", value_name = "PATH")]
     pub telemetry_path: Option<String>,
+    /// Exporter-toolkit web configuration: TLS, client certificates and basic
+    /// auth for every path (see README "Securing the endpoint").
+    #[arg(long = "web.config.file", value_name = "PATH")]
+    pub web_config_file: Option<PathBuf>,
     /// SQLite journal of executables seen [default: /var/lib/fleetsnitch/journal.db].
     #[arg(long = "journal.path", value_name = "PATH")]
     pub journal_path: Option<PathBuf>,
@@ -46,6 +50,9 @@ impl Cli {
         }
         if let Some(path) = &self.telemetry_path {
             config.web.telemetry_path = path.clone();
+        }
+        if let Some(path) = &self.web_config_file {
+            config.web.config_file = Some(path.clone());
         }
         if let Some(path) = &self.journal_path {
             config.journal.path = path.clone();

@@ -290,7 +290,7 @@ impl Collector {
                         unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
                     let recorded = self.identities.record(&event);
                     if let Some(path) = &recorded.new_exe {
-                        tracing::debug!(exe = %path, pid = event.tgid, "new executable");
+                        tracing::debug!(exe = ?path, pid = event.tgid, "new executable");
                     }
                     if !recorded.process.exe.is_kernel() {
                         let (path, _) = self.identities.exe_path(event.tgid, recorded.process.exe);

@@ -167,6 +167,9 @@ pub struct WebConfig {
     pub listen_address: String,
     /// Path of the Prometheus endpoint.
     pub telemetry_path: String,
+    /// Exporter-toolkit web configuration (TLS, client certificates, basic
+    /// auth) for every path; re-read when it changes. None: plain HTTP.
+    pub config_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -215,6 +218,7 @@ impl Default for WebConfig {
         Self {
             listen_address: DEFAULT_LISTEN_ADDRESS.to_owned(),
             telemetry_path: DEFAULT_TELEMETRY_PATH.to_owned(),
+            config_file: None,
         }
     }
 }

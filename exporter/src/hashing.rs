@@ -99,6 +99,9 @@ impl Hasher {
         let (jobs, queue) = mpsc::channel::<HashJob>();
         let index = HashIndex::default();
         let worker_index = index.clone();
+        // fanotify_init needs CAP_SYS_ADMIN, which is dropped once start-up ends:
+        // initialised here, before the worker thread could run late.
+        let watch = ModificationWatch::new();
         thread::Builder::new()
             .name("fleetsnitch-hash".into())
             .spawn(move || {
@@ -110,7 +113,7 @@ impl Hasher {
                     cache: HashMap::new(),
                     current: HashMap::new(),
                     last_jobs: HashMap::new(),
-                    watch: ModificationWatch::new(),
+                    watch,
                 };
                 worker.serve(queue);
             })?;
@@ -225,7 +228,7 @@ impl Worker {
                     opened.and_then(|file| sha256_of(file).map_err(|_| HashFailure::Unreadable));
                 if let Err(failure) = &outcome {
                     tracing::warn!(
-                        exe = %job.path,
+                        exe = ?job.path,
                         pid = job.tgid,
                         reason = failure.reason(),
                         "cannot hash executable; its traffic is still counted"
@@ -344,7 +347,16 @@ enum Mismatch {
 }
 
 fn open_matching(path: &str, exe: ExeKey) -> Result<File, Mismatch> {
-    let file = File::open(path).map_err(|_| Mismatch::Missing)?;
+    // A name with invalid UTF-8 is carried as text with `\xNN` escapes; the
+    // file has the raw bytes (the device+inode check below rejects a wrong file).
+    let file = File::open(path)
+        .or_else(|error| match crate::raw_text::to_bytes(path) {
+            Some(raw) => {
+                File::open(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&raw))
+            }
+            None => Err(error),
+        })
+        .map_err(|_| Mismatch::Missing)?;
     let metadata = file.metadata().map_err(|_| Mismatch::Missing)?;
     if metadata.dev() == exe.dev && metadata.ino() == exe.ino {
         Ok(file)

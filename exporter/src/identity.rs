@@ -6,13 +6,7 @@
 //! after the process is gone; `/proc` is only a fallback for announcements the
 //! ring buffer could not carry, and then only if device+inode still match.
 
-use std::{
-    collections::HashMap,
-    ffi::OsStr,
-    fs,
-    os::unix::{ffi::OsStrExt, fs::MetadataExt},
-    path::PathBuf,
-};
+use std::{collections::HashMap, fs, os::unix::fs::MetadataExt, path::PathBuf};
 
 use fleetsnitch_ebpf::{IDENTITY_NO_EXE, IDENTITY_PATH_TRUNCATED, IdentityEvent};
 
@@ -234,7 +228,7 @@ pub fn proc_exe_path(tgid: u32, exe: ExeKey) -> Option<String> {
         return None;
     }
     let target = fs::read_link(&link).ok()?;
-    let text = target.to_string_lossy();
+    let text = crate::raw_text::from_os(target.as_os_str());
     Some(text.strip_suffix(" (deleted)").unwrap_or(&text).to_owned())
 }
 
@@ -253,7 +247,7 @@ fn join_path(event: &IdentityEvent) -> String {
     if path.is_empty() {
         path.push(b'/');
     }
-    OsStr::from_bytes(&path).to_string_lossy().into_owned()
+    crate::raw_text::from_bytes(&path)
 }
 
 fn c_bytes(buffer: &[u8]) -> &[u8] {
@@ -262,7 +256,7 @@ fn c_bytes(buffer: &[u8]) -> &[u8] {
 }
 
 fn c_string(buffer: &[u8]) -> String {
-    String::from_utf8_lossy(c_bytes(buffer)).into_owned()
+    crate::raw_text::from_bytes(c_bytes(buffer))
 }
 
 #[cfg(test)]

@@ -98,6 +98,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    pub path: Text,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProbeLabels {
     pub probe: String,
     pub mode: String,
@@ -131,6 +136,9 @@ pub struct Metrics {
     pub tracked_processes: Gauge,
     pub tracked_executables: Gauge,
     pub truncated_paths: Counter,
+    pub web_config_reloads: Family<ResultLabels, Counter>,
+    pub web_config_last_reload_successful: Gauge,
+    pub journal_loose_permissions: Family<PathLabels, Gauge>,
     pub start_time_seconds: Gauge,
     pub executable_first_seen: Family<ExecutableLabels, Gauge>,
     pub path_first_seen: Family<ExeLabels, Gauge>,
@@ -174,6 +182,9 @@ impl Metrics {
             tracked_processes: Gauge::default(),
             tracked_executables: Gauge::default(),
             truncated_paths: Counter::default(),
+            web_config_reloads: Family::default(),
+            web_config_last_reload_successful: Gauge::default(),
+            journal_loose_permissions: Family::default(),
             start_time_seconds: Gauge::default(),
             executable_first_seen: Family::default(),
             path_first_seen: Family::default(),
@@ -277,6 +288,21 @@ impl Metrics {
             "truncated_paths",
             "Executable paths too deep or too long for the kernel walk, resolved through /proc",
             metrics.truncated_paths.clone(),
+        );
+        registry.register(
+            "web_config_reloads",
+            "Re-reads of --web.config.file by result (success, failure: old settings kept)",
+            metrics.web_config_reloads.clone(),
+        );
+        registry.register(
+            "web_config_last_reload_successful",
+            "Whether the last re-read of --web.config.file was accepted (1) or rejected (0)",
+            metrics.web_config_last_reload_successful.clone(),
+        );
+        registry.register(
+            "journal_loose_permissions",
+            "1 for a journal file or directory that others than its owner can read or write",
+            metrics.journal_loose_permissions.clone(),
         );
         registry.register_with_unit(
             "start_time",

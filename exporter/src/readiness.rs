@@ -5,11 +5,11 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use crate::{container, preflight};
+use caps::Capability;
 
-/// Linux capability numbers (linux/capability.h).
-const CAP_DAC_READ_SEARCH: u32 = 2;
-const CAP_SYS_PTRACE: u32 = 19;
+use crate::{container, preflight, privileges};
+
+/// Linux capability number (linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;
 
 /// One thing checked.
@@ -93,25 +93,32 @@ pub fn inspect() -> Vec<Item> {
             detail: "for DNS answers (domain label) and container ids that outlive processes"
                 .to_owned(),
         },
-        Item {
-            name: "CAP_SYS_PTRACE",
-            ok: has(CAP_SYS_PTRACE),
-            required: false,
-            detail: "to read /proc/<pid>/exe of every process, for hashing".to_owned(),
-        },
-        Item {
-            name: "CAP_DAC_READ_SEARCH",
-            ok: has(CAP_DAC_READ_SEARCH),
-            required: false,
-            detail: "to hash executables other users cannot read".to_owned(),
-        },
-        Item {
-            name: "CAP_SYS_ADMIN",
-            ok: has(CAP_SYS_ADMIN),
-            required: false,
-            detail: "for fanotify (executables modified in place)".to_owned(),
-        },
     ]
+    .into_iter()
+    .chain(capability_items(effective))
+    .collect()
+}
+
+/// One line per capability of the documented start-up set (README
+/// "Capabilities", src/privileges.rs) beyond the two the first line covers.
+fn capability_items(effective: u64) -> impl Iterator<Item = Item> {
+    privileges::NEEDS
+        .iter()
+        .filter(|need| ![Capability::CAP_BPF, Capability::CAP_PERFMON].contains(&need.capability))
+        .map(move |need| Item {
+            name: need.name,
+            ok: effective & need.capability.bitmask() != 0,
+            required: false,
+            detail: format!(
+                "{}: {}",
+                if need.runtime {
+                    "start-up and run time"
+                } else {
+                    "start-up only"
+                },
+                need.why
+            ),
+        })
 }
 
 /// The report printed by `--check`, and whether every requirement holds.

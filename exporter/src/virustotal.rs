@@ -180,7 +180,15 @@ async fn read_json<T: serde::de::DeserializeOwned>(
         .bytes()
         .await
         .map_err(|err| LookupError::Transport(err.to_string()))?;
-    serde_json::from_slice(&body).map_err(|err| LookupError::Malformed(err.to_string()))
+    parse_answer(&body)
+}
+
+/// Only typed fields (numbers) are taken from an answer; the rest is ignored.
+fn parse_answer<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, LookupError> {
+    serde_json::from_slice(body)
+        // serde_json quotes offending values in its messages: escaped, so an
+        // answer cannot put a newline or terminal escape into the log.
+        .map_err(|err| LookupError::Malformed(err.to_string().escape_debug().to_string()))
 }
 
 /// An executable to check.
@@ -280,7 +288,7 @@ impl Checker {
                     if attempts + 1 < MAX_ATTEMPTS {
                         queue.push_back((check, attempts + 1));
                     } else {
-                        tracing::warn!(exe = %check.path, sha256 = %check.sha256, %error, "VirusTotal check given up");
+                        tracing::warn!(exe = ?check.path, sha256 = %check.sha256, %error, "VirusTotal check given up");
                         self.journal_event(&check, format!("error: {error}"));
                     }
                 }
@@ -318,7 +326,7 @@ impl Checker {
                     .set(i64::from(stats.detections()));
                 if stats.detections() > 0 {
                     tracing::warn!(
-                        exe = %check.path,
+                        exe = ?check.path,
                         sha256 = %check.sha256,
                         malicious = stats.malicious,
                         suspicious = stats.suspicious,
@@ -395,4 +403,23 @@ async fn read_for_upload(
     })
     .await
     .map_err(|err| LookupError::File(err.to_string()))?
+}
+
+#[cfg(test)]
+mod hostile_answer_tests {
+    use super::*;
+
+    #[test]
+    fn a_hostile_answer_is_an_escaped_one_line_error() {
+        let body = br#"{"data":{"attributes":{"last_analysis_stats":{"malicious":"7\n\u001b[31mFORGED LOG LINE"}}}}"#;
+        let Err(error) = parse_answer::<FileObject>(body) else {
+            panic!("a string where a number belongs was accepted");
+        };
+        let error = error.to_string();
+        assert!(
+            !error.contains('\n') && !error.contains('\u{1b}'),
+            "{error:?}"
+        );
+        assert!(error.contains("malformed answer"), "{error}");
+    }
 }

@@ -30,7 +30,7 @@ pub use store::{
 use crate::{
     config::JournalConfig,
     connection_log::ConnectionLog,
-    metrics::{ExeLabels, ExecutableLabels, KindLabels, Metrics},
+    metrics::{ExeLabels, ExecutableLabels, KindLabels, Metrics, PathLabels},
     otlp::{OtlpExporter, WindowRecords},
 };
 
@@ -202,6 +202,14 @@ impl Writer {
         match Store::open(&self.config.path) {
             Ok(store) => {
                 tracing::info!(path = %self.config.path.display(), "journal open");
+                for (path, _mode) in store::loose_permissions(&self.config.path) {
+                    self.metrics
+                        .journal_loose_permissions
+                        .get_or_create(&PathLabels {
+                            path: path.display().to_string().into(),
+                        })
+                        .set(1);
+                }
                 self.last_error = None;
                 self.store = Some(store);
                 true

@@ -216,6 +216,27 @@ pub struct Store {
     path: PathBuf,
 }
 
+/// The journal file if users other than its owner may read or write it, and
+/// its directory if they may write to it (and so replace the journal), each
+/// with its mode. Sidecar files (-wal, -shm) take the journal's mode.
+pub fn loose_permissions(path: &Path) -> Vec<(PathBuf, u32)> {
+    let mode = |path: &Path| {
+        fs::metadata(path)
+            .ok()
+            .map(|metadata| metadata.permissions().mode() & 0o7777)
+    };
+    let mut loose = Vec::new();
+    if let Some(file_mode) = mode(path).filter(|mode| mode & 0o077 != 0) {
+        loose.push((path.to_owned(), file_mode));
+    }
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty())
+        && let Some(dir_mode) = mode(dir).filter(|mode| mode & 0o022 != 0)
+    {
+        loose.push((dir.to_owned(), dir_mode));
+    }
+    loose
+}
+
 impl Store {
     /// Opens (creating it if needed, readable by its owner only) and migrates the journal.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -242,15 +263,14 @@ impl Store {
                     path: path.to_owned(),
                     source,
                 })?;
-        } else if let Ok(metadata) = fs::metadata(path) {
-            let mode = metadata.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                tracing::warn!(
-                    path = %path.display(),
-                    mode = format!("{mode:o}"),
-                    "the journal is readable by other users: it lists every program and peer of this host"
-                );
-            }
+        }
+        for (loose, mode) in loose_permissions(path) {
+            tracing::warn!(
+                path = %loose.display(),
+                mode = format!("{mode:o}"),
+                "the journal (or its directory) is open to other users: it lists every \
+                 program and peer of this host; chmod it to 0600 (directory 0700)"
+            );
         }
         let open_error = |source| StoreError::Open {
             path: path.to_owned(),
