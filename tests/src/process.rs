@@ -1,6 +1,6 @@
 //! Child processes that never outlive the test: a kill-on-drop guard and a bounded runner.
 
-use std::fs::File;
+use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -217,4 +217,59 @@ pub fn file_tail(path: &Path, n: usize) -> String {
         let _ = f.read_to_string(&mut s);
     }
     tail(&s, n)
+}
+
+/// One thread of another process held in a ptrace stop while the rest of the
+/// process runs on: a stuck thread, as a deadlock or a hung syscall would leave
+/// it. Released when dropped, which must happen on the thread that froze it
+/// (ptrace requests come from the tracer thread).
+pub struct FrozenThread {
+    tid: libc::pid_t,
+}
+
+impl FrozenThread {
+    /// Freezes the thread of `pid` whose name (`comm`, 15 bytes at most) is `comm`.
+    pub fn freeze(pid: u32, comm: &str) -> Result<Self> {
+        let tid = fs::read_dir(format!("/proc/{pid}/task"))?
+            .filter_map(|entry| {
+                entry
+                    .ok()?
+                    .file_name()
+                    .to_str()?
+                    .parse::<libc::pid_t>()
+                    .ok()
+            })
+            .find(|tid| {
+                fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                    .is_ok_and(|name| name.trim_end() == comm)
+            })
+            .with_context(|| format!("no thread named {comm} in process {pid}"))?;
+        let null = std::ptr::null_mut::<libc::c_void>();
+        // SAFETY: ptrace with no addr/data; the kernel checks the tid.
+        if unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, null, null) } == -1 {
+            bail!("PTRACE_SEIZE {tid}: {}", std::io::Error::last_os_error());
+        }
+        let frozen = Self { tid };
+        // SAFETY: as above, on the thread just seized.
+        if unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, null, null) } == -1 {
+            bail!(
+                "PTRACE_INTERRUPT {tid}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let mut status = 0;
+        // SAFETY: waits for the tracee's stop; `status` is valid.
+        if unsafe { libc::waitpid(tid, &mut status, libc::__WALL) } != tid {
+            bail!("waitpid {tid}: {}", std::io::Error::last_os_error());
+        }
+        Ok(frozen)
+    }
+}
+
+impl Drop for FrozenThread {
+    fn drop(&mut self) {
+        let null = std::ptr::null_mut::<libc::c_void>();
+        // SAFETY: detaching the tracee this thread seized resumes it.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.tid, null, null) };
+    }
 }

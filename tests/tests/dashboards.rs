@@ -529,61 +529,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// One thread of another process held in a ptrace stop while the rest of the
-/// process runs on: a stuck thread, as a deadlock or a hung syscall would leave
-/// it. Released when dropped, which must happen on the thread that froze it
-/// (ptrace requests come from the tracer thread).
-struct FrozenThread {
-    tid: libc::pid_t,
-}
-
-impl FrozenThread {
-    /// Freezes the thread of `pid` whose name (`comm`, 15 bytes at most) is `comm`.
-    fn freeze(pid: u32, comm: &str) -> Result<Self> {
-        let tid = fs::read_dir(format!("/proc/{pid}/task"))?
-            .filter_map(|entry| {
-                entry
-                    .ok()?
-                    .file_name()
-                    .to_str()?
-                    .parse::<libc::pid_t>()
-                    .ok()
-            })
-            .find(|tid| {
-                fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
-                    .is_ok_and(|name| name.trim_end() == comm)
-            })
-            .with_context(|| format!("no thread named {comm} in process {pid}"))?;
-        let null = std::ptr::null_mut::<libc::c_void>();
-        // SAFETY: ptrace with no addr/data; the kernel checks the tid.
-        if unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, null, null) } == -1 {
-            bail!("PTRACE_SEIZE {tid}: {}", std::io::Error::last_os_error());
-        }
-        let frozen = Self { tid };
-        // SAFETY: as above, on the thread just seized.
-        if unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, null, null) } == -1 {
-            bail!(
-                "PTRACE_INTERRUPT {tid}: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        let mut status = 0;
-        // SAFETY: waits for the tracee's stop; `status` is valid.
-        if unsafe { libc::waitpid(tid, &mut status, libc::__WALL) } != tid {
-            bail!("waitpid {tid}: {}", std::io::Error::last_os_error());
-        }
-        Ok(frozen)
-    }
-}
-
-impl Drop for FrozenThread {
-    fn drop(&mut self) {
-        let null = std::ptr::null_mut::<libc::c_void>();
-        // SAFETY: detaching the tracee this thread seized resumes it.
-        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.tid, null, null) };
-    }
-}
-
 /// Whether `promql` returns a series whose `instance` is `instance`.
 fn fires_for(prometheus: &Prometheus, promql: &str, instance: SocketAddr) -> Result<bool> {
     let instance = instance.to_string();
@@ -705,7 +650,7 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
     journal_fs.fill()?;
 
     // Its collector stops: nothing drains the kernel's maps and ring buffer.
-    let frozen = FrozenThread::freeze(faulty_agent.pid(), "fleetsnitch-col")?;
+    let frozen = process::FrozenThread::freeze(faulty_agent.pid(), "fleetsnitch-col")?;
     let frozen_at = Instant::now();
     // A program dropped, run once and deleted: gone before anyone can hash it.
     let dropped = exe_copy(
