@@ -129,7 +129,8 @@ fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
         &config,
         format!(
             "metrics:\n  bytes_labels: [remote_port, domain]\n  max_series: 100000\n  \
-             label_caps: {{remote_port: {PORT_CAP}, domain: {DOMAIN_CAP}}}\n"
+             label_caps: {{remote_port: {PORT_CAP}, domain: {DOMAIN_CAP}}}\n\
+             journal:\n  record_ephemeral_ports: true\n"
         ),
     )?;
     let mut agent = AgentGuard::start_with_args(
@@ -241,7 +242,8 @@ fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
     // distinct values the agent saw. The host keeps talking while the test
     // runs (the CI runner, resolvers), so that number lies between what this
     // test sent and every value in the journal, which records each flow with
-    // its raw port and domain (written in full at shutdown).
+    // its raw port (ephemeral ones too, as configured above) and domain
+    // (written in full at shutdown).
     agent.signal(libc::SIGTERM);
     ensure!(
         agent.wait_exit(Duration::from_secs(30))?.is_some(),
