@@ -15,6 +15,7 @@
  *
  * Every program returns 1: they observe and never drop or rewrite traffic.
  */
+#include <stdbool.h>
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -95,6 +96,47 @@ int dns_owner_sendmsg6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
+/*
+ * Every packet the host receives passes here, and almost none is a DNS
+ * answer: when the headers are in the linear data, rule the packet out with
+ * plain loads (a transport other than UDP/TCP, or a source port other than
+ * 53) before any bpf_skb_load_bytes call. False means "look closer".
+ */
+static __always_inline bool surely_not_dns(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u32 transport_offset;
+	__u8 protocol;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = data;
+
+		if ((void *)(ip + 1) > end)
+			return false;
+		protocol = ip->protocol;
+		transport_offset = ip->ihl * 4;
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = data;
+
+		if ((void *)(ip6 + 1) > end)
+			return false;
+		protocol = ip6->nexthdr;
+		transport_offset = sizeof(*ip6);
+	} else {
+		return true;
+	}
+	if (protocol != IPPROTO_UDP && protocol != IPPROTO_TCP)
+		return true;
+
+	/* The source port opens both the UDP and the TCP header. */
+	__be16 *source = data + transport_offset;
+
+	if ((void *)(source + 1) > end)
+		return false;
+	return *source != bpf_htons(DNS_PORT);
+}
+
 SEC("cgroup_skb/ingress")
 int dns_answers(struct __sk_buff *skb)
 {
@@ -103,6 +145,8 @@ int dns_answers(struct __sk_buff *skb)
 	__u8 protocol;
 	__u32 offset;
 
+	if (surely_not_dns(skb))
+		return 1;
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
 

@@ -330,7 +330,6 @@ static __always_inline void account_with(struct sock *sk, long ret, __u32 direct
 
 		fill_socket(&fresh, sk, family);
 		fresh.bytes[direction & 1] = ret;
-		fresh.calls[direction & 1] = 1;
 		err = bpf_map_update_elem(&traffic, &key, &fresh, BPF_NOEXIST);
 		if (err == 0)
 			return;
@@ -345,7 +344,6 @@ static __always_inline void account_with(struct sock *sk, long ret, __u32 direct
 		}
 	}
 	__sync_fetch_and_add(&value->bytes[direction & 1], ret);
-	__sync_fetch_and_add(&value->calls[direction & 1], 1);
 }
 
 static __always_inline void account(struct sock *sk, long ret, __u32 direction)

@@ -66,7 +66,6 @@ struct fs_traffic_key {
 
 struct fs_traffic_value {
 	__u64 bytes[2];
-	__u64 calls[2];
 	__u16 sock_type;
 	__u16 _pad[3];
 	__u8 local_addr[16];
@@ -109,7 +108,7 @@ struct fs_exit_event {
 
 _Static_assert(sizeof(struct fs_config) == 8, "fs_config layout");
 _Static_assert(sizeof(struct fs_traffic_key) == 48, "fs_traffic_key layout");
-_Static_assert(sizeof(struct fs_traffic_value) == 56, "fs_traffic_value layout");
+_Static_assert(sizeof(struct fs_traffic_value) == 40, "fs_traffic_value layout");
 _Static_assert(sizeof(struct fs_identity_event) == 80 + FS_PATH_DEPTH * FS_NAME_LEN, "fs_identity_event layout");
 _Static_assert(__builtin_offsetof(struct fs_identity_event, names) == 80, "fs_identity_event.names offset");
 _Static_assert(sizeof(struct fs_exit_event) == 16, "fs_exit_event layout");

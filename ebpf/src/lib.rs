@@ -77,8 +77,6 @@ pub struct TrafficKey {
 pub struct TrafficValue {
     /// Bytes, indexed by [`DIR_SENT`] / [`DIR_RECEIVED`].
     pub bytes: [u64; 2],
-    /// Successful calls, same indexes.
-    pub calls: [u64; 2],
     pub sock_type: u16,
     pub _pad: [u16; 3],
     pub local_addr: [u8; 16],
@@ -154,7 +152,7 @@ const _: () = assert!(size_of::<DnsEvent>() == 40 + DNS_PAYLOAD);
 // The same numbers as the _Static_asserts in bpf/fleetsnitch.h.
 const _: () = assert!(size_of::<Config>() == 8);
 const _: () = assert!(size_of::<TrafficKey>() == 48);
-const _: () = assert!(size_of::<TrafficValue>() == 56);
+const _: () = assert!(size_of::<TrafficValue>() == 40);
 const _: () = assert!(size_of::<IdentityEvent>() == 80 + PATH_DEPTH * NAME_LEN);
 const _: () = assert!(offset_of!(IdentityEvent, names) == 80);
 const _: () = assert!(size_of::<ExitEvent>() == 16);

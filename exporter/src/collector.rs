@@ -130,7 +130,6 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Colle
 const TRAFFIC_MAP: &str = "traffic";
 const ANNOUNCED_MAP: &str = "announced";
 const SPLICE_MAP: &str = "splice_calls";
-const REPORTED_MAPS: [&str; 3] = [TRAFFIC_MAP, ANNOUNCED_MAP, SPLICE_MAP];
 
 fn map_labels(map: &str) -> MapLabels {
     MapLabels {
@@ -157,17 +156,6 @@ impl Collector {
         let config = Array::try_from(take_map(ebpf, "config")?).map_err(map_error("config"))?;
         let stats = PerCpuArray::try_from(take_map(ebpf, "stats")?).map_err(map_error("stats"))?;
         let events = RingBuf::try_from(take_map(ebpf, "events")?).map_err(map_error("events"))?;
-        // Every series an alert takes `increase()` of exists from the first
-        // scrape at 0: a series born at its first incident shows no increase.
-        for map in REPORTED_MAPS {
-            metrics.map_full.get_or_create(&map_labels(map)).inc_by(0);
-        }
-        for direction in [Direction::Sent, Direction::Received] {
-            metrics
-                .unattributed_bytes
-                .get_or_create(&DirectionLabels { direction })
-                .inc_by(0);
-        }
         Ok(Self {
             traffic,
             config,

@@ -46,8 +46,6 @@ pub enum HashFailure {
 }
 
 impl HashFailure {
-    pub const ALL: [HashFailure; 3] = [Self::ProcessExited, Self::Replaced, Self::Unreadable];
-
     pub fn reason(self) -> &'static str {
         match self {
             Self::ProcessExited => "process_exited",
@@ -86,16 +84,6 @@ impl Hasher {
         journal: Option<JournalHandle>,
         virustotal: Option<VirusTotalHandle>,
     ) -> io::Result<Self> {
-        // Every reason exists from the first scrape at 0, so that an alert's
-        // `increase()` sees the first failure.
-        for failure in HashFailure::ALL {
-            metrics
-                .hash_failures
-                .get_or_create(&ReasonLabels {
-                    reason: failure.reason().to_owned(),
-                })
-                .inc_by(0);
-        }
         let (jobs, queue) = mpsc::channel::<HashJob>();
         let index = HashIndex::default();
         let worker_index = index.clone();
