@@ -22,20 +22,23 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
 };
 use fleetsnitch_ebpf::{
-    Config, DIR_RECEIVED, DIR_SENT, EVENT_EXIT, EVENT_IDENTITY, ExitEvent, IdentityEvent, Stat,
-    TrafficKey, TrafficValue,
+    Config, DIR_RECEIVED, DIR_SENT, EVENT_EXEC, EVENT_EXIT, EVENT_IDENTITY, EXEC_ARGS_TRUNCATED,
+    ExecEvent, ExitEvent, IDENTITY_NO_EXE, IdentityEvent, Stat, TrafficKey, TrafficValue,
 };
 
 use crate::{
+    config::ExecConfig,
     dns::{DnsCache, DnsCacheConfig, DnsStats, Transport},
     dns_capture::DnsCapture,
     geoip::{GeoIp, GeoRef},
-    hashing::{HashJob, Hasher},
+    hashing::{HashJob, Hasher, NotHeld},
     identity::{ExeKey, IdentityTable, Process},
     journal::{self, Input, JournalHandle, Rollup},
     kubernetes::PodResolver,
     labels::{FlowFacts, LabelPolicy, TrafficLabels},
-    metrics::{Direction, DirectionLabels, LabelLabels, MapLabels, Metrics, ResultLabels},
+    metrics::{
+        Direction, DirectionLabels, ExeLabels, LabelLabels, MapLabels, Metrics, ResultLabels,
+    },
     socket,
 };
 
@@ -105,6 +108,14 @@ pub struct Collector {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     drain_interval: Duration,
+    exec: Option<ExecTracking>,
+}
+
+/// Exec tracking: the `exec_events` ring buffer and what to do with each exec.
+struct ExecTracking {
+    events: RingBuf<MapData>,
+    record_command_lines: bool,
+    max_open_files: usize,
 }
 
 fn hash_job(process: &Process, path: String) -> HashJob {
@@ -116,7 +127,28 @@ fn hash_job(process: &Process, path: String) -> HashJob {
         uid: process.uid,
         parent_path: process.parent_path.clone(),
         seen_at: journal::unix_now(),
+        file: None,
+        used_network: true,
+        command_line: None,
     }
+}
+
+/// The NUL-separated arguments the kernel copied, joined by spaces.
+fn command_line(event: &ExecEvent) -> Option<String> {
+    let len = (event.args_len as usize).min(event.args.len());
+    let args: Vec<String> = event.args[..len]
+        .split(|&b| b == 0)
+        .filter(|arg| !arg.is_empty())
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect();
+    if args.is_empty() {
+        return None;
+    }
+    let mut line = args.join(" ");
+    if event.args_flags & EXEC_ARGS_TRUNCATED != 0 {
+        line.push('…');
+    }
+    Some(line)
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CollectorError> {
@@ -162,7 +194,25 @@ impl Collector {
             metrics,
             health,
             drain_interval,
+            exec: None,
         })
+    }
+
+    /// Journals and exports every executed program (exec tracking), from the
+    /// `exec_events` ring buffer.
+    pub fn with_exec(
+        mut self,
+        ebpf: &mut Ebpf,
+        config: &ExecConfig,
+    ) -> Result<Self, CollectorError> {
+        let events =
+            RingBuf::try_from(take_map(ebpf, "exec_events")?).map_err(map_error("exec_events"))?;
+        self.exec = Some(ExecTracking {
+            events,
+            record_command_lines: config.record_command_lines,
+            max_open_files: config.max_open_files as usize,
+        });
+        Ok(self)
     }
 
     /// Names flows' peers from the DNS answers `capture` delivers.
@@ -217,7 +267,7 @@ impl Collector {
         }
     }
 
-    /// Sleeps until either ring buffer has records, or `timeout`.
+    /// Sleeps until a ring buffer has records, or `timeout`.
     fn wait_for_events(&self, timeout: Duration) {
         let mut fds = [
             libc::pollfd {
@@ -227,6 +277,14 @@ impl Collector {
             },
             libc::pollfd {
                 fd: self.dns.as_ref().map_or(-1, DnsCapture::as_raw_fd),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self
+                    .exec
+                    .as_ref()
+                    .map_or(-1, |exec| exec.events.as_raw_fd()),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -279,6 +337,68 @@ impl Collector {
             }
         }
         self.read_dns_answers();
+        self.read_exec_events();
+    }
+
+    /// Handles every exec the kernel reported since the last call.
+    fn read_exec_events(&mut self) {
+        let Some(mut exec) = self.exec.take() else {
+            return;
+        };
+        let settings = (exec.record_command_lines, exec.max_open_files);
+        while let Some(item) = exec.events.next() {
+            let bytes: &[u8] = &item;
+            if bytes.len() < size_of::<ExecEvent>() || bytes[..4] != EVENT_EXEC.to_ne_bytes()[..] {
+                tracing::warn!(len = bytes.len(), "unexpected exec ring buffer record");
+                continue;
+            }
+            // SAFETY: the length was checked; ExecEvent is plain integers and
+            // byte arrays, valid for any bit pattern.
+            let event: ExecEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+            drop(item);
+            self.record_exec(&event, settings.0, settings.1);
+        }
+        self.exec = Some(exec);
+    }
+
+    /// One exec: hold the executable open at once (the program may exit within
+    /// milliseconds), count it, and queue it for hashing and the journal.
+    fn record_exec(
+        &mut self,
+        event: &ExecEvent,
+        record_command_lines: bool,
+        max_open_files: usize,
+    ) {
+        if event.identity.flags & IDENTITY_NO_EXE != 0 {
+            return;
+        }
+        let (process, path) = self.identities.describe_exec(&event.identity);
+        let file = match self
+            .hasher
+            .hold(process.tgid, &path, process.exe, max_open_files)
+        {
+            Ok(file) => Some(file),
+            Err(NotHeld::BudgetExhausted) => {
+                self.metrics.exec.open_files_exhausted.inc();
+                None
+            }
+            Err(NotHeld::NotNeeded | NotHeld::Unreachable) => None,
+        };
+        let exe = self.labels.exe_label(&path);
+        self.metrics
+            .exec
+            .total
+            .get_or_create(&ExeLabels { exe })
+            .inc();
+        let mut job = hash_job(&process, path);
+        job.file = file;
+        job.used_network = false;
+        job.command_line = if record_command_lines {
+            command_line(event)
+        } else {
+            None
+        };
+        self.hasher.request(job);
     }
 
     /// Records the DNS answers processes received, after their identities:
@@ -376,6 +496,9 @@ impl Collector {
                     uid: 0,
                     parent_path: None,
                     seen_at: journal::unix_now(),
+                    file: None,
+                    used_network: true,
+                    command_line: None,
                 });
             }
             let process = self.identities.process(key.tgid);
@@ -599,6 +722,13 @@ impl Collector {
                         .map_full
                         .get_or_create(&map("announced"))
                         .inc_by(delta);
+                }
+                Stat::ExecEventsLost => {
+                    tracing::warn!(
+                        lost = delta,
+                        "exec events lost (exec ring buffer full): raise exec.ring_buffer_bytes"
+                    );
+                    self.metrics.exec.events_lost.inc_by(delta);
                 }
                 Stat::SpliceMapFull => {
                     self.metrics

@@ -7,11 +7,15 @@
 //! runs even when the path was replaced or deleted since.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::File,
     io::{self, Read},
-    os::unix::fs::MetadataExt,
-    sync::{Arc, RwLock, mpsc},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
     thread,
     time::Duration,
 };
@@ -61,15 +65,70 @@ pub struct HashJob {
     pub parent_path: Option<String>,
     /// Unix seconds.
     pub seen_at: i64,
+    /// The executable, opened (and its identity checked) when the event
+    /// arrived: a program that exits within milliseconds is still hashed.
+    pub file: Option<Arc<HeldFile>>,
+    /// Seen doing network I/O; `false` for a sighting from exec tracking alone.
+    pub used_network: bool,
+    /// Its command line, when exec tracking records them.
+    pub command_line: Option<String>,
+}
+
+/// A file descriptor held open on an executable until it is hashed; counted
+/// against `exec.max_open_files` while it lives.
+#[derive(Debug)]
+pub struct HeldFile {
+    file: File,
+    /// `st_dev` of the open file: differs from the kernel's device on btrfs.
+    file_dev: u64,
+    held: Arc<AtomicUsize>,
+}
+
+impl Drop for HeldFile {
+    fn drop(&mut self) {
+        self.held.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why [`Hasher::hold`] did not keep a file open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotHeld {
+    /// Already hashed, or a file of it is already held: nothing to keep.
+    NotNeeded,
+    /// `exec.max_open_files` descriptors are held already.
+    BudgetExhausted,
+    /// Neither `/proc/<pid>/exe` nor the path led to the file the kernel named.
+    Unreachable,
 }
 
 /// sha256 of every executable hashed so far, by file identity.
 pub type HashIndex = Arc<RwLock<HashMap<ExeKey, String>>>;
 
+/// State the collector and the worker share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Descriptors held by [`HeldFile`]s.
+    held: Arc<AtomicUsize>,
+    /// Executables with a held file queued: one is enough.
+    pending: Mutex<HashSet<ExeKey>>,
+    /// Kernel devices found to be btrfs, where the kernel's (device, inode)
+    /// does not name one file: every sighting needs its own file to hash.
+    ambiguous_devs: RwLock<HashSet<u64>>,
+}
+
+impl Shared {
+    fn is_ambiguous(&self, dev: u64) -> bool {
+        self.ambiguous_devs
+            .read()
+            .is_ok_and(|devs| devs.contains(&dev))
+    }
+}
+
 /// Handle to the hashing worker thread.
 pub struct Hasher {
     jobs: mpsc::Sender<HashJob>,
     index: HashIndex,
+    shared: Arc<Shared>,
 }
 
 impl Hasher {
@@ -82,6 +141,8 @@ impl Hasher {
         let (jobs, queue) = mpsc::channel::<HashJob>();
         let index = HashIndex::default();
         let worker_index = index.clone();
+        let shared = Arc::new(Shared::default());
+        let worker_shared = shared.clone();
         thread::Builder::new()
             .name("fleetsnitch-hash".into())
             .spawn(move || {
@@ -94,10 +155,63 @@ impl Hasher {
                     current: HashMap::new(),
                     last_jobs: HashMap::new(),
                     watch: ModificationWatch::new(),
+                    shared: worker_shared,
                 };
                 worker.serve(queue);
             })?;
-        Ok(Self { jobs, index })
+        Ok(Self {
+            jobs,
+            index,
+            shared,
+        })
+    }
+
+    /// Opens the executable `exe` that process `tgid` just executed from
+    /// `path` (its `/proc/<tgid>/exe` first), checks it is that file, and
+    /// keeps it open for the worker, unless it is hashed or held already or
+    /// `budget` descriptors are held.
+    pub fn hold(
+        &self,
+        tgid: u32,
+        path: &str,
+        exe: ExeKey,
+        budget: usize,
+    ) -> Result<Arc<HeldFile>, NotHeld> {
+        let ambiguous = self.shared.is_ambiguous(exe.dev);
+        if !ambiguous {
+            let hashed = self
+                .index
+                .read()
+                .is_ok_and(|index| index.contains_key(&exe));
+            let pending = self
+                .shared
+                .pending
+                .lock()
+                .is_ok_and(|pending| pending.contains(&exe));
+            if hashed || pending {
+                return Err(NotHeld::NotNeeded);
+            }
+        }
+        if self.shared.held.load(Ordering::Relaxed) >= budget {
+            return Err(NotHeld::BudgetExhausted);
+        }
+        let (file, file_dev) = open_matching(&format!("/proc/{tgid}/exe"), exe)
+            .or_else(|_| open_matching(path, exe))
+            .map_err(|_| NotHeld::Unreachable)?;
+        self.shared.held.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut pending) = self.shared.pending.lock() {
+            pending.insert(exe);
+        }
+        Ok(Arc::new(HeldFile {
+            file,
+            file_dev,
+            held: self.shared.held.clone(),
+        }))
+    }
+
+    /// Descriptors held open for hashing now.
+    pub fn held_files(&self) -> usize {
+        self.shared.held.load(Ordering::Relaxed)
     }
 
     /// The sha256 of `exe`, if it was hashed already.
@@ -117,13 +231,15 @@ struct Worker {
     journal: Option<JournalHandle>,
     virustotal: Option<VirusTotalHandle>,
     index: HashIndex,
-    /// Results by file identity: one hash per (device, inode).
-    cache: HashMap<ExeKey, Result<String, HashFailure>>,
+    /// Results by file identity: the kernel's (device, inode) and the open
+    /// file's `st_dev` (the same but on btrfs, where it names the subvolume).
+    cache: HashMap<(ExeKey, u64), Result<String, HashFailure>>,
     /// The `executable_info` series currently exported for each path.
     current: HashMap<String, ExecutableLabels>,
     /// The last sighting of each watched executable, to journal a modification with it.
     last_jobs: HashMap<ExeKey, HashJob>,
     watch: ModificationWatch,
+    shared: Arc<Shared>,
 }
 
 impl Worker {
@@ -145,11 +261,14 @@ impl Worker {
         let Some(mut job) = self.last_jobs.get(&exe).cloned() else {
             return;
         };
-        let sha256 = match open_matching(path, exe).map(sha256_of) {
-            Ok(Ok(sha256)) => sha256,
-            _ => return,
+        let (sha256, file_dev) = match open_matching(path, exe) {
+            Ok((file, file_dev)) => match sha256_of(&file) {
+                Ok(sha256) => (sha256, file_dev),
+                Err(_) => return,
+            },
+            Err(_) => return,
         };
-        let previous = self.cache.insert(exe, Ok(sha256.clone()));
+        let previous = self.cache.insert((exe, file_dev), Ok(sha256.clone()));
         if previous
             .as_ref()
             .is_some_and(|p| p.as_deref() == Ok(sha256.as_str()))
@@ -180,40 +299,89 @@ impl Worker {
         }
     }
 
-    fn run(&mut self, job: HashJob) {
-        let outcome = match self.cache.get(&job.exe) {
-            Some(outcome) => outcome.clone(),
-            None => {
-                let outcome = hash_executable(&job);
-                if let Err(failure) = &outcome {
-                    tracing::warn!(
-                        exe = %job.path,
-                        pid = job.tgid,
-                        reason = failure.reason(),
-                        "cannot hash executable; its traffic is still counted"
-                    );
-                    self.metrics
-                        .hash_failures
-                        .get_or_create(&ReasonLabels {
-                            reason: failure.reason().to_owned(),
-                        })
-                        .inc();
-                }
-                self.cache.insert(job.exe, outcome.clone());
-                if let Ok(sha256) = &outcome {
-                    if let Ok(mut index) = self.index.write() {
-                        index.insert(job.exe, sha256.clone());
-                    }
-                    self.check_virustotal(&job.path, sha256);
-                }
-                outcome
-            }
-        };
+    fn run(&mut self, mut job: HashJob) {
+        let held = job.file.take();
+        let outcome = self.outcome(&job, held.as_deref());
+        if held.is_some()
+            && let Ok(mut pending) = self.shared.pending.lock()
+        {
+            pending.remove(&job.exe);
+        }
+        // The descriptor is released here, before the job is remembered.
+        drop(held);
         if outcome.is_ok() {
             self.watch.watch(job.exe, &job.path);
             self.last_jobs.insert(job.exe, job.clone());
         }
         self.export(&job, outcome, false);
+    }
+
+    /// The hash of the file `job` names: from the cache, else computed from
+    /// the held file or from what [`open_executable`] reaches.
+    fn outcome(&mut self, job: &HashJob, held: Option<&HeldFile>) -> Result<String, HashFailure> {
+        let ambiguous = self.shared.is_ambiguous(job.exe.dev);
+        // A failure is retried when this sighting brings its own open file.
+        let usable = |outcome: &Result<String, HashFailure>| outcome.is_ok() || held.is_none();
+        if !ambiguous
+            && let Some(outcome) = self
+                .cache
+                .get(&(job.exe, job.exe.dev))
+                .filter(|o| usable(o))
+        {
+            return outcome.clone();
+        }
+        let opened = match held {
+            Some(held) => held
+                .file
+                .try_clone()
+                .map(|file| (file, held.file_dev))
+                .map_err(|_| HashFailure::Unreadable),
+            None => open_executable(job),
+        };
+        let (key, outcome) = match opened {
+            Ok((file, file_dev)) => {
+                if file_dev != job.exe.dev
+                    && let Ok(mut devs) = self.shared.ambiguous_devs.write()
+                    && devs.insert(job.exe.dev)
+                {
+                    tracing::info!(
+                        kernel_dev = job.exe.dev,
+                        file_dev,
+                        exe = %job.path,
+                        "executables on this file system (btrfs) are told apart by their \
+                         subvolume's device: every sighting is hashed from its own file"
+                    );
+                }
+                let key = (job.exe, file_dev);
+                match self.cache.get(&key).filter(|o| o.is_ok()) {
+                    Some(outcome) => return outcome.clone(),
+                    None => (key, sha256_of(&file).map_err(|_| HashFailure::Unreadable)),
+                }
+            }
+            Err(failure) => ((job.exe, job.exe.dev), Err(failure)),
+        };
+        if let Err(failure) = &outcome {
+            tracing::warn!(
+                exe = %job.path,
+                pid = job.tgid,
+                reason = failure.reason(),
+                "cannot hash executable; it is still recorded"
+            );
+            self.metrics
+                .hash_failures
+                .get_or_create(&ReasonLabels {
+                    reason: failure.reason().to_owned(),
+                })
+                .inc();
+        }
+        self.cache.insert(key, outcome.clone());
+        if let Ok(sha256) = &outcome {
+            if let Ok(mut index) = self.index.write() {
+                index.insert(job.exe, sha256.clone());
+            }
+            self.check_virustotal(&job.path, sha256);
+        }
+        outcome
     }
 
     /// Journals the sighting and exports the executable's current hash.
@@ -227,6 +395,9 @@ impl Worker {
                 parent_path: job.parent_path.clone(),
                 seen_at: job.seen_at,
                 modified,
+                used_network: job.used_network,
+                hash_failure: outcome.as_ref().err().map(|failure| failure.reason()),
+                command_line: job.command_line.clone(),
             }));
         }
         let labels = ExecutableLabels {
@@ -244,19 +415,25 @@ impl Worker {
 
 /// Hashes the file the kernel identified as `job.exe`.
 pub fn hash_executable(job: &HashJob) -> Result<String, HashFailure> {
+    let (file, _) = open_executable(job)?;
+    sha256_of(&file).map_err(|_| HashFailure::Unreadable)
+}
+
+/// Opens the file the kernel identified as `job.exe`: through the process
+/// first, else by path; with the open file's `st_dev`.
+fn open_executable(job: &HashJob) -> Result<(File, u64), HashFailure> {
     let via_process = open_matching(&format!("/proc/{}/exe", job.tgid), job.exe);
-    let file = match via_process {
-        Ok(file) => file,
+    match via_process {
+        Ok(opened) => Ok(opened),
         Err(process_error) => match open_matching(&job.path, job.exe) {
-            Ok(file) => file,
-            Err(Mismatch::Other) => return Err(HashFailure::Replaced),
+            Ok(opened) => Ok(opened),
+            Err(Mismatch::Other) => Err(HashFailure::Replaced),
             Err(Mismatch::Missing) if process_error == Mismatch::Missing => {
-                return Err(HashFailure::ProcessExited);
+                Err(HashFailure::ProcessExited)
             }
-            Err(_) => return Err(HashFailure::Replaced),
+            Err(_) => Err(HashFailure::Replaced),
         },
-    };
-    sha256_of(file).map_err(|_| HashFailure::Unreadable)
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -267,17 +444,42 @@ enum Mismatch {
     Other,
 }
 
-fn open_matching(path: &str, exe: ExeKey) -> Result<File, Mismatch> {
+/// `statfs` magic of btrfs.
+const BTRFS_SUPER_MAGIC: i64 = 0x9123_683E;
+
+/// Opens `path` if it is the file the kernel named `exe`; returns it with its `st_dev`.
+///
+/// The kernel reports the file system's device (`inode->i_sb->s_dev`), which
+/// is what `stat` returns everywhere but on btrfs: there `stat` returns the
+/// subvolume's own anonymous device, and inode numbers repeat across
+/// subvolumes. On btrfs the inode must match and the device may differ; the
+/// returned `st_dev` then tells the subvolumes apart.
+fn open_matching(path: &str, exe: ExeKey) -> Result<(File, u64), Mismatch> {
     let file = File::open(path).map_err(|_| Mismatch::Missing)?;
     let metadata = file.metadata().map_err(|_| Mismatch::Missing)?;
-    if metadata.dev() == exe.dev && metadata.ino() == exe.ino {
-        Ok(file)
+    if metadata.ino() != exe.ino {
+        return Err(Mismatch::Other);
+    }
+    if metadata.dev() == exe.dev || is_btrfs(&file) {
+        Ok((file, metadata.dev()))
     } else {
         Err(Mismatch::Other)
     }
 }
 
-fn sha256_of(mut file: File) -> io::Result<String> {
+#[expect(
+    clippy::unnecessary_cast,
+    reason = "statfs.f_type is i64 on x86_64 but another type elsewhere"
+)]
+fn is_btrfs(file: &File) -> bool {
+    let mut stats = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: a valid descriptor and a buffer of the right type for the call.
+    let ok = unsafe { libc::fstatfs(file.as_raw_fd(), stats.as_mut_ptr()) } == 0;
+    // SAFETY: fstatfs filled the buffer (it was zeroed before in any case).
+    ok && unsafe { stats.assume_init() }.f_type as i64 == BTRFS_SUPER_MAGIC
+}
+
+fn sha256_of(mut file: &File) -> io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 64 << 10];
     loop {
@@ -305,6 +507,9 @@ mod tests {
             uid: 0,
             parent_path: None,
             seen_at: 0,
+            file: None,
+            used_network: true,
+            command_line: None,
         }
     }
 
@@ -362,7 +567,7 @@ mod tests {
             ino: metadata.ino(),
         };
         let job = job(key, std::process::id(), "/nonexistent/elsewhere");
-        let expected = sha256_of(File::open(std::env::current_exe().unwrap()).unwrap()).unwrap();
+        let expected = sha256_of(&File::open(std::env::current_exe().unwrap()).unwrap()).unwrap();
         assert_eq!(hash_executable(&job).unwrap(), expected);
     }
 }

@@ -122,6 +122,35 @@ impl IdentityTable {
         Recorded { process, new_exe }
     }
 
+    /// Describes a process that just executed a program (exec tracking),
+    /// without tracking it as a process (exec-only processes announce no
+    /// exit). The path is the one this event's kernel walk found, never one
+    /// remembered for the same (device, inode): on btrfs two files in two
+    /// subvolumes can share both.
+    pub fn describe_exec(&mut self, event: &IdentityEvent) -> (Process, String) {
+        let exe = ExeKey::from_kernel(event.exe_dev, event.exe_ino);
+        let parent_exe = ExeKey::from_kernel(event.parent_exe_dev, event.parent_exe_ino);
+        let process = Process {
+            tgid: event.tgid,
+            start_time_ns: event.start_time_ns,
+            exe,
+            comm: c_string(&event.comm),
+            uid: event.uid,
+            ppid: event.ppid,
+            parent_exe,
+            parent_path: self.parent_path(event.ppid, parent_exe),
+            container: self.container_of(event.tgid, event.cgroup_id),
+        };
+        let path = if event.flags & IDENTITY_PATH_TRUNCATED != 0 {
+            self.truncated_paths += 1;
+            proc_exe_path(event.tgid, exe).unwrap_or_else(|| format!("/…{}", join_path(event)))
+        } else {
+            join_path(event)
+        };
+        self.exe_paths.entry(exe).or_insert_with(|| path.clone());
+        (process, path)
+    }
+
     /// The container of a process: from the cgroup v2 id the kernel reported
     /// (which outlives the process), else from `/proc/<tgid>/cgroup` (cgroup
     /// v1 hosts; the process was just on the network, so it usually still runs).
@@ -302,6 +331,18 @@ mod tests {
             table.exe_path(4242, key),
             ("/usr/bin/curl".to_owned(), true)
         );
+    }
+
+    #[test]
+    fn exec_is_described_by_its_own_path_and_not_tracked() {
+        let mut table = IdentityTable::default();
+        table.record(&event(&["srv", "a", "tool"]));
+        let mut other = event(&["srv", "b", "tool"]);
+        other.tgid = 4343;
+        let (process, path) = table.describe_exec(&other);
+        assert_eq!(path, "/srv/b/tool", "same (dev, ino), another subvolume");
+        assert_eq!(process.comm, "curl");
+        assert!(table.process(4343).is_none());
     }
 
     #[test]

@@ -251,6 +251,12 @@ impl LabelPolicy {
         }
     }
 
+    /// The `exe` label of another family (e.g. `fleetsnitch_exec_total`),
+    /// folded under the same cap and counted in the same overflow as here.
+    pub fn exe_label(&mut self, exe: &str) -> Text {
+        self.exe.fold(exe)
+    }
+
     pub fn dimensions(&self) -> &[Dimension] {
         &self.dimensions
     }
