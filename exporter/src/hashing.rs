@@ -79,7 +79,7 @@ pub struct HashJob {
 #[derive(Debug)]
 pub struct HeldFile {
     file: File,
-    /// `st_dev` of the open file: differs from the kernel's device on btrfs.
+    /// `st_dev` of the open file: differs from the kernel's device on btrfs and overlayfs.
     file_dev: u64,
     held: Arc<AtomicUsize>,
 }
@@ -111,7 +111,7 @@ struct Shared {
     held: Arc<AtomicUsize>,
     /// Executables with a held file queued: one is enough.
     pending: Mutex<HashSet<ExeKey>>,
-    /// Kernel devices found to be btrfs, where the kernel's (device, inode)
+    /// Kernel devices found to be btrfs or overlayfs, where the kernel's (device, inode)
     /// does not name one file: every sighting needs its own file to hash.
     ambiguous_devs: RwLock<HashSet<u64>>,
 }
@@ -232,7 +232,7 @@ struct Worker {
     virustotal: Option<VirusTotalHandle>,
     index: HashIndex,
     /// Results by file identity: the kernel's (device, inode) and the open
-    /// file's `st_dev` (the same but on btrfs, where it names the subvolume).
+    /// file's `st_dev` (the same but on btrfs and overlayfs, where it names the subvolume or layer).
     cache: HashMap<(ExeKey, u64), Result<String, HashFailure>>,
     /// The `executable_info` series currently exported for each path.
     current: HashMap<String, ExecutableLabels>,
@@ -348,8 +348,9 @@ impl Worker {
                         kernel_dev = job.exe.dev,
                         file_dev,
                         exe = %job.path,
-                        "executables on this file system (btrfs) are told apart by their \
-                         subvolume's device: every sighting is hashed from its own file"
+                        "executables on this file system (btrfs, overlayfs) are told apart by \
+                         their subvolume's or layer's device: every sighting is hashed from \
+                         its own file"
                     );
                 }
                 let key = (job.exe, file_dev);
@@ -446,37 +447,47 @@ enum Mismatch {
 
 /// `statfs` magic of btrfs.
 const BTRFS_SUPER_MAGIC: i64 = 0x9123_683E;
+/// `statfs` magic of overlayfs.
+const OVERLAYFS_SUPER_MAGIC: i64 = 0x794C_7630;
 
 /// Opens `path` if it is the file the kernel named `exe`; returns it with its `st_dev`.
 ///
 /// The kernel reports the file system's device (`inode->i_sb->s_dev`), which
-/// is what `stat` returns everywhere but on btrfs: there `stat` returns the
-/// subvolume's own anonymous device, and inode numbers repeat across
-/// subvolumes. On btrfs the inode must match and the device may differ; the
-/// returned `st_dev` then tells the subvolumes apart.
+/// is what `stat` returns on most file systems, but not on two that fleets
+/// run executables from:
+/// - btrfs: `stat` returns the subvolume's own anonymous device, and inode
+///   numbers repeat across subvolumes;
+/// - overlayfs whose layers are on different file systems (containers on a
+///   tmpfs or another disk): `stat` returns a per-layer pseudo device and the
+///   layer's inode number, which can repeat across layers.
+///
+/// There the inode must match and the device may differ; the returned
+/// `st_dev` then tells the subvolumes (layers) apart in the hash cache.
 fn open_matching(path: &str, exe: ExeKey) -> Result<(File, u64), Mismatch> {
     let file = File::open(path).map_err(|_| Mismatch::Missing)?;
     let metadata = file.metadata().map_err(|_| Mismatch::Missing)?;
     if metadata.ino() != exe.ino {
         return Err(Mismatch::Other);
     }
-    if metadata.dev() == exe.dev || is_btrfs(&file) {
+    if metadata.dev() == exe.dev || devices_differ_from_kernel(&file) {
         Ok((file, metadata.dev()))
     } else {
         Err(Mismatch::Other)
     }
 }
 
+/// Whether `file` is on a file system whose `st_dev` is not its superblock's device.
 #[expect(
     clippy::unnecessary_cast,
     reason = "statfs.f_type is i64 on x86_64 but another type elsewhere"
 )]
-fn is_btrfs(file: &File) -> bool {
+fn devices_differ_from_kernel(file: &File) -> bool {
     let mut stats = std::mem::MaybeUninit::<libc::statfs>::zeroed();
     // SAFETY: a valid descriptor and a buffer of the right type for the call.
     let ok = unsafe { libc::fstatfs(file.as_raw_fd(), stats.as_mut_ptr()) } == 0;
     // SAFETY: fstatfs filled the buffer (it was zeroed before in any case).
-    ok && unsafe { stats.assume_init() }.f_type as i64 == BTRFS_SUPER_MAGIC
+    let magic = unsafe { stats.assume_init() }.f_type as i64;
+    ok && (magic == BTRFS_SUPER_MAGIC || magic == OVERLAYFS_SUPER_MAGIC)
 }
 
 fn sha256_of(mut file: &File) -> io::Result<String> {
