@@ -561,6 +561,66 @@ mod tests {
     }
 
     #[test]
+    fn held_files_stay_within_the_budget_and_one_per_executable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+        std::fs::write(&first, b"one").unwrap();
+        std::fs::write(&second, b"two").unwrap();
+        let hasher = Hasher::spawn(Arc::new(Metrics::new()), None, None).unwrap();
+        let gone = u32::MAX - 1;
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+
+        let held = hasher.hold(gone, &path(&first), key_of(&first), 1).unwrap();
+        assert_eq!(hasher.held_files(), 1);
+        assert_eq!(
+            hasher.hold(gone, &path(&first), key_of(&first), 8).err(),
+            Some(NotHeld::NotNeeded),
+            "one descriptor per executable is enough"
+        );
+        assert_eq!(
+            hasher.hold(gone, &path(&second), key_of(&second), 1).err(),
+            Some(NotHeld::BudgetExhausted)
+        );
+        drop(held);
+        assert_eq!(hasher.held_files(), 0);
+        let wrong = ExeKey {
+            ino: key_of(&second).ino + 1,
+            ..key_of(&second)
+        };
+        assert_eq!(
+            hasher.hold(gone, &path(&second), wrong, 1).err(),
+            Some(NotHeld::Unreachable),
+            "a file with another identity is never held"
+        );
+    }
+
+    #[test]
+    fn held_file_is_hashed_after_its_path_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("brief");
+        std::fs::write(&path, b"abc").unwrap();
+        let hasher = Hasher::spawn(Arc::new(Metrics::new()), None, None).unwrap();
+        let exe = key_of(&path);
+        let gone = u32::MAX - 1;
+        let held = hasher.hold(gone, &path.to_string_lossy(), exe, 4).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let mut job = job(exe, gone, &path.to_string_lossy());
+        job.file = Some(held);
+        hasher.request(job);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while (hasher.sha256_of(exe).is_none() || hasher.held_files() != 0)
+            && std::time::Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            hasher.sha256_of(exe).as_deref(),
+            Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        );
+        assert_eq!(hasher.held_files(), 0, "released once hashed");
+    }
+
+    #[test]
     fn vanished_file_and_process_is_process_exited() {
         let job = job(
             ExeKey { dev: 1, ino: 2 },
