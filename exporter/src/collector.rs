@@ -22,16 +22,17 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
 };
 use fleetsnitch_ebpf::{
-    Config, DIR_RECEIVED, DIR_SENT, EVENT_EXEC, EVENT_EXIT, EVENT_IDENTITY, EXEC_ARGS_TRUNCATED,
-    ExecEvent, ExitEvent, IDENTITY_NO_EXE, IdentityEvent, Stat, TrafficKey, TrafficValue,
+    Config, DIR_RECEIVED, DIR_SENT, EVENT_EXIT, EVENT_IDENTITY, EXEC_ARGS_TRUNCATED, ExecEvent,
+    ExitEvent, IdentityEvent, Stat, TrafficKey, TrafficValue,
 };
 
 use crate::{
     config::ExecConfig,
     dns::{DnsCache, DnsCacheConfig, DnsStats, Transport},
     dns_capture::DnsCapture,
+    exec_reader::{ExecReader, ExecRecord},
     geoip::{GeoIp, GeoRef},
-    hashing::{HashJob, Hasher, NotHeld},
+    hashing::{HashJob, Hasher},
     identity::{ExeKey, IdentityTable, Process},
     journal::{self, Input, JournalHandle, Rollup},
     kubernetes::PodResolver,
@@ -58,6 +59,8 @@ pub enum CollectorError {
         #[source]
         source: MapError,
     },
+    #[error("cannot start the exec reader thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Shared with the HTTP server: when the counters were last drained.
@@ -111,11 +114,10 @@ pub struct Collector {
     exec: Option<ExecTracking>,
 }
 
-/// Exec tracking: the `exec_events` ring buffer and what to do with each exec.
+/// Exec tracking: the reader of the `exec_events` ring buffer, and options.
 struct ExecTracking {
-    events: RingBuf<MapData>,
+    reader: ExecReader,
     record_command_lines: bool,
-    max_open_files: usize,
 }
 
 fn hash_job(process: &Process, path: String) -> HashJob {
@@ -199,7 +201,7 @@ impl Collector {
     }
 
     /// Journals and exports every executed program (exec tracking), from the
-    /// `exec_events` ring buffer.
+    /// `exec_events` ring buffer, which a thread of its own reads.
     pub fn with_exec(
         mut self,
         ebpf: &mut Ebpf,
@@ -207,10 +209,12 @@ impl Collector {
     ) -> Result<Self, CollectorError> {
         let events =
             RingBuf::try_from(take_map(ebpf, "exec_events")?).map_err(map_error("exec_events"))?;
+        let reader =
+            ExecReader::spawn(events, self.hasher.holder(), config.max_open_files as usize)
+                .map_err(CollectorError::Thread)?;
         self.exec = Some(ExecTracking {
-            events,
+            reader,
             record_command_lines: config.record_command_lines,
-            max_open_files: config.max_open_files as usize,
         });
         Ok(self)
     }
@@ -280,14 +284,6 @@ impl Collector {
                 events: libc::POLLIN,
                 revents: 0,
             },
-            libc::pollfd {
-                fd: self
-                    .exec
-                    .as_ref()
-                    .map_or(-1, |exec| exec.events.as_raw_fd()),
-                events: libc::POLLIN,
-                revents: 0,
-            },
         ];
         // SAFETY: valid pollfds for the duration of the call; a negative fd is ignored.
         unsafe {
@@ -340,61 +336,37 @@ impl Collector {
         self.read_exec_events();
     }
 
-    /// Handles every exec the kernel reported since the last call.
+    /// Handles every exec the reader passed on since the last call.
     fn read_exec_events(&mut self) {
-        let Some(mut exec) = self.exec.take() else {
+        let Some(exec) = self.exec.take() else {
             return;
         };
-        let settings = (exec.record_command_lines, exec.max_open_files);
-        while let Some(item) = exec.events.next() {
-            let bytes: &[u8] = &item;
-            if bytes.len() < size_of::<ExecEvent>() || bytes[..4] != EVENT_EXEC.to_ne_bytes()[..] {
-                tracing::warn!(len = bytes.len(), "unexpected exec ring buffer record");
-                continue;
-            }
-            // SAFETY: the length was checked; ExecEvent is plain integers and
-            // byte arrays, valid for any bit pattern.
-            let event: ExecEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            drop(item);
-            self.record_exec(&event, settings.0, settings.1);
+        for record in exec.reader.take() {
+            self.record_exec(record, exec.record_command_lines);
         }
         self.exec = Some(exec);
     }
 
-    /// One exec: hold the executable open at once (the program may exit within
-    /// milliseconds), count it, and queue it for hashing and the journal.
-    fn record_exec(
-        &mut self,
-        event: &ExecEvent,
-        record_command_lines: bool,
-        max_open_files: usize,
-    ) {
-        if event.identity.flags & IDENTITY_NO_EXE != 0 {
-            return;
+    /// One exec, its file already held by the reader: count it, and queue it
+    /// for hashing and the journal.
+    fn record_exec(&mut self, record: ExecRecord, record_command_lines: bool) {
+        if record.budget_exhausted {
+            self.metrics.exec.open_files_exhausted.inc();
         }
-        let (process, path) = self.identities.describe_exec(&event.identity);
-        let file = match self
-            .hasher
-            .hold(process.tgid, &path, process.exe, max_open_files)
-        {
-            Ok(file) => Some(file),
-            Err(NotHeld::BudgetExhausted) => {
-                self.metrics.exec.open_files_exhausted.inc();
-                None
-            }
-            Err(NotHeld::NotNeeded | NotHeld::Unreachable) => None,
-        };
-        let exe = self.labels.exe_label(&path);
+        let process = self
+            .identities
+            .exec_process(&record.event.identity, &record.path);
+        let exe = self.labels.exe_label(&record.path);
         self.metrics
             .exec
             .total
             .get_or_create(&ExeLabels { exe })
             .inc();
-        let mut job = hash_job(&process, path);
-        job.file = file;
+        let mut job = hash_job(&process, record.path);
+        job.file = record.file;
         job.used_network = false;
         job.command_line = if record_command_lines {
-            command_line(event)
+            command_line(&record.event)
         } else {
             None
         };

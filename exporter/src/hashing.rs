@@ -166,6 +166,50 @@ impl Hasher {
         })
     }
 
+    /// The sha256 of `exe`, if it was hashed already.
+    pub fn sha256_of(&self, exe: ExeKey) -> Option<String> {
+        self.index.read().ok()?.get(&exe).cloned()
+    }
+
+    /// Queues `job`; never blocks.
+    pub fn request(&self, job: HashJob) {
+        // The worker only stops when the agent shuts down.
+        let _ = self.jobs.send(job);
+    }
+
+    /// A handle that holds files for this hasher from another thread.
+    pub fn holder(&self) -> FileHolder {
+        FileHolder {
+            index: self.index.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// [`FileHolder::hold`] on this hasher.
+    pub fn hold(
+        &self,
+        tgid: u32,
+        path: &str,
+        exe: ExeKey,
+        budget: usize,
+    ) -> Result<Arc<HeldFile>, NotHeld> {
+        self.holder().hold(tgid, path, exe, budget)
+    }
+
+    /// Descriptors held open for hashing now.
+    pub fn held_files(&self) -> usize {
+        self.shared.held.load(Ordering::Relaxed)
+    }
+}
+
+/// Opens executables for a [`Hasher`], from the thread that learns of them first.
+#[derive(Clone)]
+pub struct FileHolder {
+    index: HashIndex,
+    shared: Arc<Shared>,
+}
+
+impl FileHolder {
     /// Opens the executable `exe` that process `tgid` just executed from
     /// `path` (its `/proc/<tgid>/exe` first), checks it is that file, and
     /// keeps it open for the worker, unless it is hashed or held already or
@@ -207,22 +251,6 @@ impl Hasher {
             file_dev,
             held: self.shared.held.clone(),
         }))
-    }
-
-    /// Descriptors held open for hashing now.
-    pub fn held_files(&self) -> usize {
-        self.shared.held.load(Ordering::Relaxed)
-    }
-
-    /// The sha256 of `exe`, if it was hashed already.
-    pub fn sha256_of(&self, exe: ExeKey) -> Option<String> {
-        self.index.read().ok()?.get(&exe).cloned()
-    }
-
-    /// Queues `job`; never blocks.
-    pub fn request(&self, job: HashJob) {
-        // The worker only stops when the agent shuts down.
-        let _ = self.jobs.send(job);
     }
 }
 

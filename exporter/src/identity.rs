@@ -128,7 +128,17 @@ impl IdentityTable {
     /// remembered for the same (device, inode): on btrfs two files in two
     /// subvolumes can share both.
     pub fn describe_exec(&mut self, event: &IdentityEvent) -> (Process, String) {
+        let path = exec_path(event);
+        (self.exec_process(event, &path), path)
+    }
+
+    /// The process of an exec event whose path ([`exec_path`]) is `path`:
+    /// parent, container.
+    pub fn exec_process(&mut self, event: &IdentityEvent, path: &str) -> Process {
         let exe = ExeKey::from_kernel(event.exe_dev, event.exe_ino);
+        if event.flags & IDENTITY_PATH_TRUNCATED != 0 {
+            self.truncated_paths += 1;
+        }
         let parent_exe = ExeKey::from_kernel(event.parent_exe_dev, event.parent_exe_ino);
         let process = Process {
             tgid: event.tgid,
@@ -141,14 +151,8 @@ impl IdentityTable {
             parent_path: self.parent_path(event.ppid, parent_exe),
             container: self.container_of(event.tgid, event.cgroup_id),
         };
-        let path = if event.flags & IDENTITY_PATH_TRUNCATED != 0 {
-            self.truncated_paths += 1;
-            proc_exe_path(event.tgid, exe).unwrap_or_else(|| format!("/…{}", join_path(event)))
-        } else {
-            join_path(event)
-        };
-        self.exe_paths.entry(exe).or_insert_with(|| path.clone());
-        (process, path)
+        self.exe_paths.entry(exe).or_insert_with(|| path.to_owned());
+        process
     }
 
     /// The container of a process: from the cgroup v2 id the kernel reported
@@ -247,6 +251,18 @@ impl IdentityTable {
 
     pub fn truncated_paths(&self) -> u64 {
         self.truncated_paths
+    }
+}
+
+/// The executable path an exec event names, from its own kernel walk
+/// (`/proc` only when the walk was truncated). Cheap: called before the file
+/// is opened, while the process may still run.
+pub fn exec_path(event: &IdentityEvent) -> String {
+    if event.flags & IDENTITY_PATH_TRUNCATED != 0 {
+        let exe = ExeKey::from_kernel(event.exe_dev, event.exe_ino);
+        proc_exe_path(event.tgid, exe).unwrap_or_else(|| format!("/…{}", join_path(event)))
+    } else {
+        join_path(event)
     }
 }
 

@@ -260,6 +260,85 @@ fn two_thousand_short_lived_execs_are_journaled_with_their_hash() -> Result<()> 
 }
 
 #[test]
+fn programs_deleted_as_soon_as_they_exit_are_hashed_or_their_miss_counted() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF)");
+        return Ok(());
+    }
+    let dir = TempDir::new("fsn-exec-brief")?;
+    let suffix = random_suffix();
+    let mut binaries = Vec::with_capacity(BINARIES);
+    for index in 0..BINARIES {
+        let path = tagged_true(
+            dir.path(),
+            &format!("brief{index}-{suffix}"),
+            &format!("brief-{suffix}-{index}"),
+        )?;
+        let sha256 = sha256_file(&path)?;
+        binaries.push((path, sha256));
+    }
+    let config = write_config(dir.path(), EXEC_CONFIG)?;
+    let agent = AgentGuard::start_with_args(
+        &agent_binary()?,
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+    let journal = agent.dir().join("journal.db");
+    let failures_before = metric_sum(&agent, "fleetsnitch_hash_failures_total", |_| true)?;
+
+    // Each runs once (about a millisecond) and its file is gone right after:
+    // only a descriptor opened while it ran can still reach it.
+    for (path, _) in &binaries {
+        run_times(path, 1)?;
+        fs::remove_file(path)?;
+    }
+    wait_until(
+        Duration::from_secs(60),
+        "every brief binary journaled or lost",
+        || {
+            let lost = metric_sum(&agent, "fleetsnitch_exec_events_lost_total", |_| true)?;
+            let mut journaled = 0;
+            for (path, _) in &binaries {
+                journaled += usize::from(!journal_rows(&journal, path)?.is_empty());
+            }
+            Ok(journaled == BINARIES || lost > 0.0)
+        },
+    )?;
+    let mut hashed = 0;
+    let mut unhashed = Vec::new();
+    for (path, expected) in &binaries {
+        for (sha256, _, reason) in journal_rows(&journal, path)? {
+            if sha256.is_empty() {
+                ensure!(
+                    !reason.is_empty(),
+                    "{} unhashed without a reason",
+                    path.display()
+                );
+                unhashed.push(reason);
+            } else {
+                ensure!(
+                    &sha256 == expected,
+                    "{} journaled with sha256 {sha256}, the file's was {expected}",
+                    path.display()
+                );
+                hashed += 1;
+            }
+        }
+    }
+    let failures =
+        metric_sum(&agent, "fleetsnitch_hash_failures_total", |_| true)? - failures_before;
+    eprintln!(
+        "deleted on exit: {hashed} of {BINARIES} hashed right, unhashed: {unhashed:?}, \
+         hash failures counted: {failures}"
+    );
+    ensure!(
+        failures >= unhashed.len() as f64,
+        "{} unhashed but {failures} hash failures counted",
+        unhashed.len()
+    );
+    Ok(())
+}
+
+#[test]
 fn with_exec_tracking_off_a_quiet_program_is_not_journaled() -> Result<()> {
     if !is_root() {
         eprintln!("SKIP: needs root (eBPF)");
