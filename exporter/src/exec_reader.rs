@@ -51,6 +51,7 @@ impl ExecReader {
         holder: FileHolder,
         max_open_files: usize,
     ) -> io::Result<Self> {
+        ensure_descriptor_limit(max_open_files);
         let (sender, records) = mpsc::sync_channel(QUEUE);
         let alive = Arc::new(AtomicBool::new(true));
         let running = alive.clone();
@@ -146,6 +147,36 @@ fn raise_priority() {
             error = %io::Error::last_os_error(),
             "exec reader runs at normal priority (CAP_SYS_NICE missing?): programs that exit \
              within a millisecond on a busy host may then go unhashed"
+        );
+    }
+}
+
+/// Descriptors the agent needs besides those held for hashing (maps, programs,
+/// sockets, the journal, fanotify).
+const OTHER_DESCRIPTORS: u64 = 1024;
+
+/// Raises the soft RLIMIT_NOFILE so `exec.max_open_files` held descriptors fit
+/// beside the others (picosnitch's "Set RLIMIT_NOFILE"); up to the hard limit.
+fn ensure_descriptor_limit(max_open_files: usize) {
+    let want = max_open_files as u64 + OTHER_DESCRIPTORS;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid rlimit for the duration of each call.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= want {
+            return;
+        }
+        limit.rlim_cur = want.min(limit.rlim_max);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    if limit.rlim_cur < want {
+        tracing::warn!(
+            limit = limit.rlim_cur,
+            wanted = want,
+            "RLIMIT_NOFILE is below exec.max_open_files plus the agent's own descriptors: \
+             lower exec.max_open_files or raise the hard limit"
         );
     }
 }

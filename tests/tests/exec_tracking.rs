@@ -15,8 +15,10 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, TempDir, agent_binary, exe_copy, is_root, parse_samples, process, query_journal,
-    random_suffix, run_loopback, sha256_file, wait_until, write_config,
+    AgentGuard, TempDir, agent_binary, exe_copy, is_root,
+    otlp_collector::{Collector, free_port, rotel_agent},
+    parse_samples, process, query_journal, random_suffix, run_loopback, sha256_file, wait_until,
+    write_config,
 };
 
 const BINARIES: usize = 20;
@@ -375,6 +377,66 @@ fn with_exec_tracking_off_a_quiet_program_is_not_journaled() -> Result<()> {
         !text.contains("probe=\"process_exec\""),
         "exec tracking is off but its probe is reported"
     );
+    Ok(())
+}
+
+#[test]
+fn exec_only_program_reaches_otlp_with_its_command_line() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF)");
+        return Ok(());
+    }
+    let Some(binary) = rotel_agent() else {
+        return Ok(());
+    };
+    let dir = TempDir::new("fsn-exec-otlp")?;
+    let (grpc_port, http_port) = (free_port(), free_port());
+    let collector = Collector::start(&binary, dir.path(), "collector", grpc_port, http_port);
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "journal:\n  write_interval: 200ms\n\
+             exec:\n  enabled: true\n  record_command_lines: true\n\
+             otlp:\n  enabled: true\n  protocol: http/protobuf\n  \
+             endpoint: http://127.0.0.1:{http_port}\n  batch_delay: 200ms\n"
+        ),
+    )?;
+    let agent = AgentGuard::start_with_args(
+        &agent_binary()?,
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+    let quiet = tagged_true(
+        dir.path(),
+        &format!("otlp-quiet-{}", random_suffix()),
+        "otlp",
+    )?;
+    let sha256 = sha256_file(&quiet)?;
+    let status = Command::new(&quiet).args(["--flag", "value"]).status()?;
+    ensure!(status.success(), "{} exited with {status}", quiet.display());
+    let path = exe_of(&quiet);
+    let mut found = None;
+    wait_until(
+        Duration::from_secs(30),
+        "the exec-only program's OTLP record",
+        || {
+            found = collector.records().into_iter().find(|r| {
+                r.str("process.executable.path") == Some(path.as_str())
+                    && r.str("fleetsnitch.event.kind") == Some("new_executable")
+            });
+            Ok(found.is_some())
+        },
+    )?;
+    let record = found.expect("waited for");
+    let detail = record.str("fleetsnitch.event.detail").unwrap_or_default();
+    ensure!(
+        detail.contains("never used the network") && detail.contains("--flag value"),
+        "detail {detail:?}: {record:?}"
+    );
+    ensure!(
+        record.str("fleetsnitch.executable.sha256") == Some(sha256.as_str()),
+        "{record:?}"
+    );
+    drop(agent);
     Ok(())
 }
 
