@@ -17,8 +17,9 @@ use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
     AgentGuard, TempDir, agent_binary, exe_copy, is_root,
     otlp_collector::{Collector, free_port, rotel_agent},
-    parse_samples, process, query_journal, random_suffix, run_loopback, sha256_file, wait_until,
-    write_config,
+    parse_samples, process, query_journal, random_suffix, run_loopback,
+    servers::Prometheus,
+    sha256_file, wait_until, workspace_root, write_config,
 };
 
 const BINARIES: usize = 20;
@@ -457,6 +458,86 @@ fn exec_only_program_reaches_otlp_with_its_command_line() -> Result<()> {
         record.str("fleetsnitch.executable.sha256") == Some(sha256.as_str()),
         "{record:?}"
     );
+    drop(agent);
+    Ok(())
+}
+
+/// The exec tracking rules of the shipped rule file, evaluated by a real
+/// Prometheus scraping a real agent: a new program that ran without network
+/// alerts as such (and not as a new networked executable), and exec events
+/// lost to a small ring buffer alert too.
+#[test]
+fn exec_tracking_alerts_fire_in_prometheus() -> Result<()> {
+    if !is_root() {
+        eprintln!("SKIP: needs root (eBPF)");
+        return Ok(());
+    }
+    let dir = TempDir::new("fsn-exec-alerts")?;
+    let quiet = tagged_true(
+        dir.path(),
+        &format!("alert-quiet-{}", random_suffix()),
+        "alert",
+    )?;
+    let burst = tagged_true(dir.path(), "burst", "burst")?;
+    let config = write_config(
+        dir.path(),
+        "journal:\n  write_interval: 200ms\nexec:\n  enabled: true\n  ring_buffer_bytes: 65536\n",
+    )?;
+    let agent = AgentGuard::start_with_args(
+        &agent_binary()?,
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+    let rules = workspace_root().join("helm/fleetsnitch/rules/fleetsnitch.rules.yml");
+    let prometheus = Prometheus::start(&format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+         rule_files:\n  - {}\n\
+         scrape_configs:\n  - job_name: fleetsnitch\n    static_configs:\n      \
+         - targets: ['{}']\n",
+        rules.display(),
+        agent.addr
+    ))?;
+    // The lost-events counter must be scraped at 0 before the loss.
+    wait_until(Duration::from_secs(60), "the agent scraped", || {
+        Ok(!prometheus
+            .query("fleetsnitch_exec_events_lost_total")?
+            .is_empty())
+    })?;
+
+    run_times(&quiet, 1)?;
+    let firing = |alert: &str, exe: Option<&Path>| -> Result<bool> {
+        let selector = match exe {
+            Some(exe) => format!(
+                "ALERTS{{alertname=\"{alert}\",alertstate=\"firing\",exe=\"{}\"}}",
+                exe.display()
+            ),
+            None => format!("ALERTS{{alertname=\"{alert}\",alertstate=\"firing\"}}"),
+        };
+        Ok(!prometheus.query(&selector)?.is_empty())
+    };
+    wait_until(
+        Duration::from_secs(90),
+        "FleetsnitchNewExecutableWithoutNetwork for the quiet program",
+        || firing("FleetsnitchNewExecutableWithoutNetwork", Some(&quiet)),
+    )?;
+    ensure!(
+        !firing("FleetsnitchNewExecutable", Some(&quiet))?,
+        "a program that never used the network fired FleetsnitchNewExecutable"
+    );
+
+    // A stopped agent reads nothing: 100 execs overflow 64 KiB (about a
+    // dozen exec events) for sure.
+    let mut agent = agent;
+    agent.signal(libc::SIGSTOP);
+    let stopped = run_times(&burst, 100);
+    agent.signal(libc::SIGCONT);
+    stopped?;
+    wait_until(Duration::from_secs(30), "exec events counted lost", || {
+        Ok(metric_sum(&agent, "fleetsnitch_exec_events_lost_total", |_| true)? > 0.0)
+    })?;
+    wait_until(Duration::from_secs(90), "FleetsnitchExecEventsLost", || {
+        firing("FleetsnitchExecEventsLost", None)
+    })?;
+    drop(prometheus);
     drop(agent);
     Ok(())
 }
