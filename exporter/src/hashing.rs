@@ -104,6 +104,28 @@ pub enum NotHeld {
 /// sha256 of every executable hashed so far, by file identity.
 pub type HashIndex = Arc<RwLock<HashMap<ExeKey, String>>>;
 
+/// Tells apart two files that had the same (device, inode) one after the
+/// other: a file created at a freed and reused inode has another change time
+/// (and a file written in place too). A hash is reused only for the same stamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ctime: i64,
+    ctime_nsec: i64,
+    size: u64,
+}
+
+/// A hash (or why there is none) and the stamp of the file it was taken from.
+type Cached = (Option<Stamp>, Result<String, HashFailure>);
+
+fn stamp_of(file: &File) -> Option<Stamp> {
+    let metadata = file.metadata().ok()?;
+    Some(Stamp {
+        ctime: metadata.ctime(),
+        ctime_nsec: metadata.ctime_nsec(),
+        size: metadata.size(),
+    })
+}
+
 /// State the collector and the worker share.
 #[derive(Debug, Default)]
 struct Shared {
@@ -111,6 +133,8 @@ struct Shared {
     held: Arc<AtomicUsize>,
     /// Executables with a held file queued: one is enough.
     pending: Mutex<HashSet<ExeKey>>,
+    /// The file each hashed (device, inode) was when it was hashed.
+    stamps: RwLock<HashMap<ExeKey, Stamp>>,
     /// Kernel devices found to be btrfs or overlayfs, where the kernel's (device, inode)
     /// does not name one file: every sighting needs its own file to hash.
     ambiguous_devs: RwLock<HashSet<u64>>,
@@ -146,17 +170,8 @@ impl Hasher {
         thread::Builder::new()
             .name("fleetsnitch-hash".into())
             .spawn(move || {
-                let mut worker = Worker {
-                    metrics,
-                    journal,
-                    virustotal,
-                    index: worker_index,
-                    cache: HashMap::new(),
-                    current: HashMap::new(),
-                    last_jobs: HashMap::new(),
-                    watch: ModificationWatch::new(),
-                    shared: worker_shared,
-                };
+                let mut worker =
+                    Worker::new(metrics, journal, virustotal, worker_index, worker_shared);
                 worker.serve(queue);
             })?;
         Ok(Self {
@@ -180,7 +195,6 @@ impl Hasher {
     /// A handle that holds files for this hasher from another thread.
     pub fn holder(&self) -> FileHolder {
         FileHolder {
-            index: self.index.clone(),
             shared: self.shared.clone(),
         }
     }
@@ -205,7 +219,6 @@ impl Hasher {
 /// Opens executables for a [`Hasher`], from the thread that learns of them first.
 #[derive(Clone)]
 pub struct FileHolder {
-    index: HashIndex,
     shared: Arc<Shared>,
 }
 
@@ -221,12 +234,18 @@ impl FileHolder {
         exe: ExeKey,
         budget: usize,
     ) -> Result<Arc<HeldFile>, NotHeld> {
-        let ambiguous = self.shared.is_ambiguous(exe.dev);
-        if !ambiguous {
-            let hashed = self
-                .index
-                .read()
-                .is_ok_and(|index| index.contains_key(&exe));
+        let (file, file_dev) = open_matching(&format!("/proc/{tgid}/exe"), exe)
+            .or_else(|_| open_matching(path, exe))
+            .map_err(|_| NotHeld::Unreachable)?;
+        if !self.shared.is_ambiguous(exe.dev) {
+            // Hashed already, as this very file (not an earlier one at a reused inode)?
+            let stamp = stamp_of(&file);
+            let hashed = stamp.is_some()
+                && self
+                    .shared
+                    .stamps
+                    .read()
+                    .is_ok_and(|stamps| stamps.get(&exe) == stamp.as_ref());
             let pending = self
                 .shared
                 .pending
@@ -239,9 +258,6 @@ impl FileHolder {
         if self.shared.held.load(Ordering::Relaxed) >= budget {
             return Err(NotHeld::BudgetExhausted);
         }
-        let (file, file_dev) = open_matching(&format!("/proc/{tgid}/exe"), exe)
-            .or_else(|_| open_matching(path, exe))
-            .map_err(|_| NotHeld::Unreachable)?;
         self.shared.held.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut pending) = self.shared.pending.lock() {
             pending.insert(exe);
@@ -261,7 +277,8 @@ struct Worker {
     index: HashIndex,
     /// Results by file identity: the kernel's (device, inode) and the open
     /// file's `st_dev` (the same but on btrfs and overlayfs, where it names the subvolume or layer).
-    cache: HashMap<(ExeKey, u64), Result<String, HashFailure>>,
+    /// Each with the stamp of the file hashed (`None` for failures).
+    cache: HashMap<(ExeKey, u64), Cached>,
     /// The `executable_info` series currently exported for each path.
     current: HashMap<String, ExecutableLabels>,
     /// The last sighting of each watched executable, to journal a modification with it.
@@ -271,6 +288,26 @@ struct Worker {
 }
 
 impl Worker {
+    fn new(
+        metrics: Arc<Metrics>,
+        journal: Option<JournalHandle>,
+        virustotal: Option<VirusTotalHandle>,
+        index: HashIndex,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Self {
+            metrics,
+            journal,
+            virustotal,
+            index,
+            cache: HashMap::new(),
+            current: HashMap::new(),
+            last_jobs: HashMap::new(),
+            watch: ModificationWatch::new(),
+            shared,
+        }
+    }
+
     fn serve(&mut self, queue: mpsc::Receiver<HashJob>) {
         loop {
             match queue.recv_timeout(Duration::from_millis(100)) {
@@ -289,17 +326,20 @@ impl Worker {
         let Some(mut job) = self.last_jobs.get(&exe).cloned() else {
             return;
         };
-        let (sha256, file_dev) = match open_matching(path, exe) {
+        let (sha256, file_dev, stamp) = match open_matching(path, exe) {
             Ok((file, file_dev)) => match sha256_of(&file) {
-                Ok(sha256) => (sha256, file_dev),
+                Ok(sha256) => (sha256, file_dev, stamp_of(&file)),
                 Err(_) => return,
             },
             Err(_) => return,
         };
-        let previous = self.cache.insert((exe, file_dev), Ok(sha256.clone()));
+        let previous = self
+            .cache
+            .insert((exe, file_dev), (stamp, Ok(sha256.clone())));
+        self.remember_stamp(exe, stamp);
         if previous
             .as_ref()
-            .is_some_and(|p| p.as_deref() == Ok(sha256.as_str()))
+            .is_some_and(|(_, p)| p.as_deref() == Ok(sha256.as_str()))
         {
             return;
         }
@@ -344,20 +384,16 @@ impl Worker {
         self.export(&job, outcome, false);
     }
 
-    /// The hash of the file `job` names: from the cache, else computed from
-    /// the held file or from what [`open_executable`] reaches.
-    fn outcome(&mut self, job: &HashJob, held: Option<&HeldFile>) -> Result<String, HashFailure> {
-        let ambiguous = self.shared.is_ambiguous(job.exe.dev);
-        // A failure is retried when this sighting brings its own open file.
-        let usable = |outcome: &Result<String, HashFailure>| outcome.is_ok() || held.is_none();
-        if !ambiguous
-            && let Some(outcome) = self
-                .cache
-                .get(&(job.exe, job.exe.dev))
-                .filter(|o| usable(o))
-        {
-            return outcome.clone();
+    fn remember_stamp(&self, exe: ExeKey, stamp: Option<Stamp>) {
+        if let (Some(stamp), Ok(mut stamps)) = (stamp, self.shared.stamps.write()) {
+            stamps.insert(exe, stamp);
         }
+    }
+
+    /// The hash of the file `job` names: from the cache when the file is the
+    /// one hashed before (same stamp), else computed from the held file or
+    /// from what [`open_executable`] reaches.
+    fn outcome(&mut self, job: &HashJob, held: Option<&HeldFile>) -> Result<String, HashFailure> {
         let opened = match held {
             Some(held) => held
                 .file
@@ -366,7 +402,7 @@ impl Worker {
                 .map_err(|_| HashFailure::Unreadable),
             None => open_executable(job),
         };
-        let (key, outcome) = match opened {
+        let (key, stamp, outcome) = match opened {
             Ok((file, file_dev)) => {
                 if file_dev != job.exe.dev
                     && let Ok(mut devs) = self.shared.ambiguous_devs.write()
@@ -382,12 +418,28 @@ impl Worker {
                     );
                 }
                 let key = (job.exe, file_dev);
-                match self.cache.get(&key).filter(|o| o.is_ok()) {
-                    Some(outcome) => return outcome.clone(),
-                    None => (key, sha256_of(&file).map_err(|_| HashFailure::Unreadable)),
+                let stamp = stamp_of(&file);
+                if let Some((cached, Ok(sha256))) = self.cache.get(&key)
+                    && stamp.is_some()
+                    && *cached == stamp
+                {
+                    return Ok(sha256.clone());
                 }
+                let outcome = sha256_of(&file).map_err(|_| HashFailure::Unreadable);
+                (key, stamp, outcome)
             }
-            Err(failure) => ((job.exe, job.exe.dev), Err(failure)),
+            Err(failure) => {
+                // Nothing reachable: what this identity was hashed as before is
+                // the best left (a failure is retried when a file is held).
+                let key = (job.exe, job.exe.dev);
+                if !self.shared.is_ambiguous(job.exe.dev)
+                    && let Some((_, outcome)) = self.cache.get(&key)
+                    && (outcome.is_ok() || held.is_none())
+                {
+                    return outcome.clone();
+                }
+                (key, None, Err(failure))
+            }
         };
         if let Err(failure) = &outcome {
             tracing::warn!(
@@ -403,11 +455,12 @@ impl Worker {
                 })
                 .inc();
         }
-        self.cache.insert(key, outcome.clone());
+        self.cache.insert(key, (stamp, outcome.clone()));
         if let Ok(sha256) = &outcome {
             if let Ok(mut index) = self.index.write() {
                 index.insert(job.exe, sha256.clone());
             }
+            self.remember_stamp(job.exe, stamp);
             self.check_virustotal(&job.path, sha256);
         }
         outcome
@@ -646,6 +699,38 @@ mod tests {
             Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
         );
         assert_eq!(hasher.held_files(), 0, "released once hashed");
+    }
+
+    #[test]
+    fn a_new_file_at_a_reused_identity_is_hashed_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"abc").unwrap();
+        let exe = key_of(&path);
+        // The worker alone, without its modification watch running: only the
+        // stamp can tell the two files apart.
+        let mut worker = Worker::new(
+            Arc::new(Metrics::new()),
+            None,
+            None,
+            HashIndex::default(),
+            Arc::new(Shared::default()),
+        );
+        let sighting = job(exe, u32::MAX - 1, &path.to_string_lossy());
+        assert_eq!(
+            worker.outcome(&sighting, None).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        // Another file with the same (device, inode), as a freed inode reused
+        // by a new file would be: its change time differs.
+        thread::sleep(Duration::from_millis(20));
+        std::fs::write(&path, b"abd").unwrap();
+        assert_eq!(key_of(&path), exe);
+        assert_eq!(
+            worker.outcome(&sighting, None).unwrap(),
+            "a52d159f262b2c6ddb724a61840befc36eb30c88877a4030b65cbe86298449c9",
+            "the hash of the earlier file was reused"
+        );
     }
 
     #[test]

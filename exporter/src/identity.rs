@@ -108,8 +108,14 @@ impl IdentityTable {
             container: self.container_of(event.tgid, event.cgroup_id),
         };
         let mut new_exe = None;
-        if event.flags & IDENTITY_NO_EXE == 0 && !self.exe_paths.contains_key(&exe) {
-            let path = if event.flags & IDENTITY_PATH_TRUNCATED != 0 {
+        let truncated = event.flags & IDENTITY_PATH_TRUNCATED != 0;
+        let known = self.exe_paths.get(&exe);
+        // A complete walk that names another path than the one known for this
+        // (device, inode) means the inode was freed and reused by another file
+        // (or is a hard link run under another name): the walk is current.
+        let stale = !truncated && known.is_some_and(|path| *path != join_path(event));
+        if event.flags & IDENTITY_NO_EXE == 0 && (known.is_none() || stale) {
+            let path = if truncated {
                 self.truncated_paths += 1;
                 proc_exe_path(event.tgid, exe).unwrap_or_else(|| format!("/…{}", join_path(event)))
             } else {
@@ -151,7 +157,11 @@ impl IdentityTable {
             parent_path: self.parent_path(event.ppid, parent_exe),
             container: self.container_of(event.tgid, event.cgroup_id),
         };
-        self.exe_paths.entry(exe).or_insert_with(|| path.to_owned());
+        // The exec's own walk is current: an earlier file at this (device,
+        // inode) may have been deleted and its inode reused.
+        if self.exe_paths.get(&exe).is_none_or(|known| known != path) {
+            self.exe_paths.insert(exe, path.to_owned());
+        }
         process
     }
 
@@ -347,6 +357,20 @@ mod tests {
             table.exe_path(4242, key),
             ("/usr/bin/curl".to_owned(), true)
         );
+    }
+
+    #[test]
+    fn a_reused_inode_is_named_by_its_latest_walk() {
+        let mut table = IdentityTable::default();
+        table.record(&event(&["tmp", "deleted-tool"]));
+        let recorded = table.record(&event(&["tmp", "new-tool"]));
+        assert_eq!(recorded.new_exe.as_deref(), Some("/tmp/new-tool"));
+        let key = ExeKey::from_kernel((8 << 20) | 1, 99);
+        assert_eq!(table.exe_path(4242, key).0, "/tmp/new-tool");
+        let mut exec = event(&["tmp", "newest-tool"]);
+        exec.tgid = 4343;
+        table.describe_exec(&exec);
+        assert_eq!(table.exe_path(4242, key).0, "/tmp/newest-tool");
     }
 
     #[test]
