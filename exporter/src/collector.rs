@@ -356,7 +356,7 @@ impl Collector {
         let process = self
             .identities
             .exec_process(&record.event.identity, &record.path);
-        let exe = self.labels.exe_label(&record.path);
+        let exe = self.labels.exec_exe_label(&record.path);
         self.metrics
             .exec
             .total
