@@ -79,7 +79,7 @@ impl Default for ExecConfig {
     fn default() -> Self {
         Self {
             enabled: false,
-            ring_buffer_bytes: 4 << 20,
+            ring_buffer_bytes: 1 << 20,
             record_command_lines: false,
             max_open_files: 256,
         }
