@@ -368,6 +368,11 @@ impl Worker {
     }
 
     fn run(&mut self, mut job: HashJob) {
+        // Writes seen to watched files first: a sighting of a file being
+        // modified in place must not pass for a new file (see `outcome`).
+        for (exe, path) in self.watch.poll() {
+            self.rehash_modified(exe, &path);
+        }
         let held = job.file.take();
         let outcome = self.outcome(&job, held.as_deref());
         if held.is_some()
@@ -421,8 +426,11 @@ impl Worker {
                 let stamp = stamp_of(&file);
                 if let Some((cached, Ok(sha256))) = self.cache.get(&key)
                     && stamp.is_some()
-                    && *cached == stamp
+                    && (*cached == stamp || self.watch.is_dirty(job.exe))
                 {
+                    // Same file; or a watched one being written to in place,
+                    // whose new hash is journaled as `modified` once the
+                    // writes settle (rehash_modified), not as a new file.
                     return Ok(sha256.clone());
                 }
                 let outcome = sha256_of(&file).map_err(|_| HashFailure::Unreadable);
