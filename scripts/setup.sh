@@ -5,8 +5,9 @@ set -euo pipefail
 
 # clang builds the eBPF programs; libbpf-dev brings bpf_helpers.h; iproute2 and
 # util-linux give the tests their network and pid namespaces; Prometheus,
-# promtool and Alertmanager are the real servers the alerting tests run.
-DEBIAN_PACKAGES=(clang-16 libbpf-dev iproute2 util-linux curl sqlite3 bpftool dnsmasq-base prometheus prometheus-alertmanager)
+# promtool and Alertmanager are the real servers the alerting tests run;
+# btrfs-progs makes the btrfs file system the exec tracking test hashes on.
+DEBIAN_PACKAGES=(clang-16 libbpf-dev iproute2 util-linux curl sqlite3 bpftool dnsmasq-base prometheus prometheus-alertmanager btrfs-progs)
 
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do

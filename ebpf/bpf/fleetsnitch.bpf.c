@@ -23,6 +23,8 @@
  *    counted from the splice syscall's return value instead; receive hooks
  *    skip threads inside splice so nothing is counted twice.
  *  - tp_btf / tracepoint sched_process_exit: forget announced processes.
+ *  - tp_btf / tracepoint sched_process_exec (exec tracking, off by default):
+ *    every executed program, through its own ring buffer.
  *
  * Counting happens in the `traffic` hash, keyed by process, executable and
  * flow. The agent drains it by flipping `config.generation` and reading back
@@ -100,6 +102,20 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
+
+/*
+ * Exec tracking: one record per exec. Its own ring buffer, so a burst of
+ * execs never crowds out the announcements traffic attribution needs. The
+ * agent sizes it from exec.ring_buffer_bytes (a page when exec tracking is
+ * off: its programs are then not attached).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+} exec_events SEC(".maps");
+
+/* Set by the agent at load time (exec.record_command_lines). */
+volatile const __u32 record_command_lines = 0;
 
 static __always_inline void stat_add(__u32 index, __u64 amount)
 {
@@ -209,23 +225,11 @@ static __always_inline void fill_path(struct fs_identity_event *event, struct fi
 	event->flags |= FS_IDENTITY_PATH_TRUNCATED;
 }
 
-/* Announce `task`'s identity once per (process, executable). */
-static __always_inline void announce(struct task_struct *task, __u32 tgid, __u64 exe_ino, __u32 exe_dev,
-				     struct file *exe)
+/* Everything an identity event says about `task` and its executable. */
+static __always_inline void fill_identity(struct fs_identity_event *event, __u32 kind, struct task_struct *task,
+					  __u32 tgid, __u64 exe_ino, __u32 exe_dev, struct file *exe)
 {
-	__u64 *seen = bpf_map_lookup_elem(&announced, &tgid);
-
-	if (seen && *seen == exe_ino)
-		return;
-
-	struct fs_identity_event *event = bpf_ringbuf_reserve(&events, sizeof(*event), 0);
-
-	if (!event) {
-		/* Not marked as announced, so the next packet tries again. */
-		stat_add(FS_STAT_EVENTS_LOST, 1);
-		return;
-	}
-	event->kind = FS_EVENT_IDENTITY;
+	event->kind = kind;
 	event->tgid = tgid;
 	event->uid = BPF_CORE_READ(task, cred, uid.val);
 	event->start_time_ns = BPF_CORE_READ(task, start_time);
@@ -247,6 +251,25 @@ static __always_inline void announce(struct task_struct *task, __u32 tgid, __u64
 		fill_path(event, exe);
 	else
 		event->flags |= FS_IDENTITY_NO_EXE;
+}
+
+/* Announce `task`'s identity once per (process, executable). */
+static __always_inline void announce(struct task_struct *task, __u32 tgid, __u64 exe_ino, __u32 exe_dev,
+				     struct file *exe)
+{
+	__u64 *seen = bpf_map_lookup_elem(&announced, &tgid);
+
+	if (seen && *seen == exe_ino)
+		return;
+
+	struct fs_identity_event *event = bpf_ringbuf_reserve(&events, sizeof(*event), 0);
+
+	if (!event) {
+		/* Not marked as announced, so the next packet tries again. */
+		stat_add(FS_STAT_EVENTS_LOST, 1);
+		return;
+	}
+	fill_identity(event, FS_EVENT_IDENTITY, task, tgid, exe_ino, exe_dev, exe);
 	bpf_ringbuf_submit(event, 0);
 
 	if (bpf_map_update_elem(&announced, &tgid, &exe_ino, BPF_ANY) != 0)
@@ -640,5 +663,77 @@ SEC("tracepoint/sched/sched_process_exit")
 int process_exit(void *ctx)
 {
 	forget((struct task_struct *)bpf_get_current_task());
+	return 0;
+}
+
+/* --- exec tracking ------------------------------------------------------- */
+
+/*
+ * sched_process_exec fires in the process that just executed, once the new
+ * program's mm is in place: current's exe_file is the new executable and
+ * mm->arg_start..arg_end its command line, still in the process's memory.
+ * tp_btf is preferred (no tracefs needed); the classic tracepoint is the
+ * fallback. Both exist on every kernel with ring buffers (>= 5.8).
+ */
+static __always_inline void read_command_line(struct fs_exec_event *event, struct task_struct *task)
+{
+	struct mm_struct *mm = BPF_CORE_READ(task, mm);
+	unsigned long start = BPF_CORE_READ(mm, arg_start);
+	unsigned long end = BPF_CORE_READ(mm, arg_end);
+	__u64 len = end > start ? end - start : 0;
+
+	if (len >= FS_ARGS_LEN) {
+		if (len > FS_ARGS_LEN)
+			event->args_flags |= FS_EXEC_ARGS_TRUNCATED;
+		if (bpf_probe_read_user(event->args, FS_ARGS_LEN, (void *)start) == 0)
+			event->args_len = FS_ARGS_LEN;
+		else
+			event->args_flags |= FS_EXEC_ARGS_UNREAD;
+		return;
+	}
+	len &= FS_ARGS_LEN - 1;
+	if (len == 0)
+		return;
+	if (bpf_probe_read_user(event->args, len, (void *)start) == 0)
+		event->args_len = len;
+	else
+		event->args_flags |= FS_EXEC_ARGS_UNREAD;
+}
+
+static __always_inline void report_exec(void)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct file *exe = task_exe_file(task);
+	__u64 exe_ino;
+	__u32 exe_dev;
+
+	file_identity(exe, &exe_ino, &exe_dev);
+
+	struct fs_exec_event *event = bpf_ringbuf_reserve(&exec_events, sizeof(*event), 0);
+
+	if (!event) {
+		stat_add(FS_STAT_EXEC_EVENTS_LOST, 1);
+		return;
+	}
+	fill_identity(&event->identity, FS_EVENT_EXEC, task, tgid, exe_ino, exe_dev, exe);
+	event->args_len = 0;
+	event->args_flags = 0;
+	if (record_command_lines)
+		read_command_line(event, task);
+	bpf_ringbuf_submit(event, 0);
+}
+
+SEC("tp_btf/sched_process_exec")
+int BPF_PROG(process_exec_btf, struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm)
+{
+	report_exec();
+	return 0;
+}
+
+SEC("tracepoint/sched/sched_process_exec")
+int process_exec(void *ctx)
+{
+	report_exec();
 	return 0;
 }

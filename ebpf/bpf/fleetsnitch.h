@@ -31,7 +31,9 @@ enum fs_stat {
 	FS_STAT_ANNOUNCED_MAP_FULL = 4,
 	/* `splice_calls` was full: a splice from a socket went uncounted. */
 	FS_STAT_SPLICE_MAP_FULL = 5,
-	FS_STAT_COUNT = 6,
+	/* An exec event did not fit in the `exec_events` ring buffer. */
+	FS_STAT_EXEC_EVENTS_LOST = 6,
+	FS_STAT_COUNT = 7,
 };
 
 /* Written by the agent, read by every program. */
@@ -76,6 +78,8 @@ enum fs_event_kind {
 	FS_EVENT_IDENTITY = 1,
 	/* A process announced by FS_EVENT_IDENTITY exited. */
 	FS_EVENT_EXIT = 2,
+	/* A process executed a program (exec tracking, `exec_events` ring buffer). */
+	FS_EVENT_EXEC = 3,
 };
 
 #define FS_IDENTITY_PATH_TRUNCATED 1u
@@ -100,6 +104,21 @@ struct fs_identity_event {
 	char names[FS_PATH_DEPTH][FS_NAME_LEN];
 };
 
+/* Bytes of the command line kept per exec (NUL-separated arguments). */
+#define FS_ARGS_LEN 1024
+#define FS_EXEC_ARGS_TRUNCATED 1u
+#define FS_EXEC_ARGS_UNREAD 2u
+
+/* An exec: the new program's identity, then its command line when enabled. */
+struct fs_exec_event {
+	/* `kind` is FS_EVENT_EXEC. */
+	struct fs_identity_event identity;
+	/* Bytes of `args` filled. */
+	__u32 args_len;
+	__u32 args_flags;
+	char args[FS_ARGS_LEN];
+};
+
 struct fs_exit_event {
 	__u32 kind;
 	__u32 tgid;
@@ -112,5 +131,7 @@ _Static_assert(sizeof(struct fs_traffic_value) == 40, "fs_traffic_value layout")
 _Static_assert(sizeof(struct fs_identity_event) == 80 + FS_PATH_DEPTH * FS_NAME_LEN, "fs_identity_event layout");
 _Static_assert(__builtin_offsetof(struct fs_identity_event, names) == 80, "fs_identity_event.names offset");
 _Static_assert(sizeof(struct fs_exit_event) == 16, "fs_exit_event layout");
+_Static_assert(sizeof(struct fs_exec_event) == 80 + FS_PATH_DEPTH * FS_NAME_LEN + 8 + FS_ARGS_LEN,
+	       "fs_exec_event layout");
 
 #endif

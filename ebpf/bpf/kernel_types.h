@@ -107,6 +107,8 @@ struct files_struct {
 
 struct mm_struct {
 	struct file *exe_file;
+	unsigned long arg_start;
+	unsigned long arg_end;
 };
 
 struct cred {

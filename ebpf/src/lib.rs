@@ -29,17 +29,19 @@ pub enum Stat {
     EventsLost = 3,
     AnnouncedMapFull = 4,
     SpliceMapFull = 5,
+    ExecEventsLost = 6,
 }
 
 impl Stat {
     /// Every counter, in index order.
-    pub const ALL: [Stat; 6] = [
+    pub const ALL: [Stat; 7] = [
         Stat::TrafficMapFull,
         Stat::UnattributedSentBytes,
         Stat::UnattributedReceivedBytes,
         Stat::EventsLost,
         Stat::AnnouncedMapFull,
         Stat::SpliceMapFull,
+        Stat::ExecEventsLost,
     ];
 }
 
@@ -87,6 +89,9 @@ pub const EVENT_IDENTITY: u32 = 1;
 /// `kind` of a ring-buffer record.
 pub const EVENT_EXIT: u32 = 2;
 
+/// `kind` of a record of the `exec_events` ring buffer.
+pub const EVENT_EXEC: u32 = 3;
+
 /// The path did not fit in [`PATH_DEPTH`] components of [`NAME_LEN`] bytes.
 pub const IDENTITY_PATH_TRUNCATED: u32 = 1;
 /// The process has no executable (a kernel thread).
@@ -112,6 +117,26 @@ pub struct IdentityEvent {
     /// cgroup v2 id (the cgroup directory's inode) the process runs in.
     pub cgroup_id: u64,
     pub names: [[u8; NAME_LEN]; PATH_DEPTH],
+}
+
+/// Bytes of the command line kept per exec.
+pub const ARGS_LEN: usize = 1024;
+/// The command line was longer than [`ARGS_LEN`].
+pub const EXEC_ARGS_TRUNCATED: u32 = 1;
+/// The command line could not be read from the process's memory.
+pub const EXEC_ARGS_UNREAD: u32 = 2;
+
+/// A process executed a program (exec tracking).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExecEvent {
+    /// The new program's identity; `kind` is [`EVENT_EXEC`].
+    pub identity: IdentityEvent,
+    /// Bytes of `args` filled.
+    pub args_len: u32,
+    pub args_flags: u32,
+    /// NUL-separated arguments, when `exec.record_command_lines` is on.
+    pub args: [u8; ARGS_LEN],
 }
 
 /// An announced process exited.
@@ -156,6 +181,7 @@ const _: () = assert!(size_of::<TrafficValue>() == 40);
 const _: () = assert!(size_of::<IdentityEvent>() == 80 + PATH_DEPTH * NAME_LEN);
 const _: () = assert!(offset_of!(IdentityEvent, names) == 80);
 const _: () = assert!(size_of::<ExitEvent>() == 16);
+const _: () = assert!(size_of::<ExecEvent>() == 80 + PATH_DEPTH * NAME_LEN + 8 + ARGS_LEN);
 
 #[cfg(feature = "user")]
 mod pod {

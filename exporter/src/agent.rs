@@ -101,7 +101,13 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let geoip = open_geoip(&config)?;
     let btf = Btf::from_sys_fs().map_err(|source| AgentError::Btf { source })?;
     let mut ebpf = load_object(&config)?;
-    let outcomes = probes::attach_all(&mut ebpf, &btf, &config.probes.disabled_modes)?;
+    // Exec tracking off: its probe is not attached (nor reported).
+    let left_out: &[&str] = if config.exec.enabled {
+        &[]
+    } else {
+        &[probes::EXEC_PROBE]
+    };
+    let outcomes = probes::attach_all(&mut ebpf, &btf, &config.probes.disabled_modes, left_out)?;
     // The parsed kernel BTF is tens of MiB and only needed to attach.
     drop(btf);
 
@@ -128,6 +134,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     .with_geoip(geoip)
     .with_dns(start_dns_capture(&metrics), DnsCacheConfig::default())
     .with_pods(PodResolver::spawn(&config.kubernetes));
+    let collector = if config.exec.enabled {
+        tracing::info!("exec tracking on: every executed program is journaled");
+        collector.with_exec(&mut ebpf, &config.exec)?
+    } else {
+        collector
+    };
 
     release_freed_memory();
 
@@ -184,10 +196,22 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 }
 
 fn load_object(config: &Config) -> Result<Ebpf, AgentError> {
+    // Off, exec tracking keeps its ring buffer at one page.
+    let exec_ring = if config.exec.enabled {
+        config.exec.ring_buffer_bytes
+    } else {
+        4096
+    };
     EbpfLoader::new()
         .map_max_entries("traffic", config.collector.traffic_map_entries)
         .map_max_entries("announced", config.collector.process_map_entries)
         .map_max_entries("events", config.collector.ring_buffer_bytes)
+        .map_max_entries("exec_events", exec_ring)
+        .override_global(
+            "record_command_lines",
+            &u32::from(config.exec.record_command_lines),
+            true,
+        )
         .load(BPF_OBJECT)
         .map_err(|error: EbpfError| AgentError::BpfRefused {
             detail: probes::error_chain(&error),

@@ -22,20 +22,24 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
 };
 use fleetsnitch_ebpf::{
-    Config, DIR_RECEIVED, DIR_SENT, EVENT_EXIT, EVENT_IDENTITY, ExitEvent, IdentityEvent, Stat,
-    TrafficKey, TrafficValue,
+    Config, DIR_RECEIVED, DIR_SENT, EVENT_EXIT, EVENT_IDENTITY, EXEC_ARGS_TRUNCATED, ExecEvent,
+    ExitEvent, IdentityEvent, Stat, TrafficKey, TrafficValue,
 };
 
 use crate::{
+    config::ExecConfig,
     dns::{DnsCache, DnsCacheConfig, DnsStats, Transport},
     dns_capture::DnsCapture,
+    exec_reader::{ExecReader, ExecRecord},
     geoip::{GeoIp, GeoRef},
     hashing::{HashJob, Hasher},
     identity::{ExeKey, IdentityTable, Process},
     journal::{self, Input, JournalHandle, Rollup},
     kubernetes::PodResolver,
     labels::{FlowFacts, LabelPolicy, TrafficLabels},
-    metrics::{Direction, DirectionLabels, LabelLabels, MapLabels, Metrics, ResultLabels},
+    metrics::{
+        Direction, DirectionLabels, ExeLabels, LabelLabels, MapLabels, Metrics, ResultLabels,
+    },
     socket,
 };
 
@@ -55,6 +59,8 @@ pub enum CollectorError {
         #[source]
         source: MapError,
     },
+    #[error("cannot start the exec reader thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Shared with the HTTP server: when the counters were last drained.
@@ -107,6 +113,13 @@ pub struct Collector {
     drain_interval: Duration,
     /// Keep ephemeral ports in rollups (`journal.record_ephemeral_ports`).
     record_ephemeral_ports: bool,
+    exec: Option<ExecTracking>,
+}
+
+/// Exec tracking: the reader of the `exec_events` ring buffer, and options.
+struct ExecTracking {
+    reader: ExecReader,
+    record_command_lines: bool,
 }
 
 fn hash_job(process: &Process, path: String) -> HashJob {
@@ -118,7 +131,28 @@ fn hash_job(process: &Process, path: String) -> HashJob {
         uid: process.uid,
         parent_path: process.parent_path.clone(),
         seen_at: journal::unix_now(),
+        file: None,
+        used_network: true,
+        command_line: None,
     }
+}
+
+/// The NUL-separated arguments the kernel copied, joined by spaces.
+fn command_line(event: &ExecEvent) -> Option<String> {
+    let len = (event.args_len as usize).min(event.args.len());
+    let args: Vec<String> = event.args[..len]
+        .split(|&b| b == 0)
+        .filter(|arg| !arg.is_empty())
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect();
+    if args.is_empty() {
+        return None;
+    }
+    let mut line = args.join(" ");
+    if event.args_flags & EXEC_ARGS_TRUNCATED != 0 {
+        line.push('…');
+    }
+    Some(line)
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, CollectorError> {
@@ -176,6 +210,7 @@ impl Collector {
             health,
             drain_interval,
             record_ephemeral_ports: false,
+            exec: None,
         })
     }
 
@@ -183,6 +218,25 @@ impl Collector {
     pub fn with_ephemeral_ports_in_rollups(mut self, record: bool) -> Self {
         self.record_ephemeral_ports = record;
         self
+    }
+
+    /// Journals and exports every executed program (exec tracking), from the
+    /// `exec_events` ring buffer, which a thread of its own reads.
+    pub fn with_exec(
+        mut self,
+        ebpf: &mut Ebpf,
+        config: &ExecConfig,
+    ) -> Result<Self, CollectorError> {
+        let events =
+            RingBuf::try_from(take_map(ebpf, "exec_events")?).map_err(map_error("exec_events"))?;
+        let reader =
+            ExecReader::spawn(events, self.hasher.holder(), config.max_open_files as usize)
+                .map_err(CollectorError::Thread)?;
+        self.exec = Some(ExecTracking {
+            reader,
+            record_command_lines: config.record_command_lines,
+        });
+        Ok(self)
     }
 
     /// Names flows' peers from the DNS answers `capture` delivers.
@@ -237,7 +291,7 @@ impl Collector {
         }
     }
 
-    /// Sleeps until either ring buffer has records, or `timeout`.
+    /// Sleeps until a ring buffer has records, or `timeout`.
     fn wait_for_events(&self, timeout: Duration) {
         let mut fds = [
             libc::pollfd {
@@ -299,6 +353,44 @@ impl Collector {
             }
         }
         self.read_dns_answers();
+        self.read_exec_events();
+    }
+
+    /// Handles every exec the reader passed on since the last call.
+    fn read_exec_events(&mut self) {
+        let Some(exec) = self.exec.take() else {
+            return;
+        };
+        for record in exec.reader.take() {
+            self.record_exec(record, exec.record_command_lines);
+        }
+        self.exec = Some(exec);
+    }
+
+    /// One exec, its file already held by the reader: count it, and queue it
+    /// for hashing and the journal.
+    fn record_exec(&mut self, record: ExecRecord, record_command_lines: bool) {
+        if record.budget_exhausted {
+            self.metrics.exec.open_files_exhausted.inc();
+        }
+        let process = self
+            .identities
+            .exec_process(&record.event.identity, &record.path);
+        let exe = self.labels.exec_exe_label(&record.path);
+        self.metrics
+            .exec
+            .total
+            .get_or_create(&ExeLabels { exe })
+            .inc();
+        let mut job = hash_job(&process, record.path);
+        job.file = record.file;
+        job.used_network = false;
+        job.command_line = if record_command_lines {
+            command_line(&record.event)
+        } else {
+            None
+        };
+        self.hasher.request(job);
     }
 
     /// Records the DNS answers processes received, after their identities:
@@ -396,6 +488,9 @@ impl Collector {
                     uid: 0,
                     parent_path: None,
                     seen_at: journal::unix_now(),
+                    file: None,
+                    used_network: true,
+                    command_line: None,
                 });
             }
             let process = self.identities.process(key.tgid);
@@ -619,6 +714,13 @@ impl Collector {
                         .map_full
                         .get_or_create(&map_labels(ANNOUNCED_MAP))
                         .inc_by(delta);
+                }
+                Stat::ExecEventsLost => {
+                    tracing::warn!(
+                        lost = delta,
+                        "exec events lost (exec ring buffer full): raise exec.ring_buffer_bytes"
+                    );
+                    self.metrics.exec.events_lost.inc_by(delta);
                 }
                 Stat::SpliceMapFull => {
                     self.metrics

@@ -58,6 +58,32 @@ pub struct Config {
     pub kubernetes: KubernetesConfig,
     pub otlp: OtlpConfig,
     pub connection_log: ConnectionLogConfig,
+    pub exec: ExecConfig,
+}
+
+/// Exec tracking: every executed program, not only those on the network.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecConfig {
+    /// Journal and export every executed program. Off: the exec probe is not attached.
+    pub enabled: bool,
+    /// Size of the ring buffer carrying exec events to the agent.
+    pub ring_buffer_bytes: u32,
+    /// Read each program's command line (it may hold secrets) for the OTLP records.
+    pub record_command_lines: bool,
+    /// File descriptors held open on executables waiting to be hashed.
+    pub max_open_files: u32,
+}
+
+impl Default for ExecConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ring_buffer_bytes: 1 << 20,
+            record_command_lines: false,
+            max_open_files: 256,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -384,6 +410,15 @@ impl Config {
                 "must be a power of two between 65536 and 268435456",
             ));
         }
+        let ring = self.exec.ring_buffer_bytes;
+        if !ring.is_power_of_two() || !(64 << 10..=256 << 20).contains(&ring) {
+            return Err(invalid(
+                "exec.ring_buffer_bytes",
+                &ring.to_string(),
+                "must be a power of two between 65536 and 268435456",
+            ));
+        }
+        check_range("exec.max_open_files", self.exec.max_open_files, 1, 65_536)?;
         for mode in &self.probes.disabled_modes {
             if !crate::probes::MODE_NAMES.contains(&mode.as_str()) {
                 return Err(invalid(
@@ -619,6 +654,17 @@ mod tests {
             };
             assert!(err.contains(&format!("{key} ({value})")), "{yaml}: {err}");
         }
+    }
+
+    #[test]
+    fn exec_tracking_is_off_by_default_and_its_values_are_checked() {
+        assert!(!Config::default().exec.enabled);
+        let config = Config::from_yaml("exec:\n  ring_buffer_bytes: 100000\n").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("exec.ring_buffer_bytes (100000)"), "{err}");
+        let config = Config::from_yaml("exec:\n  max_open_files: 0\n").unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("exec.max_open_files (0)"), "{err}");
     }
 
     #[test]

@@ -12,11 +12,15 @@
 //! file still has it.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::File,
     io::{self, Read},
-    os::unix::fs::MetadataExt,
-    sync::{Arc, RwLock, mpsc},
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
     thread,
     time::Duration,
 };
@@ -66,15 +70,94 @@ pub struct HashJob {
     pub parent_path: Option<String>,
     /// Unix seconds.
     pub seen_at: i64,
+    /// The executable, opened (and its identity checked) when the event
+    /// arrived: a program that exits within milliseconds is still hashed.
+    pub file: Option<Arc<HeldFile>>,
+    /// Seen doing network I/O; `false` for a sighting from exec tracking alone.
+    pub used_network: bool,
+    /// Its command line, when exec tracking records them.
+    pub command_line: Option<String>,
+}
+
+/// A file descriptor held open on an executable until it is hashed; counted
+/// against `exec.max_open_files` while it lives.
+#[derive(Debug)]
+pub struct HeldFile {
+    file: File,
+    /// `st_dev` of the open file: differs from the kernel's device on btrfs and overlayfs.
+    file_dev: u64,
+    held: Arc<AtomicUsize>,
+}
+
+impl Drop for HeldFile {
+    fn drop(&mut self) {
+        self.held.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why [`Hasher::hold`] did not keep a file open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotHeld {
+    /// Already hashed, or a file of it is already held: nothing to keep.
+    NotNeeded,
+    /// `exec.max_open_files` descriptors are held already.
+    BudgetExhausted,
+    /// Neither `/proc/<pid>/exe` nor the path led to the file the kernel named.
+    Unreachable,
 }
 
 /// sha256 of every executable hashed so far, by file identity.
 pub type HashIndex = Arc<RwLock<HashMap<ExeKey, String>>>;
 
+/// Tells apart two files that had the same (device, inode) one after the
+/// other: a file created at a freed and reused inode has another change time
+/// (and a file written in place too). A hash is reused only for the same stamp.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ctime: i64,
+    ctime_nsec: i64,
+    size: u64,
+}
+
+/// A hash (or why there is none) and the stamp of the file it was taken from.
+type Cached = (Option<Stamp>, Result<String, HashFailure>);
+
+fn stamp_of(file: &File) -> Option<Stamp> {
+    let metadata = file.metadata().ok()?;
+    Some(Stamp {
+        ctime: metadata.ctime(),
+        ctime_nsec: metadata.ctime_nsec(),
+        size: metadata.size(),
+    })
+}
+
+/// State the collector and the worker share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Descriptors held by [`HeldFile`]s.
+    held: Arc<AtomicUsize>,
+    /// Executables with a held file queued: one is enough.
+    pending: Mutex<HashSet<ExeKey>>,
+    /// The file each hashed (device, inode) was when it was hashed.
+    stamps: RwLock<HashMap<ExeKey, Stamp>>,
+    /// Kernel devices found to be btrfs or overlayfs, where the kernel's (device, inode)
+    /// does not name one file: every sighting needs its own file to hash.
+    ambiguous_devs: RwLock<HashSet<u64>>,
+}
+
+impl Shared {
+    fn is_ambiguous(&self, dev: u64) -> bool {
+        self.ambiguous_devs
+            .read()
+            .is_ok_and(|devs| devs.contains(&dev))
+    }
+}
+
 /// Handle to the hashing worker thread.
 pub struct Hasher {
     jobs: mpsc::Sender<HashJob>,
     index: HashIndex,
+    shared: Arc<Shared>,
 }
 
 impl Hasher {
@@ -87,25 +170,20 @@ impl Hasher {
         let (jobs, queue) = mpsc::channel::<HashJob>();
         let index = HashIndex::default();
         let worker_index = index.clone();
-        // fanotify_init needs CAP_SYS_ADMIN, which is dropped once start-up ends:
-        // initialised here, before the worker thread could run late.
-        let watch = ModificationWatch::new();
+        let shared = Arc::new(Shared::default());
+        let worker_shared = shared.clone();
         thread::Builder::new()
             .name("fleetsnitch-hash".into())
             .spawn(move || {
-                let mut worker = Worker {
-                    metrics,
-                    journal,
-                    virustotal,
-                    index: worker_index,
-                    cache: HashMap::new(),
-                    current: HashMap::new(),
-                    last_jobs: HashMap::new(),
-                    watch,
-                };
+                let mut worker =
+                    Worker::new(metrics, journal, virustotal, worker_index, worker_shared);
                 worker.serve(queue);
             })?;
-        Ok(Self { jobs, index })
+        Ok(Self {
+            jobs,
+            index,
+            shared,
+        })
     }
 
     /// The sha256 of `exe`, if it was hashed already.
@@ -118,6 +196,83 @@ impl Hasher {
         // The worker only stops when the agent shuts down.
         let _ = self.jobs.send(job);
     }
+
+    /// A handle that holds files for this hasher from another thread.
+    pub fn holder(&self) -> FileHolder {
+        FileHolder {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// [`FileHolder::hold`] on this hasher.
+    pub fn hold(
+        &self,
+        tgid: u32,
+        path: &str,
+        exe: ExeKey,
+        budget: usize,
+    ) -> Result<Arc<HeldFile>, NotHeld> {
+        self.holder().hold(tgid, path, exe, budget)
+    }
+
+    /// Descriptors held open for hashing now.
+    pub fn held_files(&self) -> usize {
+        self.shared.held.load(Ordering::Relaxed)
+    }
+}
+
+/// Opens executables for a [`Hasher`], from the thread that learns of them first.
+#[derive(Clone)]
+pub struct FileHolder {
+    shared: Arc<Shared>,
+}
+
+impl FileHolder {
+    /// Opens the executable `exe` that process `tgid` just executed from
+    /// `path` (its `/proc/<tgid>/exe` first), checks it is that file, and
+    /// keeps it open for the worker, unless it is hashed or held already or
+    /// `budget` descriptors are held.
+    pub fn hold(
+        &self,
+        tgid: u32,
+        path: &str,
+        exe: ExeKey,
+        budget: usize,
+    ) -> Result<Arc<HeldFile>, NotHeld> {
+        let (file, file_dev) = open_matching(&format!("/proc/{tgid}/exe"), exe)
+            .or_else(|_| open_matching(path, exe))
+            .map_err(|_| NotHeld::Unreachable)?;
+        if !self.shared.is_ambiguous(exe.dev) {
+            // Hashed already, as this very file (not an earlier one at a reused inode)?
+            let stamp = stamp_of(&file);
+            let hashed = stamp.is_some()
+                && self
+                    .shared
+                    .stamps
+                    .read()
+                    .is_ok_and(|stamps| stamps.get(&exe) == stamp.as_ref());
+            let pending = self
+                .shared
+                .pending
+                .lock()
+                .is_ok_and(|pending| pending.contains(&exe));
+            if hashed || pending {
+                return Err(NotHeld::NotNeeded);
+            }
+        }
+        if self.shared.held.load(Ordering::Relaxed) >= budget {
+            return Err(NotHeld::BudgetExhausted);
+        }
+        self.shared.held.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut pending) = self.shared.pending.lock() {
+            pending.insert(exe);
+        }
+        Ok(Arc::new(HeldFile {
+            file,
+            file_dev,
+            held: self.shared.held.clone(),
+        }))
+    }
 }
 
 struct Worker {
@@ -125,16 +280,39 @@ struct Worker {
     journal: Option<JournalHandle>,
     virustotal: Option<VirusTotalHandle>,
     index: HashIndex,
-    /// Results by file identity: one hash per (device, inode) and version.
-    cache: HashMap<ExeKey, Cached>,
+    /// Results by file identity: the kernel's (device, inode) and the open
+    /// file's `st_dev` (the same but on btrfs and overlayfs, where it names the subvolume or layer).
+    /// Each with the stamp of the file hashed (`None` for failures).
+    cache: HashMap<(ExeKey, u64), Cached>,
     /// The `executable_info` series currently exported for each path.
     current: HashMap<String, ExecutableLabels>,
     /// The last sighting of each watched executable, to journal a modification with it.
     last_jobs: HashMap<ExeKey, HashJob>,
     watch: ModificationWatch,
+    shared: Arc<Shared>,
 }
 
 impl Worker {
+    fn new(
+        metrics: Arc<Metrics>,
+        journal: Option<JournalHandle>,
+        virustotal: Option<VirusTotalHandle>,
+        index: HashIndex,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Self {
+            metrics,
+            journal,
+            virustotal,
+            index,
+            cache: HashMap::new(),
+            current: HashMap::new(),
+            last_jobs: HashMap::new(),
+            watch: ModificationWatch::new(),
+            shared,
+        }
+    }
+
     fn serve(&mut self, queue: mpsc::Receiver<HashJob>) {
         loop {
             match queue.recv_timeout(Duration::from_millis(100)) {
@@ -153,23 +331,20 @@ impl Worker {
         let Some(mut job) = self.last_jobs.get(&exe).cloned() else {
             return;
         };
-        let sha256 = match open_matching(path, exe).map(sha256_of) {
-            Ok(Ok(sha256)) => sha256,
-            _ => return,
-        };
-        let version = open_matching(path, exe)
-            .ok()
-            .and_then(|file| Version::of(&file));
-        let previous = self.cache.insert(
-            exe,
-            Cached {
-                outcome: Ok(sha256.clone()),
-                version,
+        let (sha256, file_dev, stamp) = match open_matching(path, exe) {
+            Ok((file, file_dev)) => match sha256_of(&file) {
+                Ok(sha256) => (sha256, file_dev, stamp_of(&file)),
+                Err(_) => return,
             },
-        );
+            Err(_) => return,
+        };
+        let previous = self
+            .cache
+            .insert((exe, file_dev), (stamp, Ok(sha256.clone())));
+        self.remember_stamp(exe, stamp);
         if previous
             .as_ref()
-            .is_some_and(|p| p.outcome.as_deref() == Ok(sha256.as_str()))
+            .is_some_and(|(_, p)| p.as_deref() == Ok(sha256.as_str()))
         {
             return;
         }
@@ -197,58 +372,116 @@ impl Worker {
         }
     }
 
-    fn run(&mut self, job: HashJob) {
-        let opened = open_executable(&job);
-        let version = opened.as_ref().ok().and_then(Version::of);
-        let cached = self.cache.get(&job.exe).filter(|cached| {
-            // Unreachable now: the cached result is the best knowledge there is.
-            version.is_none() || cached.version == version
-        });
-        let outcome = match cached {
-            Some(cached) => cached.outcome.clone(),
-            None => {
-                if self.cache.contains_key(&job.exe) {
-                    // Another file under a reused inode number, or one changed
-                    // unseen: its mark (if any) belonged to the old version.
-                    self.watch.forget(job.exe);
-                }
-                let outcome =
-                    opened.and_then(|file| sha256_of(file).map_err(|_| HashFailure::Unreadable));
-                if let Err(failure) = &outcome {
-                    tracing::warn!(
-                        exe = ?job.path,
-                        pid = job.tgid,
-                        reason = failure.reason(),
-                        "cannot hash executable; its traffic is still counted"
-                    );
-                    self.metrics
-                        .hash_failures
-                        .get_or_create(&ReasonLabels {
-                            reason: failure.reason().to_owned(),
-                        })
-                        .inc();
-                }
-                self.cache.insert(
-                    job.exe,
-                    Cached {
-                        outcome: outcome.clone(),
-                        version,
-                    },
-                );
-                if let Ok(sha256) = &outcome {
-                    if let Ok(mut index) = self.index.write() {
-                        index.insert(job.exe, sha256.clone());
-                    }
-                    self.check_virustotal(&job.path, sha256);
-                }
-                outcome
-            }
-        };
+    fn run(&mut self, mut job: HashJob) {
+        // Writes seen to watched files first: a sighting of a file being
+        // modified in place must not pass for a new file (see `outcome`).
+        for (exe, path) in self.watch.poll() {
+            self.rehash_modified(exe, &path);
+        }
+        let held = job.file.take();
+        let outcome = self.outcome(&job, held.as_deref());
+        if held.is_some()
+            && let Ok(mut pending) = self.shared.pending.lock()
+        {
+            pending.remove(&job.exe);
+        }
+        // The descriptor is released here, before the job is remembered.
+        drop(held);
         if outcome.is_ok() {
             self.watch.watch(job.exe, &job.path);
             self.last_jobs.insert(job.exe, job.clone());
         }
         self.export(&job, outcome, false);
+    }
+
+    fn remember_stamp(&self, exe: ExeKey, stamp: Option<Stamp>) {
+        if let (Some(stamp), Ok(mut stamps)) = (stamp, self.shared.stamps.write()) {
+            stamps.insert(exe, stamp);
+        }
+    }
+
+    /// The hash of the file `job` names: from the cache when the file is the
+    /// one hashed before (same stamp), else computed from the held file or
+    /// from what [`open_executable`] reaches.
+    fn outcome(&mut self, job: &HashJob, held: Option<&HeldFile>) -> Result<String, HashFailure> {
+        let opened = match held {
+            Some(held) => held
+                .file
+                .try_clone()
+                .map(|file| (file, held.file_dev))
+                .map_err(|_| HashFailure::Unreadable),
+            None => open_executable(job),
+        };
+        let (key, stamp, outcome) = match opened {
+            Ok((file, file_dev)) => {
+                if file_dev != job.exe.dev
+                    && let Ok(mut devs) = self.shared.ambiguous_devs.write()
+                    && devs.insert(job.exe.dev)
+                {
+                    tracing::info!(
+                        kernel_dev = job.exe.dev,
+                        file_dev,
+                        exe = %job.path,
+                        "executables on this file system (btrfs, overlayfs) are told apart by \
+                         their subvolume's or layer's device: every sighting is hashed from \
+                         its own file"
+                    );
+                }
+                let key = (job.exe, file_dev);
+                let stamp = stamp_of(&file);
+                if let Some((cached, Ok(sha256))) = self.cache.get(&key)
+                    && stamp.is_some()
+                    && (*cached == stamp || self.watch.is_dirty(job.exe))
+                {
+                    // Same file; or a watched one being written to in place,
+                    // whose new hash is journaled as `modified` once the
+                    // writes settle (rehash_modified), not as a new file.
+                    return Ok(sha256.clone());
+                }
+                if self.cache.contains_key(&key) {
+                    // Another file under a reused inode number, or one changed
+                    // unseen: its mark (if any) belonged to the old version.
+                    self.watch.forget(job.exe);
+                }
+                let outcome = sha256_of(&file).map_err(|_| HashFailure::Unreadable);
+                (key, stamp, outcome)
+            }
+            Err(failure) => {
+                // Nothing reachable: what this identity was hashed as before is
+                // the best left (a failure is retried when a file is held).
+                let key = (job.exe, job.exe.dev);
+                if !self.shared.is_ambiguous(job.exe.dev)
+                    && let Some((_, outcome)) = self.cache.get(&key)
+                    && (outcome.is_ok() || held.is_none())
+                {
+                    return outcome.clone();
+                }
+                (key, None, Err(failure))
+            }
+        };
+        if let Err(failure) = &outcome {
+            tracing::warn!(
+                exe = %job.path,
+                pid = job.tgid,
+                reason = failure.reason(),
+                "cannot hash executable; it is still recorded"
+            );
+            self.metrics
+                .hash_failures
+                .get_or_create(&ReasonLabels {
+                    reason: failure.reason().to_owned(),
+                })
+                .inc();
+        }
+        self.cache.insert(key, (stamp, outcome.clone()));
+        if let Ok(sha256) = &outcome {
+            if let Ok(mut index) = self.index.write() {
+                index.insert(job.exe, sha256.clone());
+            }
+            self.remember_stamp(job.exe, stamp);
+            self.check_virustotal(&job.path, sha256);
+        }
+        outcome
     }
 
     /// Journals the sighting and exports the executable's current hash.
@@ -262,6 +495,9 @@ impl Worker {
                 parent_path: job.parent_path.clone(),
                 seen_at: job.seen_at,
                 modified,
+                used_network: job.used_network,
+                hash_failure: outcome.as_ref().err().map(|failure| failure.reason()),
+                command_line: job.command_line.clone(),
             }));
         }
         let labels = ExecutableLabels {
@@ -277,46 +513,20 @@ impl Worker {
     }
 }
 
-/// A cached hash and the version of the file it was computed from.
-struct Cached {
-    outcome: Result<String, HashFailure>,
-    /// `None` when the file could not be opened.
-    version: Option<Version>,
-}
-
-/// One version of a file: a new file under a reused inode number, or the same
-/// file written to or renamed, gets another ctime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Version {
-    ctime: i64,
-    ctime_nsec: i64,
-    size: u64,
-}
-
-impl Version {
-    fn of(file: &File) -> Option<Self> {
-        let metadata = file.metadata().ok()?;
-        Some(Self {
-            ctime: metadata.ctime(),
-            ctime_nsec: metadata.ctime_nsec(),
-            size: metadata.size(),
-        })
-    }
-}
-
 /// Hashes the file the kernel identified as `job.exe`.
 pub fn hash_executable(job: &HashJob) -> Result<String, HashFailure> {
-    sha256_of(open_executable(job)?).map_err(|_| HashFailure::Unreadable)
+    let (file, _) = open_executable(job)?;
+    sha256_of(&file).map_err(|_| HashFailure::Unreadable)
 }
 
-/// Opens the file the kernel identified as `job.exe`: through the process,
-/// else at its path if device+inode still match.
-fn open_executable(job: &HashJob) -> Result<File, HashFailure> {
+/// Opens the file the kernel identified as `job.exe`: through the process
+/// first, else by path; with the open file's `st_dev`.
+fn open_executable(job: &HashJob) -> Result<(File, u64), HashFailure> {
     let via_process = open_matching(&format!("/proc/{}/exe", job.tgid), job.exe);
     match via_process {
-        Ok(file) => Ok(file),
+        Ok(opened) => Ok(opened),
         Err(process_error) => match open_matching(&job.path, job.exe) {
-            Ok(file) => Ok(file),
+            Ok(opened) => Ok(opened),
             Err(Mismatch::Other) => Err(HashFailure::Replaced),
             Err(Mismatch::Missing) if process_error == Mismatch::Missing => {
                 Err(HashFailure::ProcessExited)
@@ -334,26 +544,52 @@ enum Mismatch {
     Other,
 }
 
-fn open_matching(path: &str, exe: ExeKey) -> Result<File, Mismatch> {
-    // A name with invalid UTF-8 is carried as text with `\xNN` escapes; the
-    // file has the raw bytes (the device+inode check below rejects a wrong file).
-    let file = File::open(path)
-        .or_else(|error| match crate::raw_text::to_bytes(path) {
-            Some(raw) => {
-                File::open(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&raw))
-            }
-            None => Err(error),
-        })
-        .map_err(|_| Mismatch::Missing)?;
+/// `statfs` magic of btrfs.
+const BTRFS_SUPER_MAGIC: i64 = 0x9123_683E;
+/// `statfs` magic of overlayfs.
+const OVERLAYFS_SUPER_MAGIC: i64 = 0x794C_7630;
+
+/// Opens `path` if it is the file the kernel named `exe`; returns it with its `st_dev`.
+///
+/// The kernel reports the file system's device (`inode->i_sb->s_dev`), which
+/// is what `stat` returns on most file systems, but not on two that fleets
+/// run executables from:
+/// - btrfs: `stat` returns the subvolume's own anonymous device, and inode
+///   numbers repeat across subvolumes;
+/// - overlayfs whose layers are on different file systems (containers on a
+///   tmpfs or another disk): `stat` returns a per-layer pseudo device and the
+///   layer's inode number, which can repeat across layers.
+///
+/// There the inode must match and the device may differ; the returned
+/// `st_dev` then tells the subvolumes (layers) apart in the hash cache.
+fn open_matching(path: &str, exe: ExeKey) -> Result<(File, u64), Mismatch> {
+    let file = File::open(path).map_err(|_| Mismatch::Missing)?;
     let metadata = file.metadata().map_err(|_| Mismatch::Missing)?;
-    if metadata.dev() == exe.dev && metadata.ino() == exe.ino {
-        Ok(file)
+    if metadata.ino() != exe.ino {
+        return Err(Mismatch::Other);
+    }
+    if metadata.dev() == exe.dev || devices_differ_from_kernel(&file) {
+        Ok((file, metadata.dev()))
     } else {
         Err(Mismatch::Other)
     }
 }
 
-fn sha256_of(mut file: File) -> io::Result<String> {
+/// Whether `file` is on a file system whose `st_dev` is not its superblock's device.
+#[expect(
+    clippy::unnecessary_cast,
+    reason = "statfs.f_type is i64 on x86_64 but another type elsewhere"
+)]
+fn devices_differ_from_kernel(file: &File) -> bool {
+    let mut stats = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+    // SAFETY: a valid descriptor and a buffer of the right type for the call.
+    let ok = unsafe { libc::fstatfs(file.as_raw_fd(), stats.as_mut_ptr()) } == 0;
+    // SAFETY: fstatfs filled the buffer (it was zeroed before in any case).
+    let magic = unsafe { stats.assume_init() }.f_type as i64;
+    ok && (magic == BTRFS_SUPER_MAGIC || magic == OVERLAYFS_SUPER_MAGIC)
+}
+
+fn sha256_of(mut file: &File) -> io::Result<String> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 64 << 10];
     loop {
@@ -381,6 +617,9 @@ mod tests {
             uid: 0,
             parent_path: None,
             seen_at: 0,
+            file: None,
+            used_network: true,
+            command_line: None,
         }
     }
 
@@ -421,16 +660,13 @@ mod tests {
     }
 
     fn worker() -> Worker {
-        Worker {
-            metrics: Arc::new(Metrics::new()),
-            journal: None,
-            virustotal: None,
-            index: HashIndex::default(),
-            cache: HashMap::new(),
-            current: HashMap::new(),
-            last_jobs: HashMap::new(),
-            watch: ModificationWatch::new(),
-        }
+        Worker::new(
+            Arc::new(Metrics::new()),
+            None,
+            None,
+            HashIndex::default(),
+            Arc::new(Shared::default()),
+        )
     }
 
     #[test]
@@ -443,7 +679,9 @@ mod tests {
         worker.run(job(key, u32::MAX - 1, &path.to_string_lossy()));
         let first = worker.index.read().unwrap()[&key].clone();
         // What a new file under the same inode number looks like from here:
-        // same device+inode, another ctime and size (no fanotify event seen).
+        // same device+inode, another ctime and size (no fanotify event seen:
+        // a freed inode takes its mark with it).
+        worker.watch.forget(key);
         std::thread::sleep(Duration::from_millis(20));
         std::fs::write(&path, b"another program").unwrap();
         assert_eq!(key_of(&path), key);
@@ -452,12 +690,104 @@ mod tests {
         assert_ne!(first, second);
         assert_eq!(
             second,
-            sha256_of(File::open(&path).unwrap()).unwrap(),
+            sha256_of(&File::open(&path).unwrap()).unwrap(),
             "the new content's hash"
         );
         // Unchanged, the cached hash is used without reading the file again.
         worker.run(job(key, u32::MAX - 1, &path.to_string_lossy()));
         assert_eq!(worker.index.read().unwrap()[&key], second);
+    }
+
+    #[test]
+    fn held_files_stay_within_the_budget_and_one_per_executable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+        std::fs::write(&first, b"one").unwrap();
+        std::fs::write(&second, b"two").unwrap();
+        let hasher = Hasher::spawn(Arc::new(Metrics::new()), None, None).unwrap();
+        let gone = u32::MAX - 1;
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+
+        let held = hasher.hold(gone, &path(&first), key_of(&first), 1).unwrap();
+        assert_eq!(hasher.held_files(), 1);
+        assert_eq!(
+            hasher.hold(gone, &path(&first), key_of(&first), 8).err(),
+            Some(NotHeld::NotNeeded),
+            "one descriptor per executable is enough"
+        );
+        assert_eq!(
+            hasher.hold(gone, &path(&second), key_of(&second), 1).err(),
+            Some(NotHeld::BudgetExhausted)
+        );
+        drop(held);
+        assert_eq!(hasher.held_files(), 0);
+        let wrong = ExeKey {
+            ino: key_of(&second).ino + 1,
+            ..key_of(&second)
+        };
+        assert_eq!(
+            hasher.hold(gone, &path(&second), wrong, 1).err(),
+            Some(NotHeld::Unreachable),
+            "a file with another identity is never held"
+        );
+    }
+
+    #[test]
+    fn held_file_is_hashed_after_its_path_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("brief");
+        std::fs::write(&path, b"abc").unwrap();
+        let hasher = Hasher::spawn(Arc::new(Metrics::new()), None, None).unwrap();
+        let exe = key_of(&path);
+        let gone = u32::MAX - 1;
+        let held = hasher.hold(gone, &path.to_string_lossy(), exe, 4).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let mut job = job(exe, gone, &path.to_string_lossy());
+        job.file = Some(held);
+        hasher.request(job);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while (hasher.sha256_of(exe).is_none() || hasher.held_files() != 0)
+            && std::time::Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            hasher.sha256_of(exe).as_deref(),
+            Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        );
+        assert_eq!(hasher.held_files(), 0, "released once hashed");
+    }
+
+    #[test]
+    fn a_new_file_at_a_reused_identity_is_hashed_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"abc").unwrap();
+        let exe = key_of(&path);
+        // The worker alone, without its modification watch running: only the
+        // stamp can tell the two files apart.
+        let mut worker = Worker::new(
+            Arc::new(Metrics::new()),
+            None,
+            None,
+            HashIndex::default(),
+            Arc::new(Shared::default()),
+        );
+        let sighting = job(exe, u32::MAX - 1, &path.to_string_lossy());
+        assert_eq!(
+            worker.outcome(&sighting, None).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        // Another file with the same (device, inode), as a freed inode reused
+        // by a new file would be: its change time differs.
+        thread::sleep(Duration::from_millis(20));
+        std::fs::write(&path, b"abd").unwrap();
+        assert_eq!(key_of(&path), exe);
+        assert_eq!(
+            worker.outcome(&sighting, None).unwrap(),
+            "a52d159f262b2c6ddb724a61840befc36eb30c88877a4030b65cbe86298449c9",
+            "the hash of the earlier file was reused"
+        );
     }
 
     #[test]
@@ -478,7 +808,7 @@ mod tests {
             ino: metadata.ino(),
         };
         let job = job(key, std::process::id(), "/nonexistent/elsewhere");
-        let expected = sha256_of(File::open(std::env::current_exe().unwrap()).unwrap()).unwrap();
+        let expected = sha256_of(&File::open(std::env::current_exe().unwrap()).unwrap()).unwrap();
         assert_eq!(hash_executable(&job).unwrap(), expected);
     }
 }

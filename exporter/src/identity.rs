@@ -121,6 +121,43 @@ impl IdentityTable {
         Recorded { process, new_exe }
     }
 
+    /// Describes a process that just executed a program (exec tracking),
+    /// without tracking it as a process (exec-only processes announce no
+    /// exit). The path is the one this event's kernel walk found, never one
+    /// remembered for the same (device, inode): on btrfs two files in two
+    /// subvolumes can share both.
+    pub fn describe_exec(&mut self, event: &IdentityEvent) -> (Process, String) {
+        let path = exec_path(event);
+        (self.exec_process(event, &path), path)
+    }
+
+    /// The process of an exec event whose path ([`exec_path`]) is `path`:
+    /// parent, container.
+    pub fn exec_process(&mut self, event: &IdentityEvent, path: &str) -> Process {
+        let exe = ExeKey::from_kernel(event.exe_dev, event.exe_ino);
+        if event.flags & IDENTITY_PATH_TRUNCATED != 0 {
+            self.truncated_paths += 1;
+        }
+        let parent_exe = ExeKey::from_kernel(event.parent_exe_dev, event.parent_exe_ino);
+        let process = Process {
+            tgid: event.tgid,
+            start_time_ns: event.start_time_ns,
+            exe,
+            comm: c_string(&event.comm),
+            uid: event.uid,
+            ppid: event.ppid,
+            parent_exe,
+            parent_path: self.parent_path(event.ppid, parent_exe),
+            container: self.container_of(event.tgid, event.cgroup_id),
+        };
+        // The exec's own walk is current: an earlier file at this (device,
+        // inode) may have been deleted and its inode reused.
+        if self.exe_paths.get(&exe).is_none_or(|known| known != path) {
+            self.exe_paths.insert(exe, path.to_owned());
+        }
+        process
+    }
+
     /// The container of a process: from the cgroup v2 id the kernel reported
     /// (which outlives the process), else from `/proc/<tgid>/cgroup` (cgroup
     /// v1 hosts; the process was just on the network, so it usually still runs).
@@ -220,6 +257,18 @@ impl IdentityTable {
     }
 }
 
+/// The executable path an exec event names, from its own kernel walk
+/// (`/proc` only when the walk was truncated). Cheap: called before the file
+/// is opened, while the process may still run.
+pub fn exec_path(event: &IdentityEvent) -> String {
+    if event.flags & IDENTITY_PATH_TRUNCATED != 0 {
+        let exe = ExeKey::from_kernel(event.exe_dev, event.exe_ino);
+        proc_exe_path(event.tgid, exe).unwrap_or_else(|| format!("/…{}", join_path(event)))
+    } else {
+        join_path(event)
+    }
+}
+
 /// `/proc/<tgid>/exe`, if that process still runs the executable `exe`.
 pub fn proc_exe_path(tgid: u32, exe: ExeKey) -> Option<String> {
     let link = PathBuf::from(format!("/proc/{tgid}/exe"));
@@ -301,6 +350,32 @@ mod tests {
             table.exe_path(4242, key),
             ("/usr/bin/curl".to_owned(), true)
         );
+    }
+
+    #[test]
+    fn a_reused_inode_is_named_by_its_latest_walk() {
+        let mut table = IdentityTable::default();
+        table.record(&event(&["tmp", "deleted-tool"]));
+        let recorded = table.record(&event(&["tmp", "new-tool"]));
+        assert_eq!(recorded.new_exe.as_deref(), Some("/tmp/new-tool"));
+        let key = ExeKey::from_kernel((8 << 20) | 1, 99);
+        assert_eq!(table.exe_path(4242, key).0, "/tmp/new-tool");
+        let mut exec = event(&["tmp", "newest-tool"]);
+        exec.tgid = 4343;
+        table.describe_exec(&exec);
+        assert_eq!(table.exe_path(4242, key).0, "/tmp/newest-tool");
+    }
+
+    #[test]
+    fn exec_is_described_by_its_own_path_and_not_tracked() {
+        let mut table = IdentityTable::default();
+        table.record(&event(&["srv", "a", "tool"]));
+        let mut other = event(&["srv", "b", "tool"]);
+        other.tgid = 4343;
+        let (process, path) = table.describe_exec(&other);
+        assert_eq!(path, "/srv/b/tool", "same (dev, ino), another subvolume");
+        assert_eq!(process.comm, "curl");
+        assert!(table.process(4343).is_none());
     }
 
     #[test]

@@ -212,6 +212,9 @@ pub struct LabelPolicy {
     dimensions: Vec<Dimension>,
     ephemeral_ports: RangeInclusive<u16>,
     exe: Folder,
+    /// The `exe` of `fleetsnitch_exec_total`: the same cap, its own values, so
+    /// programs that only run never crowd networked ones out of the bytes.
+    exec_exe: Folder,
     folders: HashMap<Dimension, Folder>,
     max_series: usize,
     series: HashSet<TrafficLabels>,
@@ -241,6 +244,7 @@ impl LabelPolicy {
             .collect();
         Self {
             exe: Folder::new(cap_of(EXE_LABEL, 5_000)),
+            exec_exe: Folder::new(cap_of(EXE_LABEL, 5_000)),
             dimensions,
             ephemeral_ports,
             folders,
@@ -249,6 +253,13 @@ impl LabelPolicy {
             series_folded: 0,
             user_names: HashMap::new(),
         }
+    }
+
+    /// The `exe` label of `fleetsnitch_exec_total`: folded under the same cap
+    /// as here (`metrics.label_caps.exe`), counted in the same overflow
+    /// (`label="exe"`), but with its own admitted values.
+    pub fn exec_exe_label(&mut self, exe: &str) -> Text {
+        self.exec_exe.fold(exe)
     }
 
     pub fn dimensions(&self) -> &[Dimension] {
@@ -343,7 +354,10 @@ impl LabelPolicy {
     /// `_series` for whole series folded by `max_series`).
     pub fn overflow(&self) -> Vec<(&'static str, u64)> {
         let mut counts = vec![
-            (EXE_LABEL, self.exe.folded_total),
+            (
+                EXE_LABEL,
+                self.exe.folded_total + self.exec_exe.folded_total,
+            ),
             (SERIES_LABEL, self.series_folded),
         ];
         counts.extend(
@@ -426,6 +440,19 @@ mod tests {
             overflow["remote_port"], 7,
             "ports 4..=10 folded, each counted once"
         );
+    }
+
+    #[test]
+    fn executed_programs_never_crowd_networked_ones_out_of_the_exe_cap() {
+        let mut policy = policy(&[], &[("exe", 2)], 1000);
+        for index in 0..5 {
+            policy.exec_exe_label(&format!("/tmp/ran{index}"));
+        }
+        assert_eq!(policy.exec_exe_label("/tmp/ran4").0, OTHER);
+        let labels = policy.labels("/usr/bin/curl", Direction::Sent, &facts(443));
+        assert_eq!(labels.exe.0, "/usr/bin/curl");
+        let overflow: HashMap<_, _> = policy.overflow().into_iter().collect();
+        assert_eq!(overflow["exe"], 3, "/tmp/ran2..4 folded in the exec family");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod connection_log;
 pub mod container;
 pub mod dns;
 pub mod dns_capture;
+pub mod exec_reader;
 pub mod geoip;
 pub mod hashing;
 pub mod http;

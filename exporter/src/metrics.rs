@@ -160,6 +160,45 @@ pub struct Metrics {
     pub journal_writes: Counter,
     pub journal_write_errors: Counter,
     pub journal_dropped: Counter,
+    pub exec: ExecMetrics,
+}
+
+/// Exec tracking (`exec.enabled`): every executed program.
+#[derive(Default)]
+pub struct ExecMetrics {
+    /// Executions per executable path (`exe` capped like every `exe` label).
+    pub total: Family<ExeLabels, Counter>,
+    /// Exec events the kernel could not deliver (exec ring buffer full).
+    pub events_lost: Counter,
+    /// Execs whose file could not be held open for hashing (exec.max_open_files reached).
+    pub open_files_exhausted: Counter,
+    /// 1 for executable paths journaled from execs that never used the network.
+    pub exec_only: Family<ExeLabels, Gauge>,
+}
+
+impl ExecMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "exec",
+            "Programs executed, by executable path (exec tracking)",
+            self.total.clone(),
+        );
+        registry.register(
+            "exec_events_lost",
+            "Exec events the kernel could not deliver (exec ring buffer full)",
+            self.events_lost.clone(),
+        );
+        registry.register(
+            "exec_open_files_exhausted",
+            "Executed programs whose file could not be held open for hashing (exec.max_open_files reached); hashed by path instead",
+            self.open_files_exhausted.clone(),
+        );
+        registry.register(
+            "executable_exec_only",
+            "1 for executables seen executing that never used the network (exec tracking), 0 once they do; join on exe",
+            self.exec_only.clone(),
+        );
+    }
 }
 
 impl Metrics {
@@ -206,8 +245,10 @@ impl Metrics {
             journal_writes: Counter::default(),
             journal_write_errors: Counter::default(),
             journal_dropped: Counter::default(),
+            exec: ExecMetrics::default(),
             registry: Registry::default(),
         };
+        metrics.exec.register(&mut registry);
         registry.register(
             "bytes",
             "Application payload bytes sent and received on network sockets, by executable",

@@ -148,6 +148,11 @@ impl ModificationWatch {
     pub fn has_pending(&self) -> bool {
         !self.dirty.is_empty()
     }
+
+    /// Whether `exe` was written to and the writes have not settled yet.
+    pub fn is_dirty(&self, exe: ExeKey) -> bool {
+        self.dirty.contains_key(&exe)
+    }
 }
 
 impl Default for ModificationWatch {

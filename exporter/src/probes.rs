@@ -253,7 +253,33 @@ pub const PROBES: &[Probe] = &[
             )],
         }],
     },
+    // Exec tracking (exec.enabled): every executed program, not only those on
+    // the network. Left out of the attach walk when the switch is off.
+    Probe {
+        name: EXEC_PROBE,
+        required: false,
+        needs: "the sched:sched_process_exec tracepoint",
+        modes: &[
+            Mode {
+                name: "tp_btf",
+                attachments: &[at(
+                    "process_exec_btf",
+                    Hook::BtfTracePoint("sched_process_exec"),
+                )],
+            },
+            Mode {
+                name: "tracepoint",
+                attachments: &[at(
+                    "process_exec",
+                    Hook::TracePoint("sched", "sched_process_exec"),
+                )],
+            },
+        ],
+    },
 ];
+
+/// The probe of exec tracking, attached only when `exec.enabled` is on.
+pub const EXEC_PROBE: &str = "process_exec";
 
 /// What happened to one probe.
 #[derive(Debug, Clone)]
@@ -290,16 +316,22 @@ impl fmt::Display for NoModeFits {
     }
 }
 
-/// Attaches every probe in [`PROBES`]; fails if a required one cannot attach.
+/// Attaches every probe in [`PROBES`] but those named in `left_out` (features
+/// switched off: not attached, not reported); fails if a required one cannot attach.
 ///
 /// Modes named in `disabled` are skipped, and say so in the outcome.
 pub fn attach_all(
     ebpf: &mut Ebpf,
     btf: &Btf,
     disabled: &[String],
+    left_out: &[&str],
 ) -> Result<Vec<ProbeOutcome>, NoModeFits> {
     let mut outcomes = Vec::with_capacity(PROBES.len());
     for probe in PROBES {
+        if left_out.contains(&probe.name) {
+            tracing::debug!(probe = probe.name, "probe switched off by configuration");
+            continue;
+        }
         let outcome = attach_probe(ebpf, btf, probe, disabled);
         match outcome.mode {
             Some(mode) => tracing::info!(probe = probe.name, mode, "probe attached"),

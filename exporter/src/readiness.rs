@@ -87,6 +87,12 @@ pub fn inspect() -> Vec<Item> {
                     .to_owned(),
         },
         Item {
+            name: "exec tracepoint",
+            ok: tracepoint("sched", "sched_process_exec"),
+            required: false,
+            detail: "sched:sched_process_exec, for exec tracking (exec.enabled)".to_owned(),
+        },
+        Item {
             name: "cgroup v2",
             ok: container::cgroup2_mount().is_some(),
             required: false,

@@ -159,7 +159,8 @@ start_agent() {
 			[ "$m" = "$1" ] || disabled="$disabled${disabled:+, }$m"
 		done
 	fi
-	printf 'probes:\n  disabled_modes: [%s]\n' "$disabled" >"$WORK/agent-$1.yaml"
+	# Exec tracking on: its programs must load and attach on every kernel too.
+	printf 'probes:\n  disabled_modes: [%s]\nexec:\n  enabled: true\n' "$disabled" >"$WORK/agent-$1.yaml"
 	# nsenter switches only the network namespace; `ip netns exec` would also remount
 	# /sys, hiding the cgroup2 and tracefs mounts the agent uses.
 	$BB nsenter --net="/run/netns/$CLI" "$AGENT" --config.file "$WORK/agent-$1.yaml" \
@@ -289,15 +290,32 @@ check_self() {
 	scrape || return
 	bad=
 	for m in fleetsnitch_unresolved_bytes_total fleetsnitch_unattributed_bytes_total \
-		fleetsnitch_events_lost_total fleetsnitch_map_full_total fleetsnitch_drain_errors_total; do
+		fleetsnitch_events_lost_total fleetsnitch_map_full_total fleetsnitch_drain_errors_total \
+		fleetsnitch_exec_events_lost_total; do
 		v=$(metric_sum $m)
 		[ "$v" = 0 ] || bad="$bad $m=$v"
 	done
 	if [ -z "$bad" ]; then
-		say "MATRIX|$KERNEL|$RUN|self_metrics|self|0|0|PASS|unresolved, unattributed, lost, map full, drain errors"
+		say "MATRIX|$KERNEL|$RUN|self_metrics|self|0|0|PASS|unresolved, unattributed, lost, map full, drain errors, exec events lost"
 	else
 		say "MATRIX|$KERNEL|$RUN|self_metrics|self|0|-|FAIL|$bad"
 	fi
+}
+
+# Exec tracking: its probe attached, and the last scenario's copy of trafficgen
+# (executed once) is counted in fleetsnitch_exec_total.
+check_exec() {
+	mode=$(mode_of process_exec "$1")
+	if [ -z "$mode" ]; then
+		say "MATRIX|$KERNEL|$RUN|exec_tracking|self|attached|none|FAIL|the process_exec probe did not attach"
+		return
+	fi
+	scrape || return
+	n=$($BB awk -v want="exe=\"$exe\"" '/^fleetsnitch_exec_total\{/ && index($0, want) { sum += $NF }
+		END { printf "%.0f\n", sum }' "$WORK/metrics")
+	v=FAIL
+	[ "$n" -ge 1 ] && v=PASS
+	say "MATRIX|$KERNEL|$RUN|exec_tracking|self|1|$n|$v|process_exec in mode $mode; execs of $(basename "$exe")"
 }
 
 # A refusal is clear when it names the probe, what it needs and why the mode failed.
@@ -358,6 +376,7 @@ agent_run() {
 		fi
 	done
 	check_self
+	check_exec "$modes"
 	stop_agent
 	if [ -n "${MX_DUMP_LOGS:-}" ]; then
 		while IFS= read -r line; do log "agent-log: $line"; done <"$WORK/agent-$RUN.log"

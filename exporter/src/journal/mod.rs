@@ -376,6 +376,17 @@ impl Writer {
                     exe: state.path.clone().into(),
                 })
                 .set(state.path_first_seen);
+            // Only programs exec tracking saw get a series; it drops to 0
+            // when the program later uses the network.
+            let exe = ExeLabels {
+                exe: state.path.clone().into(),
+            };
+            let exec_only = &self.metrics.exec.exec_only;
+            if !state.path_used_network {
+                exec_only.get_or_create(&exe).set(1);
+            } else if let Some(gauge) = exec_only.get(&exe) {
+                gauge.set(0);
+            }
         }
         for event in events {
             self.metrics

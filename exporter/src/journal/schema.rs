@@ -62,6 +62,13 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX events_by_time ON events (time);
     ",
+    // 2: exec tracking. Programs journaled from an exec alone are marked as
+    // never having used the network (rows before this were all from traffic),
+    // and an unhashed program keeps why it could not be hashed.
+    "
+    ALTER TABLE executables ADD COLUMN used_network INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE executables ADD COLUMN hash_failure TEXT;
+    ",
 ];
 
 /// The version this code writes.
@@ -127,6 +134,23 @@ mod tests {
         assert_eq!(version(&conn).unwrap(), CURRENT_VERSION);
         migrate(&mut conn).unwrap();
         assert_eq!(version(&conn).unwrap(), CURRENT_VERSION);
+    }
+
+    #[test]
+    fn version_1_rows_are_marked_as_networked() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO executables (path, sha256, first_seen, last_seen) VALUES ('/bin/x', 'aa', 1, 1)",
+            [],
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let used: i64 = conn
+            .query_row("SELECT used_network FROM executables", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(used, 1);
     }
 
     #[test]

@@ -48,6 +48,12 @@ pub struct ExecutableSeen {
     pub seen_at: i64,
     /// The file was modified in place since it was last hashed.
     pub modified: bool,
+    /// Seen doing network I/O; `false` for a sighting from exec tracking alone.
+    pub used_network: bool,
+    /// Why it could not be hashed (a `fleetsnitch_hash_failures_total` reason).
+    pub hash_failure: Option<&'static str>,
+    /// Its command line, when exec tracking records them.
+    pub command_line: Option<String>,
 }
 
 /// Traffic of one executable with one peer during one write window.
@@ -114,6 +120,8 @@ pub struct ExecutableState {
     pub first_seen: i64,
     /// When this path was first seen on this host, with any hash.
     pub path_first_seen: i64,
+    /// Whether this path was ever seen doing network I/O.
+    pub path_used_network: bool,
 }
 
 /// What one flush writes.
@@ -133,6 +141,9 @@ struct Sightings {
     first: i64,
     last: i64,
     modified: bool,
+    used_network: bool,
+    hash_failure: Option<&'static str>,
+    command_line: Option<String>,
 }
 
 type RollupKey = Rollup;
@@ -155,6 +166,13 @@ impl Batch {
             ..Sightings::default()
         });
         entry.modified |= seen.modified;
+        entry.used_network |= seen.used_network;
+        if seen.hash_failure.is_some() {
+            entry.hash_failure = seen.hash_failure;
+        }
+        if entry.command_line.is_none() {
+            entry.command_line = seen.command_line;
+        }
         if !seen.name.is_empty() {
             entry.names.insert(seen.name);
         }
@@ -329,7 +347,7 @@ impl Store {
                     kind,
                     exe: Some(exe.clone()),
                     sha256: Some(sha256.clone()).filter(|s| !s.is_empty()),
-                    detail: None,
+                    detail: event_detail(sightings),
                 });
             }
             states.push(state);
@@ -411,11 +429,17 @@ impl Store {
                 [path],
                 |row| row.get(0),
             )?;
+            let path_used_network: bool = self.conn.query_row(
+                "SELECT max(used_network) FROM executables WHERE path = ?1",
+                [path],
+                |row| row.get(0),
+            )?;
             Ok(Some(ExecutableState {
                 path: path.to_owned(),
                 sha256: sha256.to_owned(),
                 first_seen,
                 path_first_seen,
+                path_used_network,
             }))
         };
         query().map_err(|source| StoreError::Write {
@@ -464,15 +488,31 @@ fn upsert_executable(
     let (id, first_seen, new_kind) = match existing {
         Some((id, first_seen)) => {
             tx.execute(
-                "UPDATE executables SET last_seen = max(last_seen, ?2) WHERE id = ?1",
-                params![id, sightings.last],
+                "UPDATE executables SET last_seen = max(last_seen, ?2),
+                     used_network = max(used_network, ?3),
+                     hash_failure = coalesce(?4, hash_failure)
+                 WHERE id = ?1",
+                params![
+                    id,
+                    sightings.last,
+                    sightings.used_network,
+                    sightings.hash_failure
+                ],
             )?;
             (id, first_seen, None)
         }
         None => {
             tx.execute(
-                "INSERT INTO executables (path, sha256, first_seen, last_seen) VALUES (?1, ?2, ?3, ?4)",
-                params![path, sha256, sightings.first, sightings.last],
+                "INSERT INTO executables (path, sha256, first_seen, last_seen, used_network, hash_failure)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    path,
+                    sha256,
+                    sightings.first,
+                    sightings.last,
+                    sightings.used_network,
+                    sightings.hash_failure
+                ],
             )?;
             let kind = match path_first_seen {
                 // An unhashable sighting of a known path is not a new hash.
@@ -502,15 +542,37 @@ fn upsert_executable(
         )?
         .execute(params![id, uid])?;
     }
+    let path_used_network: bool = tx.query_row(
+        "SELECT max(used_network) FROM executables WHERE path = ?1",
+        [path],
+        |row| row.get(0),
+    )?;
     Ok((
         ExecutableState {
             path: path.to_owned(),
             sha256: sha256.to_owned(),
             first_seen,
             path_first_seen: path_first_seen.unwrap_or(first_seen).min(first_seen),
+            path_used_network,
         },
         new_kind,
     ))
+}
+
+/// Detail of a journal event about a new executable: what exec tracking
+/// adds (no network use yet, why there is no hash, the command line).
+fn event_detail(sightings: &Sightings) -> Option<String> {
+    let mut parts = Vec::new();
+    if !sightings.used_network {
+        parts.push("exec only: never used the network".to_owned());
+    }
+    if let Some(reason) = sightings.hash_failure {
+        parts.push(format!("not hashed: {reason}"));
+    }
+    if let Some(command_line) = &sightings.command_line {
+        parts.push(format!("command line: {command_line}"));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 #[cfg(test)]
@@ -528,6 +590,9 @@ mod tests {
             parent_path: Some("/bin/bash".into()),
             seen_at: at,
             modified: false,
+            used_network: true,
+            hash_failure: None,
+            command_line: None,
         }
     }
 
@@ -664,6 +729,53 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("/proc/fleetsnitch-test"), "{err}");
+    }
+
+    #[test]
+    fn exec_only_program_is_marked_until_it_uses_the_network() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("j.db")).unwrap();
+        let mut batch = Batch::default();
+        let mut exec = seen("/usr/bin/quiet", "aa", 100);
+        exec.used_network = false;
+        exec.command_line = Some("quiet --now".into());
+        batch.add_executable(exec);
+        let (states, events) = store.flush(&batch, 90, 10, 100, DAY).unwrap();
+        assert!(!states[0].path_used_network);
+        let detail = events[0].detail.as_deref().unwrap_or_default();
+        assert!(
+            detail.contains("never used the network") && detail.contains("quiet --now"),
+            "{detail}"
+        );
+
+        let mut batch = Batch::default();
+        batch.add_executable(seen("/usr/bin/quiet", "aa", 200));
+        let (states, events) = store.flush(&batch, 190, 10, 200, DAY).unwrap();
+        assert!(events.is_empty(), "{events:?}");
+        assert!(states[0].path_used_network);
+        let used: i64 = store
+            .connection()
+            .query_row("SELECT used_network FROM executables", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(used, 1);
+    }
+
+    #[test]
+    fn unhashed_program_keeps_its_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("j.db")).unwrap();
+        let mut batch = Batch::default();
+        let mut exec = seen("/tmp/gone", "", 100);
+        exec.sha256 = None;
+        exec.used_network = false;
+        exec.hash_failure = Some("process_exited");
+        batch.add_executable(exec);
+        store.flush(&batch, 90, 10, 100, DAY).unwrap();
+        let reason: String = store
+            .connection()
+            .query_row("SELECT hash_failure FROM executables", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(reason, "process_exited");
     }
 
     #[test]
