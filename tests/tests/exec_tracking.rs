@@ -110,6 +110,23 @@ fn a_small_exec_ring_buffer_counts_what_it_loses() -> Result<()> {
     )
 }
 
+/// `BINARIES` distinct copies of a quiet program (`<prefix><i>-<random>`), each
+/// with its sha256.
+fn new_binaries(dir: &Path, prefix: &str) -> Result<Vec<(PathBuf, String)>> {
+    let suffix = random_suffix();
+    (0..BINARIES)
+        .map(|index| {
+            let path = tagged_true(
+                dir,
+                &format!("{prefix}{index}-{suffix}"),
+                &format!("{prefix}-{suffix}-{index}"),
+            )?;
+            let sha256 = sha256_file(&path)?;
+            Ok((path, sha256))
+        })
+        .collect()
+}
+
 /// Runs 2,000 short-lived executions of 20 new binaries under `config`;
 /// checks that every exec is counted or lost, every binary journaled with its
 /// sha256 (or its miss counted with its reason, or lost), and, when
@@ -120,17 +137,7 @@ fn burst_of_execs(config: &str, check_network: bool) -> Result<()> {
         return Ok(());
     }
     let dir = TempDir::new("fsn-exec")?;
-    let suffix = random_suffix();
-    let mut binaries = Vec::with_capacity(BINARIES);
-    for index in 0..BINARIES {
-        let path = tagged_true(
-            dir.path(),
-            &format!("quiet{index}-{suffix}"),
-            &format!("{suffix}-{index}"),
-        )?;
-        let sha256 = sha256_file(&path)?;
-        binaries.push((path, sha256));
-    }
+    let binaries = new_binaries(dir.path(), "quiet")?;
     let talker = exe_copy(&trafficgen(), dir.path(), "talker")?;
     let config = write_config(dir.path(), config)?;
     let agent = AgentGuard::start_with_args(
@@ -290,17 +297,7 @@ fn programs_deleted_as_soon_as_they_exit_are_hashed_or_their_miss_counted() -> R
         return Ok(());
     }
     let dir = TempDir::new("fsn-exec-brief")?;
-    let suffix = random_suffix();
-    let mut binaries = Vec::with_capacity(BINARIES);
-    for index in 0..BINARIES {
-        let path = tagged_true(
-            dir.path(),
-            &format!("brief{index}-{suffix}"),
-            &format!("brief-{suffix}-{index}"),
-        )?;
-        let sha256 = sha256_file(&path)?;
-        binaries.push((path, sha256));
-    }
+    let binaries = new_binaries(dir.path(), "brief")?;
     let config = write_config(dir.path(), EXEC_CONFIG)?;
     let agent = AgentGuard::start_with_args(
         &agent_binary()?,

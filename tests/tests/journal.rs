@@ -369,6 +369,18 @@ fn full_disk_is_counted_and_nothing_queued_is_lost() -> Result<()> {
     Ok(())
 }
 
+/// An agent journaling every 200 ms into `dir/journal.db`; returns the path.
+fn agent_writing_often(dir: &Path) -> Result<(AgentGuard, PathBuf)> {
+    let journal = dir.join("journal.db");
+    let config = write_config(dir, "journal:\n  write_interval: 200ms\n")?;
+    let agent = AgentGuard::start_with_journal(
+        &agent_binary()?,
+        Some(&journal),
+        &["--config.file", config.to_str().unwrap()],
+    )?;
+    Ok((agent, journal))
+}
+
 /// A deleted program's inode number goes to the next file created (ext4 hands
 /// out the lowest free one): the new program must be journaled and exported
 /// under its own path and hash, not the deleted one's.
@@ -379,13 +391,7 @@ fn a_new_program_under_a_reused_inode_number_gets_its_own_path_and_hash() -> Res
         return Ok(());
     }
     let dir = TempDir::new("fsn-inode-reuse")?;
-    let journal = dir.path().join("journal.db");
-    let config = write_config(dir.path(), "journal:\n  write_interval: 200ms\n")?;
-    let agent = AgentGuard::start_with_journal(
-        &agent_binary()?,
-        Some(&journal),
-        &["--config.file", config.to_str().unwrap()],
-    )?;
+    let (agent, journal) = agent_writing_often(dir.path())?;
     let hashed = |path: &Path| -> Result<bool> {
         let sha256 = sha256_file(path)?;
         Ok(query_journal(
@@ -441,13 +447,7 @@ fn connections_from_ephemeral_ports_fold_into_one_rollup_per_window() -> Result<
         return Ok(());
     }
     let dir = TempDir::new("fsn-fold")?;
-    let journal = dir.path().join("journal.db");
-    let config = write_config(dir.path(), "journal:\n  write_interval: 200ms\n")?;
-    let _agent = AgentGuard::start_with_journal(
-        &agent_binary()?,
-        Some(&journal),
-        &["--config.file", config.to_str().unwrap()],
-    )?;
+    let (_agent, journal) = agent_writing_often(dir.path())?;
     // A service port below the ephemeral range (32768-60999).
     let listener = (20_000..20_100)
         .find_map(|port| std::net::TcpListener::bind(("127.0.0.1", port)).ok())
