@@ -172,11 +172,20 @@ impl Hasher {
         let worker_index = index.clone();
         let shared = Arc::new(Shared::default());
         let worker_shared = shared.clone();
+        // fanotify_init needs CAP_SYS_ADMIN, which is dropped once start-up ends:
+        // initialised here, before the worker thread could run late.
+        let watch = ModificationWatch::new();
         thread::Builder::new()
             .name("fleetsnitch-hash".into())
             .spawn(move || {
-                let mut worker =
-                    Worker::new(metrics, journal, virustotal, worker_index, worker_shared);
+                let mut worker = Worker::new(
+                    metrics,
+                    journal,
+                    virustotal,
+                    worker_index,
+                    worker_shared,
+                    watch,
+                );
                 worker.serve(queue);
             })?;
         Ok(Self {
@@ -299,6 +308,7 @@ impl Worker {
         virustotal: Option<VirusTotalHandle>,
         index: HashIndex,
         shared: Arc<Shared>,
+        watch: ModificationWatch,
     ) -> Self {
         Self {
             metrics,
@@ -308,7 +318,7 @@ impl Worker {
             cache: HashMap::new(),
             current: HashMap::new(),
             last_jobs: HashMap::new(),
-            watch: ModificationWatch::new(),
+            watch,
             shared,
         }
     }
@@ -421,7 +431,7 @@ impl Worker {
                     tracing::info!(
                         kernel_dev = job.exe.dev,
                         file_dev,
-                        exe = %job.path,
+                        exe = ?job.path,
                         "executables on this file system (btrfs, overlayfs) are told apart by \
                          their subvolume's or layer's device: every sighting is hashed from \
                          its own file"
@@ -461,7 +471,7 @@ impl Worker {
         };
         if let Err(failure) = &outcome {
             tracing::warn!(
-                exe = %job.path,
+                exe = ?job.path,
                 pid = job.tgid,
                 reason = failure.reason(),
                 "cannot hash executable; it is still recorded"
@@ -563,7 +573,16 @@ const OVERLAYFS_SUPER_MAGIC: i64 = 0x794C_7630;
 /// There the inode must match and the device may differ; the returned
 /// `st_dev` then tells the subvolumes (layers) apart in the hash cache.
 fn open_matching(path: &str, exe: ExeKey) -> Result<(File, u64), Mismatch> {
-    let file = File::open(path).map_err(|_| Mismatch::Missing)?;
+    // A name with invalid UTF-8 is carried as text with `\xNN` escapes; the
+    // file has the raw bytes (the device+inode check below rejects a wrong file).
+    let file = File::open(path)
+        .or_else(|error| match crate::raw_text::to_bytes(path) {
+            Some(raw) => {
+                File::open(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&raw))
+            }
+            None => Err(error),
+        })
+        .map_err(|_| Mismatch::Missing)?;
     let metadata = file.metadata().map_err(|_| Mismatch::Missing)?;
     if metadata.ino() != exe.ino {
         return Err(Mismatch::Other);
@@ -666,6 +685,7 @@ mod tests {
             None,
             HashIndex::default(),
             Arc::new(Shared::default()),
+            ModificationWatch::new(),
         )
     }
 
@@ -766,13 +786,7 @@ mod tests {
         let exe = key_of(&path);
         // The worker alone, without its modification watch running: only the
         // stamp can tell the two files apart.
-        let mut worker = Worker::new(
-            Arc::new(Metrics::new()),
-            None,
-            None,
-            HashIndex::default(),
-            Arc::new(Shared::default()),
-        );
+        let mut worker = worker();
         let sighting = job(exe, u32::MAX - 1, &path.to_string_lossy());
         assert_eq!(
             worker.outcome(&sighting, None).unwrap(),
