@@ -319,6 +319,20 @@ while [ ${#running[@]} -gt 0 ]; do
   for pid in "${running[@]}"; do [ "$pid" = "$REAPED" ] || alive+=("$pid"); done
   running=("${alive[@]}")
 done
+# A guest that timed out with soft lockups on its console was starved of CPU by
+# the emulation (TCG, several guests on a shared 2-core host): it is booted once
+# more, alone. Any other failure, or a second timeout, stands.
+for label in "${vm_labels[@]}"; do
+  serial=$WORK/$label.serial
+  if [ "$(cat "$WORK/$label.rc" 2>/dev/null)" = 124 ] &&
+    ! tr -d '\r' <"$serial" | grep -q 'MXDONE|' &&
+    tr -d '\r' <"$serial" | grep -q 'soft lockup'; then
+    note "$label timed out with soft lockups on its console (the emulator starved of CPU); booting it once more, alone (first console: $WORK/$label.first.serial)"
+    mv "$serial" "$WORK/$label.first.serial"
+    launch_vm "$label"
+    reap "${PIDS[-1]}"
+  fi
+done
 ELAPSED=$(($(date +%s) - START))
 
 # --- results -------------------------------------------------------------------------
@@ -328,6 +342,8 @@ ALL=$WORK/results
 for label in "${labels[@]}"; do
   tr -d '\r' <"$WORK/$label.serial" | grep -oE '(MATRIX|MXRUN|MXDONE|MXBOOT|MXLOG|MXEXIT)\|.*' >"$WORK/$label.lines" || true
   cat "$WORK/$label.lines" >>"$ALL"
+  [ -f "$WORK/$label.first.serial" ] &&
+    echo "MXLOG|$label|retry|booted twice: the first run timed out with soft lockups (CPU-starved emulation)" >>"$ALL"
   if ! grep -q '^MXDONE|' "$WORK/$label.lines"; then
     reason="did not finish (exit $(cat "$WORK/$label.rc" 2>/dev/null || echo ?); 124 = timeout after ${VM_TIMEOUT}s)"
     echo "MATRIX|$label|-|run|-|-|-|FAIL|$reason" >>"$ALL"
