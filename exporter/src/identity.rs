@@ -86,11 +86,10 @@ pub struct Recorded {
 }
 
 impl IdentityTable {
-    /// Records an identity announcement from the kernel.
-    pub fn record(&mut self, event: &IdentityEvent) -> Recorded {
-        let exe = ExeKey::from_kernel(event.exe_dev, event.exe_ino);
+    /// The process an announcement or an exec record describes.
+    fn process_of(&mut self, event: &IdentityEvent, exe: ExeKey) -> Process {
         let parent_exe = ExeKey::from_kernel(event.parent_exe_dev, event.parent_exe_ino);
-        let process = Process {
+        Process {
             tgid: event.tgid,
             start_time_ns: event.start_time_ns,
             exe,
@@ -100,7 +99,13 @@ impl IdentityTable {
             parent_exe,
             parent_path: self.parent_path(event.ppid, parent_exe),
             container: self.container_of(event.tgid, event.cgroup_id),
-        };
+        }
+    }
+
+    /// Records an identity announcement from the kernel.
+    pub fn record(&mut self, event: &IdentityEvent) -> Recorded {
+        let exe = ExeKey::from_kernel(event.exe_dev, event.exe_ino);
+        let process = self.process_of(event, exe);
         let mut new_exe = None;
         let truncated = event.flags & IDENTITY_PATH_TRUNCATED != 0;
         // A known file announced under another path was renamed or hard-linked,
@@ -138,18 +143,7 @@ impl IdentityTable {
         if event.flags & IDENTITY_PATH_TRUNCATED != 0 {
             self.truncated_paths += 1;
         }
-        let parent_exe = ExeKey::from_kernel(event.parent_exe_dev, event.parent_exe_ino);
-        let process = Process {
-            tgid: event.tgid,
-            start_time_ns: event.start_time_ns,
-            exe,
-            comm: c_string(&event.comm),
-            uid: event.uid,
-            ppid: event.ppid,
-            parent_exe,
-            parent_path: self.parent_path(event.ppid, parent_exe),
-            container: self.container_of(event.tgid, event.cgroup_id),
-        };
+        let process = self.process_of(event, exe);
         // The exec's own walk is current: an earlier file at this (device,
         // inode) may have been deleted and its inode reused.
         if self.exe_paths.get(&exe).is_none_or(|known| known != path) {
