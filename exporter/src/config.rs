@@ -13,11 +13,11 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    connection_log::ConnectionLogConfig,
-    journal::IgnoreList,
-    kubernetes::KubernetesConfig,
-    labels::{self, Dimension},
-    otlp::OtlpConfig,
+    enrichment::kubernetes::KubernetesConfig,
+    sinks::connection_log::ConnectionLogConfig,
+    sinks::journal::IgnoreList,
+    sinks::metrics::labels::{self, Dimension},
+    sinks::otlp::OtlpConfig,
 };
 
 /// Where `/metrics` is served unless configured otherwise.
@@ -156,7 +156,7 @@ impl Default for VirusTotalConfig {
 
 impl VirusTotalConfig {
     /// The API key from `api_key` or `api_key_file`, if any.
-    pub fn api_key(&self) -> Result<Option<String>, crate::virustotal::LookupError> {
+    pub fn api_key(&self) -> Result<Option<String>, crate::sinks::virustotal::LookupError> {
         if let Some(key) = self
             .api_key
             .as_deref()
@@ -169,7 +169,7 @@ impl VirusTotalConfig {
             return Ok(None);
         };
         let key = std::fs::read_to_string(path).map_err(|err| {
-            crate::virustotal::LookupError::File(format!(
+            crate::sinks::virustotal::LookupError::File(format!(
                 "virustotal.api_key_file {}: {err}",
                 path.display()
             ))
@@ -420,13 +420,13 @@ impl Config {
         }
         check_range("exec.max_open_files", self.exec.max_open_files, 1, 65_536)?;
         for mode in &self.probes.disabled_modes {
-            if !crate::probes::MODE_NAMES.contains(&mode.as_str()) {
+            if !crate::kernel::probes::MODE_NAMES.contains(&mode.as_str()) {
                 return Err(invalid(
                     "probes.disabled_modes",
                     mode,
                     &format!(
                         "unknown mode; known modes: {}",
-                        crate::probes::MODE_NAMES.join(", ")
+                        crate::kernel::probes::MODE_NAMES.join(", ")
                     ),
                 ));
             }

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use fleetsnitch::{agent, cli::Cli, readiness};
+use fleetsnitch::{agent, cli::Cli, host::readiness};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]

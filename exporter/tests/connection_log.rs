@@ -11,9 +11,9 @@ use std::{
 };
 
 use fleetsnitch::{
-    connection_log::{ConnectionLog, ConnectionLogConfig, rotated},
-    journal::EventKind,
-    otlp::{ConnectionRecord, EventRecord, WindowRecords},
+    sinks::connection_log::{ConnectionLog, ConnectionLogConfig, rotated},
+    sinks::journal::EventKind,
+    sinks::otlp::{ConnectionRecord, EventRecord, WindowRecords},
 };
 use serde_json::Value;
 

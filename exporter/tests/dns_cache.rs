@@ -3,7 +3,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use fleetsnitch::dns::{
+use fleetsnitch::enrichment::dns::{
     Answer, DnsCache, DnsCacheConfig, DnsError, DnsStats, DomainSource, ManualClock, Transport,
 };
 

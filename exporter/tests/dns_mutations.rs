@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fleetsnitch::dns::{
+use fleetsnitch::enrichment::dns::{
     Answer, DnsCache, DnsCacheConfig, MAX_ANSWERS, ManualClock, Parsed, Transport, parse,
     parse_captured,
 };

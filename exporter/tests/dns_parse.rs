@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fleetsnitch::dns::{
+use fleetsnitch::enrichment::dns::{
     Answer, DnsError, MAX_ANSWERS, Transport, parse, parse_captured, parse_response,
 };
 

@@ -11,7 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use fleetsnitch::geoip::{Geo, GeoIp, GeoIpError, GeoRef, is_private_or_local};
+use fleetsnitch::enrichment::geoip::{Geo, GeoIp, GeoIpError, GeoRef, is_private_or_local};
 
 fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

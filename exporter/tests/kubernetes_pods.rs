@@ -21,7 +21,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use fleetsnitch::kubernetes::{InCluster, KubernetesConfig, PodRef, PodResolver};
+use fleetsnitch::enrichment::kubernetes::{InCluster, KubernetesConfig, PodRef, PodResolver};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 

@@ -20,8 +20,8 @@ use std::{
 };
 
 use fleetsnitch::{
-    journal::EventKind,
-    otlp::{
+    sinks::journal::EventKind,
+    sinks::otlp::{
         ConnectionRecord, EventRecord, OtlpConfig, OtlpExporter, OtlpProtocol, ResourceInfo,
         WindowRecords, attr,
     },
@@ -418,7 +418,7 @@ fn bad_configuration_is_refused_with_its_key() {
     let error = OtlpExporter::start(
         &OtlpConfig {
             endpoint: Some("http://127.0.0.1:4318".into()),
-            tls: fleetsnitch::otlp::OtlpTlsConfig {
+            tls: fleetsnitch::sinks::otlp::OtlpTlsConfig {
                 ca_file: Some("/nonexistent/ca.pem".into()),
                 ..Default::default()
             },
@@ -431,7 +431,7 @@ fn bad_configuration_is_refused_with_its_key() {
     let error = OtlpExporter::start(
         &OtlpConfig {
             endpoint: Some("https://127.0.0.1:4318".into()),
-            tls: fleetsnitch::otlp::OtlpTlsConfig {
+            tls: fleetsnitch::sinks::otlp::OtlpTlsConfig {
                 ca_file: Some("/nonexistent/ca.pem".into()),
                 ..Default::default()
             },

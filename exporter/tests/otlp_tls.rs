@@ -5,7 +5,7 @@
 
 use std::{fs, path::Path, sync::Arc, time::Duration};
 
-use fleetsnitch::otlp::{
+use fleetsnitch::sinks::otlp::{
     ConnectionRecord, OtlpConfig, OtlpExporter, OtlpProtocol, OtlpTlsConfig, ResourceInfo,
     WindowRecords,
 };

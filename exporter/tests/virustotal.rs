@@ -18,8 +18,8 @@ use axum::{
 };
 use fleetsnitch::{
     config::VirusTotalConfig,
-    metrics::Metrics,
-    virustotal::{self, Check},
+    sinks::metrics::Metrics,
+    sinks::virustotal::{self, Check},
 };
 
 const MALICIOUS: &str = "1111111111111111111111111111111111111111111111111111111111111111";

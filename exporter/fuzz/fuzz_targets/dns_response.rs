@@ -16,7 +16,7 @@ use std::{net::IpAddr, time::Duration};
 
 use libfuzzer_sys::fuzz_target;
 
-#[path = "../../src/dns/mod.rs"]
+#[path = "../../src/enrichment/dns/mod.rs"]
 #[expect(
     dead_code,
     unused_imports,

@@ -28,19 +28,19 @@ use fleetsnitch_ebpf::{
 
 use crate::{
     config::ExecConfig,
-    dns::{DnsCache, DnsCacheConfig, DnsStats, Transport},
-    dns_capture::DnsCapture,
-    exec_reader::{ExecReader, ExecRecord},
-    geoip::{GeoIp, GeoRef},
-    hashing::{HashJob, Hasher},
-    identity::{ExeKey, IdentityTable, Process},
-    journal::{self, Input, JournalHandle, Rollup},
-    kubernetes::PodResolver,
-    labels::{FlowFacts, LabelPolicy, TrafficLabels},
-    metrics::{
+    enrichment::dns::{DnsCache, DnsCacheConfig, DnsStats, Transport},
+    enrichment::geoip::{GeoIp, GeoRef},
+    enrichment::kubernetes::PodResolver,
+    identity::hashing::{HashJob, Hasher},
+    identity::processes::{ExeKey, IdentityTable, Process},
+    kernel::dns_capture::DnsCapture,
+    kernel::exec_events::{ExecReader, ExecRecord},
+    kernel::flow,
+    sinks::journal::{self, Input, JournalHandle, Rollup},
+    sinks::metrics::labels::{FlowFacts, LabelPolicy, TrafficLabels},
+    sinks::metrics::{
         Direction, DirectionLabels, ExeLabels, LabelLabels, MapLabels, Metrics, ResultLabels,
     },
-    socket,
 };
 
 const IPPROTO_TCP: u8 = 6;
@@ -494,7 +494,7 @@ impl Collector {
                 });
             }
             let process = self.identities.process(key.tgid);
-            let remote = socket::remote_address(&key);
+            let remote = flow::remote_address(&key);
             let geo = match (&self.geoip, remote) {
                 (Some(geoip), Some(ip)) => geoip.lookup_ref(ip),
                 _ => GeoRef::default(),
@@ -513,8 +513,8 @@ impl Collector {
             let facts = FlowFacts {
                 parent: process.and_then(|p| p.parent_path.as_deref()),
                 uid: process.map(|p| p.uid),
-                remote_port: socket::remote_port(&key, &value),
-                transport: socket::transport(&key, &value),
+                remote_port: flow::remote_port(&key, &value),
+                transport: flow::transport(&key, &value),
                 country: geo.country,
                 asn: geo.asn,
                 domain: domain.as_deref(),
@@ -643,9 +643,9 @@ impl Collector {
             sha256: self.hasher.sha256_of(exe).unwrap_or_default(),
             parent: owned(facts.parent),
             uid: facts.uid,
-            transport: socket::transport(key, value),
-            local_port: port(socket::local_port(key, value)),
-            remote_address: socket::remote_address(key).map(|a| a.to_string()),
+            transport: flow::transport(key, value),
+            local_port: port(flow::local_port(key, value)),
+            remote_address: flow::remote_address(key).map(|a| a.to_string()),
             remote_port: port(facts.remote_port),
             domain: owned(facts.domain),
             bytes_sent: value.bytes[DIR_SENT],

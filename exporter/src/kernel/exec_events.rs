@@ -19,8 +19,8 @@ use aya::maps::{MapData, RingBuf};
 use fleetsnitch_ebpf::{EVENT_EXEC, ExecEvent, IDENTITY_NO_EXE};
 
 use crate::{
-    hashing::{FileHolder, HeldFile, NotHeld},
-    identity::{self, ExeKey},
+    identity::hashing::{FileHolder, HeldFile, NotHeld},
+    identity::processes::{self, ExeKey},
 };
 
 /// Execs read but not yet taken by the collector; past this the reader waits
@@ -116,7 +116,7 @@ fn read(
             }
             let identity = &event.identity;
             let exe = ExeKey::from_kernel(identity.exe_dev, identity.exe_ino);
-            let path = identity::exec_path(identity);
+            let path = processes::exec_path(identity);
             let held = holder.hold(identity.tgid, &path, exe, max_open_files);
             let record = ExecRecord {
                 budget_exhausted: matches!(held, Err(NotHeld::BudgetExhausted)),

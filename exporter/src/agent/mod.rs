@@ -1,5 +1,7 @@
 //! Start-up, steady state and shutdown of the agent.
 
+pub mod collector;
+
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::AtomicBool},
@@ -10,21 +12,23 @@ use aya::{Btf, Ebpf, EbpfError, EbpfLoader};
 use tokio::net::TcpListener;
 
 use crate::{
-    collector::{Collector, CollectorError, Health},
+    agent::collector::{Collector, CollectorError, Health},
     config::Config,
-    connection_log::ConnectionLog,
-    dns::DnsCacheConfig,
-    dns_capture::DnsCapture,
-    geoip::GeoIp,
-    hashing::Hasher,
-    http, journal,
-    kubernetes::PodResolver,
-    labels::{self, LabelPolicy},
-    metrics::{Metrics, ProbeLabels},
-    otlp::{OtlpExporter, ResourceInfo},
-    preflight::{self, PreflightError},
-    probes::{self, NoModeFits, ProbeOutcome},
-    virustotal, web_server,
+    enrichment::dns::DnsCacheConfig,
+    enrichment::geoip::GeoIp,
+    enrichment::kubernetes::PodResolver,
+    host::preflight::{self, PreflightError},
+    identity::hashing::Hasher,
+    kernel::dns_capture::DnsCapture,
+    kernel::probes::{self, NoModeFits, ProbeOutcome},
+    sinks::connection_log::ConnectionLog,
+    sinks::journal,
+    sinks::metrics::labels::{self, LabelPolicy},
+    sinks::metrics::{Metrics, ProbeLabels},
+    sinks::otlp::{OtlpExporter, ResourceInfo},
+    sinks::virustotal,
+    web::http,
+    web::server,
 };
 
 /// The kernel programs, compiled by build.rs.
@@ -55,19 +59,19 @@ pub enum AgentError {
     #[error("cannot start a worker thread: {0}")]
     Thread(std::io::Error),
     #[error("GeoIP (geoip.country_database / geoip.asn_database): {0}")]
-    GeoIp(#[from] crate::geoip::GeoIpError),
+    GeoIp(#[from] crate::enrichment::geoip::GeoIpError),
     #[error("OTLP (otlp.*): {0}")]
-    Otlp(#[from] crate::otlp::OtlpError),
+    Otlp(#[from] crate::sinks::otlp::OtlpError),
     #[error("connection log (connection_log.*): {0}")]
-    ConnectionLog(#[from] crate::connection_log::ConnectionLogError),
+    ConnectionLog(#[from] crate::sinks::connection_log::ConnectionLogError),
     #[error("VirusTotal: {0}")]
     VirusTotal(String),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
     #[error(transparent)]
-    WebConfig(#[from] crate::web_config::WebConfigError),
+    WebConfig(#[from] crate::web::config::WebConfigError),
     #[error(transparent)]
-    Privileges(#[from] crate::privileges::PrivilegeError),
+    Privileges(#[from] crate::host::privileges::PrivilegeError),
 }
 
 /// Hands the memory freed after loading (kernel BTF, object file, relocation
@@ -94,7 +98,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         .await
         .map_err(|source| AgentError::Listen { address, source })?;
     let web_settings = match &config.web.config_file {
-        Some(path) => Some((path, web_server::WebState::load(path)?)),
+        Some(path) => Some((path, server::WebState::load(path)?)),
         None => None,
     };
 
@@ -153,9 +157,9 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     };
 
     // Everything that needs more is loaded, attached, opened and bound.
-    let kept = crate::privileges::drop_to_runtime_set()?;
+    let kept = crate::host::privileges::drop_to_runtime_set()?;
     tracing::info!(
-        kept = %crate::privileges::names(kept),
+        kept = %crate::host::privileges::names(kept),
         "capabilities beyond the run-time set dropped in every thread"
     );
 
@@ -173,9 +177,9 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     );
     let served = match web_settings {
         Some((path, settings)) => {
-            let state = web_server::WebState::new(path, settings, metrics_for_web);
-            web_server::spawn_reloader(state.clone());
-            web_server::serve(listener, router, state, shutdown_signal()).await
+            let state = server::WebState::new(path, settings, metrics_for_web);
+            server::spawn_reloader(state.clone());
+            server::serve(listener, router, state, shutdown_signal()).await
         }
         None => http::serve(listener, router, shutdown_signal()).await,
     };

@@ -21,7 +21,7 @@ use nix::{
     },
 };
 
-use crate::identity::ExeKey;
+use crate::identity::processes::ExeKey;
 
 /// Writes keep coming while a file is rewritten: rehash once it is quiet.
 const QUIET_TIME: Duration = Duration::from_millis(300);

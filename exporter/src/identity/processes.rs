@@ -10,7 +10,7 @@ use std::{collections::HashMap, fs, os::unix::fs::MetadataExt, path::PathBuf};
 
 use fleetsnitch_ebpf::{IDENTITY_NO_EXE, IDENTITY_PATH_TRUNCATED, IdentityEvent};
 
-use crate::container::{self, CgroupIndex, ContainerCache, ContainerRef};
+use crate::enrichment::containers::{self, CgroupIndex, ContainerCache, ContainerRef};
 
 /// Label used for traffic of kernel threads, which have no executable.
 pub const KERNEL_EXE: &str = "[kernel]";
@@ -167,7 +167,7 @@ impl IdentityTable {
         if let Some(found) = from_kernel.and_then(|path| containers.container_of(&path)) {
             return Some(found);
         }
-        let cgroup = container::cgroup_path_of(tgid).ok()?;
+        let cgroup = containers::cgroup_path_of(tgid).ok()?;
         containers.container_of(&cgroup)
     }
 
@@ -271,7 +271,7 @@ pub fn proc_exe_path(tgid: u32, exe: ExeKey) -> Option<String> {
         return None;
     }
     let target = fs::read_link(&link).ok()?;
-    let text = crate::raw_text::from_os(target.as_os_str());
+    let text = crate::support::raw_text::from_os(target.as_os_str());
     Some(text.strip_suffix(" (deleted)").unwrap_or(&text).to_owned())
 }
 
@@ -290,7 +290,7 @@ fn join_path(event: &IdentityEvent) -> String {
     if path.is_empty() {
         path.push(b'/');
     }
-    crate::raw_text::from_bytes(&path)
+    crate::support::raw_text::from_bytes(&path)
 }
 
 fn c_bytes(buffer: &[u8]) -> &[u8] {
@@ -299,7 +299,7 @@ fn c_bytes(buffer: &[u8]) -> &[u8] {
 }
 
 fn c_string(buffer: &[u8]) -> String {
-    crate::raw_text::from_bytes(c_bytes(buffer))
+    crate::support::raw_text::from_bytes(c_bytes(buffer))
 }
 
 #[cfg(test)]

@@ -20,8 +20,8 @@ use tokio::sync::mpsc;
 
 use crate::{
     config::VirusTotalConfig,
-    journal::{Event, EventKind, Input, JournalHandle, unix_now},
-    metrics::{ExecutableLabels, Metrics, ResultLabels},
+    sinks::journal::{Event, EventKind, Input, JournalHandle, unix_now},
+    sinks::metrics::{ExecutableLabels, Metrics, ResultLabels},
 };
 
 /// Lookups of one hash that failed for reasons other than rate limiting

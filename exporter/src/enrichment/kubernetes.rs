@@ -26,7 +26,7 @@
 //! kubelet runs them under (their `kubernetes.io/config.mirror` annotation),
 //! so a process in a container not yet in the pod's status (or in the pod
 //! sandbox, whose id is in no status) is still given its pod and namespace
-//! from the pod uid of its cgroup path ([`crate::container::pod_uid_of`]).
+//! from the pod uid of its cgroup path ([`crate::enrichment::containers::pod_uid_of`]).
 //!
 //! The bearer token is read again every `token_reload_interval` (bound
 //! service account tokens are rotated by the kubelet); the CA bundle

@@ -28,11 +28,11 @@ use std::{
 use sha2::{Digest, Sha256};
 
 use crate::{
-    identity::ExeKey,
-    journal::{ExecutableSeen, Input, JournalHandle, unix_now},
-    metrics::{ExeLabels, ExecutableLabels, Metrics, ReasonLabels},
-    modification::ModificationWatch,
-    virustotal::{Check, VirusTotalHandle},
+    identity::modification::ModificationWatch,
+    identity::processes::ExeKey,
+    sinks::journal::{ExecutableSeen, Input, JournalHandle, unix_now},
+    sinks::metrics::{ExeLabels, ExecutableLabels, Metrics, ReasonLabels},
+    sinks::virustotal::{Check, VirusTotalHandle},
 };
 
 /// Label value of `sha256` when the executable could not be hashed.
@@ -576,7 +576,7 @@ fn open_matching(path: &str, exe: ExeKey) -> Result<(File, u64), Mismatch> {
     // A name with invalid UTF-8 is carried as text with `\xNN` escapes; the
     // file has the raw bytes (the device+inode check below rejects a wrong file).
     let file = File::open(path)
-        .or_else(|error| match crate::raw_text::to_bytes(path) {
+        .or_else(|error| match crate::support::raw_text::to_bytes(path) {
             Some(raw) => {
                 File::open(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&raw))
             }

@@ -35,7 +35,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::otlp::{ConnectionRecord, EventRecord, WindowRecords};
+use crate::sinks::otlp::{ConnectionRecord, EventRecord, WindowRecords};
 
 /// Windows waiting for the writer before new ones are dropped.
 const CHANNEL_WINDOWS: usize = 64;
@@ -251,7 +251,7 @@ fn line(value: &impl Serialize) -> String {
 }
 
 fn rfc3339(unix_seconds: i64) -> String {
-    humantime::format_rfc3339_seconds(crate::otlp::unix_time(unix_seconds)).to_string()
+    humantime::format_rfc3339_seconds(crate::sinks::otlp::unix_time(unix_seconds)).to_string()
 }
 
 #[derive(Serialize)]
@@ -354,7 +354,10 @@ fn event_line(record: &EventRecord) -> EventLine<'_> {
         record: "event",
         kind: record.kind.as_str(),
         exe: record.exe.as_deref(),
-        exe_name: record.exe.as_deref().map(crate::otlp::executable_name),
+        exe_name: record
+            .exe
+            .as_deref()
+            .map(crate::sinks::otlp::executable_name),
         sha256: record.sha256.as_deref(),
         detail: record.detail.as_deref(),
     }

@@ -12,7 +12,7 @@ use std::{
 use opentelemetry::logs::{AnyValue, LogRecord as _, Severity};
 use opentelemetry_sdk::logs::SdkLogRecord;
 
-use crate::journal::{Event, EventKind, Rollup};
+use crate::sinks::journal::{Event, EventKind, Rollup};
 
 /// Attribute names. OpenTelemetry semantic conventions where one exists
 /// (process, network, server, container, k8s, geo registries), `fleetsnitch.*`

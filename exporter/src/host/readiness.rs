@@ -7,7 +7,7 @@ use std::{fmt::Write as _, path::Path};
 
 use caps::Capability;
 
-use crate::{container, preflight, privileges};
+use crate::{enrichment::containers, host::preflight, host::privileges};
 
 /// Linux capability number (linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;
@@ -94,7 +94,7 @@ pub fn inspect() -> Vec<Item> {
         },
         Item {
             name: "cgroup v2",
-            ok: container::cgroup2_mount().is_some(),
+            ok: containers::cgroup2_mount().is_some(),
             required: false,
             detail: "for DNS answers (domain label) and container ids that outlive processes"
                 .to_owned(),

@@ -3,9 +3,11 @@
 //! Traffic counters carry only `exe` and `direction`; long values such as the
 //! sha256 live in `fleetsnitch_executable_info`, to be joined on `exe`.
 
+pub mod labels;
+
 use std::{fmt::Write, sync::atomic::AtomicU64};
 
-use crate::labels::TrafficLabels;
+use crate::sinks::metrics::labels::TrafficLabels;
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -533,7 +535,10 @@ mod tests {
             .get_or_create(&TrafficLabels {
                 exe: "/usr/bin/curl \"x\"\n\\".into(),
                 direction: Direction::Sent,
-                extra: vec![(crate::labels::Dimension::Domain, "a\"b".into())],
+                extra: vec![(
+                    crate::sinks::metrics::labels::Dimension::Domain,
+                    "a\"b".into(),
+                )],
             })
             .inc_by(42);
         let text = metrics.encode();

@@ -28,8 +28,8 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    metrics::{Metrics, ResultLabels},
-    web_config::{WebConfigError, WebSettings},
+    sinks::metrics::{Metrics, ResultLabels},
+    web::config::{WebConfigError, WebSettings},
 };
 
 /// How often the file's modification time is looked at.

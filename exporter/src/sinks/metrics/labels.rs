@@ -18,7 +18,7 @@ use std::{
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder};
 use serde::Deserialize;
 
-use crate::metrics::{Direction, Text};
+use crate::sinks::metrics::{Direction, Text};
 
 /// Value of a folded label.
 pub const OTHER: &str = "other";

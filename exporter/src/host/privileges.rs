@@ -464,7 +464,7 @@ mod tests {
             .filter(|need| need.startup)
             .map(|need| need.name.to_owned())
             .collect();
-        let unit = include_str!("../systemd/fleetsnitch.service");
+        let unit = include_str!("../../systemd/fleetsnitch.service");
         for key in ["CapabilityBoundingSet=", "AmbientCapabilities="] {
             let listed: BTreeSet<String> = unit
                 .lines()
@@ -479,7 +479,7 @@ mod tests {
             );
         }
         let values: serde_yaml::Value =
-            serde_yaml::from_str(include_str!("../../helm/fleetsnitch/values.yaml")).unwrap();
+            serde_yaml::from_str(include_str!("../../../helm/fleetsnitch/values.yaml")).unwrap();
         let listed: BTreeSet<String> = values["capabilities"]
             .as_sequence()
             .expect("capabilities list in values.yaml")

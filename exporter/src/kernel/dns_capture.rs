@@ -14,7 +14,7 @@ use aya::{
 };
 use fleetsnitch_ebpf::DnsEvent;
 
-use crate::{container, probes::error_chain};
+use crate::{enrichment::containers, kernel::probes::error_chain};
 
 static DNS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dns.bpf.o"));
 
@@ -58,7 +58,7 @@ const PROGRAMS_OWNERS: &[&str] = &[
 impl DnsCapture {
     /// Loads and attaches the DNS programs; the outcomes go to `fleetsnitch_probe_attached`.
     pub fn start() -> Result<(Self, Vec<DnsProbe>), DnsCaptureError> {
-        let root = container::cgroup2_mount().ok_or(DnsCaptureError::NoCgroup2)?;
+        let root = containers::cgroup2_mount().ok_or(DnsCaptureError::NoCgroup2)?;
         let cgroup = File::open(&root).map_err(|source| DnsCaptureError::OpenCgroup {
             path: root.clone(),
             source,

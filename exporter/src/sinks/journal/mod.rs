@@ -29,9 +29,9 @@ pub use store::{
 
 use crate::{
     config::JournalConfig,
-    connection_log::ConnectionLog,
-    metrics::{ExeLabels, ExecutableLabels, KindLabels, Metrics, PathLabels},
-    otlp::{OtlpExporter, WindowRecords},
+    sinks::connection_log::ConnectionLog,
+    sinks::metrics::{ExeLabels, ExecutableLabels, KindLabels, Metrics, PathLabels},
+    sinks::otlp::{OtlpExporter, WindowRecords},
 };
 
 /// Where each window's records go besides the journal: OTLP and the local
@@ -359,7 +359,7 @@ impl Writer {
     fn publish(&self, states: &[ExecutableState], events: &[Event]) {
         for state in states {
             let sha256 = if state.sha256.is_empty() {
-                crate::hashing::UNAVAILABLE.to_owned()
+                crate::identity::hashing::UNAVAILABLE.to_owned()
             } else {
                 state.sha256.clone()
             };

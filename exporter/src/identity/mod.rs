@@ -1,0 +1,5 @@
+//! Who is behind the traffic: processes, their executables and hashes.
+
+pub mod hashing;
+pub mod modification;
+pub mod processes;

@@ -1,0 +1,3 @@
+//! Small helpers every stage uses.
+
+pub mod raw_text;
