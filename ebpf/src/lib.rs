@@ -185,7 +185,7 @@ const _: () = assert!(size_of::<ExecEvent>() == 80 + PATH_DEPTH * NAME_LEN + 8 +
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{Config, TrafficKey, TrafficValue};
+    use super::{Config, DnsEvent, ExecEvent, ExitEvent, IdentityEvent, TrafficKey, TrafficValue};
 
     // SAFETY: plain `repr(C)` structs of integers with explicit padding fields,
     // valid for every bit pattern.
@@ -194,4 +194,13 @@ mod pod {
     unsafe impl aya::Pod for TrafficKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TrafficValue {}
+    // SAFETY: ring buffer records: `repr(C)` integers and byte arrays with
+    // explicit padding, valid for every bit pattern.
+    unsafe impl aya::Pod for IdentityEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ExitEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ExecEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DnsEvent {}
 }

@@ -19,6 +19,8 @@ pub mod enrichment;
 pub mod host;
 pub mod identity;
 pub mod kernel;
+pub mod model;
 pub mod sinks;
 pub mod support;
+pub mod telemetry;
 pub mod web;

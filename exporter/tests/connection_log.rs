@@ -11,9 +11,8 @@ use std::{
 };
 
 use fleetsnitch::{
+    model::{Bytes, Event, EventKind, FlowRecord, Peer, Program, Sha256, Window, Workload},
     sinks::connection_log::{ConnectionLog, ConnectionLogConfig, rotated},
-    sinks::journal::EventKind,
-    sinks::otlp::{ConnectionRecord, EventRecord, WindowRecords},
 };
 use serde_json::Value;
 
@@ -26,25 +25,33 @@ fn config(path: &Path, max_bytes: u64, max_files: usize) -> ConnectionLogConfig 
     }
 }
 
-fn connection(id: u16) -> ConnectionRecord {
-    ConnectionRecord {
-        exe: "/usr/bin/curl".into(),
-        sha256: Some("ab".repeat(32)),
-        uid: Some(1000),
-        transport: "tcp".into(),
-        remote_address: Some("192.0.2.1".into()),
-        remote_port: Some(id),
-        bytes_sent: u64::from(id),
-        bytes_received: 2 * u64::from(id),
-        ..ConnectionRecord::default()
+fn connection(id: u16) -> FlowRecord {
+    FlowRecord {
+        program: Program {
+            exe: "/usr/bin/curl".into(),
+            sha256: Sha256::from_hex(&"ab".repeat(32)),
+            uid: Some(1000),
+            ..Program::default()
+        },
+        peer: Peer {
+            transport: "tcp",
+            remote_address: "192.0.2.1".parse().ok(),
+            remote_port: Some(id),
+            ..Peer::default()
+        },
+        bytes: Bytes {
+            sent: u64::from(id),
+            received: 2 * u64::from(id),
+        },
+        ..FlowRecord::default()
     }
 }
 
-fn window(ids: impl IntoIterator<Item = u16>) -> WindowRecords {
-    WindowRecords {
+fn window(ids: impl IntoIterator<Item = u16>) -> Window {
+    Window {
         start: 1_767_225_600,
         seconds: 10,
-        connections: ids.into_iter().map(connection).collect(),
+        flows: ids.into_iter().map(connection).collect(),
         events: Vec::new(),
     }
 }
@@ -62,36 +69,44 @@ fn writes_one_json_line_per_record() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("sub/connections.jsonl");
     let mut log = ConnectionLog::start(&config(&path, 1 << 20, 3)).unwrap();
-    let odd = ConnectionRecord {
-        exe: "/opt/we\"ird\n\\path/é".into(),
-        sha256: None,
-        parent: Some("/bin/sh".into()),
-        uid: Some(0),
-        user_name: Some("root".into()),
-        comm: Some("weird".into()),
-        transport: "udp".into(),
-        local_port: Some(5353),
-        remote_address: Some("fd00::1".into()),
-        remote_port: Some(53),
-        domain: Some("example.org".into()),
-        bytes_sent: u64::MAX,
-        bytes_received: 0,
-        container_id: Some("abc".into()),
-        container_name: Some("app".into()),
-        pod: Some("app-1".into()),
-        namespace: Some("prod".into()),
-        country: Some("FR".into()),
-        asn: Some(64_501),
+    let odd = FlowRecord {
+        program: Program {
+            exe: "/opt/we\"ird\n\\path/é".into(),
+            sha256: None,
+            parent: Some("/bin/sh".into()),
+            uid: Some(0),
+            user_name: Some("root".into()),
+            comm: Some("weird".into()),
+        },
+        peer: Peer {
+            transport: "udp",
+            local_port: Some(5353),
+            remote_address: "fd00::1".parse().ok(),
+            remote_port: Some(53),
+            domain: Some("example.org".into()),
+            country: Some("FR".into()),
+            asn: Some(64_501),
+        },
+        workload: Workload {
+            container_id: Some("abc".into()),
+            container_name: Some("app".into()),
+            pod: Some("app-1".into()),
+            namespace: Some("prod".into()),
+        },
+        bytes: Bytes {
+            sent: u64::MAX,
+            received: 0,
+        },
     };
-    let records = WindowRecords {
+    let records = Window {
         start: 1_767_225_600,
         seconds: 10,
-        connections: vec![connection(443), odd],
-        events: vec![EventRecord {
+        flows: vec![connection(443), odd],
+        events: vec![Event {
             time: 1_767_225_603,
             kind: EventKind::NewExecutable,
             exe: Some("/tmp/new".into()),
-            sha256: Some("cd".repeat(32)),
+            sha256: Sha256::from_hex(&"cd".repeat(32)),
             detail: None,
         }],
     };

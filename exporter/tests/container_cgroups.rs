@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use fleetsnitch::enrichment::containers::{
+use fleetsnitch::identity::containers::{
     ContainerRef, Runtime, cgroup_id, cgroup_path_of, cgroup2_mount, container_of,
 };
 

@@ -9,7 +9,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     path::Path,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -21,7 +21,9 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use fleetsnitch::enrichment::kubernetes::{InCluster, KubernetesConfig, PodRef, PodResolver};
+use fleetsnitch::enrichment::kubernetes::{
+    InCluster, KubernetesConfig, PodRef, PodResolver, ResolverCounters,
+};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -366,7 +368,7 @@ fn env(name: &str) -> Option<String> {
 }
 
 fn spawn(fixture: &Fixture) -> PodResolver {
-    PodResolver::try_spawn(&fixture.config, &env)
+    PodResolver::try_spawn(&fixture.config, &env, ResolverCounters::default())
         .expect("resolver starts")
         .expect("in a cluster")
 }
@@ -543,10 +545,7 @@ async fn list_then_watch_keeps_the_map() {
         ),
     );
     let counters = resolver.counters().clone();
-    wait_until("the bookmark", || {
-        counters.watch_events.load(Ordering::Relaxed) >= 5
-    })
-    .await;
+    wait_until("the bookmark", || counters.watch_events.get() >= 5).await;
     std::fs::write(fixture.dir.path().join("token"), "token-2\n").unwrap();
     {
         let mut api = api.lock().unwrap();
@@ -569,10 +568,10 @@ async fn list_then_watch_keeps_the_map() {
     assert_eq!(second.authorization.as_deref(), Some("Bearer token-2"));
 
     // One list, no errors.
-    assert_eq!(counters.lists.load(Ordering::Relaxed), 1);
-    assert_eq!(counters.relists.load(Ordering::Relaxed), 0);
-    assert_eq!(counters.list_errors.load(Ordering::Relaxed), 0);
-    assert_eq!(counters.watch_errors.load(Ordering::Relaxed), 0);
+    assert_eq!(counters.lists.get(), 1);
+    assert_eq!(counters.relists.get(), 0);
+    assert_eq!(counters.list_errors.get(), 0);
+    assert_eq!(counters.watch_errors.get(), 0);
     assert_eq!(requests(&api).iter().filter(|r| !r.watch).count(), 1);
     drop(resolver);
 }
@@ -616,10 +615,10 @@ async fn server_errors_back_off_then_recover() {
     );
 
     let counters = resolver.counters();
-    assert_eq!(counters.list_errors.load(Ordering::Relaxed), 5);
-    assert_eq!(counters.watch_errors.load(Ordering::Relaxed), 2);
-    assert_eq!(counters.lists.load(Ordering::Relaxed), 1);
-    assert_eq!(counters.relists.load(Ordering::Relaxed), 0);
+    assert_eq!(counters.list_errors.get(), 5);
+    assert_eq!(counters.watch_errors.get(), 2);
+    assert_eq!(counters.lists.get(), 1);
+    assert_eq!(counters.relists.get(), 0);
 
     // And the recovered watch works.
     push(&api, event("MODIFIED", db(12, true)));
@@ -655,10 +654,7 @@ async fn gone_triggers_a_relist() {
         ),
     );
     let counters = resolver.counters().clone();
-    wait_until("two relists", || {
-        counters.relists.load(Ordering::Relaxed) >= 2
-    })
-    .await;
+    wait_until("two relists", || counters.relists.get() >= 2).await;
     wait_until("a watch after the relists", || {
         requests(&api).iter().filter(|r| r.watch).count() >= 3 && watch_open(&api)
     })
@@ -679,10 +675,10 @@ async fn gone_triggers_a_relist() {
         last_watch.query.get("resourceVersion").map(String::as_str),
         Some("200")
     );
-    assert_eq!(counters.lists.load(Ordering::Relaxed), 3);
-    assert_eq!(counters.relists.load(Ordering::Relaxed), 2);
-    assert_eq!(counters.watch_errors.load(Ordering::Relaxed), 0);
-    assert_eq!(counters.list_errors.load(Ordering::Relaxed), 0);
+    assert_eq!(counters.lists.get(), 3);
+    assert_eq!(counters.relists.get(), 2);
+    assert_eq!(counters.watch_errors.get(), 0);
+    assert_eq!(counters.list_errors.get(), 0);
 }
 
 #[tokio::test]
@@ -692,10 +688,7 @@ async fn a_rejected_token_is_retried_until_it_rotates() {
     api.lock().unwrap().token = "token-2".to_owned();
     let resolver = spawn(&fixture);
     let counters = resolver.counters().clone();
-    wait_until("401 answers", || {
-        counters.list_errors.load(Ordering::Relaxed) >= 2
-    })
-    .await;
+    wait_until("401 answers", || counters.list_errors.get() >= 2).await;
     assert!(!resolver.index().synced());
     std::fs::write(fixture.dir.path().join("token"), "token-2").unwrap();
     wait_until("the list with the new token", || resolver.index().synced()).await;
@@ -722,11 +715,11 @@ fn outside_kubernetes_there_is_no_resolver() {
         ..KubernetesConfig::default()
     };
     // No token file.
-    assert!(PodResolver::spawn(&config).is_none());
+    assert!(PodResolver::spawn(&config, ResolverCounters::default()).is_none());
     std::fs::write(dir.path().join("token"), "t").unwrap();
     // A token but no KUBERNETES_SERVICE_* variables.
     assert!(
-        PodResolver::try_spawn(&config, &|_| None)
+        PodResolver::try_spawn(&config, &|_| None, ResolverCounters::default())
             .unwrap()
             .is_none()
     );
@@ -851,9 +844,13 @@ async fn in_cluster_over_tls_with_the_cluster_ca() {
     let config = tls_config(dir.path());
 
     // Detection from the service account mount and the environment.
-    let resolver = PodResolver::try_spawn(&config, &in_cluster_env(address))
-        .unwrap()
-        .expect("in a cluster");
+    let resolver = PodResolver::try_spawn(
+        &config,
+        &in_cluster_env(address),
+        ResolverCounters::default(),
+    )
+    .unwrap()
+    .expect("in a cluster");
     wait_until("the list over TLS", || resolver.lookup(&id(1)).is_some()).await;
     wait_until("the watch over TLS", || watch_open(&api)).await;
     push(&api, event("MODIFIED", db(7, true)));
@@ -861,7 +858,7 @@ async fn in_cluster_over_tls_with_the_cluster_ca() {
         resolver.lookup(&id(6)).is_some()
     })
     .await;
-    assert_eq!(resolver.counters().list_errors.load(Ordering::Relaxed), 0);
+    assert_eq!(resolver.counters().list_errors.get(), 0);
 }
 
 #[tokio::test]
@@ -885,18 +882,20 @@ async fn a_server_the_cluster_ca_did_not_sign_is_refused() {
         token_path: config.token_path.clone(),
         ca_pem: Some(other_ca_pem.into_bytes()),
     };
-    let resolver = PodResolver::start(cluster, &config).unwrap();
+    let resolver = PodResolver::start(cluster, &config, ResolverCounters::default()).unwrap();
     let counters = resolver.counters().clone();
-    wait_until("refused lists", || {
-        counters.list_errors.load(Ordering::Relaxed) >= 2
-    })
-    .await;
+    wait_until("refused lists", || counters.list_errors.get() >= 2).await;
     assert!(!resolver.index().synced());
     assert!(requests(&api).is_empty(), "no request got through");
     assert_eq!(resolver.lookup(&id(1)), None);
 
     // A CA file that holds no certificate is refused at start.
     std::fs::write(dir.path().join("ca.crt"), "not a certificate\n").unwrap();
-    let err = PodResolver::try_spawn(&config, &in_cluster_env(address)).unwrap_err();
+    let err = PodResolver::try_spawn(
+        &config,
+        &in_cluster_env(address),
+        ResolverCounters::default(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("ca.crt"), "{err}");
 }

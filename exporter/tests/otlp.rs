@@ -20,11 +20,8 @@ use std::{
 };
 
 use fleetsnitch::{
-    sinks::journal::EventKind,
-    sinks::otlp::{
-        ConnectionRecord, EventRecord, OtlpConfig, OtlpExporter, OtlpProtocol, ResourceInfo,
-        WindowRecords, attr,
-    },
+    model::{Bytes, Event, EventKind, FlowRecord, Peer, Program, Sha256, Window, Workload},
+    sinks::otlp::{OtlpConfig, OtlpExporter, OtlpProtocol, ResourceInfo, attr},
 };
 
 const WINDOW_START: i64 = 1_767_225_600;
@@ -62,28 +59,36 @@ fn resource() -> ResourceInfo {
 }
 
 /// A connection record whose remote port identifies it.
-fn connection(id: u16) -> ConnectionRecord {
-    ConnectionRecord {
-        exe: "/usr/bin/curl".into(),
-        sha256: Some(SHA256.into()),
-        parent: Some("/bin/bash".into()),
-        uid: Some(1000),
-        transport: "tcp".into(),
-        local_port: Some(40_000 + id),
-        remote_address: Some("192.0.2.10".into()),
-        remote_port: Some(id),
-        domain: Some("example.org".into()),
-        bytes_sent: 100 * u64::from(id) + 1,
-        bytes_received: 7 * u64::from(id) + 3,
-        ..ConnectionRecord::default()
+fn connection(id: u16) -> FlowRecord {
+    FlowRecord {
+        program: Program {
+            exe: "/usr/bin/curl".into(),
+            sha256: Sha256::from_hex(SHA256),
+            parent: Some("/bin/bash".into()),
+            uid: Some(1000),
+            ..Program::default()
+        },
+        peer: Peer {
+            transport: "tcp",
+            local_port: Some(40_000 + id),
+            remote_address: "192.0.2.10".parse().ok(),
+            remote_port: Some(id),
+            domain: Some("example.org".into()),
+            ..Peer::default()
+        },
+        bytes: Bytes {
+            sent: 100 * u64::from(id) + 1,
+            received: 7 * u64::from(id) + 3,
+        },
+        ..FlowRecord::default()
     }
 }
 
-fn window(ids: impl IntoIterator<Item = u16>) -> WindowRecords {
-    WindowRecords {
+fn window(ids: impl IntoIterator<Item = u16>) -> Window {
+    Window {
         start: WINDOW_START,
         seconds: 10,
-        connections: ids.into_iter().map(connection).collect(),
+        flows: ids.into_iter().map(connection).collect(),
         events: Vec::new(),
     }
 }
@@ -101,40 +106,48 @@ fn delivers_records_with_their_attributes(protocol: OtlpProtocol) {
     )
     .expect("exporter starts");
 
-    let ipv6 = ConnectionRecord {
-        exe: "/usr/sbin/ntpd".into(),
-        sha256: None,
-        parent: None,
-        uid: Some(0),
-        user_name: Some("root".into()),
-        comm: Some("ntpd".into()),
-        transport: "udp".into(),
-        local_port: Some(123),
-        remote_address: Some("2001:db8::7".into()),
-        remote_port: Some(123),
-        domain: None,
-        bytes_sent: 48,
-        bytes_received: 96,
-        container_id: Some("0123456789abcdef".into()),
-        container_name: Some("ntp".into()),
-        pod: Some("ntp-7d9f".into()),
-        namespace: Some("infra".into()),
-        country: Some("DE".into()),
-        asn: Some(64_500),
+    let ipv6 = FlowRecord {
+        program: Program {
+            exe: "/usr/sbin/ntpd".into(),
+            sha256: None,
+            parent: None,
+            uid: Some(0),
+            user_name: Some("root".into()),
+            comm: Some("ntpd".into()),
+        },
+        peer: Peer {
+            transport: "udp",
+            local_port: Some(123),
+            remote_address: "2001:db8::7".parse().ok(),
+            remote_port: Some(123),
+            domain: None,
+            country: Some("DE".into()),
+            asn: Some(64_500),
+        },
+        workload: Workload {
+            container_id: Some("0123456789abcdef".into()),
+            container_name: Some("ntp".into()),
+            pod: Some("ntp-7d9f".into()),
+            namespace: Some("infra".into()),
+        },
+        bytes: Bytes {
+            sent: 48,
+            received: 96,
+        },
     };
-    let records = WindowRecords {
+    let records = Window {
         start: WINDOW_START,
         seconds: 10,
-        connections: vec![connection(443), ipv6],
+        flows: vec![connection(443), ipv6],
         events: vec![
-            EventRecord {
+            Event {
                 time: WINDOW_START + 3,
                 kind: EventKind::NewExecutable,
                 exe: Some("/tmp/new-tool".into()),
-                sha256: Some(SHA256.into()),
+                sha256: Sha256::from_hex(SHA256),
                 detail: None,
             },
-            EventRecord {
+            Event {
                 time: WINDOW_START + 4,
                 kind: EventKind::AgentError,
                 exe: None,

@@ -5,9 +5,9 @@
 
 use std::{fs, path::Path, sync::Arc, time::Duration};
 
+use fleetsnitch::model::{Bytes, FlowRecord, Peer, Program, Window};
 use fleetsnitch::sinks::otlp::{
-    ConnectionRecord, OtlpConfig, OtlpExporter, OtlpProtocol, OtlpTlsConfig, ResourceInfo,
-    WindowRecords,
+    OtlpConfig, OtlpExporter, OtlpProtocol, OtlpTlsConfig, ResourceInfo,
 };
 use tokio_rustls::rustls::{
     self, RootCertStore,
@@ -124,18 +124,26 @@ fn rustls_pemfile_ca(pem: &str) -> CertificateDer<'static> {
     CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
 }
 
-fn record(id: u16) -> WindowRecords {
-    WindowRecords {
+fn record(id: u16) -> Window {
+    Window {
         start: 1_767_225_600,
         seconds: 10,
-        connections: vec![ConnectionRecord {
-            exe: "/usr/bin/curl".into(),
-            transport: "tcp".into(),
-            remote_address: Some("192.0.2.1".into()),
-            remote_port: Some(id),
-            bytes_sent: 1,
-            bytes_received: 2,
-            ..ConnectionRecord::default()
+        flows: vec![FlowRecord {
+            program: Program {
+                exe: "/usr/bin/curl".into(),
+                ..Program::default()
+            },
+            peer: Peer {
+                transport: "tcp",
+                remote_address: "192.0.2.1".parse().ok(),
+                remote_port: Some(id),
+                ..Peer::default()
+            },
+            bytes: Bytes {
+                sent: 1,
+                received: 2,
+            },
+            ..FlowRecord::default()
         }],
         events: Vec::new(),
     }

@@ -18,9 +18,11 @@ use axum::{
 };
 use fleetsnitch::{
     config::VirusTotalConfig,
-    sinks::metrics::Metrics,
-    sinks::virustotal::{self, Check},
+    model::Sha256,
+    sinks::virustotal::{self, Check, VirusTotalMetrics},
+    telemetry,
 };
+use prometheus_client::registry::Registry;
 
 const MALICIOUS: &str = "1111111111111111111111111111111111111111111111111111111111111111";
 const UNKNOWN: &str = "2222222222222222222222222222222222222222222222222222222222222222";
@@ -101,8 +103,15 @@ async fn start_server() -> (String, Shared) {
     (format!("http://{address}/api/v3"), shared)
 }
 
-fn lookups(metrics: &Metrics) -> HashMap<String, u64> {
-    let text = metrics.encode();
+/// The checker's metrics, registered in a registry of their own.
+fn metrics() -> (Registry, VirusTotalMetrics) {
+    let mut registry = telemetry::registry();
+    let metrics = VirusTotalMetrics::register(&mut registry);
+    (registry, metrics)
+}
+
+fn lookups(registry: &Registry) -> HashMap<String, u64> {
+    let text = telemetry::encode(registry);
     text.lines()
         .filter_map(|line| line.strip_prefix("fleetsnitch_virustotal_lookups_total{result=\""))
         .filter_map(|rest| {
@@ -113,7 +122,7 @@ fn lookups(metrics: &Metrics) -> HashMap<String, u64> {
 }
 
 async fn wait_until(
-    metrics: &Metrics,
+    metrics: &Registry,
     done: impl Fn(&HashMap<String, u64>) -> bool,
 ) -> HashMap<String, u64> {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -139,17 +148,17 @@ fn config(base_url: String, upload_unknown: bool) -> VirusTotalConfig {
 #[tokio::test]
 async fn verdicts_rate_limits_and_bad_answers_are_handled_and_counted() {
     let (base_url, server) = start_server().await;
-    let metrics = Arc::new(Metrics::new());
-    let handle = virustotal::spawn(&config(base_url, false), metrics.clone(), None)
+    let (registry, metrics) = metrics();
+    let handle = virustotal::spawn(&config(base_url, false), metrics, None)
         .unwrap()
         .expect("an API key enables the checker");
     for sha256 in [MALICIOUS, UNKNOWN, LIMITED, MALFORMED] {
         handle.check(Check {
             path: format!("/opt/{}", &sha256[..4]),
-            sha256: sha256.into(),
+            sha256: Sha256::from_hex(sha256).unwrap(),
         });
     }
-    let seen = wait_until(&metrics, |seen| {
+    let seen = wait_until(&registry, |seen| {
         seen.get("malformed") == Some(&3) && seen.get("found") == Some(&2)
     })
     .await;
@@ -162,7 +171,7 @@ async fn verdicts_rate_limits_and_bad_answers_are_handled_and_counted() {
         "given up after 3 attempts: {seen:?}"
     );
 
-    let text = metrics.encode();
+    let text = telemetry::encode(&registry);
     assert!(
         text.contains(&format!(
             "fleetsnitch_virustotal_detections{{exe=\"/opt/1111\",sha256=\"{MALICIOUS}\"}} 7"
@@ -213,17 +222,17 @@ async fn unknown_file_is_uploaded_only_when_enabled() {
     let content = b"#!/bin/sh\necho unknown tool\n";
     std::fs::write(&path, content).unwrap();
     use sha2::Digest;
-    let sha256 = format!("{:x}", sha2::Sha256::digest(content));
+    let sha256 = Sha256::from_digest(&sha2::Sha256::digest(content));
 
-    let metrics = Arc::new(Metrics::new());
-    let handle = virustotal::spawn(&config(base_url, true), metrics.clone(), None)
+    let (registry, metrics) = metrics();
+    let handle = virustotal::spawn(&config(base_url, true), metrics, None)
         .unwrap()
         .unwrap();
     handle.check(Check {
         path: path.to_string_lossy().into_owned(),
         sha256,
     });
-    let seen = wait_until(&metrics, |seen| seen.contains_key("uploaded")).await;
+    let seen = wait_until(&registry, |seen| seen.contains_key("uploaded")).await;
     assert_eq!(seen.get("uploaded"), Some(&1), "{seen:?}");
     let server = server.lock().unwrap();
     assert_eq!(server.uploads.len(), 1);
@@ -235,9 +244,13 @@ async fn unknown_file_is_uploaded_only_when_enabled() {
 
 #[test]
 fn no_api_key_means_no_checker() {
-    let metrics = Arc::new(Metrics::new());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let _guard = runtime.enter();
-    let handle = virustotal::spawn(&VirusTotalConfig::default(), metrics, None).unwrap();
+    let handle = virustotal::spawn(
+        &VirusTotalConfig::default(),
+        VirusTotalMetrics::default(),
+        None,
+    )
+    .unwrap();
     assert!(handle.is_none());
 }

@@ -1,4 +1,6 @@
-//! Start-up, steady state and shutdown of the agent.
+//! Start-up, steady state and shutdown of the agent: each stage is started
+//! with its own configuration section and registers its own metrics; the
+//! collector thread then runs the pipeline until SIGINT or SIGTERM.
 
 pub mod collector;
 
@@ -8,32 +10,52 @@ use std::{
     thread,
 };
 
-use aya::{Btf, Ebpf, EbpfError, EbpfLoader};
+use aya::{Btf, EbpfError};
+use collector::{Collector, CollectorError, CollectorMetrics, Parts};
+use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
 use tokio::net::TcpListener;
 
 use crate::{
-    agent::collector::{Collector, CollectorError, Health},
     config::Config,
-    enrichment::dns::DnsCacheConfig,
-    enrichment::geoip::GeoIp,
-    enrichment::kubernetes::PodResolver,
-    host::preflight::{self, PreflightError},
-    identity::hashing::Hasher,
-    kernel::dns_capture::DnsCapture,
-    kernel::probes::{self, NoModeFits, ProbeOutcome},
-    sinks::connection_log::ConnectionLog,
-    sinks::journal,
-    sinks::metrics::labels::{self, LabelPolicy},
-    sinks::metrics::{Metrics, ProbeLabels},
-    sinks::otlp::{OtlpExporter, ResourceInfo},
-    sinks::virustotal,
-    web::http,
-    web::server,
+    enrichment::{
+        dns::{DnsCache, DnsCacheConfig, DnsCounters},
+        flows::Enricher,
+        geoip::GeoIp,
+        kubernetes::{PodResolver, ResolverCounters},
+        users::UserNames,
+    },
+    host::{
+        preflight::{self, PreflightError},
+        privileges,
+    },
+    identity::{
+        containers,
+        execs::ExecHoldMetrics,
+        hashing::{HashMetrics, Hasher},
+        processes::{IdentityMetrics, IdentityTable},
+    },
+    kernel::{
+        self,
+        dns_capture::{DnsCapture, DnsCaptureMetrics},
+        probes::{self, NoModeFits, ProbeMetrics},
+        stats::KernelStatsMetrics,
+    },
+    sinks::{
+        connection_log::ConnectionLog,
+        fanout::{self, Fanout, RecordPolicy, Sinks},
+        journal::{Journal, JournalMetrics},
+        metrics::TrafficMetrics,
+        otlp::{OtlpExporter, ResourceInfo},
+        virustotal::{self, VirusTotalMetrics},
+    },
+    support::{InvalidValue, error_chain, unix_now},
+    telemetry,
+    web::{
+        health::Health,
+        http,
+        server::{self, WebConfigMetrics},
+    },
 };
-
-/// The kernel programs, compiled by build.rs.
-static BPF_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/fleetsnitch.bpf.o"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -56,6 +78,8 @@ pub enum AgentError {
     NoProbe(#[from] NoModeFits),
     #[error(transparent)]
     Collector(#[from] CollectorError),
+    #[error(transparent)]
+    Config(#[from] InvalidValue),
     #[error("cannot start a worker thread: {0}")]
     Thread(std::io::Error),
     #[error("GeoIP (geoip.country_database / geoip.asn_database): {0}")]
@@ -91,9 +115,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     preflight::raise_memlock_limit();
 
     // Bind first: a port in use is the cheapest failure to report.
-    let address = config
-        .listen_address()
-        .expect("validated before the agent starts");
+    let address = config.web.listen_address()?;
     let listener = TcpListener::bind(address)
         .await
         .map_err(|source| AgentError::Listen { address, source })?;
@@ -104,7 +126,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     let geoip = open_geoip(&config)?;
     let btf = Btf::from_sys_fs().map_err(|source| AgentError::Btf { source })?;
-    let mut ebpf = load_object(&config)?;
+    let mut ebpf =
+        kernel::load_object(&config.collector, &config.exec).map_err(|error: EbpfError| {
+            AgentError::BpfRefused {
+                detail: error_chain(&error),
+            }
+        })?;
     // Exec tracking off: its probe is not attached (nor reported).
     let left_out: &[&str] = if config.exec.enabled {
         &[]
@@ -115,32 +142,75 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     // The parsed kernel BTF is tens of MiB and only needed to attach.
     drop(btf);
 
-    let metrics = Arc::new(Metrics::new());
-    export_probe_outcomes(&metrics, &outcomes);
+    let mut registry = telemetry::registry();
+    register_start_time(&mut registry);
+    let probe_metrics = ProbeMetrics::register(&mut registry);
+    probe_metrics.export(&outcomes);
     let health = Arc::new(Health::default());
-    let sinks = start_sinks(&config)?;
-    let (journal, journal_thread) = journal::spawn(config.journal.clone(), metrics.clone(), sinks)
+
+    // Sinks: everything records reach through the fan-out's queue.
+    let journal_metrics = JournalMetrics::register(&mut registry);
+    let (outbox, records) = fanout::outbox(journal_metrics.dropped.clone());
+    let sinks = Sinks {
+        otlp: start_otlp(&config, &mut registry)?,
+        connection_log: start_connection_log(&config, &mut registry)?,
+        virustotal: virustotal::spawn(
+            &config.virustotal,
+            VirusTotalMetrics::register(&mut registry),
+            Some(outbox.clone()),
+        )
+        .map_err(|error| AgentError::VirusTotal(error.to_string()))?,
+    };
+    let journal_config = config.journal.clone();
+    let fanout = Fanout::spawn(
+        records,
+        move || Journal::open(journal_config, journal_metrics),
+        sinks,
+        RecordPolicy::new(&config.journal, config.metrics.ephemeral_range()?),
+        config.journal.write_interval,
+    )
+    .map_err(AgentError::Thread)?;
+
+    // Identity and enrichment.
+    let hasher = Hasher::spawn(HashMetrics::register(&mut registry), Some(outbox.clone()))
         .map_err(AgentError::Thread)?;
-    let virustotal = virustotal::spawn(&config.virustotal, metrics.clone(), Some(journal.clone()))
-        .map_err(|error| AgentError::VirusTotal(error.to_string()))?;
-    let hasher = Hasher::spawn(metrics.clone(), Some(journal.clone()), virustotal)
-        .map_err(AgentError::Thread)?;
-    let collector = Collector::new(
-        &mut ebpf,
-        metrics.clone(),
-        health.clone(),
+    if let Some(geoip) = &geoip {
+        geoip.register(&mut registry);
+    }
+    let enricher = Enricher {
+        geoip,
+        domains: DnsCache::new(DnsCacheConfig::default())
+            .with_counters(DnsCounters::register(&mut registry)),
+        pods: PodResolver::spawn(
+            &config.kubernetes,
+            ResolverCounters::register(&mut registry),
+        ),
+        users: UserNames::default(),
+    };
+    let dns = start_dns_capture(&probe_metrics, DnsCaptureMetrics::register(&mut registry));
+
+    let parts = Parts {
+        identities: IdentityTable::new(IdentityMetrics::register(&mut registry)),
         hasher,
-        Some(journal),
-        label_policy(&config),
-        config.collector.drain_interval,
-    )?
-    .with_ephemeral_ports_in_rollups(config.journal.record_ephemeral_ports)
-    .with_geoip(geoip)
-    .with_dns(start_dns_capture(&metrics), DnsCacheConfig::default())
-    .with_pods(PodResolver::spawn(&config.kubernetes));
+        enricher,
+        dns,
+        traffic_metrics: TrafficMetrics::register(&mut registry, &config.metrics)?,
+        outbox,
+        metrics: CollectorMetrics::register(&mut registry),
+        stats: KernelStatsMetrics::register(&mut registry),
+        health: health.clone(),
+        drain_interval: config.collector.drain_interval,
+    };
+    let exec_metrics = ExecHoldMetrics::register(&mut registry);
+    let collector = Collector::new(&mut ebpf, parts)?;
     let collector = if config.exec.enabled {
         tracing::info!("exec tracking on: every executed program is journaled");
-        collector.with_exec(&mut ebpf, &config.exec)?
+        collector.with_exec(
+            &mut ebpf,
+            config.exec.max_open_files as usize,
+            config.exec.record_command_lines,
+            exec_metrics,
+        )?
     } else {
         collector
     };
@@ -157,27 +227,28 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     };
 
     // Everything that needs more is loaded, attached, opened and bound.
-    let kept = crate::host::privileges::drop_to_runtime_set()?;
+    let kept = privileges::drop_to_runtime_set()?;
     tracing::info!(
-        kept = %crate::host::privileges::names(kept),
+        kept = %privileges::names(kept),
         "capabilities beyond the run-time set dropped in every thread"
     );
 
+    let web_metrics = WebConfigMetrics::register(&mut registry);
+    let registry = Arc::new(registry);
     tracing::info!(
         %address,
         telemetry_path = %config.web.telemetry_path,
         "fleetsnitch is counting; serving metrics"
     );
-    let metrics_for_web = metrics.clone();
     let router = http::router(
         &config.web.telemetry_path,
-        metrics,
+        registry,
         health,
         config.collector.drain_interval,
     );
     let served = match web_settings {
         Some((path, settings)) => {
-            let state = server::WebState::new(path, settings, metrics_for_web);
+            let state = server::WebState::new(path, settings, web_metrics);
             server::spawn_reloader(state.clone());
             server::serve(listener, router, state, shutdown_signal()).await
         }
@@ -189,95 +260,78 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     if collector_thread.join().is_err() {
         tracing::error!("the collector thread panicked");
     }
-    // The collector held the last journal handles (its own and the hasher's):
-    // the journal thread now writes what is queued and stops.
-    if journal_thread.join().is_err() {
-        tracing::error!("the journal thread panicked");
-    }
+    // The collector's last drain is queued: the sinks deliver it and stop.
+    fanout.stop();
     // Dropping the object detaches every link and unloads every program.
     drop(ebpf);
     served.map_err(AgentError::Http)
 }
 
-fn load_object(config: &Config) -> Result<Ebpf, AgentError> {
-    // Off, exec tracking keeps its ring buffer at one page.
-    let exec_ring = if config.exec.enabled {
-        config.exec.ring_buffer_bytes
-    } else {
-        4096
-    };
-    EbpfLoader::new()
-        .map_max_entries("traffic", config.collector.traffic_map_entries)
-        .map_max_entries("announced", config.collector.process_map_entries)
-        .map_max_entries("events", config.collector.ring_buffer_bytes)
-        .map_max_entries("exec_events", exec_ring)
-        .override_global(
-            "record_command_lines",
-            &u32::from(config.exec.record_command_lines),
-            true,
-        )
-        .load(BPF_OBJECT)
-        .map_err(|error: EbpfError| AgentError::BpfRefused {
-            detail: probes::error_chain(&error),
-        })
+/// `fleetsnitch_start_time_seconds`.
+fn register_start_time(registry: &mut Registry) {
+    let start_time = Gauge::<i64>::default();
+    start_time.set(unix_now());
+    registry.register_with_unit(
+        "start_time",
+        "Unix time the agent started; executables first seen after it are new in this run",
+        prometheus_client::registry::Unit::Seconds,
+        start_time,
+    );
 }
 
-/// Starts the OTLP exporter and the local connection log, when enabled.
-fn start_sinks(config: &Config) -> Result<journal::Sinks, AgentError> {
-    let otlp = if config.otlp.enabled {
-        let mut resource = ResourceInfo::detect();
-        resource.k8s_node_name = config
-            .kubernetes
-            .node_name
-            .clone()
-            .or_else(|| std::env::var(&config.kubernetes.node_name_env).ok());
-        let exporter = OtlpExporter::start(&config.otlp, &resource)?;
-        tracing::info!("OTLP log export enabled");
-        Some(exporter)
-    } else {
-        None
-    };
-    let connection_log = if config.connection_log.enabled {
-        Some(ConnectionLog::start(&config.connection_log)?)
-    } else {
-        None
-    };
-    Ok(journal::Sinks {
-        otlp,
-        connection_log,
-    })
+/// Starts the OTLP exporter, when enabled.
+fn start_otlp(
+    config: &Config,
+    registry: &mut Registry,
+) -> Result<Option<OtlpExporter>, AgentError> {
+    if !config.otlp.enabled {
+        return Ok(None);
+    }
+    let mut resource = ResourceInfo::detect();
+    resource.k8s_node_name = config
+        .kubernetes
+        .node_name
+        .clone()
+        .or_else(|| std::env::var(&config.kubernetes.node_name_env).ok());
+    let exporter = OtlpExporter::start(&config.otlp, &resource)?;
+    exporter.counters().register(registry);
+    tracing::info!("OTLP log export enabled");
+    Ok(Some(exporter))
+}
+
+/// Starts the local connection log, when enabled.
+fn start_connection_log(
+    config: &Config,
+    registry: &mut Registry,
+) -> Result<Option<ConnectionLog>, AgentError> {
+    if !config.connection_log.enabled {
+        return Ok(None);
+    }
+    let log = ConnectionLog::start(&config.connection_log)?;
+    log.counters().register(registry);
+    Ok(Some(log))
 }
 
 /// Starts DNS capture; without it the agent runs, with empty domains.
-fn start_dns_capture(metrics: &Metrics) -> Option<DnsCapture> {
-    match DnsCapture::start() {
-        Ok((capture, probes)) => {
-            for probe in probes {
-                metrics
-                    .probe_attached
-                    .get_or_create(&ProbeLabels {
-                        probe: probe.probe.to_owned(),
-                        mode: if probe.error.is_some() {
-                            "none"
-                        } else {
-                            probe.mode
-                        }
-                        .to_owned(),
-                    })
-                    .set(i64::from(probe.error.is_none()));
+fn start_dns_capture(probes: &ProbeMetrics, metrics: DnsCaptureMetrics) -> Option<DnsCapture> {
+    let started = match containers::cgroup2_mount() {
+        Some(root) => DnsCapture::start(&root, metrics).map_err(|error| error.to_string()),
+        None => Err("no cgroup v2 hierarchy is mounted: DNS answers cannot be captured".into()),
+    };
+    match started {
+        Ok((capture, outcomes)) => {
+            for outcome in outcomes {
+                probes.set(
+                    outcome.probe,
+                    outcome.error.is_none().then_some(outcome.mode),
+                );
             }
             Some(capture)
         }
         Err(error) => {
             tracing::warn!(%error, "DNS capture unavailable: domains stay empty");
             for probe in ["dns_owners", "dns_answers"] {
-                metrics
-                    .probe_attached
-                    .get_or_create(&ProbeLabels {
-                        probe: probe.to_owned(),
-                        mode: "none".to_owned(),
-                    })
-                    .set(0);
+                probes.set(probe, None);
             }
             None
         }
@@ -287,14 +341,13 @@ fn start_dns_capture(metrics: &Metrics) -> Option<DnsCapture> {
 /// Opens the configured GeoIP databases; a configured file that cannot be
 /// read stops the agent (an operator asked for it).
 fn open_geoip(config: &Config) -> Result<Option<GeoIp>, AgentError> {
-    let (country, asn) = (
-        config.geoip.country_database.as_deref(),
-        config.geoip.asn_database.as_deref(),
-    );
-    if country.is_none() && asn.is_none() {
+    if !config.geoip.is_enabled() {
         return Ok(None);
     }
-    let geoip = GeoIp::open(country, asn)?;
+    let geoip = GeoIp::open(
+        config.geoip.country_database.as_deref(),
+        config.geoip.asn_database.as_deref(),
+    )?;
     for database in geoip.databases() {
         tracing::info!(
             path = %database.path().display(),
@@ -303,31 +356,6 @@ fn open_geoip(config: &Config) -> Result<Option<GeoIp>, AgentError> {
         );
     }
     Ok(Some(geoip))
-}
-
-fn label_policy(config: &Config) -> LabelPolicy {
-    let metrics = &config.metrics;
-    let ephemeral = labels::parse_port_range(&metrics.ephemeral_ports)
-        .expect("validated before the agent starts");
-    LabelPolicy::new(
-        &metrics.bytes_labels,
-        &metrics.label_caps,
-        ephemeral,
-        metrics.max_series,
-    )
-}
-
-fn export_probe_outcomes(metrics: &Metrics, outcomes: &[ProbeOutcome]) {
-    for outcome in outcomes {
-        let labels = ProbeLabels {
-            probe: outcome.probe.to_owned(),
-            mode: outcome.mode.unwrap_or("none").to_owned(),
-        };
-        metrics
-            .probe_attached
-            .get_or_create(&labels)
-            .set(i64::from(outcome.mode.is_some()));
-    }
 }
 
 async fn shutdown_signal() {

@@ -34,11 +34,28 @@ use std::{
     fmt, fs, io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, Ordering},
 };
 
 use maxminddb::{MaxMindDbError, Reader};
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+
+/// The `geoip:` section of the configuration.
+#[derive(Debug, Clone, Default, serde::Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GeoIpConfig {
+    /// A country (or city) database: GeoLite2-Country/City or DB-IP country/city lite.
+    pub country_database: Option<PathBuf>,
+    /// An ASN database: GeoLite2-ASN or DB-IP ASN lite.
+    pub asn_database: Option<PathBuf>,
+}
+
+impl GeoIpConfig {
+    pub fn is_enabled(&self) -> bool {
+        self.country_database.is_some() || self.asn_database.is_some()
+    }
+}
 
 /// What a lookup found. Every field is `None` when no database knows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -264,7 +281,7 @@ impl Database {
 #[derive(Debug)]
 pub struct GeoIp {
     databases: Vec<Database>,
-    lookup_errors: AtomicU64,
+    lookup_errors: Counter,
     error_logged: AtomicBool,
 }
 
@@ -321,9 +338,18 @@ impl GeoIp {
     fn from_databases(databases: Vec<Database>) -> Self {
         Self {
             databases,
-            lookup_errors: AtomicU64::new(0),
+            lookup_errors: Counter::default(),
             error_logged: AtomicBool::new(false),
         }
+    }
+
+    /// Exports the lookups that failed as `fleetsnitch_geoip_lookup_errors_total`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "geoip_lookup_errors",
+            "GeoIP lookups that failed because a database could not be decoded (a corrupt file): country and ASN may be missing",
+            self.lookup_errors.clone(),
+        );
     }
 
     /// The databases, in the order they are asked.
@@ -385,12 +411,12 @@ impl GeoIp {
     /// corrupt file), since open. Those lookups returned what the other
     /// databases knew.
     pub fn lookup_errors(&self) -> u64 {
-        self.lookup_errors.load(Ordering::Relaxed)
+        self.lookup_errors.get()
     }
 
     #[cold]
     fn record_error(&self, database: &Database, ip: IpAddr, error: &MaxMindDbError) {
-        self.lookup_errors.fetch_add(1, Ordering::Relaxed);
+        self.lookup_errors.inc();
         if !self.error_logged.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 database = %database.path.display(),

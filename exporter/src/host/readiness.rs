@@ -7,7 +7,8 @@ use std::{fmt::Write as _, path::Path};
 
 use caps::Capability;
 
-use crate::{enrichment::containers, host::preflight, host::privileges};
+use super::{preflight, privileges};
+use crate::identity::containers;
 
 /// Linux capability number (linux/capability.h).
 const CAP_SYS_ADMIN: u32 = 21;

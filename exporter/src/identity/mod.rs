@@ -1,5 +1,7 @@
 //! Who is behind the traffic: processes, their executables and hashes.
 
+pub mod containers;
+pub mod execs;
 pub mod hashing;
 pub mod modification;
 pub mod processes;

@@ -10,7 +10,12 @@ use std::{collections::HashMap, fs, os::unix::fs::MetadataExt, path::PathBuf};
 
 use fleetsnitch_ebpf::{IDENTITY_NO_EXE, IDENTITY_PATH_TRUNCATED, IdentityEvent};
 
-use crate::enrichment::containers::{self, CgroupIndex, ContainerCache, ContainerRef};
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
+
+use super::containers::{self, CgroupIndex, ContainerCache, ContainerRef};
 
 /// Label used for traffic of kernel threads, which have no executable.
 pub const KERNEL_EXE: &str = "[kernel]";
@@ -65,6 +70,36 @@ pub struct Process {
 /// Distinct cgroup paths whose container is remembered.
 const CONTAINER_CACHE_ENTRIES: usize = 4096;
 
+/// What the identity table knows and could not find.
+#[derive(Debug, Clone, Default)]
+pub struct IdentityMetrics {
+    tracked_processes: Gauge,
+    tracked_executables: Gauge,
+    truncated_paths: Counter,
+}
+
+impl IdentityMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "tracked_processes",
+            "Processes with a known identity",
+            metrics.tracked_processes.clone(),
+        );
+        registry.register(
+            "tracked_executables",
+            "Executables with a known path",
+            metrics.tracked_executables.clone(),
+        );
+        registry.register(
+            "truncated_paths",
+            "Executable paths too deep or too long for the kernel walk, resolved through /proc",
+            metrics.truncated_paths.clone(),
+        );
+        metrics
+    }
+}
+
 /// Processes and executables known to the agent.
 #[derive(Debug, Default)]
 pub struct IdentityTable {
@@ -74,7 +109,7 @@ pub struct IdentityTable {
     /// Processes that exited, kept until the drain that carries their last traffic.
     exited: Vec<(u32, u64)>,
     exe_paths: HashMap<ExeKey, String>,
-    truncated_paths: u64,
+    metrics: IdentityMetrics,
 }
 
 /// What [`IdentityTable::record`] learnt.
@@ -86,6 +121,13 @@ pub struct Recorded {
 }
 
 impl IdentityTable {
+    pub fn new(metrics: IdentityMetrics) -> Self {
+        Self {
+            metrics,
+            ..Self::default()
+        }
+    }
+
     /// The process an announcement or an exec record describes.
     fn process_of(&mut self, event: &IdentityEvent, exe: ExeKey) -> Process {
         let parent_exe = ExeKey::from_kernel(event.parent_exe_dev, event.parent_exe_ino);
@@ -114,7 +156,7 @@ impl IdentityTable {
         let path_changed = |known: &String| !truncated && *known != join_path(event);
         if event.flags & IDENTITY_NO_EXE == 0 && self.exe_paths.get(&exe).is_none_or(path_changed) {
             let path = if truncated {
-                self.truncated_paths += 1;
+                self.metrics.truncated_paths.inc();
                 proc_exe_path(event.tgid, exe).unwrap_or_else(|| format!("/…{}", join_path(event)))
             } else {
                 join_path(event)
@@ -141,7 +183,7 @@ impl IdentityTable {
     pub fn exec_process(&mut self, event: &IdentityEvent, path: &str) -> Process {
         let exe = ExeKey::from_kernel(event.exe_dev, event.exe_ino);
         if event.flags & IDENTITY_PATH_TRUNCATED != 0 {
-            self.truncated_paths += 1;
+            self.metrics.truncated_paths.inc();
         }
         let process = self.process_of(event, exe);
         // The exec's own walk is current: an earlier file at this (device,
@@ -209,6 +251,12 @@ impl IdentityTable {
                 self.processes.remove(&tgid);
             }
         }
+        self.metrics
+            .tracked_processes
+            .set(self.processes.len() as i64);
+        self.metrics
+            .tracked_executables
+            .set(self.exe_paths.len() as i64);
     }
 
     pub fn process(&self, tgid: u32) -> Option<&Process> {
@@ -244,10 +292,6 @@ impl IdentityTable {
 
     pub fn executable_count(&self) -> usize {
         self.exe_paths.len()
-    }
-
-    pub fn truncated_paths(&self) -> u64 {
-        self.truncated_paths
     }
 }
 

@@ -5,7 +5,10 @@
 //! (or when the kernel refuses the program types) the agent runs without
 //! domains and says so in `fleetsnitch_probe_attached`.
 
-use std::{fs::File, path::PathBuf};
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -13,15 +16,15 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr},
 };
 use fleetsnitch_ebpf::DnsEvent;
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
 
-use crate::{enrichment::containers, kernel::probes::error_chain};
+use super::ring;
+use crate::support::error_chain;
 
 static DNS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dns.bpf.o"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DnsCaptureError {
-    #[error("no cgroup v2 hierarchy is mounted: DNS answers cannot be captured")]
-    NoCgroup2,
     #[error("cannot open the cgroup v2 root {path}: {source}")]
     OpenCgroup {
         path: PathBuf,
@@ -40,12 +43,31 @@ pub struct DnsProbe {
     pub error: Option<String>,
 }
 
+/// `fleetsnitch_dns_answers_lost_total`.
+#[derive(Debug, Clone, Default)]
+pub struct DnsCaptureMetrics {
+    answers_lost: Counter,
+}
+
+impl DnsCaptureMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "dns_answers_lost",
+            "DNS responses the kernel could not deliver (DNS ring buffer full): their domains are missing",
+            metrics.answers_lost.clone(),
+        );
+        metrics
+    }
+}
+
 pub struct DnsCapture {
     // Keeps the programs attached; dropping it detaches them.
     _ebpf: Ebpf,
     events: RingBuf<MapData>,
     lost: PerCpuArray<MapData, u64>,
     lost_seen: u64,
+    metrics: DnsCaptureMetrics,
 }
 
 const PROGRAMS_OWNERS: &[&str] = &[
@@ -57,10 +79,13 @@ const PROGRAMS_OWNERS: &[&str] = &[
 
 impl DnsCapture {
     /// Loads and attaches the DNS programs; the outcomes go to `fleetsnitch_probe_attached`.
-    pub fn start() -> Result<(Self, Vec<DnsProbe>), DnsCaptureError> {
-        let root = containers::cgroup2_mount().ok_or(DnsCaptureError::NoCgroup2)?;
-        let cgroup = File::open(&root).map_err(|source| DnsCaptureError::OpenCgroup {
-            path: root.clone(),
+    /// `cgroup_root` is the root of the cgroup v2 hierarchy.
+    pub fn start(
+        cgroup_root: &Path,
+        metrics: DnsCaptureMetrics,
+    ) -> Result<(Self, Vec<DnsProbe>), DnsCaptureError> {
+        let cgroup = File::open(cgroup_root).map_err(|source| DnsCaptureError::OpenCgroup {
+            path: cgroup_root.to_owned(),
             source,
         })?;
         let mut ebpf = EbpfLoader::new()
@@ -109,6 +134,7 @@ impl DnsCapture {
                 events,
                 lost,
                 lost_seen: 0,
+                metrics,
             },
             outcomes,
         ))
@@ -117,14 +143,9 @@ impl DnsCapture {
     /// Hands every pending answer to `handle`.
     pub fn drain(&mut self, mut handle: impl FnMut(&DnsEvent)) {
         while let Some(item) = self.events.next() {
-            let bytes: &[u8] = &item;
-            if bytes.len() < size_of::<DnsEvent>() {
-                continue;
+            if let Some(event) = ring::read::<DnsEvent>(&item) {
+                handle(&event);
             }
-            // SAFETY: the length was checked; DnsEvent is integers and byte
-            // arrays, valid for any bit pattern.
-            let event: DnsEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-            handle(&event);
         }
     }
 
@@ -134,16 +155,17 @@ impl DnsCapture {
         self.events.as_raw_fd()
     }
 
-    /// Answers lost since the last call because the ring buffer was full.
-    pub fn take_lost(&mut self) -> u64 {
+    /// Counts the answers lost since the last call because the ring buffer was full.
+    pub fn report_lost(&mut self) {
         let total: u64 = self
             .lost
             .get(&0, 0)
             .map(|values| values.iter().sum())
             .unwrap_or(self.lost_seen);
-        let delta = total.saturating_sub(self.lost_seen);
+        self.metrics
+            .answers_lost
+            .inc_by(total.saturating_sub(self.lost_seen));
         self.lost_seen = total;
-        delta
     }
 }
 

@@ -1,8 +1,9 @@
 //! Exec tracking's reader: a thread that only drains the `exec_events` ring
-//! buffer and opens each executed file at once, while the program may still
-//! run (many exit within a millisecond). Everything slower (parent, container,
-//! metrics, hashing, journal) happens later, on the collector and the hasher,
-//! which receive each exec with its file already held.
+//! buffer and hands each exec at once to a function run on that thread (the
+//! agent's opens the executed file while the program may still run: many exit
+//! within a millisecond). Everything slower (parent, container, metrics,
+//! hashing, journal) happens later, on the collector and the hasher, which
+//! receive what that function returned.
 
 use std::{
     io,
@@ -13,51 +14,76 @@ use std::{
         mpsc,
     },
     thread::{self, JoinHandle},
+    time::Duration,
 };
 
 use aya::maps::{MapData, RingBuf};
 use fleetsnitch_ebpf::{EVENT_EXEC, ExecEvent, IDENTITY_NO_EXE};
+use serde::Deserialize;
 
-use crate::{
-    identity::hashing::{FileHolder, HeldFile, NotHeld},
-    identity::processes::{self, ExeKey},
-};
+use super::ring;
+use crate::support::{InvalidValue, check_range, check_ring_buffer};
 
 /// Execs read but not yet taken by the collector; past this the reader waits
 /// and the kernel counts what no longer fits in the ring buffer.
 const QUEUE: usize = 16_384;
 
-/// One exec, as the reader saw it.
-pub struct ExecRecord {
-    pub event: Box<ExecEvent>,
-    /// The executable's path, from the event's own kernel walk.
-    pub path: String,
-    /// The executable, held open for hashing.
-    pub file: Option<Arc<HeldFile>>,
-    /// Not held because `exec.max_open_files` descriptors were held already.
-    pub budget_exhausted: bool,
+/// How long the reader sleeps in poll(2) before it looks at its stop flag.
+const POLL_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The `exec:` section of the configuration: every executed program, not
+/// only those on the network.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecConfig {
+    /// Journal and export every executed program. Off: the exec probe is not attached.
+    pub enabled: bool,
+    /// Size of the ring buffer carrying exec events to the agent.
+    pub ring_buffer_bytes: u32,
+    /// Read each program's command line (it may hold secrets) for the OTLP records.
+    pub record_command_lines: bool,
+    /// File descriptors held open on executables waiting to be hashed.
+    pub max_open_files: u32,
+}
+
+impl Default for ExecConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            ring_buffer_bytes: 1 << 20,
+            record_command_lines: false,
+            max_open_files: 256,
+        }
+    }
+}
+
+impl ExecConfig {
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        check_ring_buffer("exec.ring_buffer_bytes", self.ring_buffer_bytes)?;
+        check_range("exec.max_open_files", self.max_open_files, 1, 65_536)
+    }
 }
 
 /// The reader thread; stopped and joined on drop.
-pub struct ExecReader {
-    records: Option<mpsc::Receiver<ExecRecord>>,
+pub struct ExecReader<T> {
+    records: Option<mpsc::Receiver<T>>,
     alive: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl ExecReader {
+impl<T: Send + 'static> ExecReader<T> {
+    /// Starts the reader; `on_exec` runs on its thread for every exec of a
+    /// file (kernel threads' execs are skipped) and what it returns is queued.
     pub fn spawn(
         events: RingBuf<MapData>,
-        holder: FileHolder,
-        max_open_files: usize,
+        on_exec: impl FnMut(Box<ExecEvent>) -> T + Send + 'static,
     ) -> io::Result<Self> {
-        ensure_descriptor_limit(max_open_files);
         let (sender, records) = mpsc::sync_channel(QUEUE);
         let alive = Arc::new(AtomicBool::new(true));
         let running = alive.clone();
         let thread = thread::Builder::new()
             .name("fleetsnitch-exec".into())
-            .spawn(move || read(events, &holder, max_open_files, &sender, &running))?;
+            .spawn(move || read(events, on_exec, &sender, &running))?;
         Ok(Self {
             records: Some(records),
             alive,
@@ -66,12 +92,12 @@ impl ExecReader {
     }
 
     /// The execs read since the last call.
-    pub fn take(&self) -> impl Iterator<Item = ExecRecord> + '_ {
+    pub fn take(&self) -> impl Iterator<Item = T> + '_ {
         self.records.iter().flat_map(mpsc::Receiver::try_iter)
     }
 }
 
-impl Drop for ExecReader {
+impl<T> Drop for ExecReader<T> {
     fn drop(&mut self) {
         self.alive.store(false, Ordering::Relaxed);
         // A reader blocked on a full queue returns once the receiver is gone.
@@ -84,11 +110,10 @@ impl Drop for ExecReader {
     }
 }
 
-fn read(
+fn read<T>(
     mut events: RingBuf<MapData>,
-    holder: &FileHolder,
-    max_open_files: usize,
-    sender: &mpsc::SyncSender<ExecRecord>,
+    mut on_exec: impl FnMut(Box<ExecEvent>) -> T,
+    sender: &mpsc::SyncSender<T>,
     alive: &AtomicBool,
 ) {
     raise_priority();
@@ -99,32 +124,22 @@ fn read(
             revents: 0,
         };
         // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut poll, 1, 100) };
+        unsafe { libc::poll(&mut poll, 1, POLL_TIMEOUT.as_millis() as libc::c_int) };
         while let Some(item) = events.next() {
             let bytes: &[u8] = &item;
-            if bytes.len() < size_of::<ExecEvent>() || bytes[..4] != EVENT_EXEC.to_ne_bytes()[..] {
-                tracing::warn!(len = bytes.len(), "unexpected exec ring buffer record");
-                continue;
-            }
-            // SAFETY: the length was checked; ExecEvent is plain integers and
-            // byte arrays, valid for any bit pattern.
-            let event: Box<ExecEvent> =
-                Box::new(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) });
+            let event = match ring::kind(bytes) {
+                Some(EVENT_EXEC) => ring::read::<ExecEvent>(bytes).map(Box::new),
+                _ => None,
+            };
             drop(item);
+            let Some(event) = event else {
+                tracing::warn!("unexpected exec ring buffer record");
+                continue;
+            };
             if event.identity.flags & IDENTITY_NO_EXE != 0 {
                 continue;
             }
-            let identity = &event.identity;
-            let exe = ExeKey::from_kernel(identity.exe_dev, identity.exe_ino);
-            let path = processes::exec_path(identity);
-            let held = holder.hold(identity.tgid, &path, exe, max_open_files);
-            let record = ExecRecord {
-                budget_exhausted: matches!(held, Err(NotHeld::BudgetExhausted)),
-                file: held.ok(),
-                path,
-                event,
-            };
-            if sender.send(record).is_err() {
+            if sender.send(on_exec(event)).is_err() {
                 return;
             }
         }
@@ -157,7 +172,7 @@ const OTHER_DESCRIPTORS: u64 = 1024;
 
 /// Raises the soft RLIMIT_NOFILE so `exec.max_open_files` held descriptors fit
 /// beside the others (picosnitch's "Set RLIMIT_NOFILE"); up to the hard limit.
-fn ensure_descriptor_limit(max_open_files: usize) {
+pub fn ensure_descriptor_limit(max_open_files: usize) {
     let want = max_open_files as u64 + OTHER_DESCRIPTORS;
     let mut limit = libc::rlimit {
         rlim_cur: 0,

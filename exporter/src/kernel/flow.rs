@@ -9,6 +9,26 @@ const AF_INET6: u16 = 10;
 const AF_PACKET: u16 = 17;
 const SOCK_RAW: u16 = 3;
 
+/// What a traffic key says of its socket's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints {
+    pub transport: &'static str,
+    pub local_port: Option<u16>,
+    pub remote_address: Option<IpAddr>,
+    pub remote_port: Option<u16>,
+}
+
+impl Endpoints {
+    pub fn of(key: &TrafficKey, value: &TrafficValue) -> Self {
+        Self {
+            transport: transport(key, value),
+            local_port: local_port(key, value),
+            remote_address: remote_address(key),
+            remote_port: remote_port(key, value),
+        }
+    }
+}
+
 /// The transport name used in the journal and in logs.
 pub fn transport(key: &TrafficKey, value: &TrafficValue) -> &'static str {
     if key.family == AF_PACKET {

@@ -13,7 +13,7 @@
 //! One line per record, every value JSON-encoded by serde_json:
 //!
 //! ```json
-//! {"time":"2026-01-01T00:00:00Z","record":"connection","window_start":1767225600,"window_seconds":10,"exe":"/usr/bin/curl","exe_name":"curl","sha256":"…","transport":"tcp","network_type":"ipv4","remote_address":"192.0.2.1","remote_port":443,"domain":"example.org","bytes_sent":512,"bytes_received":4096}
+//! {"time":"2026-01-01T00:00:00Z","record":"connection","window_start":1767225600,"window_seconds":10,"exe_name":"curl","network_type":"ipv4","exe":"/usr/bin/curl","sha256":"…","transport":"tcp","remote_address":"192.0.2.1","remote_port":443,"domain":"example.org","bytes_sent":512,"bytes_received":4096}
 //! {"time":"2026-01-01T00:00:03Z","record":"event","kind":"new_executable","exe":"/tmp/x","exe_name":"x","sha256":"…"}
 //! ```
 //!
@@ -25,17 +25,20 @@ use std::{
     os::unix::fs::{DirBuilderExt, OpenOptionsExt},
     path::{Path, PathBuf},
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
         mpsc::{self, Receiver, SyncSender, TrySendError},
     },
     thread::JoinHandle,
     time::Duration,
 };
 
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use serde::{Deserialize, Serialize};
 
-use crate::sinks::otlp::{ConnectionRecord, EventRecord, WindowRecords};
+use crate::{
+    model::{Event, FlowRecord, Window, executable_name},
+    sinks::otlp::unix_time,
+};
 
 /// Windows waiting for the writer before new ones are dropped.
 const CHANNEL_WINDOWS: usize = 64;
@@ -97,28 +100,47 @@ impl ConnectionLogConfig {
     }
 }
 
-/// Counters to export as `fleetsnitch_connection_log_*`.
-#[derive(Debug, Default)]
+/// What the connection log counts, as `fleetsnitch_connection_log_*`.
+#[derive(Debug, Clone, Default)]
 pub struct ConnectionLogCounters {
-    written: AtomicU64,
-    dropped: AtomicU64,
-    errors: AtomicU64,
+    written: Counter,
+    dropped: Counter,
+    errors: Counter,
 }
 
 impl ConnectionLogCounters {
+    /// Exports these counters from `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "connection_log_written",
+            "Records written to the local connection log",
+            self.written.clone(),
+        );
+        registry.register(
+            "connection_log_dropped",
+            "Records dropped because the connection log writer fell behind",
+            self.dropped.clone(),
+        );
+        registry.register(
+            "connection_log_errors",
+            "Connection log opens, writes or rotations that failed",
+            self.errors.clone(),
+        );
+    }
+
     /// Lines written to the file.
     pub fn written_total(&self) -> u64 {
-        self.written.load(Ordering::Relaxed)
+        self.written.get()
     }
 
     /// Lines lost: writer too far behind, or the file could not be written.
     pub fn dropped_total(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.get()
     }
 
     /// Failed opens, writes and rotations.
     pub fn errors_total(&self) -> u64 {
-        self.errors.load(Ordering::Relaxed)
+        self.errors.get()
     }
 }
 
@@ -127,7 +149,7 @@ pub struct ConnectionLog {
     sender: Option<SyncSender<Vec<String>>>,
     done: Receiver<()>,
     thread: Option<JoinHandle<()>>,
-    counters: Arc<ConnectionLogCounters>,
+    counters: ConnectionLogCounters,
     /// The "writer behind" warning was logged.
     full_logged: AtomicBool,
 }
@@ -143,7 +165,7 @@ impl ConnectionLog {
     /// path is counted and logged, not an error (the agent keeps running).
     pub fn start(config: &ConnectionLogConfig) -> Result<Self, ConnectionLogError> {
         config.validate()?;
-        let counters = Arc::new(ConnectionLogCounters::default());
+        let counters = ConnectionLogCounters::default();
         let (sender, receiver) = mpsc::sync_channel::<Vec<String>>(CHANNEL_WINDOWS);
         let (done_sender, done) = mpsc::channel();
         let mut writer = Writer {
@@ -175,16 +197,14 @@ impl ConnectionLog {
 
     /// Serializes one line per record and hands them to the writer; never
     /// waits for the disk. Returns how many lines were dropped.
-    pub fn write(&self, window: &WindowRecords) -> usize {
+    pub fn write(&self, window: &Window) -> usize {
         if window.is_empty() {
             return 0;
         }
         let lines = lines_of(window);
         let count = lines.len();
         let Some(sender) = &self.sender else {
-            self.counters
-                .dropped
-                .fetch_add(count as u64, Ordering::Relaxed);
+            self.counters.dropped.inc_by(count as u64);
             return count;
         };
         match sender.try_send(lines) {
@@ -193,9 +213,7 @@ impl ConnectionLog {
                 0
             }
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.counters
-                    .dropped
-                    .fetch_add(count as u64, Ordering::Relaxed);
+                self.counters.dropped.inc_by(count as u64);
                 if !self.full_logged.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         "the connection log writer is behind (slow disk?); lines are dropped and counted"
@@ -206,7 +224,7 @@ impl ConnectionLog {
         }
     }
 
-    pub fn counters(&self) -> Arc<ConnectionLogCounters> {
+    pub fn counters(&self) -> ConnectionLogCounters {
         self.counters.clone()
     }
 
@@ -231,10 +249,10 @@ impl Drop for ConnectionLog {
 }
 
 /// The JSON lines of a window, each ending with a newline.
-pub fn lines_of(window: &WindowRecords) -> Vec<String> {
+pub fn lines_of(window: &Window) -> Vec<String> {
     let window_time = rfc3339(window.start);
     let mut lines = Vec::with_capacity(window.len());
-    for record in &window.connections {
+    for record in &window.flows {
         lines.push(line(&connection_line(record, window, &window_time)));
     }
     for record in &window.events {
@@ -251,57 +269,27 @@ fn line(value: &impl Serialize) -> String {
 }
 
 fn rfc3339(unix_seconds: i64) -> String {
-    humantime::format_rfc3339_seconds(crate::sinks::otlp::unix_time(unix_seconds)).to_string()
+    humantime::format_rfc3339_seconds(unix_time(unix_seconds)).to_string()
 }
 
+/// A flow record's line: the window, two derived names, then every field of
+/// the record under its own name (see [`FlowRecord`]).
 #[derive(Serialize)]
 struct ConnectionLine<'a> {
     time: &'a str,
     record: &'static str,
     window_start: i64,
     window_seconds: u64,
-    exe: &'a str,
     exe_name: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    sha256: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parent: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    uid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    user: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    comm: Option<&'a str>,
-    transport: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
     network_type: Option<&'static str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    local_port: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    remote_address: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    remote_port: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    domain: Option<&'a str>,
-    bytes_sent: u64,
-    bytes_received: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    container_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    container_name: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pod: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    namespace: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    country: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    asn: Option<u32>,
+    #[serde(flatten)]
+    flow: &'a FlowRecord,
 }
 
 fn connection_line<'a>(
-    record: &'a ConnectionRecord,
-    window: &WindowRecords,
+    record: &'a FlowRecord,
+    window: &Window,
     time: &'a str,
 ) -> ConnectionLine<'a> {
     ConnectionLine {
@@ -309,27 +297,9 @@ fn connection_line<'a>(
         record: "connection",
         window_start: window.start,
         window_seconds: window.seconds,
-        exe: &record.exe,
-        exe_name: record.exe_name(),
-        sha256: record.sha256.as_deref(),
-        parent: record.parent.as_deref(),
-        uid: record.uid,
-        user: record.user_name.as_deref(),
-        comm: record.comm.as_deref(),
-        transport: &record.transport,
-        network_type: record.network_type(),
-        local_port: record.local_port,
-        remote_address: record.remote_address.as_deref(),
-        remote_port: record.remote_port,
-        domain: record.domain.as_deref(),
-        bytes_sent: record.bytes_sent,
-        bytes_received: record.bytes_received,
-        container_id: record.container_id.as_deref(),
-        container_name: record.container_name.as_deref(),
-        pod: record.pod.as_deref(),
-        namespace: record.namespace.as_deref(),
-        country: record.country.as_deref(),
-        asn: record.asn,
+        exe_name: record.program.exe_name(),
+        network_type: record.peer.network_type(),
+        flow: record,
     }
 }
 
@@ -348,17 +318,14 @@ struct EventLine<'a> {
     detail: Option<&'a str>,
 }
 
-fn event_line(record: &EventRecord) -> EventLine<'_> {
+fn event_line(record: &Event) -> EventLine<'_> {
     EventLine {
         time: rfc3339(record.time),
         record: "event",
         kind: record.kind.as_str(),
         exe: record.exe.as_deref(),
-        exe_name: record
-            .exe
-            .as_deref()
-            .map(crate::sinks::otlp::executable_name),
-        sha256: record.sha256.as_deref(),
+        exe_name: record.exe.as_deref().map(executable_name),
+        sha256: record.sha256.as_ref().map(|sha256| sha256.as_str()),
         detail: record.detail.as_deref(),
     }
 }
@@ -371,7 +338,7 @@ struct Writer {
     size: u64,
     /// A failure was logged and nothing was written since.
     failing: bool,
-    counters: Arc<ConnectionLogCounters>,
+    counters: ConnectionLogCounters,
 }
 
 impl Writer {
@@ -421,7 +388,7 @@ impl Writer {
         match result {
             Ok(()) => {
                 self.size += written;
-                self.counters.written.fetch_add(lines, Ordering::Relaxed);
+                self.counters.written.inc_by(lines);
                 if self.failing {
                     self.failing = false;
                     tracing::info!(path = %self.path.display(), "the connection log is written again");
@@ -474,11 +441,11 @@ impl Writer {
     }
 
     fn drop_lines(&self, lines: u64) {
-        self.counters.dropped.fetch_add(lines, Ordering::Relaxed);
+        self.counters.dropped.inc_by(lines);
     }
 
     fn failed(&mut self, action: &str, error: &io::Error, lines: u64) {
-        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        self.counters.errors.inc_by(1);
         self.drop_lines(lines);
         if !self.failing {
             self.failing = true;

@@ -2,6 +2,7 @@
 //! log and VirusTotal.
 
 pub mod connection_log;
+pub mod fanout;
 pub mod journal;
 pub mod metrics;
 pub mod otlp;

@@ -11,18 +11,120 @@
 use std::{
     collections::{HashSet, VecDeque},
     path::PathBuf,
-    sync::Arc,
     time::Duration,
 };
 
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::{
-    config::VirusTotalConfig,
-    sinks::journal::{Event, EventKind, Input, JournalHandle, unix_now},
-    sinks::metrics::{ExecutableLabels, Metrics, ResultLabels},
+    model::{Event, EventKind, Outbox, Record, Sha256},
+    support::{InvalidValue, backoff::Backoff, unix_now},
+    telemetry::{ExecutableLabels, ResultLabels},
 };
+
+/// The `virustotal:` section of the configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct VirusTotalConfig {
+    /// API key; checks are off without one. Prefer `api_key_file`.
+    pub api_key: Option<String>,
+    /// File holding the API key (surrounding whitespace ignored).
+    pub api_key_file: Option<PathBuf>,
+    /// Base URL of the v3 API.
+    pub base_url: String,
+    /// Minimum time between two requests (the public API allows 4 a minute).
+    #[serde(with = "humantime_serde")]
+    pub request_interval: Duration,
+    /// Upload executables VirusTotal does not know. Off: uploading sends the file away.
+    pub upload_unknown: bool,
+    /// Larger files are never uploaded (32 MiB is the API's limit for a plain upload).
+    pub max_upload_bytes: u64,
+    /// Timeout of one request.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for VirusTotalConfig {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            api_key_file: None,
+            base_url: "https://www.virustotal.com/api/v3".to_owned(),
+            request_interval: Duration::from_secs(15),
+            upload_unknown: false,
+            max_upload_bytes: 32 << 20,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl VirusTotalConfig {
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        if self.request_interval < Duration::from_millis(10) {
+            return Err(InvalidValue::new(
+                "virustotal.request_interval",
+                humantime::format_duration(self.request_interval),
+                "must be at least 10ms",
+            ));
+        }
+        if !(self.base_url.starts_with("https://") || self.base_url.starts_with("http://")) {
+            return Err(InvalidValue::new(
+                "virustotal.base_url",
+                &self.base_url,
+                "must be an http(s) URL",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The API key from `api_key` or `api_key_file`, if any.
+    pub fn api_key(&self) -> Result<Option<String>, LookupError> {
+        if let Some(key) = self
+            .api_key
+            .as_deref()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+        {
+            return Ok(Some(key.to_owned()));
+        }
+        let Some(path) = &self.api_key_file else {
+            return Ok(None);
+        };
+        let key = std::fs::read_to_string(path).map_err(|err| {
+            LookupError::File(format!("virustotal.api_key_file {}: {err}", path.display()))
+        })?;
+        Ok(Some(key.trim().to_owned()).filter(|k| !k.is_empty()))
+    }
+}
+
+/// What the checker exports.
+#[derive(Debug, Clone, Default)]
+pub struct VirusTotalMetrics {
+    detections: Family<ExecutableLabels, Gauge>,
+    lookups: Family<ResultLabels, Counter>,
+}
+
+impl VirusTotalMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "virustotal_detections",
+            "Engines that flag the executable as malicious or suspicious on VirusTotal",
+            metrics.detections.clone(),
+        );
+        registry.register(
+            "virustotal_lookups",
+            "VirusTotal requests by result (found, not_found, uploaded, rate_limited, http_error, malformed, transport_error, file_error)",
+            metrics.lookups.clone(),
+        );
+        metrics
+    }
+}
 
 /// Lookups of one hash that failed for reasons other than rate limiting
 /// before it is given up.
@@ -195,7 +297,7 @@ fn parse_answer<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Lookup
 #[derive(Debug, Clone)]
 pub struct Check {
     pub path: String,
-    pub sha256: String,
+    pub sha256: Sha256,
 }
 
 /// The producers' side of the checker.
@@ -214,8 +316,8 @@ impl VirusTotalHandle {
 /// API key is configured.
 pub fn spawn(
     config: &VirusTotalConfig,
-    metrics: Arc<Metrics>,
-    journal: Option<JournalHandle>,
+    metrics: VirusTotalMetrics,
+    outbox: Option<Outbox>,
 ) -> Result<Option<VirusTotalHandle>, LookupError> {
     let Some(api_key) = config.api_key()? else {
         return Ok(None);
@@ -228,7 +330,7 @@ pub fn spawn(
         upload_unknown: config.upload_unknown,
         max_upload_bytes: config.max_upload_bytes,
         metrics,
-        journal,
+        outbox,
     };
     tokio::spawn(checker.run(receiver));
     tracing::info!(
@@ -244,15 +346,24 @@ struct Checker {
     interval: Duration,
     upload_unknown: bool,
     max_upload_bytes: u64,
-    metrics: Arc<Metrics>,
-    journal: Option<JournalHandle>,
+    metrics: VirusTotalMetrics,
+    outbox: Option<Outbox>,
 }
 
 impl Checker {
     async fn run(self, mut receiver: mpsc::UnboundedReceiver<Check>) {
         let mut queue: VecDeque<(Check, u32)> = VecDeque::new();
-        let mut queued: HashSet<String> = HashSet::new();
-        let mut backoff = 1;
+        let mut queued: HashSet<Sha256> = HashSet::new();
+        // After each 429 the pause doubles, from twice the interval up to
+        // MAX_BACKOFF_FACTOR times it. No jitter: this paces one agent's
+        // requests, it does not spread a fleet's retries.
+        let rate_limited = || {
+            let mut backoff = Backoff::new(self.interval, self.interval * MAX_BACKOFF_FACTOR, 0.0);
+            backoff.next_delay();
+            backoff
+        };
+        let mut backoff = rate_limited();
+        let mut pause = self.interval;
         loop {
             if queue.is_empty() {
                 match receiver.recv().await {
@@ -274,13 +385,14 @@ impl Checker {
             };
             match self.examine(&check).await {
                 Ok(verdict) => {
-                    backoff = 1;
+                    backoff = rate_limited();
+                    pause = self.interval;
                     self.record(&check, &verdict);
                 }
                 Err(LookupError::RateLimited) => {
                     self.count("rate_limited");
-                    backoff = (backoff * 2).min(MAX_BACKOFF_FACTOR);
-                    tracing::warn!(backoff = ?self.interval * backoff, "VirusTotal rate limit hit; slowing down");
+                    pause = backoff.next_delay();
+                    tracing::warn!(backoff = ?pause, "VirusTotal rate limit hit; slowing down");
                     queue.push_front((check, attempts));
                 }
                 Err(error) => {
@@ -293,12 +405,12 @@ impl Checker {
                     }
                 }
             }
-            tokio::time::sleep(self.interval * backoff).await;
+            tokio::time::sleep(pause).await;
         }
     }
 
     async fn examine(&self, check: &Check) -> Result<Verdict, LookupError> {
-        let verdict = self.client.lookup(&check.sha256).await?;
+        let verdict = self.client.lookup(check.sha256.as_str()).await?;
         if verdict != Verdict::NotFound || !self.upload_unknown {
             return Ok(verdict);
         }
@@ -313,15 +425,12 @@ impl Checker {
     }
 
     fn record(&self, check: &Check, verdict: &Verdict) {
-        let labels = ExecutableLabels {
-            exe: check.path.clone().into(),
-            sha256: check.sha256.clone(),
-        };
+        let labels = ExecutableLabels::new(&check.path, Some(check.sha256.as_str()));
         let detail = match verdict {
             Verdict::Found(stats) => {
                 self.count("found");
                 self.metrics
-                    .virustotal_detections
+                    .detections
                     .get_or_create(&labels)
                     .set(i64::from(stats.detections()));
                 if stats.detections() > 0 {
@@ -354,8 +463,8 @@ impl Checker {
     }
 
     fn journal_event(&self, check: &Check, detail: String) {
-        if let Some(journal) = &self.journal {
-            journal.send(Input::Event(Event {
+        if let Some(outbox) = &self.outbox {
+            outbox.send(Record::Event(Event {
                 time: unix_now(),
                 kind: EventKind::VirusTotal,
                 exe: Some(check.path.clone()),
@@ -367,10 +476,8 @@ impl Checker {
 
     fn count(&self, result: &str) {
         self.metrics
-            .virustotal_lookups
-            .get_or_create(&ResultLabels {
-                result: result.to_owned(),
-            })
+            .lookups
+            .get_or_create(&ResultLabels::new(result))
             .inc();
     }
 }
@@ -379,7 +486,7 @@ impl Checker {
 /// the file that was hashed.
 async fn read_for_upload(
     path: PathBuf,
-    sha256: String,
+    sha256: Sha256,
     limit: u64,
 ) -> Result<Vec<u8>, LookupError> {
     tokio::task::spawn_blocking(move || {
@@ -392,7 +499,7 @@ async fn read_for_upload(
             )));
         }
         use sha2::Digest;
-        let actual = format!("{:x}", sha2::Sha256::digest(&content));
+        let actual = Sha256::from_digest(&sha2::Sha256::digest(&content));
         if actual != sha256 {
             return Err(LookupError::File(format!(
                 "{} changed since it was hashed",

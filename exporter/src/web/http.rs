@@ -9,15 +9,17 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::{agent::collector::Health, sinks::metrics::Metrics};
+use super::health::Health;
+use crate::telemetry;
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone)]
 struct AppState {
-    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
     health: Arc<Health>,
     /// Older than this, the last drain means the collector is stuck.
     max_drain_age: Duration,
@@ -25,12 +27,12 @@ struct AppState {
 
 pub fn router(
     telemetry_path: &str,
-    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
     health: Arc<Health>,
     drain_interval: Duration,
 ) -> Router {
     let state = AppState {
-        metrics,
+        registry,
         health,
         max_drain_age: drain_interval * 5 + Duration::from_secs(1),
     };
@@ -43,7 +45,7 @@ pub fn router(
 async fn serve_metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, OPENMETRICS)],
-        state.metrics.encode(),
+        telemetry::encode(&state.registry),
     )
 }
 

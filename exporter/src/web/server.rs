@@ -27,10 +27,37 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::{
-    sinks::metrics::{Metrics, ResultLabels},
-    web::config::{WebConfigError, WebSettings},
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
 };
+
+use super::config::{WebConfigError, WebSettings};
+use crate::telemetry::ResultLabels;
+
+/// `fleetsnitch_web_config_*`: how re-reads of `--web.config.file` went.
+#[derive(Debug, Clone, Default)]
+pub struct WebConfigMetrics {
+    reloads: Family<ResultLabels, Counter>,
+    last_reload_successful: Gauge,
+}
+
+impl WebConfigMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "web_config_reloads",
+            "Re-reads of --web.config.file by result (success, failure: old settings kept)",
+            metrics.reloads.clone(),
+        );
+        registry.register(
+            "web_config_last_reload_successful",
+            "Whether the last re-read of --web.config.file was accepted (1) or rejected (0)",
+            metrics.last_reload_successful.clone(),
+        );
+        metrics
+    }
+}
 
 /// How often the file's modification time is looked at.
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -49,7 +76,7 @@ pub struct WebState {
     /// Digests of (user, password, hash) that bcrypt accepted. bcrypt costs tens
     /// of milliseconds by design; a scrape every few seconds should not.
     verified: Mutex<HashSet<[u8; 32]>>,
-    metrics: Arc<Metrics>,
+    metrics: WebConfigMetrics,
 }
 
 impl WebState {
@@ -61,8 +88,8 @@ impl WebState {
     }
 
     /// The state serving `settings`, read from `path` by [`Self::load`].
-    pub fn new(path: &Path, settings: WebSettings, metrics: Arc<Metrics>) -> Arc<Self> {
-        metrics.web_config_last_reload_successful.set(1);
+    pub fn new(path: &Path, settings: WebSettings, metrics: WebConfigMetrics) -> Arc<Self> {
+        metrics.last_reload_successful.set(1);
         Arc::new(Self {
             path: path.to_owned(),
             settings: RwLock::new(Arc::new(settings)),
@@ -116,14 +143,10 @@ impl WebState {
             ),
         }
         self.metrics
-            .web_config_reloads
-            .get_or_create(&ResultLabels {
-                result: if ok { "success" } else { "failure" }.to_owned(),
-            })
+            .reloads
+            .get_or_create(&ResultLabels::new(if ok { "success" } else { "failure" }))
             .inc();
-        self.metrics
-            .web_config_last_reload_successful
-            .set(i64::from(ok));
+        self.metrics.last_reload_successful.set(i64::from(ok));
         ok
     }
 

@@ -4,11 +4,14 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     hash::Hash,
     net::IpAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
 };
 
 use super::parse::{Answer, DnsError, Transport, parse_captured};
@@ -92,26 +95,34 @@ impl Default for DnsCacheConfig {
     }
 }
 
-/// Self-metrics of a [`DnsCache`], shared so an exporter can read them
-/// without taking the cache's lock. All counts are totals since start.
-#[derive(Debug, Default)]
+/// Self-metrics of a [`DnsCache`], updated by the cache itself. All counts
+/// are totals since start. Unregistered (`default()`) they only count, for
+/// tests and the fuzzer; [`DnsCounters::register`] exports them.
+#[derive(Debug, Clone, Default)]
 pub struct DnsCounters {
     /// Answers (address, name) recorded, per-process and per-container
     /// entries counted once per answer.
-    pub answers_recorded: AtomicU64,
+    pub answers_recorded: Counter,
     /// Payloads that were not a well-formed DNS message
     /// ([`DnsError::is_failure`]), including TCP payloads whose first
     /// message was read but a later one was damaged.
-    pub parse_failures: AtomicU64,
+    pub parse_failures: Counter,
     /// Well-formed messages with nothing to attribute (queries, responses to
     /// other opcodes, several questions).
-    pub ignored_messages: AtomicU64,
+    pub ignored_messages: Counter,
     /// Payloads cut before their end (capture limit): some answers were lost.
-    pub truncated_payloads: AtomicU64,
+    pub truncated_payloads: Counter,
     /// Entries dropped before their expiry because the cache was full.
-    pub evictions: AtomicU64,
+    pub evictions: Counter,
     /// Entries dropped at their expiry.
-    pub expirations: AtomicU64,
+    pub expirations: Counter,
+    /// Entries held.
+    pub entries: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 /// A copy of [`DnsCounters`] at one moment.
@@ -126,19 +137,49 @@ pub struct DnsStats {
 }
 
 impl DnsCounters {
+    /// Counters registered as `fleetsnitch_dns_messages_total{result}`,
+    /// `_dns_cache_evictions_total` and `_dns_cache_entries`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let messages = Family::<ResultLabel, Counter>::default();
+        let result = |result| messages.get_or_create(&ResultLabel { result }).clone();
+        let counters = Self {
+            answers_recorded: result("answer_recorded"),
+            parse_failures: result("parse_failure"),
+            ignored_messages: result("ignored"),
+            truncated_payloads: result("truncated"),
+            ..Self::default()
+        };
+        registry.register(
+            "dns_messages",
+            "DNS responses seen at the socket layer, by result (answer_recorded counts answers; parse_failure, ignored, truncated count messages)",
+            messages,
+        );
+        registry.register(
+            "dns_cache_evictions",
+            "DNS answers dropped before expiry because the cache was full",
+            counters.evictions.clone(),
+        );
+        registry.register(
+            "dns_cache_entries",
+            "DNS answers held (per process and per container)",
+            counters.entries.clone(),
+        );
+        counters
+    }
+
     pub fn snapshot(&self) -> DnsStats {
         DnsStats {
-            answers_recorded: self.answers_recorded.load(Ordering::Relaxed),
-            parse_failures: self.parse_failures.load(Ordering::Relaxed),
-            ignored_messages: self.ignored_messages.load(Ordering::Relaxed),
-            truncated_payloads: self.truncated_payloads.load(Ordering::Relaxed),
-            evictions: self.evictions.load(Ordering::Relaxed),
-            expirations: self.expirations.load(Ordering::Relaxed),
+            answers_recorded: self.answers_recorded.get(),
+            parse_failures: self.parse_failures.get(),
+            ignored_messages: self.ignored_messages.get(),
+            truncated_payloads: self.truncated_payloads.get(),
+            evictions: self.evictions.get(),
+            expirations: self.expirations.get(),
         }
     }
 
-    fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    fn add(counter: &Counter, n: u64) {
+        counter.inc_by(n);
     }
 }
 
@@ -210,7 +251,7 @@ pub struct DnsCache<C: Clock = SystemClock> {
     /// Every entry by (expiry, seq): the first expires soonest.
     by_expiry: BTreeSet<(Instant, u64)>,
     next_seq: u64,
-    counters: Arc<DnsCounters>,
+    counters: DnsCounters,
 }
 
 impl DnsCache<SystemClock> {
@@ -235,7 +276,7 @@ impl<C: Clock> DnsCache<C> {
             by_age: BTreeMap::new(),
             by_expiry: BTreeSet::new(),
             next_seq: 0,
-            counters: Arc::default(),
+            counters: DnsCounters::default(),
         }
     }
 
@@ -243,8 +284,14 @@ impl<C: Clock> DnsCache<C> {
         &self.config
     }
 
-    /// The counters, to export (they stay valid as the cache changes).
-    pub fn counters(&self) -> &Arc<DnsCounters> {
+    /// Counts into `counters` from now on (registered ones, to export them).
+    pub fn with_counters(mut self, counters: DnsCounters) -> Self {
+        self.counters = counters;
+        self
+    }
+
+    /// The counters (they stay valid as the cache changes).
+    pub fn counters(&self) -> &DnsCounters {
         &self.counters
     }
 
@@ -437,6 +484,7 @@ impl<C: Clock> DnsCache<C> {
             purged += 1;
         }
         DnsCounters::add(&self.counters.expirations, purged as u64);
+        self.counters.entries.set(self.len() as i64);
         purged
     }
 

@@ -1,11 +1,9 @@
 //! Traffic kept out of the connection log (its executable is still journaled).
 
-use std::net::IpAddr;
-
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use super::Rollup;
+use crate::model::FlowRecord;
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -21,28 +19,27 @@ pub struct IgnoreList {
 }
 
 impl IgnoreList {
-    pub fn matches(&self, rollup: &Rollup) -> bool {
-        if self
-            .hashes
-            .iter()
-            .any(|hash| hash.eq_ignore_ascii_case(&rollup.sha256))
+    pub fn matches(&self, flow: &FlowRecord) -> bool {
+        let (program, peer) = (&flow.program, &flow.peer);
+        if let Some(sha256) = &program.sha256
+            && self
+                .hashes
+                .iter()
+                .any(|hash| hash.eq_ignore_ascii_case(sha256.as_str()))
         {
             return true;
         }
-        if let Some(port) = rollup.remote_port
+        if let Some(port) = peer.remote_port
             && self.ports.contains(&port)
         {
             return true;
         }
-        if let Some(address) = rollup
-            .remote_address
-            .as_deref()
-            .and_then(|a| a.parse::<IpAddr>().ok())
+        if let Some(address) = peer.remote_address
             && self.subnets.iter().any(|net| net.contains(&address))
         {
             return true;
         }
-        if let Some(domain) = rollup.domain.as_deref() {
+        if let Some(domain) = peer.domain.as_deref() {
             let domain = domain.trim_end_matches('.').to_ascii_lowercase();
             return self.domain_suffixes.iter().any(|suffix| {
                 let suffix = suffix
@@ -60,20 +57,24 @@ impl IgnoreList {
 mod tests {
     use super::*;
 
-    fn rollup() -> Rollup {
-        Rollup {
-            exe: "/usr/bin/curl".into(),
-            sha256: "ABCD".into(),
-            parent: None,
-            uid: None,
-            transport: "tcp",
-            local_port: Some(50000),
-            remote_address: Some("10.1.2.3".into()),
-            remote_port: Some(443),
-            domain: Some("api.example.com".into()),
-            bytes_sent: 1,
-            bytes_received: 1,
-            ..Rollup::default()
+    use crate::model::{Peer, Program, Sha256};
+
+    fn rollup() -> FlowRecord {
+        FlowRecord {
+            program: Program {
+                exe: "/usr/bin/curl".into(),
+                sha256: Sha256::from_hex("ABCD"),
+                ..Program::default()
+            },
+            peer: Peer {
+                transport: "tcp",
+                local_port: Some(50000),
+                remote_address: "10.1.2.3".parse().ok(),
+                remote_port: Some(443),
+                domain: Some("api.example.com".into()),
+                ..Peer::default()
+            },
+            ..FlowRecord::default()
         }
     }
 

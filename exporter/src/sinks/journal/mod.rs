@@ -1,197 +1,225 @@
 //! The local journal: every executable seen on this host (with its hashes,
-//! names, parents and users), connection rollups per write window, and
-//! events. It is what lets a restarted agent know a program is not new.
+//! names, parents and users), flow records per write window, and events. It
+//! is what lets a restarted agent know a program is not new.
 //!
-//! One thread owns the SQLite connection. Other threads send it inputs over a
-//! bounded channel; it writes them in one transaction per write interval.
-//! When the journal cannot be written (missing, read-only, full disk) the
-//! agent keeps counting: inputs wait in memory up to a bound and are retried,
-//! and whatever is dropped is counted.
+//! The fan-out thread owns it and hands it each window. It writes what it was
+//! given in one transaction per write interval. When the journal cannot be
+//! written (missing, read-only, full disk) the agent keeps counting: entries
+//! wait in memory up to `journal.max_pending` and are retried, and whatever is
+//! dropped is counted.
 
 mod ignore;
 mod schema;
 mod store;
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc,
-        mpsc::{self, RecvTimeoutError, SyncSender, TrySendError},
-    },
-    thread::{self, JoinHandle},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 pub use ignore::IgnoreList;
-pub use store::{
-    Batch, Event, EventKind, ExecutableSeen, ExecutableState, Rollup, Store, StoreError,
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{Registry, Unit},
 };
+use serde::Deserialize;
+pub use store::{Batch, ExecutableState, Store, StoreError};
 
 use crate::{
-    config::JournalConfig,
-    sinks::connection_log::ConnectionLog,
-    sinks::metrics::{ExeLabels, ExecutableLabels, KindLabels, Metrics, PathLabels},
-    sinks::otlp::{OtlpExporter, WindowRecords},
+    model::{Event, EventKind, ExecutableSighting, FlowRecord, Sha256},
+    support::{InvalidValue, check_duration, check_range, unix_now},
+    telemetry::{ExeLabels, ExecutableLabels, KindLabels, PathLabels},
 };
 
-/// Where each window's records go besides the journal: OTLP and the local
-/// connection log. They get every window whether or not the journal can be
-/// written, so an off-host copy never waits on the local disk.
-#[derive(Default)]
-pub struct Sinks {
-    pub otlp: Option<OtlpExporter>,
-    pub connection_log: Option<ConnectionLog>,
+pub const DEFAULT_JOURNAL_PATH: &str = "/var/lib/fleetsnitch/journal.db";
+
+/// The `journal:` section of the configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JournalConfig {
+    /// SQLite journal of every executable seen on this host.
+    pub path: PathBuf,
+    /// How often queued entries are written, in one transaction.
+    #[serde(with = "humantime_serde")]
+    pub write_interval: Duration,
+    /// Connection rollups and events older than this many days are deleted
+    /// (checked at every write). Executables are kept: forgetting one would
+    /// announce it as new again.
+    pub retention_days: u32,
+    /// Record remote addresses in connection rollups.
+    pub record_addresses: bool,
+    /// Record local and remote ports in connection rollups.
+    pub record_ports: bool,
+    /// Record ports in the ephemeral range (`metrics.ephemeral_ports`) in
+    /// connection rollups. Off, a client's connections to one peer port fold
+    /// into one rollup per window instead of one per source port.
+    pub record_ephemeral_ports: bool,
+    /// Entries kept in memory while the journal cannot be written; beyond
+    /// that they are dropped and counted in fleetsnitch_journal_dropped_total.
+    pub max_pending: usize,
+    /// Traffic kept out of the connection log.
+    pub ignore: IgnoreList,
 }
 
-/// Time the sinks get at shutdown to deliver what is queued.
-const SINK_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// Inputs queued for the journal thread before the producers see back-pressure.
-const QUEUE_CAPACITY: usize = 4096;
-
-pub enum Input {
-    Executable(ExecutableSeen),
-    Rollups(Vec<Rollup>),
-    Event(Event),
-}
-
-/// The producers' side of the journal.
-#[derive(Clone)]
-pub struct JournalHandle {
-    sender: SyncSender<Input>,
-    metrics: Arc<Metrics>,
-}
-
-impl JournalHandle {
-    /// Queues `input` without blocking; a full queue drops it and counts it.
-    pub fn send(&self, input: Input) {
-        match self.sender.try_send(input) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                self.metrics.journal_dropped.inc();
-            }
-            Err(TrySendError::Disconnected(_)) => {}
+impl Default for JournalConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from(DEFAULT_JOURNAL_PATH),
+            write_interval: Duration::from_secs(10),
+            retention_days: 30,
+            record_addresses: true,
+            record_ports: true,
+            record_ephemeral_ports: false,
+            max_pending: 100_000,
+            ignore: IgnoreList::default(),
         }
     }
 }
 
-pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
+impl JournalConfig {
+    pub fn validate(&self) -> Result<(), InvalidValue> {
+        if self.path.as_os_str().is_empty() {
+            return Err(InvalidValue::new("journal.path", "", "must not be empty"));
+        }
+        check_duration(
+            "journal.write_interval",
+            self.write_interval,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+            "must be between 100ms and 1h",
+        )?;
+        check_range("journal.retention_days", self.retention_days, 1, 36_500)?;
+        check_range("journal.max_pending", self.max_pending, 1_000, 100_000_000)
+    }
 }
 
-/// Starts the journal thread. It stops, after a last flush, once every
-/// [`JournalHandle`] is dropped.
-pub fn spawn(
-    config: JournalConfig,
-    metrics: Arc<Metrics>,
-    sinks: Sinks,
-) -> std::io::Result<(JournalHandle, JoinHandle<()>)> {
-    let (sender, receiver) = mpsc::sync_channel(QUEUE_CAPACITY);
-    let handle = JournalHandle {
-        sender,
-        metrics: metrics.clone(),
-    };
-    let thread = thread::Builder::new()
-        .name("fleetsnitch-journal".into())
-        .spawn(move || {
-            let mut writer = Writer::new(config, metrics, sinks);
-            writer.run(receiver);
-            writer.shutdown_sinks();
-        })?;
-    Ok((handle, thread))
+/// What the journal exports: its own health, and what it knows of each
+/// executable (first seen, exec only).
+#[derive(Debug, Clone, Default)]
+pub struct JournalMetrics {
+    events: Family<KindLabels, Counter>,
+    writes: Counter,
+    write_errors: Counter,
+    /// Entries dropped: the fan-out queue or the pending bound was full.
+    pub dropped: Counter,
+    loose_permissions: Family<PathLabels, Gauge>,
+    executable_first_seen: Family<ExecutableLabels, Gauge>,
+    path_first_seen: Family<ExeLabels, Gauge>,
+    exec_only: Family<ExeLabels, Gauge>,
 }
 
-struct Writer {
+impl JournalMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "journal_events",
+            "Journal events by kind (new_executable, new_hash, modified, virustotal, agent_error)",
+            metrics.events.clone(),
+        );
+        registry.register(
+            "journal_writes",
+            "Transactions committed to the journal",
+            metrics.writes.clone(),
+        );
+        registry.register(
+            "journal_write_errors",
+            "Journal opens or writes that failed",
+            metrics.write_errors.clone(),
+        );
+        registry.register(
+            "journal_dropped",
+            "Journal entries dropped because the queue or the pending bound was full",
+            metrics.dropped.clone(),
+        );
+        registry.register(
+            "journal_loose_permissions",
+            "1 for a journal file or directory that others than its owner can read or write",
+            metrics.loose_permissions.clone(),
+        );
+        registry.register_with_unit(
+            "executable_first_seen_timestamp",
+            "Unix time each (executable, sha256) was first seen on this host, from the journal",
+            Unit::Seconds,
+            metrics.executable_first_seen.clone(),
+        );
+        registry.register_with_unit(
+            "path_first_seen_timestamp",
+            "Unix time each executable path was first seen on this host with any hash",
+            Unit::Seconds,
+            metrics.path_first_seen.clone(),
+        );
+        registry.register(
+            "executable_exec_only",
+            "1 for executables seen executing that never used the network (exec tracking), 0 once they do; join on exe",
+            metrics.exec_only.clone(),
+        );
+        // Known series start at zero, so `increase()` in alert rules sees their first increment.
+        for kind in EventKind::ALL {
+            metrics.event(kind).inc_by(0);
+        }
+        metrics
+    }
+
+    fn event(&self, kind: EventKind) -> Counter {
+        self.events
+            .get_or_create(&KindLabels {
+                kind: kind.as_str().to_owned(),
+            })
+            .clone()
+    }
+}
+
+/// The journal sink.
+pub struct Journal {
     config: JournalConfig,
-    metrics: Arc<Metrics>,
+    metrics: JournalMetrics,
     store: Option<Store>,
+    /// What waits to be written: this window, and older ones while the
+    /// journal cannot be written.
     batch: Batch,
-    sinks: Sinks,
-    /// Latest sha256 of each executable path, for rollups drained before
-    /// their executable was hashed.
-    hashes: HashMap<String, String>,
-    /// This window's traffic and events for the sinks (the journal's batch
-    /// may hold older windows while the journal cannot be written).
-    window: Batch,
     window_start: i64,
     /// Last error logged, so a persisting failure is logged once, not every interval.
     last_error: Option<String>,
 }
 
-impl Writer {
-    fn new(config: JournalConfig, metrics: Arc<Metrics>, sinks: Sinks) -> Self {
-        let mut writer = Self {
+impl Journal {
+    /// Opens the journal; one that cannot be opened now is retried at every flush.
+    pub fn open(config: JournalConfig, metrics: JournalMetrics) -> Self {
+        let mut journal = Self {
             config,
             metrics,
             store: None,
             batch: Batch::default(),
-            sinks,
-            hashes: HashMap::new(),
-            window: Batch::default(),
             window_start: unix_now(),
             last_error: None,
         };
-        writer.ensure_open();
-        writer
+        journal.ensure_open();
+        journal
     }
 
-    fn run(&mut self, receiver: mpsc::Receiver<Input>) {
-        let mut next_flush = Instant::now() + self.config.write_interval;
-        loop {
-            let timeout = next_flush.saturating_duration_since(Instant::now());
-            match receiver.recv_timeout(timeout) {
-                Ok(input) => self.accept(input),
-                Err(RecvTimeoutError::Timeout) => {
-                    self.flush();
-                    next_flush = Instant::now() + self.config.write_interval;
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.flush();
-                    return;
-                }
-            }
-        }
-    }
-
-    fn accept(&mut self, input: Input) {
+    /// Whether another entry fits under `journal.max_pending`; counts it dropped if not.
+    fn has_room(&self) -> bool {
         if self.batch.len() >= self.config.max_pending {
-            self.metrics.journal_dropped.inc();
-            return;
+            self.metrics.dropped.inc();
+            return false;
         }
-        match input {
-            Input::Executable(seen) => {
-                if let Some(sha256) = &seen.sha256 {
-                    self.hashes.insert(seen.path.clone(), sha256.clone());
-                }
-                self.batch.add_executable(seen);
+        true
+    }
+
+    pub fn add_executable(&mut self, sighting: ExecutableSighting) {
+        if self.has_room() {
+            self.batch.add_executable(sighting);
+        }
+    }
+
+    pub fn add_flows(&mut self, flows: &[FlowRecord]) {
+        for flow in flows {
+            if self.has_room() {
+                self.batch.add_flow(flow.clone());
             }
-            Input::Rollups(rollups) => {
-                for mut rollup in rollups {
-                    if self.config.ignore.matches(&rollup) {
-                        continue;
-                    }
-                    if !self.config.record_addresses {
-                        rollup.remote_address = None;
-                    }
-                    if !self.config.record_ports {
-                        rollup.local_port = None;
-                        rollup.remote_port = None;
-                    }
-                    if self.has_sinks() {
-                        self.window.add_rollup(rollup.clone());
-                    }
-                    self.batch.add_rollup(rollup);
-                }
-            }
-            Input::Event(event) => {
-                if self.has_sinks() {
-                    self.window.events.push(event.clone());
-                }
-                self.batch.events.push(event);
-            }
+        }
+    }
+
+    pub fn add_event(&mut self, event: Event) {
+        if self.has_room() {
+            self.batch.events.push(event);
         }
     }
 
@@ -204,7 +232,7 @@ impl Writer {
                 tracing::info!(path = %self.config.path.display(), "journal open");
                 for (path, _mode) in store::loose_permissions(&self.config.path) {
                     self.metrics
-                        .journal_loose_permissions
+                        .loose_permissions
                         .get_or_create(&PathLabels {
                             path: path.display().to_string().into(),
                         })
@@ -222,7 +250,7 @@ impl Writer {
     }
 
     fn fail(&mut self, error: &StoreError) {
-        self.metrics.journal_write_errors.inc();
+        self.metrics.write_errors.inc();
         let text = error.to_string();
         if self.last_error.as_deref() != Some(text.as_str()) {
             tracing::error!(
@@ -233,85 +261,18 @@ impl Writer {
         }
     }
 
-    fn has_sinks(&self) -> bool {
-        self.sinks.otlp.is_some() || self.sinks.connection_log.is_some()
-    }
-
-    /// Hands records to the sinks; they queue them and never block.
-    fn send_to_sinks(&self, window: &WindowRecords) {
-        if let Some(otlp) = &self.sinks.otlp {
-            otlp.export(window);
-        }
-        if let Some(log) = &self.sinks.connection_log {
-            log.write(window);
-        }
-        self.report_sinks();
-    }
-
-    fn report_sinks(&self) {
-        let raise = |counter: &prometheus_client::metrics::counter::Counter, total: u64| {
-            let reported = counter.get();
-            if total > reported {
-                counter.inc_by(total - reported);
-            }
-        };
-        if let Some(otlp) = &self.sinks.otlp {
-            let counters = otlp.counters();
-            raise(&self.metrics.otlp_exported, counters.exported_total());
-            raise(&self.metrics.otlp_dropped, counters.dropped_total());
-            raise(
-                &self.metrics.otlp_export_errors,
-                counters.export_errors_total(),
-            );
-            self.metrics.otlp_queued.set(counters.queued() as i64);
-        }
-        if let Some(log) = &self.sinks.connection_log {
-            let counters = log.counters();
-            raise(
-                &self.metrics.connection_log_written,
-                counters.written_total(),
-            );
-            raise(
-                &self.metrics.connection_log_dropped,
-                counters.dropped_total(),
-            );
-            raise(&self.metrics.connection_log_errors, counters.errors_total());
-        }
-    }
-
-    fn shutdown_sinks(&mut self) {
-        if let Some(otlp) = self.sinks.otlp.as_mut() {
-            otlp.shutdown(SINK_SHUTDOWN_GRACE);
-        }
-        if let Some(log) = self.sinks.connection_log.as_mut() {
-            log.shutdown(SINK_SHUTDOWN_GRACE);
-        }
-        self.report_sinks();
-    }
-
-    fn flush(&mut self) {
-        let now = unix_now();
-        self.batch.fill_missing_hashes(&self.hashes);
-        if self.has_sinks() {
-            let mut window = std::mem::take(&mut self.window);
-            window.fill_missing_hashes(&self.hashes);
-            if !window.is_empty() {
-                let seconds = (now - self.window_start).max(1) as u64;
-                let records = WindowRecords::new(
-                    self.window_start,
-                    seconds,
-                    &window.rollups(),
-                    &window.events,
-                );
-                self.send_to_sinks(&records);
-            }
-        }
+    /// Writes what waits, in one transaction, filling the hashes of flows
+    /// drained before their executable was hashed from `hashes`. Returns the
+    /// events the journal found (new executable, new hash, modified), which
+    /// the other sinks get once they are written.
+    pub fn flush(&mut self, now: i64, hashes: &HashMap<String, Sha256>) -> Vec<Event> {
+        self.batch.fill_missing_hashes(hashes);
         if self.batch.is_empty() {
             self.window_start = now;
-            return;
+            return Vec::new();
         }
         if !self.ensure_open() {
-            return;
+            return Vec::new();
         }
         let store = self.store.as_mut().expect("opened above");
         let window_seconds = (now - self.window_start).max(1);
@@ -324,27 +285,17 @@ impl Writer {
             retention,
         ) {
             Ok((states, events)) => {
-                self.metrics.journal_writes.inc();
+                self.metrics.writes.inc();
                 self.batch = Batch::default();
                 self.window_start = now;
                 if self.last_error.take().is_some() {
                     tracing::info!("journal writes succeed again");
                 }
                 self.publish(&states, &events);
-                // Events the journal itself found (new executable, new hash,
-                // modified) reach the sinks now; the others went with their window.
-                let found: Vec<Event> = events
+                events
                     .into_iter()
-                    .filter(|e| {
-                        matches!(
-                            e.kind,
-                            EventKind::NewExecutable | EventKind::NewHash | EventKind::Modified
-                        )
-                    })
-                    .collect();
-                if self.has_sinks() && !found.is_empty() {
-                    self.send_to_sinks(&WindowRecords::new(now, 0, &[], &found));
-                }
+                    .filter(|event| event.kind.is_found_by_journal())
+                    .collect()
             }
             Err(error) => {
                 self.fail(&error);
@@ -352,36 +303,26 @@ impl Writer {
                 if matches!(error, StoreError::Write { .. }) && !self.config.path.exists() {
                     self.store = None;
                 }
+                Vec::new()
             }
         }
     }
 
     fn publish(&self, states: &[ExecutableState], events: &[Event]) {
         for state in states {
-            let sha256 = if state.sha256.is_empty() {
-                crate::identity::hashing::UNAVAILABLE.to_owned()
-            } else {
-                state.sha256.clone()
-            };
+            let sha256 = Some(state.sha256.as_str()).filter(|sha256| !sha256.is_empty());
             self.metrics
                 .executable_first_seen
-                .get_or_create(&ExecutableLabels {
-                    exe: state.path.clone().into(),
-                    sha256,
-                })
+                .get_or_create(&ExecutableLabels::new(&state.path, sha256))
                 .set(state.first_seen);
+            let exe = ExeLabels::new(&state.path);
             self.metrics
                 .path_first_seen
-                .get_or_create(&ExeLabels {
-                    exe: state.path.clone().into(),
-                })
+                .get_or_create(&exe)
                 .set(state.path_first_seen);
             // Only programs exec tracking saw get a series; it drops to 0
             // when the program later uses the network.
-            let exe = ExeLabels {
-                exe: state.path.clone().into(),
-            };
-            let exec_only = &self.metrics.exec.exec_only;
+            let exec_only = &self.metrics.exec_only;
             if !state.path_used_network {
                 exec_only.get_or_create(&exe).set(1);
             } else if let Some(gauge) = exec_only.get(&exe) {
@@ -389,22 +330,14 @@ impl Writer {
             }
         }
         for event in events {
-            self.metrics
-                .journal_events
-                .get_or_create(&KindLabels {
-                    kind: event.kind.as_str().to_owned(),
-                })
-                .inc();
-            match event.kind {
-                EventKind::NewExecutable | EventKind::NewHash | EventKind::Modified => {
-                    tracing::info!(
-                        kind = event.kind.as_str(),
-                        exe = event.exe.as_deref().unwrap_or_default(),
-                        sha256 = event.sha256.as_deref().unwrap_or_default(),
-                        "journal event"
-                    );
-                }
-                _ => {}
+            self.metrics.event(event.kind).inc();
+            if event.kind.is_found_by_journal() {
+                tracing::info!(
+                    kind = event.kind.as_str(),
+                    exe = event.exe.as_deref().unwrap_or_default(),
+                    sha256 = event.sha256.as_ref().map_or("", Sha256::as_str),
+                    "journal event"
+                );
             }
         }
     }

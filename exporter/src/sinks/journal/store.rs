@@ -14,6 +14,7 @@ use std::{
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::schema::{self, SchemaError};
+use crate::model::{Event, EventKind, ExecutableSighting, FlowRecord, FlowTotals, Sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -35,82 +36,6 @@ pub enum StoreError {
     },
 }
 
-/// An executable as one process ran it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecutableSeen {
-    pub path: String,
-    /// `None` when the executable could not be hashed.
-    pub sha256: Option<String>,
-    pub name: String,
-    pub uid: u32,
-    pub parent_path: Option<String>,
-    /// Unix seconds.
-    pub seen_at: i64,
-    /// The file was modified in place since it was last hashed.
-    pub modified: bool,
-    /// Seen doing network I/O; `false` for a sighting from exec tracking alone.
-    pub used_network: bool,
-    /// Why it could not be hashed (a `fleetsnitch_hash_failures_total` reason).
-    pub hash_failure: Option<&'static str>,
-    /// Its command line, when exec tracking records them.
-    pub command_line: Option<String>,
-}
-
-/// Traffic of one executable with one peer during one write window.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
-pub struct Rollup {
-    pub exe: String,
-    pub sha256: String,
-    pub parent: Option<String>,
-    pub uid: Option<u32>,
-    pub transport: &'static str,
-    pub local_port: Option<u16>,
-    pub remote_address: Option<String>,
-    pub remote_port: Option<u16>,
-    pub domain: Option<String>,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    /// Context the journal does not store but OTLP and the connection log carry.
-    pub comm: Option<String>,
-    pub container_id: Option<String>,
-    pub container_name: Option<String>,
-    pub pod: Option<String>,
-    pub namespace: Option<String>,
-    pub country: Option<String>,
-    pub asn: Option<u32>,
-}
-
-/// Kinds of journal events; also the `kind` label of `fleetsnitch_journal_events_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum EventKind {
-    NewExecutable,
-    NewHash,
-    Modified,
-    VirusTotal,
-    AgentError,
-}
-
-impl EventKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::NewExecutable => "new_executable",
-            Self::NewHash => "new_hash",
-            Self::Modified => "modified",
-            Self::VirusTotal => "virustotal",
-            Self::AgentError => "agent_error",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
-    pub time: i64,
-    pub kind: EventKind,
-    pub exe: Option<String>,
-    pub sha256: Option<String>,
-    pub detail: Option<String>,
-}
-
 /// What the journal knows of an executable after a flush.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecutableState {
@@ -127,9 +52,10 @@ pub struct ExecutableState {
 /// What one flush writes.
 #[derive(Debug, Default)]
 pub struct Batch {
-    /// Per (path, sha256): names, parents and users seen, and the time range.
+    /// Per (path, sha256 or "" when unhashed): names, parents and users
+    /// seen, and the time range.
     executables: HashMap<(String, String), Sightings>,
-    rollups: HashMap<RollupKey, (u64, u64)>,
+    flows: FlowTotals,
     pub events: Vec<Event>,
 }
 
@@ -146,20 +72,19 @@ struct Sightings {
     command_line: Option<String>,
 }
 
-type RollupKey = Rollup;
-
 impl Batch {
     pub fn is_empty(&self) -> bool {
-        self.executables.is_empty() && self.rollups.is_empty() && self.events.is_empty()
+        self.executables.is_empty() && self.flows.is_empty() && self.events.is_empty()
     }
 
     /// Entries held, for bounding memory while the journal cannot be written.
     pub fn len(&self) -> usize {
-        self.executables.len() + self.rollups.len() + self.events.len()
+        self.executables.len() + self.flows.len() + self.events.len()
     }
 
-    pub fn add_executable(&mut self, seen: ExecutableSeen) {
-        let key = (seen.path, seen.sha256.unwrap_or_default());
+    pub fn add_executable(&mut self, seen: ExecutableSighting) {
+        let sha256 = seen.sha256.map(|sha256| sha256.as_str().to_owned());
+        let key = (seen.path, sha256.unwrap_or_default());
         let entry = self.executables.entry(key).or_insert_with(|| Sightings {
             first: seen.seen_at,
             last: seen.seen_at,
@@ -184,48 +109,14 @@ impl Batch {
         entry.last = entry.last.max(seen.seen_at);
     }
 
-    /// Fills the sha256 of rollups drained before their executable was
-    /// hashed (hashing runs beside the drain), from `hashes` (path -> sha256).
-    pub fn fill_missing_hashes(&mut self, hashes: &HashMap<String, String>) {
-        if !self.rollups.keys().any(|r| r.sha256.is_empty()) {
-            return;
-        }
-        let rollups = std::mem::take(&mut self.rollups);
-        for (mut key, (sent, received)) in rollups {
-            if key.sha256.is_empty()
-                && let Some(sha256) = hashes.get(&key.exe)
-            {
-                key.sha256.clone_from(sha256);
-            }
-            let totals = self.rollups.entry(key).or_default();
-            totals.0 += sent;
-            totals.1 += received;
-        }
+    /// Fills the sha256 of flows drained before their executable was hashed.
+    pub fn fill_missing_hashes(&mut self, hashes: &HashMap<String, Sha256>) {
+        self.flows.fill_missing_hashes(hashes);
     }
 
-    /// The traffic of the window, one rollup per peer with its bytes.
-    pub fn rollups(&self) -> Vec<Rollup> {
-        self.rollups
-            .iter()
-            .map(|(key, (sent, received))| Rollup {
-                bytes_sent: *sent,
-                bytes_received: *received,
-                ..key.clone()
-            })
-            .collect()
-    }
-
-    /// Adds traffic, merging it with the same peer's traffic in this window.
-    pub fn add_rollup(&mut self, rollup: Rollup) {
-        let (sent, received) = (rollup.bytes_sent, rollup.bytes_received);
-        let key = Rollup {
-            bytes_sent: 0,
-            bytes_received: 0,
-            ..rollup
-        };
-        let totals = self.rollups.entry(key).or_default();
-        totals.0 += sent;
-        totals.1 += received;
+    /// Adds traffic, merging it with the same flow's traffic in this window.
+    pub fn add_flow(&mut self, flow: FlowRecord) {
+        self.flows.add(flow);
     }
 }
 
@@ -346,7 +237,7 @@ impl Store {
                     time: sightings.first,
                     kind,
                     exe: Some(exe.clone()),
-                    sha256: Some(sha256.clone()).filter(|s| !s.is_empty()),
+                    sha256: Sha256::from_hex(sha256),
                     detail: event_detail(sightings),
                 });
             }
@@ -361,22 +252,31 @@ impl Store {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
                 )
                 .map_err(write_error)?;
-            for (rollup, (sent, received)) in &batch.rollups {
+            for (flow, bytes) in batch.flows.iter() {
+                // The journal keeps the flow's program and peer; context it does
+                // not store (user and process names, container, pod, GeoIP)
+                // reaches OTLP and the connection log.
+                let FlowRecord {
+                    program,
+                    peer,
+                    workload: _,
+                    bytes: _,
+                } = flow;
                 insert
                     .execute(params![
                         window_start,
                         window_seconds,
-                        rollup.exe,
-                        rollup.sha256,
-                        rollup.parent,
-                        rollup.uid,
-                        rollup.transport,
-                        rollup.local_port,
-                        rollup.remote_address,
-                        rollup.remote_port,
-                        rollup.domain,
-                        *sent as i64,
-                        *received as i64,
+                        program.exe,
+                        program.sha256.as_ref().map_or("", Sha256::as_str),
+                        program.parent,
+                        program.uid,
+                        peer.transport,
+                        peer.local_port,
+                        peer.remote_address.map(|address| address.to_string()),
+                        peer.remote_port,
+                        peer.domain,
+                        bytes.sent as i64,
+                        bytes.received as i64,
                     ])
                     .map_err(write_error)?;
             }
@@ -391,7 +291,7 @@ impl Store {
                         event.time,
                         event.kind.as_str(),
                         event.exe,
-                        event.sha256,
+                        event.sha256.as_ref().map(Sha256::as_str),
                         event.detail
                     ])
                     .map_err(write_error)?;
@@ -581,10 +481,10 @@ mod tests {
 
     const DAY: Duration = Duration::from_secs(86_400);
 
-    fn seen(path: &str, sha: &str, at: i64) -> ExecutableSeen {
-        ExecutableSeen {
+    fn seen(path: &str, sha: &str, at: i64) -> ExecutableSighting {
+        ExecutableSighting {
             path: path.into(),
-            sha256: Some(sha.into()),
+            sha256: Sha256::from_hex(sha),
             name: "tool".into(),
             uid: 1000,
             parent_path: Some("/bin/bash".into()),
@@ -596,20 +496,24 @@ mod tests {
         }
     }
 
-    fn rollup(exe: &str, sent: u64) -> Rollup {
-        Rollup {
-            exe: exe.into(),
-            sha256: "aa".into(),
-            parent: None,
-            uid: Some(0),
-            transport: "tcp",
-            local_port: Some(40000),
-            remote_address: Some("198.18.0.2".into()),
-            remote_port: Some(443),
-            domain: None,
-            bytes_sent: sent,
-            bytes_received: 1,
-            ..Rollup::default()
+    fn flow(exe: &str, sent: u64) -> FlowRecord {
+        use crate::model::{Bytes, Peer, Program};
+        FlowRecord {
+            program: Program {
+                exe: exe.into(),
+                sha256: Sha256::from_hex("aa"),
+                uid: Some(0),
+                ..Program::default()
+            },
+            peer: Peer {
+                transport: "tcp",
+                local_port: Some(40000),
+                remote_address: "198.18.0.2".parse().ok(),
+                remote_port: Some(443),
+                ..Peer::default()
+            },
+            bytes: Bytes { sent, received: 1 },
+            ..FlowRecord::default()
         }
     }
 
@@ -653,7 +557,7 @@ mod tests {
         let (_, events) = store.flush(&batch, 140, 10, 150, DAY).unwrap();
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].kind, EventKind::Modified);
-        assert_eq!(events[0].sha256.as_deref(), Some("cc"));
+        assert_eq!(events[0].sha256, Sha256::from_hex("cc"));
     }
 
     #[test]
@@ -683,8 +587,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open(&dir.path().join("j.db")).unwrap();
         let mut batch = Batch::default();
-        batch.add_rollup(rollup("/usr/bin/tool", 10));
-        batch.add_rollup(rollup("/usr/bin/tool", 5));
+        batch.add_flow(flow("/usr/bin/tool", 10));
+        batch.add_flow(flow("/usr/bin/tool", 5));
         store.flush(&batch, 0, 10, 10, DAY).unwrap();
         let (rows, sent): (i64, i64) = store
             .connection()

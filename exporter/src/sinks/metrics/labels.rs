@@ -15,10 +15,16 @@ use std::{
     str::FromStr,
 };
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder};
+use prometheus_client::{
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+};
 use serde::Deserialize;
 
-use crate::sinks::metrics::{Direction, Text};
+use crate::{
+    model::FlowRecord,
+    telemetry::{Direction, Text},
+};
 
 /// Value of a folded label.
 pub const OTHER: &str = "other";
@@ -120,22 +126,6 @@ impl<'de> Deserialize<'de> for Dimension {
     }
 }
 
-/// What is known of one flow, for its labels. Unknown values stay empty.
-#[derive(Debug, Default, Clone)]
-pub struct FlowFacts<'a> {
-    pub parent: Option<&'a str>,
-    pub uid: Option<u32>,
-    pub remote_port: Option<u16>,
-    pub transport: &'a str,
-    pub domain: Option<&'a str>,
-    pub country: Option<&'a str>,
-    pub asn: Option<u32>,
-    pub container_id: Option<&'a str>,
-    pub container_name: Option<&'a str>,
-    pub pod: Option<&'a str>,
-    pub namespace: Option<&'a str>,
-}
-
 /// Labels of one `fleetsnitch_bytes_total` series.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TrafficLabels {
@@ -174,16 +164,17 @@ struct Folder {
     cap: usize,
     admitted: HashSet<String>,
     folded: HashSet<u64>,
-    folded_total: u64,
+    /// `fleetsnitch_label_overflow_total` of this dimension.
+    folded_total: Counter,
 }
 
 impl Folder {
-    fn new(cap: usize) -> Self {
+    fn new(cap: usize, folded_total: Counter) -> Self {
         Self {
             cap,
             admitted: HashSet::new(),
             folded: HashSet::new(),
-            folded_total: 0,
+            folded_total,
         }
     }
 
@@ -200,7 +191,7 @@ impl Folder {
         value.hash(&mut hasher);
         let fingerprint = hasher.finish();
         if self.folded.len() >= MAX_REMEMBERED_FOLDS || self.folded.insert(fingerprint) {
-            self.folded_total += 1;
+            self.folded_total.inc();
         }
         Text(OTHER.to_owned())
     }
@@ -218,8 +209,34 @@ pub struct LabelPolicy {
     folders: HashMap<Dimension, Folder>,
     max_series: usize,
     series: HashSet<TrafficLabels>,
-    series_folded: u64,
-    user_names: HashMap<u32, String>,
+    /// Whole series folded by `max_series` (`label="_series"`).
+    series_folded: Counter,
+    /// `fleetsnitch_bytes_series`.
+    series_count: Gauge,
+}
+
+/// The counters a [`LabelPolicy`] counts its folds in.
+#[derive(Debug, Clone, Default)]
+pub struct OverflowMetrics {
+    /// `fleetsnitch_label_overflow_total{label}`.
+    pub overflow: Family<LabelLabels, Counter>,
+    /// `fleetsnitch_bytes_series`.
+    pub series: Gauge,
+}
+
+impl OverflowMetrics {
+    fn counter(&self, label: &str) -> Counter {
+        self.overflow
+            .get_or_create(&LabelLabels {
+                label: label.to_owned(),
+            })
+            .clone()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LabelLabels {
+    pub label: String,
 }
 
 /// Name of the `exe` dimension in overflow metrics.
@@ -233,6 +250,7 @@ impl LabelPolicy {
         caps: &HashMap<String, usize>,
         ephemeral_ports: RangeInclusive<u16>,
         max_series: usize,
+        metrics: &OverflowMetrics,
     ) -> Self {
         let mut dimensions = dimensions.to_vec();
         dimensions.sort();
@@ -240,18 +258,24 @@ impl LabelPolicy {
         let cap_of = |name: &str, default: usize| caps.get(name).copied().unwrap_or(default);
         let folders = dimensions
             .iter()
-            .map(|&d| (d, Folder::new(cap_of(d.name(), d.default_cap()))))
+            .map(|&d| {
+                let folder =
+                    Folder::new(cap_of(d.name(), d.default_cap()), metrics.counter(d.name()));
+                (d, folder)
+            })
             .collect();
+        // Both exe folders count into label="exe".
+        let exe_folded = metrics.counter(EXE_LABEL);
         Self {
-            exe: Folder::new(cap_of(EXE_LABEL, 5_000)),
-            exec_exe: Folder::new(cap_of(EXE_LABEL, 5_000)),
+            exe: Folder::new(cap_of(EXE_LABEL, 5_000), exe_folded.clone()),
+            exec_exe: Folder::new(cap_of(EXE_LABEL, 5_000), exe_folded),
             dimensions,
             ephemeral_ports,
             folders,
             max_series,
             series: HashSet::new(),
-            series_folded: 0,
-            user_names: HashMap::new(),
+            series_folded: metrics.counter(SERIES_LABEL),
+            series_count: metrics.series.clone(),
         }
     }
 
@@ -266,18 +290,13 @@ impl LabelPolicy {
         &self.dimensions
     }
 
-    /// The labels for bytes of `exe` in `direction` on a flow described by `facts`.
-    pub fn labels(
-        &mut self,
-        exe: &str,
-        direction: Direction,
-        facts: &FlowFacts<'_>,
-    ) -> TrafficLabels {
-        let exe = self.exe.fold(exe);
+    /// The labels for bytes of `flow` in `direction`.
+    pub fn labels(&mut self, flow: &FlowRecord, direction: Direction) -> TrafficLabels {
+        let exe = self.exe.fold(&flow.program.exe);
         let mut extra = Vec::with_capacity(self.dimensions.len());
         for index in 0..self.dimensions.len() {
             let dimension = self.dimensions[index];
-            let raw = self.raw_value(dimension, facts);
+            let raw = self.raw_value(dimension, flow);
             let folder = self
                 .folders
                 .get_mut(&dimension)
@@ -294,9 +313,10 @@ impl LabelPolicy {
         }
         if self.series.len() < self.max_series {
             self.series.insert(labels.clone());
+            self.series_count.set(self.series.len() as i64);
             return labels;
         }
-        self.series_folded += 1;
+        self.series_folded.inc();
         let folded = TrafficLabels {
             extra: labels
                 .extra
@@ -305,67 +325,45 @@ impl LabelPolicy {
                 .collect(),
             ..labels
         };
-        self.series.insert(folded.clone());
+        if self.series.insert(folded.clone()) {
+            self.series_count.set(self.series.len() as i64);
+        }
         folded
     }
 
-    fn raw_value(&mut self, dimension: Dimension, facts: &FlowFacts<'_>) -> String {
-        let text = |value: Option<&str>| value.unwrap_or_default().to_owned();
+    /// The value of `dimension` for `flow`, before folding; empty when unknown.
+    fn raw_value(&self, dimension: Dimension, flow: &FlowRecord) -> String {
+        let FlowRecord {
+            program,
+            peer,
+            workload,
+            bytes: _,
+        } = flow;
+        let text = |value: &Option<String>| value.clone().unwrap_or_default();
+        let number = |value: Option<u32>| value.map(|n| n.to_string()).unwrap_or_default();
         match dimension {
-            Dimension::Parent => text(facts.parent),
-            Dimension::User => facts.uid.map(|uid| self.user_name(uid)).unwrap_or_default(),
-            Dimension::Uid => facts.uid.map(|uid| uid.to_string()).unwrap_or_default(),
-            Dimension::RemotePort => match facts.remote_port {
+            Dimension::Parent => text(&program.parent),
+            Dimension::User => text(&program.user_name),
+            Dimension::Uid => number(program.uid),
+            Dimension::RemotePort => match peer.remote_port {
                 Some(port) if self.ephemeral_ports.contains(&port) => EPHEMERAL.to_owned(),
                 Some(port) => port.to_string(),
                 None => String::new(),
             },
-            Dimension::Transport => facts.transport.to_owned(),
-            Dimension::Domain => text(facts.domain),
-            Dimension::Country => text(facts.country),
-            Dimension::Asn => facts.asn.map(|asn| asn.to_string()).unwrap_or_default(),
-            Dimension::ContainerId => text(facts.container_id),
-            Dimension::ContainerName => text(facts.container_name),
-            Dimension::Pod => text(facts.pod),
-            Dimension::Namespace => text(facts.namespace),
+            Dimension::Transport => peer.transport.to_owned(),
+            Dimension::Domain => text(&peer.domain),
+            Dimension::Country => text(&peer.country),
+            Dimension::Asn => number(peer.asn),
+            Dimension::ContainerId => text(&workload.container_id),
+            Dimension::ContainerName => text(&workload.container_name),
+            Dimension::Pod => text(&workload.pod),
+            Dimension::Namespace => text(&workload.namespace),
         }
-    }
-
-    /// The user name of `uid` on this host, or the number when it has none.
-    fn user_name(&mut self, uid: u32) -> String {
-        self.user_names
-            .entry(uid)
-            .or_insert_with(|| {
-                nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-                    .ok()
-                    .flatten()
-                    .map(|user| user.name)
-                    .unwrap_or_else(|| uid.to_string())
-            })
-            .clone()
     }
 
     /// Whether `port` is in the ephemeral range (exported as "ephemeral").
     pub fn is_ephemeral(&self, port: u16) -> bool {
         self.ephemeral_ports.contains(&port)
-    }
-
-    /// Distinct values folded so far, per label (`exe`, each dimension, and
-    /// `_series` for whole series folded by `max_series`).
-    pub fn overflow(&self) -> Vec<(&'static str, u64)> {
-        let mut counts = vec![
-            (
-                EXE_LABEL,
-                self.exe.folded_total + self.exec_exe.folded_total,
-            ),
-            (SERIES_LABEL, self.series_folded),
-        ];
-        counts.extend(
-            self.dimensions
-                .iter()
-                .map(|d| (d.name(), self.folders[d].folded_total)),
-        );
-        counts
     }
 
     /// Series admitted so far.
@@ -391,18 +389,48 @@ pub fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
 mod tests {
     use super::*;
 
-    fn policy(dimensions: &[Dimension], caps: &[(&str, usize)], max_series: usize) -> LabelPolicy {
+    use crate::model::{Peer, Program};
+
+    fn policy(
+        dimensions: &[Dimension],
+        caps: &[(&str, usize)],
+        max_series: usize,
+    ) -> (LabelPolicy, OverflowMetrics) {
         let caps = caps.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect();
-        LabelPolicy::new(dimensions, &caps, 32768..=60999, max_series)
+        let metrics = OverflowMetrics::default();
+        let policy = LabelPolicy::new(dimensions, &caps, 32768..=60999, max_series, &metrics);
+        (policy, metrics)
     }
 
-    fn facts(port: u16) -> FlowFacts<'static> {
-        FlowFacts {
-            remote_port: Some(port),
-            transport: "tcp",
-            uid: Some(0),
-            ..FlowFacts::default()
+    fn flow(port: u16) -> FlowRecord {
+        FlowRecord {
+            program: Program {
+                exe: "/bin/x".into(),
+                uid: Some(0),
+                user_name: Some("root".into()),
+                ..Program::default()
+            },
+            peer: Peer {
+                remote_port: Some(port),
+                transport: "tcp",
+                ..Peer::default()
+            },
+            ..FlowRecord::default()
         }
+    }
+
+    fn of(exe: &str, flow: FlowRecord) -> FlowRecord {
+        FlowRecord {
+            program: Program {
+                exe: exe.into(),
+                ..flow.program
+            },
+            ..flow
+        }
+    }
+
+    fn overflow(metrics: &OverflowMetrics, label: &str) -> u64 {
+        metrics.counter(label).get()
     }
 
     fn value(labels: &TrafficLabels, dimension: Dimension) -> &str {
@@ -417,79 +445,85 @@ mod tests {
 
     #[test]
     fn ephemeral_ports_fold_into_one_value() {
-        let mut policy = policy(&[Dimension::RemotePort], &[], 1000);
-        let labels = policy.labels("/bin/x", Direction::Sent, &facts(45000));
+        let (mut policy, _metrics) = policy(&[Dimension::RemotePort], &[], 1000);
+        let labels = policy.labels(&flow(45000), Direction::Sent);
         assert_eq!(value(&labels, Dimension::RemotePort), EPHEMERAL);
-        let labels = policy.labels("/bin/x", Direction::Sent, &facts(443));
+        let labels = policy.labels(&flow(443), Direction::Sent);
         assert_eq!(value(&labels, Dimension::RemotePort), "443");
     }
 
     #[test]
     fn values_past_the_cap_fold_and_are_counted_once_each() {
-        let mut policy = policy(&[Dimension::RemotePort], &[("remote_port", 3)], 1000);
+        let (mut policy, metrics) = policy(&[Dimension::RemotePort], &[("remote_port", 3)], 1000);
         for port in 1..=10u16 {
-            policy.labels("/bin/x", Direction::Sent, &facts(port));
-            policy.labels("/bin/x", Direction::Received, &facts(port));
+            policy.labels(&flow(port), Direction::Sent);
+            policy.labels(&flow(port), Direction::Received);
         }
-        let labels = policy.labels("/bin/x", Direction::Sent, &facts(9));
+        let labels = policy.labels(&flow(9), Direction::Sent);
         assert_eq!(value(&labels, Dimension::RemotePort), OTHER);
-        let labels = policy.labels("/bin/x", Direction::Sent, &facts(2));
+        let labels = policy.labels(&flow(2), Direction::Sent);
         assert_eq!(value(&labels, Dimension::RemotePort), "2");
-        let overflow: HashMap<_, _> = policy.overflow().into_iter().collect();
         assert_eq!(
-            overflow["remote_port"], 7,
+            overflow(&metrics, "remote_port"),
+            7,
             "ports 4..=10 folded, each counted once"
         );
     }
 
     #[test]
     fn executed_programs_never_crowd_networked_ones_out_of_the_exe_cap() {
-        let mut policy = policy(&[], &[("exe", 2)], 1000);
+        let (mut policy, metrics) = policy(&[], &[("exe", 2)], 1000);
         for index in 0..5 {
             policy.exec_exe_label(&format!("/tmp/ran{index}"));
         }
         assert_eq!(policy.exec_exe_label("/tmp/ran4").0, OTHER);
-        let labels = policy.labels("/usr/bin/curl", Direction::Sent, &facts(443));
+        let labels = policy.labels(&of("/usr/bin/curl", flow(443)), Direction::Sent);
         assert_eq!(labels.exe.0, "/usr/bin/curl");
-        let overflow: HashMap<_, _> = policy.overflow().into_iter().collect();
-        assert_eq!(overflow["exe"], 3, "/tmp/ran2..4 folded in the exec family");
+        assert_eq!(
+            overflow(&metrics, "exe"),
+            3,
+            "/tmp/ran2..4 folded in the exec family"
+        );
     }
 
     #[test]
     fn series_cap_folds_every_optional_label() {
-        let mut policy = policy(&[Dimension::RemotePort, Dimension::Uid], &[], 4);
+        let (mut policy, metrics) = policy(&[Dimension::RemotePort, Dimension::Uid], &[], 4);
         for port in 1..=10u16 {
-            policy.labels("/bin/x", Direction::Sent, &facts(port));
+            policy.labels(&flow(port), Direction::Sent);
         }
         assert_eq!(
             policy.series_count(),
             5,
             "4 admitted plus the folded series"
         );
-        let labels = policy.labels("/bin/x", Direction::Sent, &facts(10));
+        let labels = policy.labels(&flow(10), Direction::Sent);
         assert_eq!(value(&labels, Dimension::RemotePort), OTHER);
         assert_eq!(value(&labels, Dimension::Uid), OTHER);
-        let overflow: HashMap<_, _> = policy.overflow().into_iter().collect();
-        assert_eq!(overflow[SERIES_LABEL], 7);
+        assert_eq!(overflow(&metrics, SERIES_LABEL), 7);
+        assert_eq!(metrics.series.get(), 5);
     }
 
     #[test]
     fn unknown_values_stay_empty_and_are_not_capped() {
-        let mut policy = policy(&[Dimension::Domain], &[("domain", 1)], 1000);
-        let labels = policy.labels("/bin/x", Direction::Sent, &FlowFacts::default());
+        let (mut policy, _metrics) = policy(&[Dimension::Domain], &[("domain", 1)], 1000);
+        let labels = policy.labels(&FlowRecord::default(), Direction::Sent);
         assert_eq!(value(&labels, Dimension::Domain), "");
-        let with_domain = FlowFacts {
-            domain: Some("example.com"),
-            ..FlowFacts::default()
+        let with_domain = FlowRecord {
+            peer: Peer {
+                domain: Some("example.com".into()),
+                ..Peer::default()
+            },
+            ..FlowRecord::default()
         };
-        let labels = policy.labels("/bin/x", Direction::Sent, &with_domain);
+        let labels = policy.labels(&with_domain, Direction::Sent);
         assert_eq!(value(&labels, Dimension::Domain), "example.com");
     }
 
     #[test]
-    fn root_is_named() {
-        let mut policy = policy(&[Dimension::User], &[], 1000);
-        let labels = policy.labels("/bin/x", Direction::Sent, &facts(1));
+    fn user_is_the_name_the_record_carries() {
+        let (mut policy, _metrics) = policy(&[Dimension::User], &[], 1000);
+        let labels = policy.labels(&flow(1), Direction::Sent);
         assert_eq!(value(&labels, Dimension::User), "root");
     }
 

@@ -62,13 +62,12 @@ use opentelemetry_sdk::{
 };
 use serde::Deserialize;
 
-pub use record::{
-    CONNECTION_EVENT_NAME, ConnectionRecord, EventRecord, WindowRecords, attr, event_name,
-    executable_name, network_type, unix_time,
-};
+pub use record::{CONNECTION_EVENT_NAME, attr, event_name, unix_time};
 pub use worker::OtlpCounters;
 
 use worker::{Shared, Worker};
+
+use crate::model::Window;
 
 /// `service.name` of every record.
 pub const SERVICE_NAME: &str = "fleetsnitch";
@@ -568,7 +567,7 @@ impl OtlpExporter {
     /// Queues one log record per connection and per event of `window`. Never
     /// waits for the network; what does not fit the queue is dropped and
     /// counted. Returns how many records were dropped.
-    pub fn export(&self, window: &WindowRecords) -> usize {
+    pub fn export(&self, window: &Window) -> usize {
         self.shared.push(window)
     }
 

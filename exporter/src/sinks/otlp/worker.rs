@@ -12,11 +12,8 @@
 
 use std::{
     collections::VecDeque,
-    sync::{
-        Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant, SystemTime},
 };
 
 use opentelemetry::{InstrumentationScope, logs::Logger as _};
@@ -24,39 +21,68 @@ use opentelemetry_sdk::{
     error::OTelSdkError,
     logs::{LogBatch, LogExporter as _, SdkLogRecord, SdkLogger, SdkLoggerProvider},
 };
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
 use tokio::sync::Notify;
 
-use super::record::{Queued, WindowRecords, fill_sdk_record};
+use super::record::{Queued, fill_sdk_record};
+use crate::{model::Window, support::backoff::Backoff};
 
-/// Counters the agent exports as `fleetsnitch_otlp_*`. Shared with the worker.
-#[derive(Debug, Default)]
+/// What the exporter counts, as `fleetsnitch_otlp_*`. Shared with the worker.
+#[derive(Debug, Clone, Default)]
 pub struct OtlpCounters {
-    exported: AtomicU64,
-    dropped: AtomicU64,
-    export_errors: AtomicU64,
-    queued: AtomicU64,
+    exported: Counter,
+    dropped: Counter,
+    export_errors: Counter,
+    queued: Gauge,
 }
 
 impl OtlpCounters {
+    /// Exports these counters from `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "otlp_exported",
+            "Log records the OTLP collector accepted",
+            self.exported.clone(),
+        );
+        registry.register(
+            "otlp_dropped",
+            "Log records dropped: the queue (otlp.max_queued_records) was full or the collector rejected them",
+            self.dropped.clone(),
+        );
+        registry.register(
+            "otlp_export_errors",
+            "Failed OTLP export attempts (retried with back-off)",
+            self.export_errors.clone(),
+        );
+        registry.register(
+            "otlp_queued",
+            "Log records waiting for the OTLP collector",
+            self.queued.clone(),
+        );
+    }
+
     /// Records the collector acknowledged (`fleetsnitch_otlp_exported_total`).
     pub fn exported_total(&self) -> u64 {
-        self.exported.load(Ordering::Relaxed)
+        self.exported.get()
     }
 
     /// Records dropped: queue full, rejected for good by the collector, or
     /// still queued when the agent stopped (`fleetsnitch_otlp_dropped_total`).
     pub fn dropped_total(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.dropped.get()
     }
 
     /// Export attempts that failed, each retry counted (`fleetsnitch_otlp_export_errors_total`).
     pub fn export_errors_total(&self) -> u64 {
-        self.export_errors.load(Ordering::Relaxed)
+        self.export_errors.get()
     }
 
     /// Records held right now, the batch being sent included (at most `max_queued_records`).
     pub fn queued(&self) -> u64 {
-        self.queued.load(Ordering::Relaxed)
+        self.queued.get().max(0) as u64
     }
 }
 
@@ -105,19 +131,17 @@ impl Shared {
     }
 
     fn publish_queued(&self, state: &State) {
-        self.counters
-            .queued
-            .store(state.held() as u64, Ordering::Relaxed);
+        self.counters.queued.set(state.held() as i64);
     }
 
     /// Queues a window's records without waiting; returns how many were dropped.
     /// Events go first: when little room is left, alerts win over traffic.
-    pub(super) fn push(&self, window: &WindowRecords) -> usize {
+    pub(super) fn push(&self, window: &Window) -> usize {
         let records = window
             .events
             .iter()
             .map(|event| Queued::Event(event.clone()))
-            .chain(window.connections.iter().map(|record| Queued::Connection {
+            .chain(window.flows.iter().map(|record| Queued::Connection {
                 window_start: window.start,
                 window_seconds: window.seconds,
                 record: Box::new(record.clone()),
@@ -142,9 +166,7 @@ impl Shared {
             (dropped, first_drop, state.held())
         };
         if dropped > 0 {
-            self.counters
-                .dropped
-                .fetch_add(dropped as u64, Ordering::Relaxed);
+            self.counters.dropped.inc_by(dropped as u64);
         }
         if first_drop {
             tracing::warn!(
@@ -179,9 +201,7 @@ impl Shared {
             state.drop_logged = false;
             self.publish_queued(&state);
         }
-        self.counters
-            .exported
-            .fetch_add(count as u64, Ordering::Relaxed);
+        self.counters.exported.inc_by(count as u64);
     }
 
     /// Drops `in_flight` records of the batch being sent and, with `everything`,
@@ -200,9 +220,7 @@ impl Shared {
             self.publish_queued(&state);
             count
         };
-        self.counters
-            .dropped
-            .fetch_add(count as u64, Ordering::Relaxed);
+        self.counters.dropped.inc_by(count as u64);
         count
     }
 }
@@ -231,7 +249,8 @@ enum Attempt {
 
 impl Worker {
     pub(super) async fn run(self) {
-        let mut backoff = self.initial_backoff;
+        // Between half and all of each pause, so that a fleet does not retry in step.
+        let mut backoff = Backoff::new(self.initial_backoff, self.max_backoff, 0.5);
         let mut failing: Option<u64> = None;
         while let Some(batch) = self.next_batch().await {
             let observed = SystemTime::now();
@@ -265,14 +284,11 @@ impl Worker {
                                 "OTLP export works again"
                             );
                         }
-                        backoff = self.initial_backoff;
+                        backoff.reset();
                         break;
                     }
                     Attempt::Rejected(error) => {
-                        self.shared
-                            .counters
-                            .export_errors
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.shared.counters.export_errors.inc_by(1);
                         let dropped = self.shared.discard(records.len(), false);
                         tracing::warn!(
                             endpoint = %self.endpoint,
@@ -283,10 +299,7 @@ impl Worker {
                         break;
                     }
                     Attempt::Retry(error) => {
-                        self.shared
-                            .counters
-                            .export_errors
-                            .fetch_add(1, Ordering::Relaxed);
+                        self.shared.counters.export_errors.inc_by(1);
                         match &mut failing {
                             Some(failures) => *failures += 1,
                             None => {
@@ -300,8 +313,7 @@ impl Worker {
                         }
                     }
                 }
-                self.pause(jittered(backoff)).await;
-                backoff = (backoff * 2).min(self.max_backoff);
+                self.pause(backoff.next_delay()).await;
             }
         }
         self.finish();
@@ -397,16 +409,6 @@ impl Worker {
     }
 }
 
-/// Between half and all of `backoff`, so that a fleet does not retry in step.
-fn jittered(backoff: Duration) -> Duration {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|since| since.subsec_nanos())
-        .unwrap_or_default();
-    let half = backoff / 2;
-    half + half.mul_f64(f64::from(nanos % 1000) / 1000.0)
-}
-
 /// Whether the collector refused the batch for good: OTLP says not to retry
 /// these gRPC codes and HTTP 4xx statuses other than 408 and 429. The exporter
 /// crate only hands back a message, so this reads it; anything unrecognised
@@ -473,13 +475,5 @@ mod tests {
         ));
         assert!(!permanent_message("HTTP export failed: network error"));
         assert!(!permanent_message("something else entirely"));
-    }
-
-    #[test]
-    fn jitter_stays_within_half_and_all() {
-        for _ in 0..100 {
-            let pause = jittered(Duration::from_secs(2));
-            assert!(pause >= Duration::from_secs(1) && pause <= Duration::from_secs(2));
-        }
     }
 }

@@ -1,0 +1,307 @@
+//! The hashing thread: hashes each sighting's file once per version, keeps
+//! fanotify marks on what it hashed, and hands every sighting on.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, mpsc},
+    time::Duration,
+};
+
+use super::{
+    Cached, HashFailure, HashIndex, HashJob, HashMetrics, HeldFile, Shared, Stamp,
+    files::{open_executable, open_matching, sha256_of},
+    stamp_of,
+};
+use crate::{
+    identity::{modification::ModificationWatch, processes::ExeKey},
+    model::{ExecutableSighting, Outbox, Record, Sha256},
+    support::unix_now,
+    telemetry::{ExeLabels, ExecutableLabels},
+};
+
+pub(super) struct Worker {
+    metrics: HashMetrics,
+    outbox: Option<Outbox>,
+    index: HashIndex,
+    /// Results by file identity: the kernel's (device, inode) and the open
+    /// file's `st_dev` (the same but on btrfs and overlayfs, where it names the subvolume or layer).
+    /// Each with the stamp of the file hashed (`None` for failures).
+    cache: HashMap<(ExeKey, u64), Cached>,
+    /// The `executable_info` series currently exported for each path.
+    current: HashMap<String, ExecutableLabels>,
+    /// The last sighting of each watched executable, to journal a modification with it.
+    last_jobs: HashMap<ExeKey, HashJob>,
+    watch: ModificationWatch,
+    shared: Arc<Shared>,
+}
+
+impl Worker {
+    pub(super) fn new(
+        metrics: HashMetrics,
+        outbox: Option<Outbox>,
+        index: HashIndex,
+        shared: Arc<Shared>,
+        watch: ModificationWatch,
+    ) -> Self {
+        Self {
+            metrics,
+            outbox,
+            index,
+            cache: HashMap::new(),
+            current: HashMap::new(),
+            last_jobs: HashMap::new(),
+            watch,
+            shared,
+        }
+    }
+
+    pub(super) fn serve(&mut self, queue: mpsc::Receiver<HashJob>) {
+        loop {
+            match queue.recv_timeout(Duration::from_millis(100)) {
+                Ok(job) => self.run(job),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+            for (exe, path) in self.watch.poll() {
+                self.rehash_modified(exe, &path);
+            }
+        }
+    }
+
+    /// `exe` was written to in place: hash it again and journal the change.
+    fn rehash_modified(&mut self, exe: ExeKey, path: &str) {
+        let Some(mut job) = self.last_jobs.get(&exe).cloned() else {
+            return;
+        };
+        let (sha256, file_dev, stamp) = match open_matching(path, exe) {
+            Ok((file, file_dev)) => match sha256_of(&file) {
+                Ok(sha256) => (sha256, file_dev, stamp_of(&file)),
+                Err(_) => return,
+            },
+            Err(_) => return,
+        };
+        let previous = self
+            .cache
+            .insert((exe, file_dev), (stamp, Ok(sha256.clone())));
+        self.remember_stamp(exe, stamp);
+        if previous
+            .as_ref()
+            .is_some_and(|(_, p)| p.as_ref() == Ok(&sha256))
+        {
+            return;
+        }
+        if let Ok(mut index) = self.index.write() {
+            index.insert(exe, sha256.clone());
+        }
+        tracing::warn!(exe = path, %sha256, "executable modified in place");
+        self.metrics
+            .executable_modified
+            .get_or_create(&ExeLabels::new(path))
+            .set(unix_now());
+        job.seen_at = unix_now();
+        self.export(&job, Ok(sha256), true);
+    }
+
+    fn run(&mut self, mut job: HashJob) {
+        // Writes seen to watched files first: a sighting of a file being
+        // modified in place must not pass for a new file (see `outcome`).
+        for (exe, path) in self.watch.poll() {
+            self.rehash_modified(exe, &path);
+        }
+        let held = job.file.take();
+        let outcome = self.outcome(&job, held.as_deref());
+        if held.is_some()
+            && let Ok(mut pending) = self.shared.pending.lock()
+        {
+            pending.remove(&job.exe);
+        }
+        // The descriptor is released here, before the job is remembered.
+        drop(held);
+        if outcome.is_ok() {
+            self.watch.watch(job.exe, &job.path);
+            self.last_jobs.insert(job.exe, job.clone());
+        }
+        self.export(&job, outcome, false);
+    }
+
+    fn remember_stamp(&self, exe: ExeKey, stamp: Option<Stamp>) {
+        if let (Some(stamp), Ok(mut stamps)) = (stamp, self.shared.stamps.write()) {
+            stamps.insert(exe, stamp);
+        }
+    }
+
+    /// The hash of the file `job` names: from the cache when the file is the
+    /// one hashed before (same stamp), else computed from the held file or
+    /// from what [`open_executable`] reaches.
+    fn outcome(&mut self, job: &HashJob, held: Option<&HeldFile>) -> Result<Sha256, HashFailure> {
+        let opened = match held {
+            Some(held) => held
+                .file
+                .try_clone()
+                .map(|file| (file, held.file_dev))
+                .map_err(|_| HashFailure::Unreadable),
+            None => open_executable(job),
+        };
+        let (key, stamp, outcome) = match opened {
+            Ok((file, file_dev)) => {
+                if file_dev != job.exe.dev
+                    && let Ok(mut devs) = self.shared.ambiguous_devs.write()
+                    && devs.insert(job.exe.dev)
+                {
+                    tracing::info!(
+                        kernel_dev = job.exe.dev,
+                        file_dev,
+                        exe = ?job.path,
+                        "executables on this file system (btrfs, overlayfs) are told apart by \
+                         their subvolume's or layer's device: every sighting is hashed from \
+                         its own file"
+                    );
+                }
+                let key = (job.exe, file_dev);
+                let stamp = stamp_of(&file);
+                if let Some((cached, Ok(sha256))) = self.cache.get(&key)
+                    && stamp.is_some()
+                    && (*cached == stamp || self.watch.is_dirty(job.exe))
+                {
+                    // Same file; or a watched one being written to in place,
+                    // whose new hash is journaled as `modified` once the
+                    // writes settle (rehash_modified), not as a new file.
+                    return Ok(sha256.clone());
+                }
+                if self.cache.contains_key(&key) {
+                    // Another file under a reused inode number, or one changed
+                    // unseen: its mark (if any) belonged to the old version.
+                    self.watch.forget(job.exe);
+                }
+                let outcome = sha256_of(&file).map_err(|_| HashFailure::Unreadable);
+                (key, stamp, outcome)
+            }
+            Err(failure) => {
+                // Nothing reachable: what this identity was hashed as before is
+                // the best left (a failure is retried when a file is held).
+                let key = (job.exe, job.exe.dev);
+                if !self.shared.is_ambiguous(job.exe.dev)
+                    && let Some((_, outcome)) = self.cache.get(&key)
+                    && (outcome.is_ok() || held.is_none())
+                {
+                    return outcome.clone();
+                }
+                (key, None, Err(failure))
+            }
+        };
+        if let Err(failure) = &outcome {
+            tracing::warn!(
+                exe = ?job.path,
+                pid = job.tgid,
+                reason = failure.reason(),
+                "cannot hash executable; it is still recorded"
+            );
+            self.metrics.failure(*failure).inc();
+        }
+        self.cache.insert(key, (stamp, outcome.clone()));
+        if let Ok(sha256) = &outcome {
+            if let Ok(mut index) = self.index.write() {
+                index.insert(job.exe, sha256.clone());
+            }
+            self.remember_stamp(job.exe, stamp);
+        }
+        outcome
+    }
+
+    /// Hands the sighting on and exports the executable's current hash.
+    fn export(&mut self, job: &HashJob, outcome: Result<Sha256, HashFailure>, modified: bool) {
+        let labels = ExecutableLabels::new(&job.path, outcome.as_ref().ok().map(Sha256::as_str));
+        if let Some(outbox) = &self.outbox {
+            outbox.send(Record::Executable(ExecutableSighting {
+                path: job.path.clone(),
+                hash_failure: outcome.as_ref().err().map(|failure| failure.reason()),
+                sha256: outcome.ok(),
+                name: job.name.clone(),
+                uid: job.uid,
+                parent_path: job.parent_path.clone(),
+                seen_at: job.seen_at,
+                modified,
+                used_network: job.used_network,
+                command_line: job.command_line.clone(),
+            }));
+        }
+        if let Some(previous) = self.current.insert(job.path.clone(), labels.clone())
+            && previous != labels
+        {
+            self.metrics.executable_info.remove(&previous);
+        }
+        self.metrics.executable_info.get_or_create(&labels).set(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{fs::File, thread};
+
+    use super::{super::test_support::*, *};
+
+    fn worker() -> Worker {
+        Worker::new(
+            HashMetrics::default(),
+            None,
+            HashIndex::default(),
+            Arc::new(Shared::default()),
+            ModificationWatch::new(),
+        )
+    }
+
+    #[test]
+    fn a_cached_hash_is_not_reused_for_another_version_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"abc").unwrap();
+        let key = key_of(&path);
+        let mut worker = worker();
+        worker.run(job(key, u32::MAX - 1, &path.to_string_lossy()));
+        let first = worker.index.read().unwrap()[&key].clone();
+        // What a new file under the same inode number looks like from here:
+        // same device+inode, another ctime and size (no fanotify event seen:
+        // a freed inode takes its mark with it).
+        worker.watch.forget(key);
+        std::thread::sleep(Duration::from_millis(20));
+        std::fs::write(&path, b"another program").unwrap();
+        assert_eq!(key_of(&path), key);
+        worker.run(job(key, u32::MAX - 1, &path.to_string_lossy()));
+        let second = worker.index.read().unwrap()[&key].clone();
+        assert_ne!(first, second);
+        assert_eq!(
+            second,
+            sha256_of(&File::open(&path).unwrap()).unwrap(),
+            "the new content's hash"
+        );
+        // Unchanged, the cached hash is used without reading the file again.
+        worker.run(job(key, u32::MAX - 1, &path.to_string_lossy()));
+        assert_eq!(worker.index.read().unwrap()[&key], second);
+    }
+
+    #[test]
+    fn a_new_file_at_a_reused_identity_is_hashed_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"abc").unwrap();
+        let exe = key_of(&path);
+        // The worker alone, without its modification watch running: only the
+        // stamp can tell the two files apart.
+        let mut worker = worker();
+        let sighting = job(exe, u32::MAX - 1, &path.to_string_lossy());
+        assert_eq!(
+            worker.outcome(&sighting, None).unwrap().as_str(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        // Another file with the same (device, inode), as a freed inode reused
+        // by a new file would be: its change time differs.
+        thread::sleep(Duration::from_millis(20));
+        std::fs::write(&path, b"abd").unwrap();
+        assert_eq!(key_of(&path), exe);
+        assert_eq!(
+            worker.outcome(&sighting, None).unwrap().as_str(),
+            "a52d159f262b2c6ddb724a61840befc36eb30c88877a4030b65cbe86298449c9",
+            "the hash of the earlier file was reused"
+        );
+    }
+}

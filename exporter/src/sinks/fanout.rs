@@ -1,0 +1,351 @@
+//! Delivers every record to every sink: the journal, OTLP, the connection
+//! log and VirusTotal. The journal is one sink among them: the others get
+//! each window whether or not the journal can be written, so an off-host copy
+//! never waits on the local disk.
+//!
+//! One thread owns the sinks. Producers (the collector, the hasher, the
+//! VirusTotal checker) hand it records through an [`Outbox`]; it sums flows
+//! into a window and, every `journal.write_interval`, hands the window to
+//! OTLP and the connection log, then to the journal, and then the events the
+//! journal found in it (new executable, new hash, modified) to the first two.
+//! The recording policy of `journal.*` (ignore list, addresses, ports)
+//! applies to every sink.
+
+use std::{
+    collections::HashMap,
+    ops::RangeInclusive,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{Receiver, RecvTimeoutError},
+    },
+    thread::{self, JoinHandle},
+    time::{Duration, Instant},
+};
+
+use super::{
+    connection_log::ConnectionLog,
+    journal::{IgnoreList, Journal, JournalConfig},
+    otlp::OtlpExporter,
+    virustotal::{Check, VirusTotalHandle},
+};
+use crate::{
+    model::{Event, ExecutableSighting, FlowRecord, FlowTotals, Outbox, Record, Sha256, Window},
+    support::unix_now,
+};
+
+/// Records queued for the fan-out before the producers see them dropped.
+pub const QUEUE_CAPACITY: usize = 4096;
+
+/// Time the sinks get at shutdown to deliver what is queued.
+const SINK_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How often the thread looks at its stop flag while it waits for records.
+const STOP_CHECK: Duration = Duration::from_millis(200);
+
+/// What is recorded of a flow (the `journal.record_*` keys and the ignore
+/// list), for every sink: `/metrics` counts every byte regardless.
+#[derive(Debug, Clone)]
+pub struct RecordPolicy {
+    pub ignore: IgnoreList,
+    pub addresses: bool,
+    pub ports: bool,
+    /// Keep ports in `ephemeral` (one record per source port) instead of
+    /// leaving them out (one record per peer port).
+    pub ephemeral_ports: bool,
+    pub ephemeral: RangeInclusive<u16>,
+}
+
+impl RecordPolicy {
+    pub fn new(config: &JournalConfig, ephemeral: RangeInclusive<u16>) -> Self {
+        Self {
+            ignore: config.ignore.clone(),
+            addresses: config.record_addresses,
+            ports: config.record_ports,
+            ephemeral_ports: config.record_ephemeral_ports,
+            ephemeral,
+        }
+    }
+
+    /// `flow` as it is recorded, or `None` when it is ignored.
+    pub fn apply(&self, mut flow: FlowRecord) -> Option<FlowRecord> {
+        let peer = &mut flow.peer;
+        if !self.ephemeral_ports {
+            let keep = |port: Option<u16>| port.filter(|port| !self.ephemeral.contains(port));
+            peer.local_port = keep(peer.local_port);
+            peer.remote_port = keep(peer.remote_port);
+        }
+        if self.ignore.matches(&flow) {
+            return None;
+        }
+        let peer = &mut flow.peer;
+        if !self.addresses {
+            peer.remote_address = None;
+        }
+        if !self.ports {
+            peer.local_port = None;
+            peer.remote_port = None;
+        }
+        Some(flow)
+    }
+}
+
+/// The sinks besides the journal; each is optional.
+#[derive(Default)]
+pub struct Sinks {
+    pub otlp: Option<OtlpExporter>,
+    pub connection_log: Option<ConnectionLog>,
+    pub virustotal: Option<VirusTotalHandle>,
+}
+
+impl Sinks {
+    /// Whether anything besides the journal wants windows.
+    fn want_windows(&self) -> bool {
+        self.otlp.is_some() || self.connection_log.is_some()
+    }
+
+    /// Hands a window to OTLP and the connection log; they queue it and never block.
+    fn deliver(&self, window: &Window) {
+        if let Some(otlp) = &self.otlp {
+            otlp.export(window);
+        }
+        if let Some(log) = &self.connection_log {
+            log.write(window);
+        }
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(otlp) = self.otlp.as_mut() {
+            otlp.shutdown(SINK_SHUTDOWN_GRACE);
+        }
+        if let Some(log) = self.connection_log.as_mut() {
+            log.shutdown(SINK_SHUTDOWN_GRACE);
+        }
+    }
+}
+
+/// The running fan-out.
+pub struct Fanout {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Fanout {
+    /// Starts the thread; the journal is opened there. Records come from
+    /// `records`, the receiving end of the producers' [`Outbox`].
+    pub fn spawn(
+        records: Receiver<Record>,
+        journal: impl FnOnce() -> Journal + Send + 'static,
+        sinks: Sinks,
+        policy: RecordPolicy,
+        write_interval: Duration,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
+        let thread = thread::Builder::new()
+            .name("fleetsnitch-sinks".into())
+            .spawn(move || {
+                let mut state = State {
+                    journal: journal(),
+                    sinks,
+                    policy,
+                    hashes: HashMap::new(),
+                    flows: FlowTotals::default(),
+                    events: Vec::new(),
+                    window_start: unix_now(),
+                };
+                state.run(&records, write_interval, &stopping);
+                state.sinks.shutdown();
+            })?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Delivers what is queued, a last window, and stops the sinks. Call it
+    /// once the producers are done.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if self.thread.join().is_err() {
+            tracing::error!("the sinks' thread panicked");
+        }
+    }
+}
+
+/// A queue for producers and its receiving end, dropped records counted in `dropped`.
+pub fn outbox(dropped: prometheus_client::metrics::counter::Counter) -> (Outbox, Receiver<Record>) {
+    Outbox::bounded(QUEUE_CAPACITY, dropped)
+}
+
+struct State {
+    journal: Journal,
+    sinks: Sinks,
+    policy: RecordPolicy,
+    /// Latest sha256 of each executable path, for flows drained before
+    /// their executable was hashed.
+    hashes: HashMap<String, Sha256>,
+    /// This window's flows and events for the other sinks (the journal's
+    /// batch may hold older windows while it cannot be written).
+    flows: FlowTotals,
+    events: Vec<Event>,
+    window_start: i64,
+}
+
+impl State {
+    fn run(&mut self, records: &Receiver<Record>, write_interval: Duration, stop: &AtomicBool) {
+        let mut next_flush = Instant::now() + write_interval;
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                while let Ok(record) = records.try_recv() {
+                    self.accept(record);
+                }
+                self.flush();
+                return;
+            }
+            let wait = next_flush.saturating_duration_since(Instant::now());
+            match records.recv_timeout(wait.min(STOP_CHECK)) {
+                Ok(record) => self.accept(record),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.flush();
+                    return;
+                }
+            }
+            if Instant::now() >= next_flush {
+                self.flush();
+                next_flush = Instant::now() + write_interval;
+            }
+        }
+    }
+
+    fn accept(&mut self, record: Record) {
+        match record {
+            Record::Flows(flows) => {
+                let recorded: Vec<FlowRecord> = flows
+                    .into_iter()
+                    .filter_map(|flow| self.policy.apply(flow))
+                    .collect();
+                self.journal.add_flows(&recorded);
+                if self.sinks.want_windows() {
+                    for flow in recorded {
+                        self.flows.add(flow);
+                    }
+                }
+            }
+            Record::Executable(sighting) => self.accept_sighting(sighting),
+            Record::Event(event) => {
+                if self.sinks.want_windows() {
+                    self.events.push(event.clone());
+                }
+                self.journal.add_event(event);
+            }
+        }
+    }
+
+    fn accept_sighting(&mut self, sighting: ExecutableSighting) {
+        if let Some(sha256) = &sighting.sha256 {
+            self.hashes.insert(sighting.path.clone(), sha256.clone());
+            // The checker asks about each hash once.
+            if let Some(virustotal) = &self.sinks.virustotal {
+                virustotal.check(Check {
+                    path: sighting.path.clone(),
+                    sha256: sha256.clone(),
+                });
+            }
+        }
+        self.journal.add_executable(sighting);
+    }
+
+    fn flush(&mut self) {
+        let now = unix_now();
+        let mut flows = std::mem::take(&mut self.flows);
+        flows.fill_missing_hashes(&self.hashes);
+        let window = Window {
+            start: self.window_start,
+            seconds: (now - self.window_start).max(1) as u64,
+            flows: flows.records(),
+            events: std::mem::take(&mut self.events),
+        };
+        self.window_start = now;
+        if !window.is_empty() {
+            self.sinks.deliver(&window);
+        }
+        let found = self.journal.flush(now, &self.hashes);
+        if self.sinks.want_windows() && !found.is_empty() {
+            self.sinks.deliver(&Window {
+                start: now,
+                seconds: 0,
+                flows: Vec::new(),
+                events: found,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Peer, Program};
+
+    fn flow(remote_port: u16, local_port: u16) -> FlowRecord {
+        FlowRecord {
+            program: Program {
+                exe: "/usr/bin/curl".into(),
+                ..Program::default()
+            },
+            peer: Peer {
+                transport: "tcp",
+                local_port: Some(local_port),
+                remote_address: "10.1.2.3".parse().ok(),
+                remote_port: Some(remote_port),
+                domain: Some("api.example.com".into()),
+                ..Peer::default()
+            },
+            ..FlowRecord::default()
+        }
+    }
+
+    fn policy(config: &JournalConfig) -> RecordPolicy {
+        RecordPolicy::new(config, 32768..=60999)
+    }
+
+    #[test]
+    fn ephemeral_ports_are_left_out_unless_asked_for() {
+        let config = JournalConfig::default();
+        let recorded = policy(&config).apply(flow(443, 45_000)).unwrap();
+        assert_eq!(
+            (recorded.peer.local_port, recorded.peer.remote_port),
+            (None, Some(443))
+        );
+        let keep = JournalConfig {
+            record_ephemeral_ports: true,
+            ..JournalConfig::default()
+        };
+        let recorded = policy(&keep).apply(flow(443, 45_000)).unwrap();
+        assert_eq!(recorded.peer.local_port, Some(45_000));
+    }
+
+    #[test]
+    fn ignored_flows_are_dropped_and_addresses_and_ports_can_be_left_out() {
+        let config = JournalConfig {
+            ignore: IgnoreList {
+                ports: vec![53],
+                ..IgnoreList::default()
+            },
+            record_addresses: false,
+            record_ports: false,
+            ..JournalConfig::default()
+        };
+        let policy = policy(&config);
+        assert_eq!(policy.apply(flow(53, 1000)), None);
+        let recorded = policy.apply(flow(443, 1000)).unwrap();
+        assert_eq!(recorded.peer.remote_address, None);
+        assert_eq!(
+            (recorded.peer.local_port, recorded.peer.remote_port),
+            (None, None)
+        );
+        assert_eq!(
+            recorded.peer.domain.as_deref(),
+            Some("api.example.com"),
+            "the rest stays"
+        );
+    }
+}
