@@ -53,14 +53,14 @@
 //! Which hierarchy [`cgroup_path_of`] reads on cgroup v1 and hybrid hosts is
 //! described at [`select_cgroup_path`].
 
-use std::{
-    collections::{HashMap, VecDeque},
-    fmt, fs,
-    hash::Hash,
-    io,
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
+mod cache;
+mod cgroups;
+
+use std::{fmt, io};
+
+pub use cache::ContainerCache;
+pub use cgroups::{
+    CgroupIndex, cgroup_id, cgroup_path_in, cgroup_path_of, cgroup2_mount, select_cgroup_path,
 };
 
 /// What created the cgroup a process runs in.
@@ -114,87 +114,9 @@ pub struct ContainerRef {
     pub pod_uid: Option<String>,
 }
 
-/// The cgroup path of a process (`/` is the root), from `/proc/<pid>/cgroup`.
-///
-/// Fails as reading that file does (`NotFound` once the process is gone);
-/// a file with no usable line is `InvalidData`.
-pub fn cgroup_path_of(pid: u32) -> io::Result<String> {
-    cgroup_path_in(Path::new("/proc"), pid)
-}
-
-/// [`cgroup_path_of`] with another proc mount (tests, a host's /proc seen
-/// from a container).
-pub fn cgroup_path_in(proc_root: &Path, pid: u32) -> io::Result<String> {
-    let content = fs::read_to_string(proc_root.join(pid.to_string()).join("cgroup"))?;
-    select_cgroup_path(&content).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("no cgroup line in /proc/{pid}/cgroup"),
-        )
-    })
-}
-
 /// The container of a process, `None` when it is in none (nor in a unit).
 pub fn container_of_pid(pid: u32) -> io::Result<Option<ContainerRef>> {
     Ok(container_of(&cgroup_path_of(pid)?))
-}
-
-/// Picks the path that identifies the process from the content of a
-/// `/proc/<pid>/cgroup` file.
-///
-/// On a pure cgroup v2 host the file has one line, `0::<path>`. On cgroup v1
-/// (and hybrid) hosts it has one line per hierarchy, and runtimes do not
-/// create their cgroups in every hierarchy (some are not mounted, some are
-/// left to their parent). The hierarchies are tried in this order:
-/// `name=systemd` (systemd and every runtime with its systemd driver create
-/// one cgroup per unit or container there), the v2 line of a hybrid host
-/// (`0::`, which systemd and runc also keep per unit and container),
-/// `cpu,cpuacct` (or `cpu`, `cpuacct` when mounted apart), `memory`, `pids`,
-/// then the other hierarchies in file order. The first path naming a
-/// container is chosen; failing that the first naming a systemd unit; failing
-/// that the first that is not the root; failing that the root `/`.
-pub fn select_cgroup_path(proc_cgroup: &str) -> Option<String> {
-    let mut candidates: Vec<(usize, usize, &str)> = Vec::new();
-    for (line_number, line) in proc_cgroup.lines().enumerate() {
-        let mut fields = line.splitn(3, ':');
-        let (Some(id), Some(controllers), Some(path)) =
-            (fields.next(), fields.next(), fields.next())
-        else {
-            continue;
-        };
-        if !path.starts_with('/') {
-            continue;
-        }
-        let path = path.strip_suffix(" (deleted)").unwrap_or(path);
-        let rank = if id == "0" && controllers.is_empty() {
-            1
-        } else {
-            let mut names: Vec<&str> = controllers.split(',').collect();
-            names.sort_unstable();
-            match names.as_slice() {
-                ["name=systemd"] => 0,
-                ["cpu", "cpuacct"] => 2,
-                ["cpu"] => 3,
-                ["cpuacct"] => 4,
-                ["memory"] => 5,
-                ["pids"] => 6,
-                _ => 7,
-            }
-        };
-        candidates.push((rank, line_number, path));
-    }
-    candidates.sort_unstable();
-    let parsed: Vec<(&str, Option<ContainerRef>)> = candidates
-        .iter()
-        .map(|&(_, _, path)| (path, container_of(path)))
-        .collect();
-    let pick = parsed
-        .iter()
-        .find(|(_, c)| c.as_ref().is_some_and(|c| c.runtime.is_container()))
-        .or_else(|| parsed.iter().find(|(_, c)| c.is_some()))
-        .or_else(|| parsed.iter().find(|(path, _)| *path != "/"))
-        .or_else(|| parsed.first())?;
-    Some(pick.0.to_owned())
 }
 
 /// The container (or systemd unit) a cgroup path belongs to; see the module
@@ -352,225 +274,27 @@ fn systemd_unit<'a>(segments: &[&'a str]) -> Option<&'a str> {
     Some(scope)
 }
 
-/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup` on pure v2
-/// hosts, `/sys/fs/cgroup/unified` on hybrid ones), from
-/// `/proc/self/mountinfo`.
-pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        left.split_whitespace().nth(4).map(PathBuf::from)
-    })
-}
-
-/// The id of a cgroup v2 cgroup (what `bpf_get_current_cgroup_id` returns):
-/// the inode number of its directory below `mount`.
-pub fn cgroup_id(mount: &Path, cgroup_path: &str) -> io::Result<u64> {
-    Ok(fs::metadata(mount.join(cgroup_path.trim_start_matches('/')))?.ino())
-}
-
-/// Directories walked at most per rescan of the cgroup v2 tree.
-const MAX_CGROUPS_SCANNED: usize = 200_000;
-/// Shortest time between two rescans: a burst of unknown ids costs one walk.
-const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Cgroup v2 id -> path, built by walking the hierarchy (an id is the inode
-/// of the cgroup's directory). The kernel reports the id with each process,
-/// so a process that has exited is still placed in its cgroup as long as the
-/// cgroup itself exists, which is the case for every container while it runs.
-#[derive(Debug)]
-pub struct CgroupIndex {
-    mount: PathBuf,
-    paths: HashMap<u64, String>,
-    last_scan: Option<Instant>,
-}
-
-impl CgroupIndex {
-    /// An index of the cgroup v2 hierarchy, if one is mounted.
-    pub fn new() -> Option<Self> {
-        Some(Self::at(cgroup2_mount()?))
-    }
-
-    pub fn at(mount: PathBuf) -> Self {
-        Self {
-            mount,
-            paths: HashMap::new(),
-            last_scan: None,
-        }
-    }
-
-    /// The path (`/a/b`, relative to the mount) of cgroup `id`.
-    pub fn path_of(&mut self, id: u64) -> Option<String> {
-        if let Some(path) = self.paths.get(&id) {
-            return Some(path.clone());
-        }
-        let due = self
-            .last_scan
-            .is_none_or(|at| at.elapsed() >= RESCAN_INTERVAL);
-        if !due {
-            return None;
-        }
-        self.rescan();
-        self.paths.get(&id).cloned()
-    }
-
-    fn rescan(&mut self) {
-        self.last_scan = Some(Instant::now());
-        self.paths.clear();
-        let mut pending = vec![(self.mount.clone(), String::from("/"))];
-        while let Some((dir, path)) = pending.pop() {
-            if self.paths.len() >= MAX_CGROUPS_SCANNED {
-                tracing::warn!(
-                    limit = MAX_CGROUPS_SCANNED,
-                    "cgroup tree too large to index completely; some containers go unnamed"
-                );
-                break;
-            }
-            let Ok(metadata) = fs::metadata(&dir) else {
-                continue;
-            };
-            self.paths.insert(metadata.ino(), path.clone());
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    let child = if path == "/" {
-                        format!("/{name}")
-                    } else {
-                        format!("{path}/{name}")
-                    };
-                    pending.push((entry.path(), child));
-                }
-            }
-        }
-    }
-}
-
-/// A bounded memo of [`container_of`] answers, keyed by cgroup id (cgroup v2
-/// ids are never reused) or by path.
-///
-/// When full, the oldest entry is forgotten first. Negative answers (`None`)
-/// are remembered too: most processes of a host are in no container.
-#[derive(Debug)]
-pub struct ContainerCache<K> {
-    capacity: usize,
-    entries: HashMap<K, Option<ContainerRef>>,
-    order: VecDeque<K>,
-    hits: u64,
-    misses: u64,
-}
-
-impl<K: Hash + Eq + Clone> ContainerCache<K> {
-    /// A cache of at most `capacity` entries (at least one).
-    pub fn new(capacity: usize) -> Self {
-        let capacity = capacity.max(1);
-        Self {
-            capacity,
-            entries: HashMap::with_capacity(capacity.min(4096)),
-            order: VecDeque::with_capacity(capacity.min(4096)),
-            hits: 0,
-            misses: 0,
-        }
-    }
-
-    /// The remembered answer for `key`, or `resolve()`'s, remembered.
-    pub fn get_or_insert_with(
-        &mut self,
-        key: K,
-        resolve: impl FnOnce() -> Option<ContainerRef>,
-    ) -> Option<ContainerRef> {
-        if let Some(found) = self.entries.get(&key) {
-            self.hits += 1;
-            return found.clone();
-        }
-        self.misses += 1;
-        let value = resolve();
-        while self.entries.len() >= self.capacity {
-            let Some(oldest) = self.order.pop_front() else {
-                break;
-            };
-            self.entries.remove(&oldest);
-        }
-        self.order.push_back(key.clone());
-        self.entries.insert(key, value.clone());
-        value
-    }
-
-    /// The remembered answer for `key`, without resolving.
-    pub fn get(&self, key: &K) -> Option<&Option<ContainerRef>> {
-        self.entries.get(key)
-    }
-
-    /// Forgets `key` (a removed cgroup).
-    pub fn remove(&mut self, key: &K) {
-        if self.entries.remove(key).is_some() {
-            self.order.retain(|k| k != key);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// Lookups answered from the cache, and lookups that resolved.
-    pub fn stats(&self) -> (u64, u64) {
-        (self.hits, self.misses)
-    }
-}
-
-impl ContainerCache<String> {
-    /// The container of a cgroup path, parsed once per distinct path.
-    pub fn container_of(&mut self, cgroup_path: &str) -> Option<ContainerRef> {
-        if let Some(found) = self.entries.get(cgroup_path) {
-            self.hits += 1;
-            return found.clone();
-        }
-        self.get_or_insert_with(cgroup_path.to_owned(), || container_of(cgroup_path))
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_support {
     use super::*;
 
-    const A: &str = "3f1b2e4d5c6a7980a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718";
-    const B: &str = "8e0d6a1c2b3f4e5d6c7b8a9f0e1d2c3b4a5f6e7d8c9b0a1f2e3d4c5b6a7f8e9d";
-    const UID: &str = "5f1a8e4b-2c3d-4e5f-8a9b-0c1d2e3f4a5b";
-    const UID_: &str = "5f1a8e4b_2c3d_4e5f_8a9b_0c1d2e3f4a5b";
+    pub(crate) const A: &str = "3f1b2e4d5c6a7980a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718";
+    pub(crate) const B: &str = "8e0d6a1c2b3f4e5d6c7b8a9f0e1d2c3b4a5f6e7d8c9b0a1f2e3d4c5b6a7f8e9d";
+    pub(crate) const UID: &str = "5f1a8e4b-2c3d-4e5f-8a9b-0c1d2e3f4a5b";
+    pub(crate) const UID_: &str = "5f1a8e4b_2c3d_4e5f_8a9b_0c1d2e3f4a5b";
 
-    fn c(runtime: Runtime, id: &str, pod: Option<&str>) -> Option<ContainerRef> {
+    pub(crate) fn c(runtime: Runtime, id: &str, pod: Option<&str>) -> Option<ContainerRef> {
         Some(ContainerRef {
             runtime,
             id: id.to_owned(),
             pod_uid: pod.map(str::to_owned),
         })
     }
+}
 
-    #[test]
-    fn cgroup_index_finds_a_cgroup_by_its_inode() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::create_dir_all(dir.path().join("kubepods.slice/cri-containerd-abc.scope")).unwrap();
-        let id = cgroup_id(dir.path(), "/kubepods.slice/cri-containerd-abc.scope").unwrap();
-        let mut index = CgroupIndex::at(dir.path().to_path_buf());
-        assert_eq!(
-            index.path_of(id).as_deref(),
-            Some("/kubepods.slice/cri-containerd-abc.scope")
-        );
-        assert_eq!(
-            index.path_of(u64::MAX),
-            None,
-            "unknown ids are not invented"
-        );
-    }
+#[cfg(test)]
+mod tests {
+    use super::{test_support::*, *};
 
     #[test]
     fn recognises_every_naming() {
@@ -796,107 +520,5 @@ mod tests {
         // `pod` outside kubepods is not a pod.
         assert_eq!(pod_uid_of(&format!("/pod{UID}")), None);
         assert_eq!(pod_uid_of("/system.slice/nginx.service"), None);
-    }
-
-    #[test]
-    fn selects_the_hierarchy_that_names_the_container() {
-        let cases: Vec<(String, Option<String>)> = vec![
-            // Pure v2.
-            (
-                format!("0::/system.slice/docker-{A}.scope\n"),
-                Some(format!("/system.slice/docker-{A}.scope")),
-            ),
-            ("0::/\n".to_owned(), Some("/".to_owned())),
-            // v1, Docker cgroupfs: every hierarchy has it; name=systemd first.
-            (
-                format!(
-                    "12:pids:/docker/{A}\n11:cpu,cpuacct:/docker/{A}\n4:memory:/docker/{A}\n1:name=systemd:/docker/{A}\n"
-                ),
-                Some(format!("/docker/{A}")),
-            ),
-            // v1 where name=systemd only has the session, cpu,cpuacct the container.
-            (
-                format!(
-                    "11:cpu,cpuacct:/kubepods/besteffort/pod{UID}/{A}\n1:name=systemd:/user.slice/user-0.slice/session-1.scope\n"
-                ),
-                Some(format!("/kubepods/besteffort/pod{UID}/{A}")),
-            ),
-            // Hybrid host with a unit only: the unit wins over a non-root other path.
-            (
-                format!(
-                    "9:name=systemd:/\n4:memory:/process_api/{}\n0::/system.slice/nginx.service\n",
-                    &A[..32]
-                ),
-                Some("/system.slice/nginx.service".to_owned()),
-            ),
-            // Nothing recognised: the first non-root path in preference order.
-            (
-                "9:name=systemd:/\n4:memory:/foo\n0::/\n".to_owned(),
-                Some("/foo".to_owned()),
-            ),
-            // Other named hierarchies count too.
-            (
-                format!("10:name=fsntest:/docker/{A}\n9:name=systemd:/\n0::/\n"),
-                Some(format!("/docker/{A}")),
-            ),
-            ("".to_owned(), None),
-            ("garbage\n".to_owned(), None),
-        ];
-        for (content, expected) in cases {
-            assert_eq!(
-                select_cgroup_path(&content),
-                expected,
-                "content {content:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn reads_this_process() {
-        let path = cgroup_path_of(std::process::id()).unwrap();
-        assert!(path.starts_with('/'), "{path}");
-        assert_eq!(
-            cgroup_path_of(u32::MAX).unwrap_err().kind(),
-            io::ErrorKind::NotFound
-        );
-    }
-
-    #[test]
-    fn cache_is_bounded_and_remembers_negative_answers() {
-        let mut cache: ContainerCache<u64> = ContainerCache::new(3);
-        let mut calls = 0;
-        for round in 0..2 {
-            for id in 0..3u64 {
-                let got = cache.get_or_insert_with(id, || {
-                    calls += 1;
-                    (id != 0).then(|| ContainerRef {
-                        runtime: Runtime::Docker,
-                        id: A.to_owned(),
-                        pod_uid: None,
-                    })
-                });
-                assert_eq!(got.is_some(), id != 0, "round {round} id {id}");
-            }
-        }
-        assert_eq!(calls, 3);
-        assert_eq!(cache.stats(), (3, 3));
-        // A fourth key evicts the oldest.
-        cache.get_or_insert_with(3, || None);
-        assert_eq!(cache.len(), 3);
-        assert!(cache.get(&0).is_none());
-        assert!(cache.get(&1).is_some());
-        cache.remove(&1);
-        assert_eq!(cache.len(), 2);
-        for id in 10..1000 {
-            cache.get_or_insert_with(id, || None);
-            assert!(cache.len() <= 3);
-        }
-        assert!(cache.order.len() <= 3);
-
-        let mut by_path: ContainerCache<String> = ContainerCache::new(16);
-        let path = format!("/docker/{A}");
-        assert_eq!(by_path.container_of(&path), c(Runtime::Docker, A, None));
-        assert_eq!(by_path.container_of(&path), c(Runtime::Docker, A, None));
-        assert_eq!(by_path.stats(), (1, 1));
     }
 }
