@@ -161,6 +161,11 @@ impl AgentGuard {
         crate::process::wait_timeout(self.process.child_mut(), bound)
     }
 
+    /// Stops the agent now (SIGTERM, then SIGKILL); nothing if it has exited already.
+    pub fn stop(&mut self) {
+        self.process.stop();
+    }
+
     /// Fails (with the log tail) if the agent has exited.
     pub fn check_running(&mut self) -> Result<()> {
         self.process

@@ -7,6 +7,8 @@
 //! - [`exe_copy`] + [`run_client`]: run one scenario from a uniquely named copy of
 //!   `trafficgen` and read the counts it measured itself.
 //! - [`Report`]: the expected-versus-reported table.
+//! - [`Testbed`]: one test's directory, peer namespaces and agent, set up in one place.
+//! - [`require_root!`]: the one root check; [`skip::skip`] decides what a skip means.
 //!
 //! Every guard cleans up on drop, also while panicking.
 
@@ -18,6 +20,8 @@ pub mod otlp_collector;
 pub mod process;
 pub mod scenarios;
 pub mod servers;
+pub mod skip;
+pub mod testbed;
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write as _};
@@ -34,8 +38,9 @@ pub use agent::{AgentGuard, agent_binary};
 pub use metrics::{MetricsClient, Sample, TOLERANCE, bytes_for, parse_samples, within_tolerance};
 pub use netns::NetnsPair;
 pub use process::ProcessGuard;
+pub use skip::is_root;
+pub use testbed::{Setup, Testbed};
 
-/// Whether we run as root (the suite needs namespaces, raw sockets and eBPF).
 /// Writes an agent configuration file `fleetsnitch.yaml` into `dir`.
 pub fn write_config(dir: &Path, yaml: &str) -> Result<PathBuf> {
     let path = dir.join("fleetsnitch.yaml");
@@ -113,11 +118,6 @@ pub fn run_loopback(exe: &Path, bytes: u64) -> Result<()> {
     Ok(())
 }
 
-pub fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// The cargo workspace root (the parent of this crate).
 pub fn workspace_root() -> PathBuf {
     let here = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -185,6 +185,29 @@ pub fn random_suffix() -> String {
         b.copy_from_slice(&t.to_le_bytes()[..6]);
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// One of this crate's programs (`trafficgen`, `sweep`, `dnsclient`, `connector`):
+/// `$CARGO_BIN_EXE_<name>` (cargo sets it when it runs the tests), else where cargo
+/// builds it, beside the `deps` directory of the running test executable.
+pub fn program(name: &str) -> Result<PathBuf> {
+    let path = match std::env::var_os(format!("CARGO_BIN_EXE_{name}")) {
+        Some(path) => PathBuf::from(path),
+        None => {
+            let exe = std::env::current_exe().context("path of the test executable")?;
+            let mut dir = exe.parent().unwrap_or(Path::new("."));
+            if dir.ends_with("deps") {
+                dir = dir.parent().unwrap_or(dir);
+            }
+            dir.join(name)
+        }
+    };
+    ensure!(
+        path.is_file(),
+        "{name} not found at {}: build it with `cargo build -p fleetsnitch-e2e --bins`",
+        path.display()
+    );
+    Ok(path)
 }
 
 /// Copies `src` (the trafficgen binary, `env!("CARGO_BIN_EXE_trafficgen")` in tests) to

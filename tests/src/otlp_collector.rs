@@ -35,9 +35,12 @@ pub fn rotel_agent() -> Option<PathBuf> {
     match found {
         Some(path) => Some(path),
         None if std::env::var_os("CI").is_none() => {
-            eprintln!(
-                "skipped: rotel-agent not found (pip package rotel); scripts/setup.sh installs it"
-            );
+            // Callers return early, passing, on `None`; a refused skip fails the test.
+            if let Err(error) = crate::skip::skip(
+                "rotel-agent not found (pip package rotel); scripts/setup.sh installs it",
+            ) {
+                panic!("{error:#}");
+            }
             None
         }
         None => panic!("rotel-agent (pip package rotel) is required in CI; run scripts/setup.sh"),

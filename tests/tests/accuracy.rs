@@ -1,8 +1,8 @@
 //! End-to-end accuracy: every scenario's own byte counts against `fleetsnitch_bytes_total`.
 //!
 //! Needs root (network namespaces, raw sockets, eBPF) and the agent binary
-//! (`cargo build -p fleetsnitch`, or `FLEETSNITCH_BIN=/path/to/fleetsnitch`). Skips, and
-//! passes, when not root.
+//! (`cargo build -p fleetsnitch`, or `FLEETSNITCH_BIN=/path/to/fleetsnitch`). Skips when
+//! not root.
 //!
 //! Each scenario runs from a uniquely named copy of `trafficgen` in the client namespace;
 //! the peer services run from a copy of their own in the peer namespace and report their
@@ -22,10 +22,11 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use anyhow::{Context, Result};
 use fleetsnitch_e2e::scenarios::{SCENARIOS, Scenario};
 use fleetsnitch_e2e::{
-    AgentGuard, MetricsClient, NetnsPair, PeerServer, Report, Row, TOLERANCE, TempDir,
-    agent_binary, bytes_for, exe_copy, is_root, run_client, within_tolerance,
+    MetricsClient, NetnsPair, Report, Row, TOLERANCE, Testbed, agent_binary, bytes_for,
+    require_root, run_client, within_tolerance,
 };
 
 /// Bound on one scenario run (the slow drip takes 30 s of it).
@@ -195,49 +196,39 @@ fn check_scenario(
 }
 
 #[test]
-fn every_scenario_is_counted_per_executable() {
-    if !is_root() {
-        let _ = writeln!(
-            std::io::stderr().lock(),
-            "SKIP accuracy: needs root (network namespaces, raw sockets, eBPF); \
-             run `sudo -E cargo test -p fleetsnitch-e2e`"
-        );
-        return;
-    }
+fn every_scenario_is_counted_per_executable() -> Result<()> {
+    require_root!("network namespaces, raw sockets, eBPF");
     let start = Instant::now();
-    let agent_bin = agent_binary().unwrap_or_else(|e| panic!("{e:#}"));
-    let trafficgen = Path::new(env!("CARGO_BIN_EXE_trafficgen"));
+    let agent_bin = agent_binary()?;
     let scenarios = selected_scenarios();
     let workers = env_num("FSN_E2E_WORKERS").unwrap_or(4).max(1);
 
     // Copies first, before any child process exists (see `exe_copy` on ETXTBSY).
-    let exes = TempDir::new("fsn-e2e").expect("temporary directory");
-    let peer_exe = exe_copy(trafficgen, exes.path(), "peer_serve").expect("copy trafficgen");
+    let setup = Testbed::setup("fsn-e2e")?;
     let jobs: VecDeque<(&Scenario, PathBuf)> = scenarios
         .iter()
-        .map(|sc| {
-            let exe = exe_copy(trafficgen, exes.path(), sc.name).expect("copy trafficgen");
-            (*sc, exe)
-        })
-        .collect();
+        .map(|sc| Ok((*sc, setup.copy("trafficgen", sc.name)?)))
+        .collect::<Result<_>>()?;
 
-    let net = NetnsPair::new().expect("create network namespaces");
-    let mut peer = PeerServer::start(&net, &peer_exe).expect("start peer");
-    say(
-        start,
-        &format!("peer ready in {} / {}", net.client, net.peer),
-    );
-    let mut agent = AgentGuard::start(&agent_bin).expect("start the agent");
+    // The peer services run from a copy of their own too.
+    let mut bed = setup
+        .peer()
+        .start()
+        .context("start the peer services and the agent")?;
+    let peer_exe = bed.peer_server().exe().to_owned();
+    let net = bed.net();
     say(
         start,
         &format!(
-            "agent {} healthy on {} (log: {})",
+            "peer ready in {} / {}; agent {} healthy on {} (log: {})",
+            net.client,
+            net.peer,
             agent_bin.display(),
-            agent.addr,
-            agent.log_path().display()
+            bed.addr(),
+            bed.agent.log_path().display()
         ),
     );
-    let metrics = agent.metrics();
+    let metrics = bed.metrics();
 
     let total = jobs.len();
     let queue = Mutex::new(jobs);
@@ -249,7 +240,7 @@ fn every_scenario_is_counted_per_executable() {
                 loop {
                     let job = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
                     let Some((sc, exe)) = job else { break };
-                    let rows = check_scenario(&net, &metrics, sc, &exe, start);
+                    let rows = check_scenario(net, &metrics, sc, &exe, start);
                     results.lock().unwrap_or_else(|p| p.into_inner()).push((
                         order(sc.name),
                         exe,
@@ -264,7 +255,7 @@ fn every_scenario_is_counted_per_executable() {
 
     // The peer services' own counts, once every connection is finished.
     let mut extra_rows = Vec::new();
-    match peer.settled_stats() {
+    match bed.peer_server().settled_stats() {
         Ok(stats) => {
             let settled = Instant::now();
             say(
@@ -312,8 +303,8 @@ fn every_scenario_is_counted_per_executable() {
             .collect(),
     };
     for (what, check) in [
-        ("(agent)", agent.check_running()),
-        ("(peer)", peer.check_running()),
+        ("(agent)", bed.agent.check_running()),
+        ("(peer)", bed.peer_server().check_running()),
     ] {
         if let Err(e) = check {
             report.rows.push(error_row(what, "-", format!("{e:#}")));
@@ -348,4 +339,5 @@ fn every_scenario_is_counted_per_executable() {
         report.rows.len(),
         failures.join("\n  ")
     );
+    Ok(())
 }

@@ -6,20 +6,16 @@ use std::{
     io::Write,
     net::TcpListener,
     os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, TempDir, agent_binary, exe_copy, is_root, process, random_suffix, run_loopback,
+    AgentGuard, TempDir, Testbed, agent_binary, process, query_journal, require_root, run_loopback,
     sha256_file,
 };
-
-fn trafficgen() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
-}
 
 /// `fleetsnitch_executable_info` series for `exe`: sha256 -> value.
 fn info_for(agent: &AgentGuard, exe: &Path) -> Result<Vec<(String, f64)>> {
@@ -48,20 +44,16 @@ fn wait_for<T>(bound: Duration, mut probe: impl FnMut() -> Result<Option<T>>) ->
 
 #[test]
 fn replaced_executable_is_reported_under_its_new_sha256() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root to load eBPF programs");
-        return Ok(());
-    }
-    let agent = AgentGuard::start(&agent_binary()?)?;
-    let dir = TempDir::new("fsn-replace")?;
-    let name = format!("replaced-{}", random_suffix());
-    let exe = exe_copy(&trafficgen(), dir.path(), &name)?;
+    require_root!("to load eBPF programs");
+    let bed = Testbed::setup("fsn-replace")?.start()?;
+    let agent = &bed.agent;
+    let exe = bed.copy("trafficgen", "replaced")?;
     let first_sha = sha256_file(&exe)?;
 
     run_loopback(&exe, 100_000)?;
     agent.metrics().wait_for_bytes(&exe, "sent", 100_000)?;
     let info = wait_for(Duration::from_secs(10), || {
-        let info = info_for(&agent, &exe)?;
+        let info = info_for(agent, &exe)?;
         Ok((!info.is_empty()).then_some(info))
     })?;
     assert_eq!(
@@ -71,7 +63,7 @@ fn replaced_executable_is_reported_under_its_new_sha256() -> Result<()> {
     );
 
     // A new file at the same path, as a package upgrade does: write, rename over.
-    let staged = dir.path().join(format!("{name}.new"));
+    let staged = exe.with_extension("new");
     let mut content = fs::read(&exe)?;
     content.extend_from_slice(b"\0fleetsnitch replaced build");
     let mut file = fs::File::create(&staged)?;
@@ -85,7 +77,7 @@ fn replaced_executable_is_reported_under_its_new_sha256() -> Result<()> {
     run_loopback(&exe, 50_000)?;
     agent.metrics().wait_for_bytes(&exe, "sent", 150_000)?;
     let info = wait_for(Duration::from_secs(10), || {
-        let info = info_for(&agent, &exe)?;
+        let info = info_for(agent, &exe)?;
         Ok(info
             .iter()
             .any(|(sha, _)| *sha == second_sha)
@@ -105,22 +97,13 @@ fn replaced_executable_is_reported_under_its_new_sha256() -> Result<()> {
 /// content it runs.
 #[test]
 fn executable_deleted_while_running_is_still_hashed() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root to load eBPF programs");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-deleted")?;
-    let journal = dir.path().join("journal.db");
-    let config = fleetsnitch_e2e::write_config(dir.path(), "journal:\n  write_interval: 200ms\n")?;
-    let agent = AgentGuard::start_with_journal(
-        &agent_binary()?,
-        Some(&journal),
-        &["--config.file", config.to_str().unwrap()],
-    )?;
+    require_root!("to load eBPF programs");
+    let bed = Testbed::setup("fsn-deleted")?
+        .config("journal:\n  write_interval: 200ms\n")
+        .start()?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
-    let connector = PathBuf::from(env!("CARGO_BIN_EXE_connector"));
-    let exe = exe_copy(&connector, dir.path(), "deleted")?;
+    let exe = bed.copy("connector", "deleted")?;
     let sha256 = sha256_file(&exe)?;
     let mut child = Command::new(&exe)
         .args([
@@ -150,10 +133,10 @@ fn executable_deleted_while_running_is_still_hashed() -> Result<()> {
         exe.display()
     );
     let journaled = wait_for(Duration::from_secs(20), || {
-        let rows = fleetsnitch_e2e::query_journal(&journal, &query)?;
+        let rows = query_journal(bed.journal(), &query)?;
         Ok((!rows.is_empty()).then_some(rows))
     })
-    .with_context(|| format!("{} never journaled:\n{}", exe.display(), agent.log_tail(20)))?;
+    .with_context(|| format!("{} never journaled:\n{}", exe.display(), bed.log_tail(20)))?;
     assert_eq!(journaled, sha256, "the deleted program's own content");
     Ok(())
 }
@@ -187,13 +170,11 @@ fn program_loaded(id: u32) -> Result<bool> {
 
 #[test]
 fn sigterm_flushes_the_journal_and_detaches_every_probe() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root to load eBPF programs");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-shutdown")?;
-    let journal = dir.path().join("journal.db");
-    let mut agent = AgentGuard::start_with_journal(&agent_binary()?, Some(&journal), &[])?;
+    require_root!("to load eBPF programs");
+    let mut bed = Testbed::setup("fsn-shutdown")?.start()?;
+    let exe = bed.copy("trafficgen", "lastword")?;
+    let journal = bed.journal().to_owned();
+    let agent = &mut bed.agent;
     let programs = programs_of(agent.pid())?;
     ensure!(
         programs.len() >= 4,
@@ -203,11 +184,6 @@ fn sigterm_flushes_the_journal_and_detaches_every_probe() -> Result<()> {
         ensure!(program_loaded(id)?, "bpftool does not see program {id}");
     }
 
-    let exe = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("lastword-{}", random_suffix()),
-    )?;
     run_loopback(&exe, 10_000)?;
     agent.metrics().wait_for_bytes(&exe, "sent", 10_000)?;
     // The journal writes every 10 s by default: only the shutdown flush can have it now.
@@ -306,10 +282,7 @@ fn invalid_configuration_names_file_key_and_value() -> Result<()> {
 
 #[test]
 fn address_in_use_is_reported_before_loading_anything() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root to get past the capability check");
-        return Ok(());
-    }
+    require_root!("to get past the capability check");
     let taken = TcpListener::bind("127.0.0.1:0")?;
     let address = taken.local_addr()?.to_string();
     let dir = TempDir::new("fsn-inuse")?;
@@ -333,10 +306,7 @@ fn address_in_use_is_reported_before_loading_anything() -> Result<()> {
 
 #[test]
 fn missing_privileges_are_named() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root to drop privileges with setpriv");
-        return Ok(());
-    }
+    require_root!("to drop privileges with setpriv");
     let address = free_address();
     let (code, output) = run_to_failure(
         &[
@@ -357,19 +327,13 @@ fn missing_privileges_are_named() -> Result<()> {
 
 #[test]
 fn without_its_preferred_hook_the_agent_falls_back_or_names_what_is_missing() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root to load eBPF programs");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-fallback")?;
-    let config = dir.path().join("fallback.yaml");
-    fs::write(&config, "probes:\n  disabled_modes: [tp_btf]\n")?;
-    let args = ["--config.file", config.to_str().unwrap()];
-    match AgentGuard::start_with_args(&agent_binary()?, &args) {
+    require_root!("to load eBPF programs");
+    let setup = Testbed::setup("fsn-fallback")?.config("probes:\n  disabled_modes: [tp_btf]\n");
+    match setup.start() {
         // Kernels with BPF trampolines or kprobes carry on in a fallback mode.
-        Ok(agent) => {
+        Ok(bed) => {
             let text =
-                fleetsnitch_e2e::metrics::http_get(agent.addr, "/metrics", Duration::from_secs(5))?
+                fleetsnitch_e2e::metrics::http_get(bed.addr(), "/metrics", Duration::from_secs(5))?
                     .body;
             let samples = fleetsnitch_e2e::parse_samples(&text, "fleetsnitch_probe_attached")?;
             let send = samples
@@ -405,10 +369,7 @@ fn without_its_preferred_hook_the_agent_falls_back_or_names_what_is_missing() ->
 
 #[test]
 fn check_reports_what_the_host_offers_and_fails_without_privileges() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root to compare with and without privileges");
-        return Ok(());
-    }
+    require_root!("to compare with and without privileges");
     let (code, output) = run_to_failure(&["--check"], None)?;
     assert_eq!(code, 0, "{output}");
     assert!(

@@ -7,25 +7,21 @@ use std::{
     io::Write,
     net::{Ipv4Addr, SocketAddr},
     os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
+    path::Path,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
 use fleetsnitch_e2e::{
-    AgentGuard, PeerNet, TempDir,
+    Testbed,
     agent::free_port,
-    agent_binary, exe_copy, is_root, random_suffix, run_client,
+    random_suffix, require_root, run_client,
     servers::{Alertmanager, Notification, Prometheus, Webhook},
-    sha256_file, workspace_root, write_config,
+    sha256_file, workspace_root,
 };
 
 const HOST: &str = "alerting-test-host";
-
-fn trafficgen() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
-}
 
 fn prometheus_config(agent: SocketAddr, alertmanager: SocketAddr) -> String {
     let rules = workspace_root().join("helm/fleetsnitch/rules/fleetsnitch.rules.yml");
@@ -85,38 +81,23 @@ fn wait_for_alert(
 
 #[test]
 fn new_program_alerts_once_and_a_modified_copy_alerts_again() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF, network namespaces)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-alerting")?;
-    let journal = dir.path().join("journal.db");
-    let config = write_config(dir.path(), "journal:\n  write_interval: 1s\n")?;
-    let config = config.to_str().unwrap().to_owned();
+    require_root!("eBPF, network namespaces");
     let agent_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-
     let webhook = Webhook::start()?;
     let alertmanager = Alertmanager::start(webhook.addr)?;
     let prometheus = Prometheus::start(&prometheus_config(agent_addr, alertmanager.addr))?;
-    let peers = PeerNet::start(&trafficgen(), dir.path(), &[])?;
-    let net = &peers.net;
-    let mut agent = AgentGuard::start_at(
-        &agent_binary()?,
-        agent_addr,
-        Some(&journal),
-        &["--config.file", &config],
-    )?;
+    let mut bed = Testbed::setup("fsn-alerting")?
+        .config("journal:\n  write_interval: 1s\n")
+        .listen(agent_addr)
+        .peer()
+        .start()?;
 
     // A program this host has never seen talks to a peer.
-    let novel = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("novel-{}", random_suffix()),
-    )?;
+    let novel = bed.copy("trafficgen", "novel")?;
     let novel_sha = sha256_file(&novel)?;
     let started = Instant::now();
     run_client(
-        net,
+        bed.net(),
         &novel,
         "tcp_upload",
         &["--bytes", "20000"],
@@ -133,26 +114,20 @@ fn new_program_alerts_once_and_a_modified_copy_alerts_again() -> Result<()> {
     eprintln!("first alert after {:?}", started.elapsed());
 
     // Restart the agent on the same journal: the program is known now.
-    agent.signal(libc::SIGTERM);
-    agent
+    bed.agent.signal(libc::SIGTERM);
+    bed.agent
         .wait_exit(Duration::from_secs(20))?
         .context("agent did not stop")?;
-    drop(agent);
     let restarted = Instant::now();
-    let agent = AgentGuard::start_at(
-        &agent_binary()?,
-        agent_addr,
-        Some(&journal),
-        &["--config.file", &config],
-    )?;
+    bed.restart()?;
     run_client(
-        net,
+        bed.net(),
         &novel,
         "tcp_upload",
         &["--bytes", "20000"],
         Duration::from_secs(60),
     )?;
-    agent.metrics().wait_for_bytes(&novel, "sent", 20_000)?;
+    bed.metrics().wait_for_bytes(&novel, "sent", 20_000)?;
     // Wait until Prometheus has scraped the restarted agent's view of it...
     let selector = format!(
         "fleetsnitch_executable_first_seen_timestamp_seconds{{exe=\"{}\"}} < on(instance) group_left() fleetsnitch_start_time_seconds",
@@ -179,8 +154,8 @@ fn new_program_alerts_once_and_a_modified_copy_alerts_again() -> Result<()> {
     assert!(firing.is_empty(), "still firing after restart: {firing:?}");
 
     // A modified copy is a different program: it alerts.
-    let modified = dir
-        .path()
+    let modified = bed
+        .dir()
         .join(format!("novel-modified-{}", random_suffix()));
     let mut content = fs::read(&novel)?;
     content.extend_from_slice(b"\0modified");
@@ -189,7 +164,7 @@ fn new_program_alerts_once_and_a_modified_copy_alerts_again() -> Result<()> {
     let modified_sha = sha256_file(&modified)?;
     let before_modified = Instant::now();
     run_client(
-        net,
+        bed.net(),
         &modified,
         "tcp_upload",
         &["--bytes", "20000"],

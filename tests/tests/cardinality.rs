@@ -7,14 +7,13 @@ use std::{
     collections::BTreeSet,
     fs,
     io::Write,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, NetnsPair, ProcessGuard, TempDir, agent_binary, exe_copy, is_root, process,
-    query_journal, random_suffix,
+    AgentGuard, NetnsPair, ProcessGuard, Testbed, process, query_journal, require_root,
 };
 
 const PORT_CAP: usize = 200;
@@ -22,10 +21,6 @@ const DOMAIN_CAP: usize = 500;
 const PORTS: u32 = 10_000;
 const FIRST_PORT: u16 = 1024;
 const DOMAINS: u32 = 2_000;
-
-fn sweep() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_sweep"))
-}
 
 /// Address the peer answers for `d<index>.test`: one per name.
 fn address_of(index: u32) -> String {
@@ -75,15 +70,14 @@ fn peak_rss_kib(pid: u32) -> Result<u64> {
 
 #[test]
 fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF, network namespaces)");
-        return Ok(());
-    }
+    require_root!("eBPF, network namespaces");
     ensure!(
         Path::new("/usr/sbin/dnsmasq").exists(),
         "dnsmasq missing: run scripts/setup.sh"
     );
-    let dir = TempDir::new("fsn-cardinality")?;
+    let setup = Testbed::setup("fsn-cardinality")?;
+    // The namespaces without the peer services: the peer answers DNS through dnsmasq
+    // and owns a whole /16.
     let net = NetnsPair::new()?;
     // The peer owns all of 198.18.0.0/16, so every name can get its own address.
     ip(
@@ -97,7 +91,7 @@ fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
         &["route", "add", "198.18.0.0/16", "via", "198.18.0.2"],
     )?;
 
-    let hosts = dir.path().join("hosts");
+    let hosts = setup.dir().join("hosts");
     let mut file = fs::File::create(&hosts)?;
     for index in 0..DOMAINS {
         writeln!(file, "{} d{index}.test", address_of(index))?;
@@ -124,29 +118,19 @@ fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
         .stderr(std::process::Stdio::null());
     let _dnsmasq = ProcessGuard::spawn("dnsmasq", &mut dnsmasq, Duration::from_secs(5))?;
 
-    let config = dir.path().join("fleetsnitch.yaml");
-    fs::write(
-        &config,
-        format!(
+    let mut bed = setup
+        .config(format!(
             "metrics:\n  bytes_labels: [remote_port, domain]\n  max_series: 100000\n  \
              label_caps: {{remote_port: {PORT_CAP}, domain: {DOMAIN_CAP}}}\n\
              journal:\n  record_ephemeral_ports: true\n"
-        ),
-    )?;
-    let mut agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
-    let before = scrape(&agent)?;
+        ))
+        .start()?;
+    let before = scrape(&bed.agent)?;
     let ports_before = admitted(&before, "remote_port")?;
     let domains_before = admitted(&before, "domain")?;
 
     let started = Instant::now();
-    let ports_exe = exe_copy(
-        &sweep(),
-        dir.path(),
-        &format!("sweep-ports-{}", random_suffix()),
-    )?;
+    let ports_exe = bed.copy("sweep", "sweep-ports")?;
     let out = process::run_bounded(
         &mut net.in_client(
             &ports_exe,
@@ -163,11 +147,7 @@ fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
         Duration::from_secs(60),
     )?;
     ensure!(out.status.success(), "sweep ports: {}", out.stderr);
-    let domains_exe = exe_copy(
-        &sweep(),
-        dir.path(),
-        &format!("sweep-domains-{}", random_suffix()),
-    )?;
+    let domains_exe = bed.copy("sweep", "sweep-domains")?;
     // dnsmasq may need a moment to bind.
     let deadline = Instant::now() + Duration::from_secs(10);
     let out = loop {
@@ -194,13 +174,12 @@ fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
     ensure!(out.status.success(), "sweep domains: {}", out.stderr);
     let elapsed = started.elapsed();
 
-    agent
-        .metrics()
+    bed.metrics()
         .wait_for_bytes(&ports_exe, "sent", u64::from(PORTS))?;
     // Every datagram of the domain sweep (one per name) plus its queries.
     let deadline = Instant::now() + Duration::from_secs(15);
     let text = loop {
-        let text = scrape(&agent)?;
+        let text = scrape(&bed.agent)?;
         let seen = overflow(&text, "domain")? as usize + admitted(&text, "domain")?.len();
         if seen >= DOMAINS as usize || Instant::now() > deadline {
             break text;
@@ -222,7 +201,7 @@ fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
     let domains_now = admitted(&text, "domain")?;
     assert_eq!(domains_now.len(), DOMAIN_CAP, "domain values exported");
 
-    let rss = peak_rss_kib(agent.pid())?;
+    let rss = peak_rss_kib(bed.agent.pid())?;
     eprintln!(
         "cardinality: {PORTS} ports and {DOMAINS} domains in {elapsed:?}; {} series; agent peak RSS {} KiB",
         fleetsnitch_e2e::parse_samples(&text, "fleetsnitch_bytes_series")?
@@ -236,7 +215,7 @@ fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
     );
     // A generous bound: what matters is that it does not grow with the values folded.
     assert!(rss < 256 * 1024, "peak RSS {rss} KiB");
-    agent.check_running()?;
+    bed.agent.check_running()?;
 
     // Each folded value is counted once: admitted + folded is the number of
     // distinct values the agent saw. The host keeps talking while the test
@@ -244,14 +223,13 @@ fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
     // test sent and every value in the journal, which records each flow with
     // its raw port (ephemeral ones too, as configured above) and domain
     // (written in full at shutdown).
-    agent.signal(libc::SIGTERM);
+    bed.agent.signal(libc::SIGTERM);
     ensure!(
-        agent.wait_exit(Duration::from_secs(30))?.is_some(),
+        bed.agent.wait_exit(Duration::from_secs(30))?.is_some(),
         "agent did not exit on SIGTERM"
     );
-    let journal = agent.dir().join("journal.db");
     let journal_ports: BTreeSet<String> = query_journal(
-        &journal,
+        bed.journal(),
         "SELECT DISTINCT remote_port FROM connections WHERE remote_port IS NOT NULL",
     )?
     .lines()
@@ -261,7 +239,7 @@ fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
     })
     .collect();
     let journal_domains: BTreeSet<String> = query_journal(
-        &journal,
+        bed.journal(),
         "SELECT DISTINCT domain FROM connections WHERE domain IS NOT NULL AND domain != ''",
     )?
     .lines()

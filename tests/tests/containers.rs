@@ -17,13 +17,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use fleetsnitch_e2e::{
-    AgentGuard, TempDir, agent_binary, exe_copy, is_root, process, random_suffix,
-};
-
-fn trafficgen() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
-}
+use fleetsnitch_e2e::{Testbed, process, require_root};
 
 /// The cgroup v2 mount (on hybrid hosts it is not /sys/fs/cgroup itself).
 fn cgroup2_mount() -> Result<PathBuf> {
@@ -175,10 +169,7 @@ fn answer(stream: TcpStream, list: &str) -> Result<()> {
 
 #[test]
 fn bytes_carry_the_container_id_of_each_runtime_and_the_pod_from_the_api() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF, cgroups)");
-        return Ok(());
-    }
+    require_root!("eBPF, cgroups");
     let root = cgroup2_mount()?.join(format!("fsn-e2e-{}.slice", std::process::id()));
     let mut cgroups = Cgroups(Vec::new());
     let (containerd, crio, docker) = (hex_id('a'), hex_id('c'), hex_id('d'));
@@ -201,39 +192,28 @@ fn bytes_carry_the_container_id_of_each_runtime_and_the_pod_from_the_api() -> Re
         cgroups.create(path)?;
     }
 
-    let dir = TempDir::new("fsn-containers")?;
-    let token = dir.path().join("token");
+    let setup = Testbed::setup("fsn-containers")?;
+    let token = setup.dir().join("token");
     fs::write(&token, "test-token\n")?;
     let api = PodsApi::start(&containerd)?;
-    let config = dir.path().join("fleetsnitch.yaml");
-    fs::write(
-        &config,
-        format!(
-            "metrics:\n  bytes_labels: [container_id, container_name, pod, namespace]\n\
-             kubernetes:\n  token_path: {}\n  ca_path: {}\n  api_url: {}\n  node_name: node-a\n  backoff_min: 100ms\n  backoff_max: 1s\n",
-            token.display(),
-            dir.path().join("no-ca.crt").display(),
-            api.address
-        ),
-    )?;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
+    let config = format!(
+        "metrics:\n  bytes_labels: [container_id, container_name, pod, namespace]\n\
+         kubernetes:\n  token_path: {}\n  ca_path: {}\n  api_url: {}\n  node_name: node-a\n  backoff_min: 100ms\n  backoff_max: 1s\n",
+        token.display(),
+        setup.dir().join("no-ca.crt").display(),
+        api.address
+    );
+    let bed = setup.config(config).start()?;
 
     let mut runs = Vec::new();
     for (runtime, path, id) in &cases {
-        let exe = exe_copy(
-            &trafficgen(),
-            dir.path(),
-            &format!("in-{runtime}-{}", random_suffix()),
-        )?;
+        let exe = bed.copy("trafficgen", &format!("in-{runtime}"))?;
         loopback_in(path, &exe, 30_000)?;
         runs.push((runtime, exe, id));
     }
     for (runtime, exe, id) in &runs {
-        agent.metrics().wait_for_bytes(exe, "sent", 30_000)?;
-        let sent = agent
+        bed.metrics().wait_for_bytes(exe, "sent", 30_000)?;
+        let sent = bed
             .metrics()
             .samples_for("fleetsnitch_bytes_total", exe, Some("sent"))?;
         ensure!(
@@ -270,6 +250,6 @@ fn bytes_carry_the_container_id_of_each_runtime_and_the_pod_from_the_api() -> Re
             );
         }
     }
-    drop(agent);
+    drop(bed);
     Ok(())
 }

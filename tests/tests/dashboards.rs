@@ -24,9 +24,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, PeerNet, TempDir, agent::free_port, agent_binary, exe_copy, is_root, process,
-    query_journal, random_suffix, run_client, run_loopback, servers::Prometheus, wait_until,
-    workspace_root, write_config,
+    TempDir, Testbed, agent::free_port, process, query_journal, require_root, run_client,
+    run_loopback, servers::Prometheus, skip_test, wait_until, workspace_root,
 };
 
 const HOST: &str = "dashboards-test-host";
@@ -43,10 +42,6 @@ const SUBSTITUTIONS: &[(&str, &str)] = &[
     ("$namespace", ".*"),
     ("$exe", ".*"),
 ];
-
-fn trafficgen() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
-}
 
 fn substitute(expr: &str) -> String {
     let mut out = expr.to_owned();
@@ -326,8 +321,7 @@ fn dashboard_and_rule_expressions_parse() -> Result<()> {
     let dashboards = dashboard_expressions()?;
     let rules = rule_expressions()?;
     if which_prometheus().is_none() {
-        eprintln!("SKIP: prometheus is not installed (scripts/setup.sh installs it)");
-        return Ok(());
+        skip_test!("prometheus is not installed (scripts/setup.sh installs it)");
     }
     let prometheus = Prometheus::start("global:\n  scrape_interval: 1m\n")?;
     let mut failures = Vec::new();
@@ -367,40 +361,28 @@ const CAUSED_WITH_THE_DASHBOARDS: [&str; 3] = [
 
 #[test]
 fn every_dashboard_expression_returns_series_from_a_real_agent() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF, network namespaces)");
-        return Ok(());
-    }
+    require_root!("eBPF, network namespaces");
     let exprs = dashboard_expressions()?;
     let rules = rule_expressions()?;
-    let dir = TempDir::new("fsn-dashboards")?;
-    let journal = dir.path().join("journal.db");
+    let setup = Testbed::setup("fsn-dashboards")?;
     let virustotal = fake_virustotal()?;
-    let config = write_config(dir.path(), &agent_config(virustotal, dir.path()))?;
-    let config = config.to_str().unwrap().to_owned();
+    let config = agent_config(virustotal, setup.dir());
     let agent_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
     let prometheus = Prometheus::start(&prometheus_config(agent_addr))?;
-    let peers = PeerNet::start(&trafficgen(), dir.path(), &[])?;
-    let mut agent = AgentGuard::start_at(
-        &agent_binary()?,
-        agent_addr,
-        Some(&journal),
-        &["--config.file", &config],
-    )?;
+    let mut bed = setup.config(config).listen(agent_addr).peer().start()?;
 
     // Traffic, so that bytes series exist for a fresh program (a new executable).
-    let client = exe_copy(&trafficgen(), dir.path(), "dash-client")?;
+    let client = bed.copy("trafficgen", "dash-client")?;
     for scenario in ["tcp_upload", "tcp_download"] {
         run_client(
-            &peers.net,
+            bed.net(),
             &client,
             scenario,
             &["--bytes", "50000"],
             Duration::from_secs(60),
         )?;
     }
-    agent
-        .metrics()
+    bed.metrics()
         .wait_for_bytes(&client, "sent", 50_000)
         .context("client bytes never showed in /metrics")?;
 
@@ -415,7 +397,7 @@ fn every_dashboard_expression_returns_series_from_a_real_agent() -> Result<()> {
             bail!(
                 "{} was never hashed: {}",
                 client.display(),
-                agent.log_tail(30)
+                bed.log_tail(30)
             );
         }
         thread::sleep(Duration::from_millis(250));
@@ -426,7 +408,7 @@ fn every_dashboard_expression_returns_series_from_a_real_agent() -> Result<()> {
         .write_all(b"\0modified in place")?;
     // More traffic after the modification, for rates over the last minute.
     run_client(
-        &peers.net,
+        bed.net(),
         &client,
         "tcp_upload",
         &["--bytes", "50000"],
@@ -434,7 +416,7 @@ fn every_dashboard_expression_returns_series_from_a_real_agent() -> Result<()> {
     )?;
 
     let missing = wait_for_series(&prometheus, &exprs, Duration::from_secs(120))?;
-    agent.check_running()?;
+    bed.agent.check_running()?;
     assert!(
         missing.is_empty(),
         "dashboard expressions without series:\n{}\nprometheus log:\n{}",
@@ -470,10 +452,6 @@ fn every_dashboard_expression_returns_series_from_a_real_agent() -> Result<()> {
         eprintln!("{}: {} series", rule.place, result.len());
     }
     Ok(())
-}
-
-fn sweep() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_sweep"))
 }
 
 /// Runs a copy of `sweep` in this namespace; fails with its stderr.
@@ -554,10 +532,7 @@ fn rule<'a>(rules: &'a [Expr], name: &str) -> Result<&'a Expr> {
 /// the healthy one.
 #[test]
 fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF, tmpfs mounts, ptrace)");
-        return Ok(());
-    }
+    require_root!("eBPF, tmpfs mounts, ptrace");
     let rules = rule_expressions()?;
     // (rule, the instance it must fire for); the faulty agent's own rules must
     // not fire for the healthy one.
@@ -594,7 +569,6 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
         .collect();
     ensure!(uncovered.is_empty(), "rules no test causes: {uncovered:?}");
 
-    let dir = TempDir::new("fsn-incidents")?;
     let faulty = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
     let healthy = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
     // Nobody listens there: an agent that is down.
@@ -608,32 +582,24 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
         rules_file.display()
     ))?;
 
-    let journal_fs = Tmpfs::mount(&dir.path().join("faulty-journal"), "1m")?;
-    let faulty_dir = dir.path().join("faulty");
-    fs::create_dir_all(&faulty_dir)?;
-    let faulty_config = write_config(
-        &faulty_dir,
-        "journal:\n  write_interval: 1s\n  max_pending: 1000\n\
-         collector:\n  traffic_map_entries: 1024\n  ring_buffer_bytes: 65536\n\
-         probes:\n  disabled_modes: [tracepoint]\n",
-    )?;
-    let mut faulty_agent = AgentGuard::start_at(
-        &agent_binary()?,
-        faulty,
-        Some(&journal_fs.dir.join("journal.db")),
-        &["--config.file", faulty_config.to_str().unwrap()],
-    )?;
-    let healthy_dir = dir.path().join("healthy");
-    fs::create_dir_all(&healthy_dir)?;
-    let healthy_config = write_config(&healthy_dir, "journal:\n  write_interval: 1s\n")?;
-    let healthy_args = ["--config.file", healthy_config.to_str().unwrap()];
-    let healthy_journal = healthy_dir.join("journal.db");
-    let mut healthy_agent = AgentGuard::start_at(
-        &agent_binary()?,
-        healthy,
-        Some(&healthy_journal),
-        &healthy_args,
-    )?;
+    // The faulty agent's journal: a small tmpfs, in a directory of its own so that
+    // it is unmounted before the testbed's directory is removed.
+    let mounts = TempDir::new("fsn-incidents-mnt")?;
+    let journal_fs = Tmpfs::mount(&mounts.path().join("faulty-journal"), "1m")?;
+    let mut faulty_bed = Testbed::setup("fsn-incidents-faulty")?
+        .config(
+            "journal:\n  write_interval: 1s\n  max_pending: 1000\n\
+             collector:\n  traffic_map_entries: 1024\n  ring_buffer_bytes: 65536\n\
+             probes:\n  disabled_modes: [tracepoint]\n",
+        )
+        .journal(journal_fs.dir.join("journal.db"))
+        .listen(faulty)
+        .start()?;
+    let mut healthy_bed = Testbed::setup("fsn-incidents-healthy")?
+        .config("journal:\n  write_interval: 1s\n")
+        .listen(healthy)
+        .start()?;
+    let healthy_journal = healthy_bed.journal().to_owned();
 
     // Prometheus must hold the counters at 0 before the faults: `increase()`
     // sees nothing of a series whose first sample is already the incident.
@@ -657,14 +623,10 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
     journal_fs.fill()?;
 
     // Its collector stops: nothing drains the kernel's maps and ring buffer.
-    let frozen = process::FrozenThread::freeze(faulty_agent.pid(), "fleetsnitch-col")?;
+    let frozen = process::FrozenThread::freeze(faulty_bed.agent.pid(), "fleetsnitch-col")?;
     let frozen_at = Instant::now();
     // A program dropped, run once and deleted: gone before anyone can hash it.
-    let dropped = exe_copy(
-        &sweep(),
-        dir.path(),
-        &format!("dropped-{}", random_suffix()),
-    )?;
+    let dropped = faulty_bed.copy("sweep", "dropped")?;
     run_sweep(
         &dropped,
         &[
@@ -679,13 +641,13 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
     )?;
     fs::remove_file(&dropped)?;
     // More new processes at once than 64 KiB of ring buffer can announce.
-    let burst = exe_copy(&sweep(), dir.path(), "burst")?;
+    let burst = faulty_bed.copy("sweep", "burst")?;
     run_sweep(
         &burst,
         &["forks", "--peer", "127.0.0.1:9", "--count", "200"],
     )?;
     // More flows than 1024 traffic map entries.
-    let ports = exe_copy(&sweep(), dir.path(), "ports")?;
+    let ports = faulty_bed.copy("sweep", "ports")?;
     run_sweep(
         &ports,
         &[
@@ -701,11 +663,7 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
 
     // Meanwhile, the healthy agent: a program it knows comes back with another
     // hash after a restart.
-    let client = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("known-{}", random_suffix()),
-    )?;
+    let client = healthy_bed.copy("trafficgen", "known")?;
     run_loopback(&client, 10_000)?;
     let known = format!(
         "SELECT count(*) FROM executables WHERE path = '{}' AND sha256 != ''",
@@ -720,27 +678,24 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
         format!(
             "journal: {:?}\nhealthy agent:\n{}",
             query_journal(&healthy_journal, "SELECT path, sha256 FROM executables"),
-            healthy_agent.log_tail(30)
+            healthy_bed.log_tail(30)
         )
     })?;
-    healthy_agent.signal(libc::SIGTERM);
+    healthy_bed.agent.signal(libc::SIGTERM);
     ensure!(
-        healthy_agent.wait_exit(Duration::from_secs(30))?.is_some(),
+        healthy_bed
+            .agent
+            .wait_exit(Duration::from_secs(30))?
+            .is_some(),
         "the healthy agent did not stop"
     );
-    drop(healthy_agent);
     let mut upgraded = fs::read(&client)?;
     upgraded.extend_from_slice(b"\0upgraded");
     let staged = client.with_extension("new");
     fs::write(&staged, &upgraded)?;
     fs::set_permissions(&staged, fs::Permissions::from_mode(0o755))?;
     fs::rename(&staged, &client)?;
-    let healthy_agent = AgentGuard::start_at(
-        &agent_binary()?,
-        healthy,
-        Some(&healthy_journal),
-        &healthy_args,
-    )?;
+    healthy_bed.restart()?;
     run_loopback(&client, 10_000)?;
 
     // The collector has been stuck for over a minute: the drain rule fires
@@ -794,7 +749,7 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
     ensure!(
         missing.is_empty(),
         "incidents caused but their rules returned nothing: {missing:?}\nfaulty agent:\n{}",
-        faulty_agent.log_tail(40)
+        faulty_bed.log_tail(40)
     );
     // The faults were the faulty agent's own: the healthy one saw the same
     // traffic without them.
@@ -806,9 +761,9 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
         ensure!(
             !fires_for(&prometheus, &expr.promql, healthy)?,
             "{name} fired for the healthy agent:\n{}",
-            healthy_agent.log_tail(40)
+            healthy_bed.log_tail(40)
         );
     }
-    faulty_agent.check_running()?;
+    faulty_bed.agent.check_running()?;
     Ok(())
 }

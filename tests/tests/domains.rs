@@ -9,20 +9,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use fleetsnitch_e2e::{
-    AgentGuard, PeerNet, ProcessGuard, TempDir, agent_binary, exe_copy, is_root, process,
-    random_suffix, write_config,
-};
+use fleetsnitch_e2e::{AgentGuard, ProcessGuard, Testbed, process, require_root};
 
 const DNSMASQ: &str = "/usr/sbin/dnsmasq";
-
-fn dnsclient() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_dnsclient"))
-}
-
-fn trafficgen() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
-}
 
 /// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` mounts over /etc/resolv.conf.
 struct NetnsResolvConf(PathBuf);
@@ -79,17 +68,16 @@ fn series_of(agent: &AgentGuard, exe: &Path) -> String {
 
 #[test]
 fn each_client_gets_the_domain_it_resolved() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF, network namespaces)");
-        return Ok(());
-    }
+    require_root!("eBPF, network namespaces");
     ensure!(
         Path::new(DNSMASQ).exists(),
         "{DNSMASQ} missing: run scripts/setup.sh"
     );
-    let dir = TempDir::new("fsn-domains")?;
-    let peers = PeerNet::start(&trafficgen(), dir.path(), &["--dns", "off"])?;
-    let net = &peers.net;
+    let bed = Testbed::setup("fsn-domains")?
+        .peer_with(&["--dns", "off"])
+        .config("metrics:\n  bytes_labels: [domain, remote_port]\n")
+        .start()?;
+    let net = bed.net();
     // Three names for the one peer address.
     let mut dnsmasq = net.in_peer(
         Path::new(DNSMASQ),
@@ -113,15 +101,7 @@ fn each_client_gets_the_domain_it_resolved() -> Result<()> {
         .stderr(std::process::Stdio::null());
     let _dnsmasq = ProcessGuard::spawn("dnsmasq", &mut dnsmasq, Duration::from_secs(5))?;
     let _resolv = NetnsResolvConf::new(&net.client, "198.18.0.2")?;
-
-    let config = write_config(
-        dir.path(),
-        "metrics:\n  bytes_labels: [domain, remote_port]\n",
-    )?;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
+    let agent = &bed.agent;
 
     let cases = [
         ("getaddrinfo", "alpha.test", 30_000u64),
@@ -130,11 +110,7 @@ fn each_client_gets_the_domain_it_resolved() -> Result<()> {
     ];
     let mut runs = Vec::new();
     for (mode, name, bytes) in cases {
-        let exe = exe_copy(
-            &dnsclient(),
-            dir.path(),
-            &format!("dns-{mode}-{}", random_suffix()),
-        )?;
+        let exe = bed.copy("dnsclient", &format!("dns-{mode}"))?;
         // dnsmasq may take a moment to bind: retry the first resolution briefly.
         let deadline = Instant::now() + Duration::from_secs(10);
         let out = loop {
@@ -176,7 +152,7 @@ fn each_client_gets_the_domain_it_resolved() -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let reported = bytes_with(
-                &agent,
+                agent,
                 exe,
                 "sent",
                 &[("domain", name), ("remote_port", "5001")],
@@ -188,7 +164,7 @@ fn each_client_gets_the_domain_it_resolved() -> Result<()> {
                 bail!(
                     "{}: expected {bytes} bytes with domain={name}, remote_port=5001; reported {reported}; series:\n{}\nagent log:\n{}",
                     exe.display(),
-                    series_of(&agent, exe),
+                    series_of(agent, exe),
                     agent.log_tail(20)
                 );
             }
@@ -198,7 +174,7 @@ fn each_client_gets_the_domain_it_resolved() -> Result<()> {
     // No other program's name leaks onto a client's traffic to the shared address.
     for (exe, name, _) in &runs {
         for (_, other, _) in runs.iter().filter(|(_, other, _)| other != name) {
-            let leaked = bytes_with(&agent, exe, "sent", &[("domain", other)])?;
+            let leaked = bytes_with(agent, exe, "sent", &[("domain", other)])?;
             assert_eq!(leaked, 0.0, "{} got {other}'s domain", exe.display());
         }
     }
@@ -207,25 +183,17 @@ fn each_client_gets_the_domain_it_resolved() -> Result<()> {
 
 #[test]
 fn no_answer_means_no_domain() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF, network namespaces)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-nodomain")?;
-    let peers = PeerNet::start(&trafficgen(), dir.path(), &[])?;
-    let net = &peers.net;
-    let config = write_config(dir.path(), "metrics:\n  bytes_labels: [domain]\n")?;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
-    let exe = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("by-address-{}", random_suffix()),
-    )?;
+    require_root!("eBPF, network namespaces");
+    let bed = Testbed::setup("fsn-nodomain")?
+        .peer()
+        .config("metrics:\n  bytes_labels: [domain]\n")
+        .start()?;
+    let agent = &bed.agent;
+    let exe = bed.copy("trafficgen", "by-address")?;
     let out = process::run_bounded(
-        &mut net.in_client(&exe, &["client", "tcp_upload", "--bytes", "5000"]),
+        &mut bed
+            .net()
+            .in_client(&exe, &["client", "tcp_upload", "--bytes", "5000"]),
         Duration::from_secs(30),
     )?;
     ensure!(out.status.success(), "{}", out.stderr);
@@ -234,10 +202,10 @@ fn no_answer_means_no_domain() -> Result<()> {
         .wait_for_bytes(&exe, "sent", 5_000)
         .context("bytes never showed up")?;
     assert_eq!(
-        bytes_with(&agent, &exe, "sent", &[("domain", "")])?,
+        bytes_with(agent, &exe, "sent", &[("domain", "")])?,
         5000.0,
         "{}",
-        series_of(&agent, &exe)
+        series_of(agent, &exe)
     );
     Ok(())
 }

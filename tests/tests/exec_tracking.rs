@@ -15,11 +15,11 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, TempDir, agent_binary, exe_copy, is_root,
+    AgentGuard, TempDir, Testbed,
     otlp_collector::{Collector, free_port, rotel_agent},
-    parse_samples, process, query_journal, random_suffix, run_loopback,
+    parse_samples, process, query_journal, random_suffix, require_root, run_loopback,
     servers::Prometheus,
-    sha256_file, wait_until, workspace_root, write_config,
+    sha256_file, wait_until, workspace_root,
 };
 
 const BINARIES: usize = 20;
@@ -27,10 +27,6 @@ const EXECS_PER_BINARY: usize = 100;
 
 /// Exec tracking on, the journal written often.
 const EXEC_CONFIG: &str = "journal:\n  write_interval: 200ms\nexec:\n  enabled: true\n";
-
-fn trafficgen() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
-}
 
 /// A copy of `/bin/true` with `tag` appended: a distinct sha256 that still runs.
 fn tagged_true(dir: &Path, name: &str, tag: &str) -> Result<PathBuf> {
@@ -132,19 +128,12 @@ fn new_binaries(dir: &Path, prefix: &str) -> Result<Vec<(PathBuf, String)>> {
 /// sha256 (or its miss counted with its reason, or lost), and, when
 /// `check_network`, the network marks of a quiet binary and of one that talks.
 fn burst_of_execs(config: &str, check_network: bool) -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-exec")?;
-    let binaries = new_binaries(dir.path(), "quiet")?;
-    let talker = exe_copy(&trafficgen(), dir.path(), "talker")?;
-    let config = write_config(dir.path(), config)?;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
-    let journal = agent.dir().join("journal.db");
+    require_root!("eBPF");
+    let setup = Testbed::setup("fsn-exec")?;
+    let binaries = new_binaries(setup.dir(), "quiet")?;
+    let talker = setup.copy("trafficgen", "talker")?;
+    let bed = setup.config(config).start()?;
+    let (agent, journal) = (&bed.agent, bed.journal());
 
     // One thread per core, each running every binary in turn: 2,000 processes
     // that each live a millisecond or so.
@@ -178,13 +167,13 @@ fn burst_of_execs(config: &str, check_network: bool) -> Result<()> {
         Duration::from_secs(60),
         "2,000 execs counted or lost",
         || {
-            let seen = metric_sum(&agent, "fleetsnitch_exec_total", ours)?;
-            let lost = metric_sum(&agent, "fleetsnitch_exec_events_lost_total", |_| true)?;
+            let seen = metric_sum(agent, "fleetsnitch_exec_total", ours)?;
+            let lost = metric_sum(agent, "fleetsnitch_exec_events_lost_total", |_| true)?;
             Ok(seen + lost >= total)
         },
     )?;
-    let seen = metric_sum(&agent, "fleetsnitch_exec_total", ours)?;
-    let lost = metric_sum(&agent, "fleetsnitch_exec_events_lost_total", |_| true)?;
+    let seen = metric_sum(agent, "fleetsnitch_exec_total", ours)?;
+    let lost = metric_sum(agent, "fleetsnitch_exec_events_lost_total", |_| true)?;
     ensure!(seen <= total, "{seen} execs counted for {total} run");
     wait_until(
         Duration::from_secs(60),
@@ -192,8 +181,8 @@ fn burst_of_execs(config: &str, check_network: bool) -> Result<()> {
         || {
             for (path, _) in &binaries {
                 let counted =
-                    metric_sum(&agent, "fleetsnitch_exec_total", |exe| exe == exe_of(path))?;
-                if counted > 0.0 && journal_rows(&journal, path)?.is_empty() {
+                    metric_sum(agent, "fleetsnitch_exec_total", |exe| exe == exe_of(path))?;
+                if counted > 0.0 && journal_rows(journal, path)?.is_empty() {
                     return Ok(false);
                 }
             }
@@ -205,7 +194,7 @@ fn burst_of_execs(config: &str, check_network: bool) -> Result<()> {
     let mut unhashed = Vec::new();
     let mut missing = Vec::new();
     for (path, expected) in &binaries {
-        let rows = journal_rows(&journal, path)?;
+        let rows = journal_rows(journal, path)?;
         if rows.is_empty() {
             missing.push(path.display().to_string());
             continue;
@@ -233,12 +222,10 @@ fn burst_of_execs(config: &str, check_network: bool) -> Result<()> {
             }
         }
     }
-    let failures = metric_sum(&agent, "fleetsnitch_hash_failures_total", |_| true)?;
-    let exhausted = metric_sum(
-        &agent,
-        "fleetsnitch_exec_open_files_exhausted_total",
-        |_| true,
-    )?;
+    let failures = metric_sum(agent, "fleetsnitch_hash_failures_total", |_| true)?;
+    let exhausted = metric_sum(agent, "fleetsnitch_exec_open_files_exhausted_total", |_| {
+        true
+    })?;
     eprintln!(
         "exec tracking: {total} execs run, {seen} counted, {lost} lost (host-wide); \
          {hashed} of {BINARIES} binaries hashed right, unhashed: {unhashed:?}, missing: \
@@ -266,7 +253,7 @@ fn burst_of_execs(config: &str, check_network: bool) -> Result<()> {
         Duration::from_secs(30),
         "the talker journaled as networked",
         || {
-            let rows = journal_rows(&journal, &talker)?;
+            let rows = journal_rows(journal, &talker)?;
             Ok(!rows.is_empty() && rows.iter().all(|(_, used, _)| used == "1"))
         },
     )?;
@@ -292,19 +279,12 @@ fn burst_of_execs(config: &str, check_network: bool) -> Result<()> {
 
 #[test]
 fn programs_deleted_as_soon_as_they_exit_are_hashed_or_their_miss_counted() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-exec-brief")?;
-    let binaries = new_binaries(dir.path(), "brief")?;
-    let config = write_config(dir.path(), EXEC_CONFIG)?;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
-    let journal = agent.dir().join("journal.db");
-    let failures_before = metric_sum(&agent, "fleetsnitch_hash_failures_total", |_| true)?;
+    require_root!("eBPF");
+    let setup = Testbed::setup("fsn-exec-brief")?;
+    let binaries = new_binaries(setup.dir(), "brief")?;
+    let bed = setup.config(EXEC_CONFIG).start()?;
+    let (agent, journal) = (&bed.agent, bed.journal());
+    let failures_before = metric_sum(agent, "fleetsnitch_hash_failures_total", |_| true)?;
 
     // Each runs once (about a millisecond) and its file is gone right after:
     // only a descriptor opened while it ran can still reach it.
@@ -316,10 +296,10 @@ fn programs_deleted_as_soon_as_they_exit_are_hashed_or_their_miss_counted() -> R
         Duration::from_secs(60),
         "every brief binary journaled or lost",
         || {
-            let lost = metric_sum(&agent, "fleetsnitch_exec_events_lost_total", |_| true)?;
+            let lost = metric_sum(agent, "fleetsnitch_exec_events_lost_total", |_| true)?;
             let mut journaled = 0;
             for (path, _) in &binaries {
-                journaled += usize::from(!journal_rows(&journal, path)?.is_empty());
+                journaled += usize::from(!journal_rows(journal, path)?.is_empty());
             }
             Ok(journaled == BINARIES || lost > 0.0)
         },
@@ -327,7 +307,7 @@ fn programs_deleted_as_soon_as_they_exit_are_hashed_or_their_miss_counted() -> R
     let mut hashed = 0;
     let mut unhashed = Vec::new();
     for (path, expected) in &binaries {
-        for (sha256, _, reason) in journal_rows(&journal, path)? {
+        for (sha256, _, reason) in journal_rows(journal, path)? {
             if sha256.is_empty() {
                 ensure!(
                     !reason.is_empty(),
@@ -346,7 +326,7 @@ fn programs_deleted_as_soon_as_they_exit_are_hashed_or_their_miss_counted() -> R
         }
     }
     let failures =
-        metric_sum(&agent, "fleetsnitch_hash_failures_total", |_| true)? - failures_before;
+        metric_sum(agent, "fleetsnitch_hash_failures_total", |_| true)? - failures_before;
     eprintln!(
         "deleted on exit: {hashed} of {BINARIES} hashed right, unhashed: {unhashed:?}, \
          hash failures counted: {failures}"
@@ -361,27 +341,22 @@ fn programs_deleted_as_soon_as_they_exit_are_hashed_or_their_miss_counted() -> R
 
 #[test]
 fn with_exec_tracking_off_a_quiet_program_is_not_journaled() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-exec-off")?;
-    let quiet = tagged_true(dir.path(), &format!("quiet-{}", random_suffix()), "off")?;
-    let talker = exe_copy(&trafficgen(), dir.path(), "talker")?;
-    let config = write_config(dir.path(), "journal:\n  write_interval: 200ms\n")?;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
-    let journal = agent.dir().join("journal.db");
+    require_root!("eBPF");
+    let setup = Testbed::setup("fsn-exec-off")?;
+    let quiet = tagged_true(setup.dir(), &format!("quiet-{}", random_suffix()), "off")?;
+    let talker = setup.copy("trafficgen", "talker")?;
+    let bed = setup
+        .config("journal:\n  write_interval: 200ms\n")
+        .start()?;
+    let (agent, journal) = (&bed.agent, bed.journal());
 
     run_times(&quiet, 20)?;
     run_loopback(&talker, 10_000)?;
     // The talker's row proves the journal was written after the quiet runs.
     wait_until(Duration::from_secs(30), "the talker journaled", || {
-        Ok(!journal_rows(&journal, &talker)?.is_empty())
+        Ok(!journal_rows(journal, &talker)?.is_empty())
     })?;
-    let rows = journal_rows(&journal, &quiet)?;
+    let rows = journal_rows(journal, &quiet)?;
     ensure!(
         rows.is_empty(),
         "exec tracking is off but {} is journaled: {rows:?}",
@@ -401,31 +376,29 @@ fn with_exec_tracking_off_a_quiet_program_is_not_journaled() -> Result<()> {
 
 #[test]
 fn exec_only_program_reaches_otlp_with_its_command_line() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF)");
-        return Ok(());
-    }
+    require_root!("eBPF");
     let Some(binary) = rotel_agent() else {
         return Ok(());
     };
-    let dir = TempDir::new("fsn-exec-otlp")?;
+    let collector_dir = TempDir::new("fsn-exec-otlp-collector")?;
     let (grpc_port, http_port) = (free_port(), free_port());
-    let collector = Collector::start(&binary, dir.path(), "collector", grpc_port, http_port);
-    let config = write_config(
-        dir.path(),
-        &format!(
+    let collector = Collector::start(
+        &binary,
+        collector_dir.path(),
+        "collector",
+        grpc_port,
+        http_port,
+    );
+    let bed = Testbed::setup("fsn-exec-otlp")?
+        .config(format!(
             "journal:\n  write_interval: 200ms\n\
              exec:\n  enabled: true\n  record_command_lines: true\n\
              otlp:\n  enabled: true\n  protocol: http/protobuf\n  \
              endpoint: http://127.0.0.1:{http_port}\n  batch_delay: 200ms\n"
-        ),
-    )?;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
+        ))
+        .start()?;
     let quiet = tagged_true(
-        dir.path(),
+        bed.dir(),
         &format!("otlp-quiet-{}", random_suffix()),
         "otlp",
     )?;
@@ -455,7 +428,7 @@ fn exec_only_program_reaches_otlp_with_its_command_line() -> Result<()> {
         record.str("fleetsnitch.executable.sha256") == Some(sha256.as_str()),
         "{record:?}"
     );
-    drop(agent);
+    drop(bed);
     Ok(())
 }
 
@@ -465,25 +438,19 @@ fn exec_only_program_reaches_otlp_with_its_command_line() -> Result<()> {
 /// lost to a small ring buffer alert too.
 #[test]
 fn exec_tracking_alerts_fire_in_prometheus() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-exec-alerts")?;
+    require_root!("eBPF");
+    let setup = Testbed::setup("fsn-exec-alerts")?;
     let quiet = tagged_true(
-        dir.path(),
+        setup.dir(),
         &format!("alert-quiet-{}", random_suffix()),
         "alert",
     )?;
-    let burst = tagged_true(dir.path(), "burst", "burst")?;
-    let config = write_config(
-        dir.path(),
-        "journal:\n  write_interval: 200ms\nexec:\n  enabled: true\n  ring_buffer_bytes: 65536\n",
-    )?;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
+    let burst = tagged_true(setup.dir(), "burst", "burst")?;
+    let mut bed = setup
+        .config(
+            "journal:\n  write_interval: 200ms\nexec:\n  enabled: true\n  ring_buffer_bytes: 65536\n",
+        )
+        .start()?;
     let rules = workspace_root().join("helm/fleetsnitch/rules/fleetsnitch.rules.yml");
     let prometheus = Prometheus::start(&format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
@@ -491,7 +458,7 @@ fn exec_tracking_alerts_fire_in_prometheus() -> Result<()> {
          scrape_configs:\n  - job_name: fleetsnitch\n    static_configs:\n      \
          - targets: ['{}']\n",
         rules.display(),
-        agent.addr
+        bed.addr()
     ))?;
     // The lost-events counter must be scraped at 0 before the loss.
     wait_until(Duration::from_secs(60), "the agent scraped", || {
@@ -523,19 +490,18 @@ fn exec_tracking_alerts_fire_in_prometheus() -> Result<()> {
 
     // A stopped agent reads nothing: 100 execs overflow 64 KiB (about a
     // dozen exec events) for sure.
-    let mut agent = agent;
-    agent.signal(libc::SIGSTOP);
+    bed.agent.signal(libc::SIGSTOP);
     let stopped = run_times(&burst, 100);
-    agent.signal(libc::SIGCONT);
+    bed.agent.signal(libc::SIGCONT);
     stopped?;
     wait_until(Duration::from_secs(30), "exec events counted lost", || {
-        Ok(metric_sum(&agent, "fleetsnitch_exec_events_lost_total", |_| true)? > 0.0)
+        Ok(metric_sum(&bed.agent, "fleetsnitch_exec_events_lost_total", |_| true)? > 0.0)
     })?;
     wait_until(Duration::from_secs(90), "FleetsnitchExecEventsLost", || {
         firing("FleetsnitchExecEventsLost", None)
     })?;
     drop(prometheus);
-    drop(agent);
+    drop(bed);
     Ok(())
 }
 
@@ -604,10 +570,7 @@ fn expect_hashed(journal: &Path, path: &Path, expected: &str) -> Result<()> {
 
 #[test]
 fn btrfs_subvolumes_with_the_same_inode_are_hashed_apart() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF, mounts)");
-        return Ok(());
-    }
+    require_root!("eBPF, mounts");
     if Command::new("mkfs.btrfs")
         .arg("--version")
         .output()
@@ -651,31 +614,27 @@ fn btrfs_subvolumes_with_the_same_inode_are_hashed_apart() -> Result<()> {
         b.dev()
     );
 
-    let config = write_config(dir.path(), EXEC_CONFIG)?;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
-    let journal = agent.dir().join("journal.db");
+    // The testbed's directory is its own: the mounts stay out of it.
+    let bed = Testbed::setup("fsn-exec-btrfs-agent")?
+        .config(EXEC_CONFIG)
+        .start()?;
+    let journal = bed.journal();
     for _ in 0..5 {
         for (tool, _) in &tools {
             run_times(tool, 1)?;
         }
     }
     for (tool, sha256) in &tools {
-        expect_hashed(&journal, tool, sha256)?;
+        expect_hashed(journal, tool, sha256)?;
     }
-    drop(agent);
+    drop(bed);
     drop(mounts);
     Ok(())
 }
 
 #[test]
 fn overlayfs_tmpfs_and_deleted_executables_are_hashed() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF, mounts)");
-        return Ok(());
-    }
+    require_root!("eBPF, mounts");
     let dir = TempDir::new("fsn-exec-fs")?;
     let mut mounts = Mounts::default();
     let tmpfs = dir.path().join("tmpfs");
@@ -708,12 +667,11 @@ fn overlayfs_tmpfs_and_deleted_executables_are_hashed() -> Result<()> {
     fs::set_permissions(&sleeper, fs::Permissions::from_mode(0o755))?;
     let sleeper_sha256 = sha256_file(&sleeper)?;
 
-    let config = write_config(dir.path(), EXEC_CONFIG)?;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
-    let journal = agent.dir().join("journal.db");
+    // The testbed's directory is its own: the mounts stay out of it.
+    let bed = Testbed::setup("fsn-exec-fs-agent")?
+        .config(EXEC_CONFIG)
+        .start()?;
+    let journal = bed.journal();
 
     let expected = [
         (on_tmpfs.clone(), sha256_file(&on_tmpfs)?),
@@ -729,11 +687,11 @@ fn overlayfs_tmpfs_and_deleted_executables_are_hashed() -> Result<()> {
     )?;
     fs::remove_file(&sleeper)?;
     for (tool, sha256) in &expected {
-        expect_hashed(&journal, tool, sha256)?;
+        expect_hashed(journal, tool, sha256)?;
     }
-    expect_hashed(&journal, &sleeper, &sleeper_sha256)?;
+    expect_hashed(journal, &sleeper, &sleeper_sha256)?;
     sleeping.stop();
-    drop(agent);
+    drop(bed);
     drop(mounts);
     Ok(())
 }

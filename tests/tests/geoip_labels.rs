@@ -2,54 +2,35 @@
 //! (exporter/tests/data, which map the test peers' 198.18.0.0/15 to NL and
 //! AS 64511). Needs root (eBPF, namespaces); skips otherwise.
 
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Result, ensure};
-use fleetsnitch_e2e::{
-    AgentGuard, PeerNet, TempDir, agent_binary, exe_copy, is_root, process, random_suffix,
-    workspace_root, write_config,
-};
-
-fn trafficgen() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
-}
+use fleetsnitch_e2e::{Testbed, agent_binary, process, require_root, workspace_root, write_config};
 
 #[test]
 fn traffic_carries_the_peers_country_and_asn() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF, network namespaces)");
-        return Ok(());
-    }
+    require_root!("eBPF, network namespaces");
     let data = workspace_root().join("exporter/tests/data");
-    let dir = TempDir::new("fsn-geoip")?;
-    let config = write_config(
-        dir.path(),
-        &format!(
+    let bed = Testbed::setup("fsn-geoip")?
+        .config(format!(
             "metrics:\n  bytes_labels: [country, asn]\ngeoip:\n  country_database: {}\n  asn_database: {}\n",
             data.join("GeoLite2-Country.mmdb").display(),
             data.join("GeoLite2-ASN.mmdb").display()
-        ),
-    )?;
-    let peers = PeerNet::start(&trafficgen(), dir.path(), &[])?;
-    let net = &peers.net;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
+        ))
+        .peer()
+        .start()?;
 
-    let exe = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("geo-{}", random_suffix()),
-    )?;
+    let exe = bed.copy("trafficgen", "geo")?;
     let out = process::run_bounded(
-        &mut net.in_client(&exe, &["client", "tcp_upload", "--bytes", "40000"]),
+        &mut bed
+            .net()
+            .in_client(&exe, &["client", "tcp_upload", "--bytes", "40000"]),
         Duration::from_secs(30),
     )?;
     ensure!(out.status.success(), "{}", out.stderr);
-    agent.metrics().wait_for_bytes(&exe, "sent", 40_000)?;
+    bed.metrics().wait_for_bytes(&exe, "sent", 40_000)?;
 
-    let sent = agent
+    let sent = bed
         .metrics()
         .samples_for("fleetsnitch_bytes_total", &exe, Some("sent"))?;
     ensure!(sent.len() == 1, "one series expected: {sent:?}");
@@ -69,11 +50,8 @@ fn traffic_carries_the_peers_country_and_asn() -> Result<()> {
 
 #[test]
 fn unreadable_database_stops_the_agent_naming_the_file() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (the agent checks capabilities first)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-geoip-bad")?;
+    require_root!("the agent checks capabilities first");
+    let dir = fleetsnitch_e2e::TempDir::new("fsn-geoip-bad")?;
     let config = write_config(
         dir.path(),
         "geoip:\n  country_database: /nonexistent/GeoLite2-Country.mmdb\n",

@@ -34,13 +34,8 @@ use std::{
 
 use anyhow::{Context, Result, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, PeerNet, TempDir, agent_binary, exe_copy, is_root, parse_samples,
-    process::run_bounded, query_journal, random_suffix, wait_until, write_config,
+    Testbed, parse_samples, process::run_bounded, program, query_journal, require_root, wait_until,
 };
-
-fn trafficgen() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
-}
 
 /// The text the agent writes for a name: valid UTF-8 as is, each byte of an
 /// invalid sequence as `\xNN`.
@@ -222,17 +217,15 @@ fn connection_log_values(path: &Path, key: &str) -> Result<BTreeSet<String>> {
     Ok(values)
 }
 
-/// The agent's configuration for these tests: every sink on, plus `extra`.
-fn all_sinks_config(dir: &Path, otlp: &OtlpSink, extra: &str) -> Result<PathBuf> {
-    write_config(
-        dir,
-        &format!(
-            "journal:\n  write_interval: 1s\n\
-             otlp:\n  enabled: true\n  protocol: http/protobuf\n  endpoint: http://{}\n  batch_delay: 200ms\n\
-             connection_log:\n  enabled: true\n  path: {}\n{extra}",
-            otlp.addr,
-            dir.join("connections.jsonl").display()
-        ),
+/// The agent's configuration for these tests: every sink on (the connection log at
+/// `dir/connections.jsonl`), plus `extra`.
+fn all_sinks_config(dir: &Path, otlp: &OtlpSink, extra: &str) -> String {
+    format!(
+        "journal:\n  write_interval: 1s\n\
+         otlp:\n  enabled: true\n  protocol: http/protobuf\n  endpoint: http://{}\n  batch_delay: 200ms\n\
+         connection_log:\n  enabled: true\n  path: {}\n{extra}",
+        otlp.addr,
+        dir.join("connections.jsonl").display()
     )
 }
 
@@ -251,24 +244,17 @@ fn label_for<'a>(names: &BTreeSet<&'a str>, expected: &str) -> Option<&'a str> {
 
 #[test]
 fn hostile_names_reach_every_sink_intact() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (the agent loads eBPF)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-hostile")?;
+    require_root!("the agent loads eBPF");
     let otlp = OtlpSink::start()?;
-    let log_path = dir.path().join("connections.jsonl");
-    let config = all_sinks_config(dir.path(), &otlp, "")?;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
+    let setup = Testbed::setup("fsn-hostile")?;
+    let log_path = setup.dir().join("connections.jsonl");
+    let config = all_sinks_config(setup.dir(), &otlp, "");
+    let bed = setup
+        .config(config)
         // Debug: the lines naming each new executable are logged too.
-        &[
-            "--config.file",
-            config.to_str().unwrap(),
-            "--log.level",
-            "fleetsnitch=debug",
-        ],
-    )?;
+        .args(&["--log.level", "fleetsnitch=debug"])
+        .start()?;
+    let dir = bed.dir();
 
     // Short components, so the kernel's own path walk names them, and a
     // 255-byte one, past the walk's per-component limit: named through /proc
@@ -282,10 +268,10 @@ fn hostile_names_reach_every_sink_intact() -> Result<()> {
     hostile.push(long);
     let mut expected = Vec::new();
     for (index, name) in hostile.iter().enumerate() {
-        let sub = dir.path().join(format!("d{index}"));
+        let sub = dir.join(format!("d{index}"));
         fs::create_dir(&sub)?;
         let exe = sub.join(OsStr::from_bytes(name));
-        fs::copy(trafficgen(), &exe).with_context(|| format!("copy to {exe:?}"))?;
+        fs::copy(program("trafficgen")?, &exe).with_context(|| format!("copy to {exe:?}"))?;
         let mut raw = sub.as_os_str().as_bytes().to_vec();
         raw.push(b'/');
         raw.extend_from_slice(name);
@@ -309,7 +295,7 @@ fn hostile_names_reach_every_sink_intact() -> Result<()> {
         Duration::from_secs(30),
         "every hostile name in /metrics",
         || {
-            text = agent.metrics().text()?;
+            text = bed.metrics().text()?;
             let samples = parse_samples(&text, "fleetsnitch_bytes_total")?;
             let names: BTreeSet<&str> = samples
                 .iter()
@@ -352,7 +338,7 @@ fn hostile_names_reach_every_sink_intact() -> Result<()> {
         .zip(labels)
         .map(|((exe, _), label)| (exe, label.unwrap_or_default()))
         .collect();
-    promtool_accepts(dir.path(), &text)?;
+    promtool_accepts(dir, &text)?;
     let sha256 = parse_samples(&text, "fleetsnitch_executable_info")?;
     // A long path whose process was gone before /proc was read cannot be
     // opened by the walked part: its hash is "unavailable", by design.
@@ -363,8 +349,7 @@ fn hostile_names_reach_every_sink_intact() -> Result<()> {
             Duration::from_secs(20),
             "hash of the hostile executable",
             || {
-                let samples =
-                    parse_samples(&agent.metrics().text()?, "fleetsnitch_executable_info")?;
+                let samples = parse_samples(&bed.metrics().text()?, "fleetsnitch_executable_info")?;
                 Ok(samples.iter().any(|s| {
                     s.labels.get("exe") == Some(name) && s.labels.get("sha256") == Some(&digest)
                 }))
@@ -374,23 +359,22 @@ fn hostile_names_reach_every_sink_intact() -> Result<()> {
     }
 
     // The journal: the exact text, read back by another program.
-    let journal = agent.dir().join("journal.db");
+    let journal = bed.journal();
     let mut paths = BTreeSet::new();
     wait_until(
         Duration::from_secs(30),
         "hostile names in the journal",
         || {
-            paths = journal_paths(&journal)?;
+            paths = journal_paths(journal)?;
             Ok(expected.iter().all(|(_, name)| paths.contains(&hex(name))))
         },
     )
     .with_context(|| format!("journal paths (hex): {paths:?}"))?;
     // Process names: the kernel's 15 first bytes of each file name.
-    let names: BTreeSet<String> =
-        query_journal(&journal, "SELECT hex(name) FROM executable_names")?
-            .lines()
-            .map(str::to_owned)
-            .collect();
+    let names: BTreeSet<String> = query_journal(journal, "SELECT hex(name) FROM executable_names")?
+        .lines()
+        .map(str::to_owned)
+        .collect();
     for name in &hostile {
         let comm = expected_text(&name[..name.len().min(15)]);
         ensure!(
@@ -426,7 +410,7 @@ fn hostile_names_reach_every_sink_intact() -> Result<()> {
     .with_context(|| format!("{} OTLP requests received", otlp.bodies().len()))?;
 
     // The agent's own log: a name is one escaped value, never a forged line.
-    let log = fs::read(agent.log_path())?;
+    let log = fs::read(bed.agent.log_path())?;
     let log = String::from_utf8_lossy(&log);
     ensure!(
         log.contains("new executable"),
@@ -438,10 +422,6 @@ fn hostile_names_reach_every_sink_intact() -> Result<()> {
         .collect();
     ensure!(forged.is_empty(), "log lines forged by a path: {forged:?}");
     Ok(())
-}
-
-fn dnsclient() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_dnsclient"))
 }
 
 /// A domain as the agent writes it (RFC 1035 presentation format): lowercase
@@ -465,37 +445,26 @@ fn expected_domain(name: &str) -> String {
 
 #[test]
 fn hostile_domain_names_reach_every_sink_intact() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF, network namespaces)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-hostile-dns")?;
+    require_root!("eBPF, network namespaces");
     let otlp = OtlpSink::start()?;
+    let setup = Testbed::setup("fsn-hostile-dns")?;
     let config = all_sinks_config(
-        dir.path(),
+        setup.dir(),
         &otlp,
         "metrics:\n  bytes_labels: [domain, remote_port]\n",
-    )?;
+    );
     // The peer's DNS service answers every A query with the peer's address.
-    let peers = PeerNet::start(&trafficgen(), dir.path(), &[])?;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
+    let bed = setup.config(config).peer().start()?;
     // Labels of up to 63 octets may hold anything but a dot on the wire.
     let name = "Evil\"quote\\back\nline\t{x=\"y\"}%s$(id)`id`\u{1b}[31m.\u{e9}t\u{e9}-\u{fc}.Test";
     let expected = expected_domain(name);
-    let exe = exe_copy(
-        &dnsclient(),
-        dir.path(),
-        &format!("dns-hostile-{}", random_suffix()),
-    )?;
+    let exe = bed.copy("dnsclient", "dns-hostile")?;
     // The peer's services may take a moment to bind: retry briefly, bounded.
     let mut attempts = 0;
     let out = loop {
         attempts += 1;
         let out = run_bounded(
-            &mut peers.net.in_client(
+            &mut bed.net().in_client(
                 &exe,
                 &[
                     "udp",
@@ -520,7 +489,7 @@ fn hostile_domain_names_reach_every_sink_intact() -> Result<()> {
 
     let mut text = String::new();
     wait_until(Duration::from_secs(30), "the domain in /metrics", || {
-        text = agent.metrics().text()?;
+        text = bed.metrics().text()?;
         Ok(parse_samples(&text, "fleetsnitch_bytes_total")?
             .iter()
             .any(|s| {
@@ -536,17 +505,19 @@ fn hostile_domain_names_reach_every_sink_intact() -> Result<()> {
                 .join("\n")
         )
     })?;
-    promtool_accepts(dir.path(), &text)?;
+    promtool_accepts(bed.dir(), &text)?;
 
-    let journal = agent.dir().join("journal.db");
     let mut domains = String::new();
     wait_until(Duration::from_secs(30), "the domain in the journal", || {
-        domains = query_journal(&journal, "SELECT DISTINCT hex(domain) FROM connections")?;
+        domains = query_journal(
+            bed.journal(),
+            "SELECT DISTINCT hex(domain) FROM connections",
+        )?;
         Ok(domains.lines().any(|d| d == hex(&expected)))
     })
     .with_context(|| format!("journal domains (hex): {domains}"))?;
 
-    let log_path = dir.path().join("connections.jsonl");
+    let log_path = bed.dir().join("connections.jsonl");
     let mut logged = BTreeSet::new();
     wait_until(
         Duration::from_secs(30),

@@ -15,13 +15,12 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, PeerNet, TempDir, agent_binary, exe_copy, is_root, process, query_journal,
-    random_suffix, run_client, run_loopback, sha256_file, wait_until, write_config,
+    AgentGuard, TempDir, Testbed, process, program, query_journal, random_suffix, require_root,
+    run_client, run_loopback, sha256_file, wait_until,
 };
 
-fn trafficgen() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
-}
+/// Journal written every 200 ms.
+const WRITE_OFTEN: &str = "journal:\n  write_interval: 200ms\n";
 
 fn metric(agent: &AgentGuard, name: &str) -> Result<f64> {
     let text =
@@ -32,25 +31,16 @@ fn metric(agent: &AgentGuard, name: &str) -> Result<f64> {
 
 #[test]
 fn sigkill_during_heavy_writes_keeps_every_committed_row() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF, network namespaces)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-sigkill")?;
-    let peers = PeerNet::start(&trafficgen(), dir.path(), &[])?;
-    let net = &peers.net;
-    let journal = dir.path().join("journal.db");
+    require_root!("eBPF, network namespaces");
     // One row per connection (every source port kept): heavy writing.
-    let config = write_config(
-        dir.path(),
-        "journal:\n  write_interval: 100ms\n  record_ephemeral_ports: true\n",
-    )?;
-    let config = config.to_str().unwrap();
-    let mut agent = AgentGuard::start_with_journal(
-        &agent_binary()?,
-        Some(&journal),
-        &["--config.file", config],
-    )?;
+    let mut bed = Testbed::setup("fsn-sigkill")?
+        .peer()
+        .config("journal:\n  write_interval: 100ms\n  record_ephemeral_ports: true\n")
+        .start()?;
+    let journal = bed.journal().to_owned();
+    let storm = bed.copy("trafficgen", "storm")?;
+    let net = &bed.peers.as_ref().expect("peers").net;
+    let agent = &mut bed.agent;
 
     // Thousands of connections a second: one rollup row per connection and
     // window. Widen the client's port range so TIME_WAIT does not run it dry.
@@ -62,11 +52,6 @@ fn sigkill_during_heavy_writes_keeps_every_committed_row() -> Result<()> {
         Duration::from_secs(10),
     )?;
     ensure!(widen.status.success(), "sysctl: {}", widen.stderr);
-    let storm = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("storm-{}", random_suffix()),
-    )?;
     let stop = AtomicBool::new(false);
     let (committed, last_id) = thread::scope(|scope| -> Result<(String, String)> {
         let traffic = scope.spawn(|| -> Result<()> {
@@ -119,19 +104,15 @@ fn sigkill_during_heavy_writes_keeps_every_committed_row() -> Result<()> {
 
     // The restarted agent recovers the journal and does not announce the
     // storm executable again.
-    let agent = AgentGuard::start_with_journal(
-        &agent_binary()?,
-        Some(&journal),
-        &["--config.file", config],
-    )?;
+    bed.restart()?;
     run_client(
-        net,
+        bed.net(),
         &storm,
         "tcp_upload",
         &["--bytes", "10000"],
         Duration::from_secs(60),
     )?;
-    agent.metrics().wait_for_bytes(&storm, "sent", 10_000)?;
+    bed.metrics().wait_for_bytes(&storm, "sent", 10_000)?;
     let storm_path = storm.display().to_string();
     wait_until(
         Duration::from_secs(10),
@@ -205,31 +186,23 @@ impl Drop for Mount {
 
 #[test]
 fn read_only_journal_degrades_then_catches_up() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF, mounts)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-rofs")?;
-    let mount = Mount::tmpfs(&dir.path().join("ro"), "size=8m,mode=0700,ro")?;
+    require_root!("eBPF, mounts");
+    // Mounted in a directory of its own: unmounted before the testbed's is removed.
+    let mounts = TempDir::new("fsn-rofs-mnt")?;
+    let mount = Mount::tmpfs(&mounts.path().join("ro"), "size=8m,mode=0700,ro")?;
     let journal = mount.0.join("journal.db");
-    let config = write_config(dir.path(), "journal:\n  write_interval: 200ms\n")?;
-    let agent = AgentGuard::start_with_journal(
-        &agent_binary()?,
-        Some(&journal),
-        &["--config.file", config.to_str().unwrap()],
-    )?;
+    let bed = Testbed::setup("fsn-rofs")?
+        .config(WRITE_OFTEN)
+        .journal(&journal)
+        .start()?;
 
-    let exe = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("rofs-{}", random_suffix()),
-    )?;
+    let exe = bed.copy("trafficgen", "rofs")?;
     run_loopback(&exe, 20_000)?;
-    agent.metrics().wait_for_bytes(&exe, "sent", 20_000)?;
+    bed.metrics().wait_for_bytes(&exe, "sent", 20_000)?;
     wait_until(Duration::from_secs(10), "journal errors counted", || {
-        Ok(metric(&agent, "fleetsnitch_journal_write_errors_total")? >= 1.0)
+        Ok(metric(&bed.agent, "fleetsnitch_journal_write_errors_total")? >= 1.0)
     })?;
-    let log = fs::read_to_string(agent.log_path())?;
+    let log = fs::read_to_string(bed.agent.log_path())?;
     assert!(
         log.contains(&format!("cannot create the journal {}", journal.display())),
         "the log does not name the journal:\n{log}"
@@ -253,29 +226,20 @@ fn read_only_journal_degrades_then_catches_up() -> Result<()> {
 
 #[test]
 fn full_disk_is_counted_and_nothing_queued_is_lost() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF, mounts)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-full")?;
-    let mount = Mount::tmpfs(&dir.path().join("small"), "size=32m,mode=0700")?;
+    require_root!("eBPF, mounts");
+    // Mounted in a directory of its own: unmounted before the testbed's is removed.
+    let mounts = TempDir::new("fsn-full-mnt")?;
+    let mount = Mount::tmpfs(&mounts.path().join("small"), "size=32m,mode=0700")?;
     let journal = mount.0.join("journal.db");
     // Other tests' namespace traffic (198.18.0.0/15) stays out of this small
     // file system, which is also how the ignore list is exercised end to end.
-    let config = write_config(
-        dir.path(),
-        "journal:\n  write_interval: 200ms\n  ignore:\n    subnets: [198.18.0.0/15, \"fd00:f5::/64\"]\n",
-    )?;
-    let agent = AgentGuard::start_with_journal(
-        &agent_binary()?,
-        Some(&journal),
-        &["--config.file", config.to_str().unwrap()],
-    )?;
-    let first = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("before-full-{}", random_suffix()),
-    )?;
+    let mut bed = Testbed::setup("fsn-full")?
+        .config(
+            "journal:\n  write_interval: 200ms\n  ignore:\n    subnets: [198.18.0.0/15, \"fd00:f5::/64\"]\n",
+        )
+        .journal(&journal)
+        .start()?;
+    let first = bed.copy("trafficgen", "before-full")?;
     run_loopback(&first, 10_000)?;
     let first_path = first.display().to_string();
     wait_until(
@@ -301,23 +265,18 @@ fn full_disk_is_counted_and_nothing_queued_is_lost() -> Result<()> {
     let _ = filler.write_all(&[0u8; 1]);
     drop(filler);
 
-    let errors_before = metric(&agent, "fleetsnitch_journal_write_errors_total")?;
+    let errors_before = metric(&bed.agent, "fleetsnitch_journal_write_errors_total")?;
     // Many distinct executables, so the journal must grow.
     let mut later = Vec::new();
     for index in 0..20 {
-        let exe = exe_copy(
-            &trafficgen(),
-            dir.path(),
-            &format!("when-full-{index}-{}", random_suffix()),
-        )?;
+        let exe = bed.copy("trafficgen", &format!("when-full-{index}"))?;
         run_loopback(&exe, 1_000)?;
         later.push(exe.display().to_string());
     }
     wait_until(Duration::from_secs(15), "full disk counted", || {
-        Ok(metric(&agent, "fleetsnitch_journal_write_errors_total")? > errors_before)
+        Ok(metric(&bed.agent, "fleetsnitch_journal_write_errors_total")? > errors_before)
     })?;
-    let mut agent = agent;
-    agent.check_running()?;
+    bed.agent.check_running()?;
 
     fs::remove_file(&filler_path)?;
     let list = later
@@ -346,7 +305,7 @@ fn full_disk_is_counted_and_nothing_queued_is_lost() -> Result<()> {
             .filter(|p| !present.contains(p.as_str()))
             .collect();
         let text =
-            fleetsnitch_e2e::metrics::http_get(agent.addr, "/metrics", Duration::from_secs(5))?
+            fleetsnitch_e2e::metrics::http_get(bed.addr(), "/metrics", Duration::from_secs(5))?
                 .body;
         let related: Vec<&str> = text
             .lines()
@@ -362,23 +321,11 @@ fn full_disk_is_counted_and_nothing_queued_is_lost() -> Result<()> {
             written()?,
             later.len(),
             related.join("\n"),
-            agent.log_tail(40)
+            bed.log_tail(40)
         );
     }
     assert_eq!(query_journal(&journal, "PRAGMA integrity_check")?, "ok");
     Ok(())
-}
-
-/// An agent journaling every 200 ms into `dir/journal.db`; returns the path.
-fn agent_writing_often(dir: &Path) -> Result<(AgentGuard, PathBuf)> {
-    let journal = dir.join("journal.db");
-    let config = write_config(dir, "journal:\n  write_interval: 200ms\n")?;
-    let agent = AgentGuard::start_with_journal(
-        &agent_binary()?,
-        Some(&journal),
-        &["--config.file", config.to_str().unwrap()],
-    )?;
-    Ok((agent, journal))
 }
 
 /// A deleted program's inode number goes to the next file created (ext4 hands
@@ -386,16 +333,15 @@ fn agent_writing_often(dir: &Path) -> Result<(AgentGuard, PathBuf)> {
 /// under its own path and hash, not the deleted one's.
 #[test]
 fn a_new_program_under_a_reused_inode_number_gets_its_own_path_and_hash() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-inode-reuse")?;
-    let (agent, journal) = agent_writing_often(dir.path())?;
+    require_root!("eBPF");
+    let bed = Testbed::setup("fsn-inode-reuse")?
+        .config(WRITE_OFTEN)
+        .start()?;
+    let journal = bed.journal();
     let hashed = |path: &Path| -> Result<bool> {
         let sha256 = sha256_file(path)?;
         Ok(query_journal(
-            &journal,
+            journal,
             &format!(
                 "SELECT count(*) FROM executables WHERE path = '{}' AND sha256 = '{sha256}'",
                 path.display()
@@ -403,7 +349,7 @@ fn a_new_program_under_a_reused_inode_number_gets_its_own_path_and_hash() -> Res
         )? == "1")
     };
 
-    let first = exe_copy(&trafficgen(), dir.path(), "first")?;
+    let first = bed.copy("trafficgen", "first")?;
     run_loopback(&first, 10_000)?;
     wait_until(Duration::from_secs(30), "first program journaled", || {
         hashed(&first)
@@ -411,15 +357,15 @@ fn a_new_program_under_a_reused_inode_number_gets_its_own_path_and_hash() -> Res
     let inode = fs::metadata(&first)?.ino();
     fs::remove_file(&first)?;
 
-    let second = dir.path().join(format!("second-{}", random_suffix()));
-    let mut content = fs::read(trafficgen())?;
+    let second = bed.dir().join(format!("second-{}", random_suffix()));
+    let mut content = fs::read(program("trafficgen")?)?;
     content.extend_from_slice(b"\0another program");
     fs::write(&second, &content)?;
     fs::set_permissions(&second, fs::Permissions::from_mode(0o755))?;
     ensure!(
         fs::metadata(&second)?.ino() == inode,
         "the file system did not reuse inode {inode} (is {} on ext4?): nothing to test",
-        dir.path().display()
+        bed.dir().display()
     );
     run_loopback(&second, 10_000)?;
     wait_until(
@@ -430,10 +376,10 @@ fn a_new_program_under_a_reused_inode_number_gets_its_own_path_and_hash() -> Res
     .with_context(|| {
         format!(
             "journal: {:?}",
-            query_journal(&journal, "SELECT path, sha256 FROM executables")
+            query_journal(journal, "SELECT path, sha256 FROM executables")
         )
     })?;
-    agent.metrics().wait_for_bytes(&second, "sent", 10_000)?;
+    bed.metrics().wait_for_bytes(&second, "sent", 10_000)?;
     Ok(())
 }
 
@@ -442,12 +388,8 @@ fn a_new_program_under_a_reused_inode_number_gets_its_own_path_and_hash() -> Res
 /// their bytes add up.
 #[test]
 fn connections_from_ephemeral_ports_fold_into_one_rollup_per_window() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-fold")?;
-    let (_agent, journal) = agent_writing_often(dir.path())?;
+    require_root!("eBPF");
+    let bed = Testbed::setup("fsn-fold")?.config(WRITE_OFTEN).start()?;
     // A service port below the ephemeral range (32768-60999).
     let listener = (20_000..20_100)
         .find_map(|port| std::net::TcpListener::bind(("127.0.0.1", port)).ok())
@@ -460,11 +402,7 @@ fn connections_from_ephemeral_ports_fold_into_one_rollup_per_window() -> Result<
             let _ = std::io::Read::read_to_end(&mut stream, &mut sink);
         }
     });
-    let connector = exe_copy(
-        Path::new(env!("CARGO_BIN_EXE_connector")),
-        dir.path(),
-        "fold",
-    )?;
+    let connector = bed.copy("connector", "fold")?;
     let out = process::run_bounded(
         Command::new(&connector).args([
             "--addr",
@@ -478,7 +416,7 @@ fn connections_from_ephemeral_ports_fold_into_one_rollup_per_window() -> Result<
     )?;
     ensure!(out.status.success(), "connector: {}", out.stderr);
     let _ = accepting.join();
-    let rows = |sql: &str| query_journal(&journal, sql);
+    let rows = |sql: &str| query_journal(bed.journal(), sql);
     let exe = connector.display();
     wait_until(
         Duration::from_secs(20),

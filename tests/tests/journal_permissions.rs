@@ -7,7 +7,7 @@
 use std::{fs, os::unix::fs::PermissionsExt as _, path::Path, time::Duration};
 
 use anyhow::{Result, ensure};
-use fleetsnitch_e2e::{AgentGuard, TempDir, agent_binary, is_root, wait_until};
+use fleetsnitch_e2e::{AgentGuard, Testbed, require_root, wait_until};
 
 fn mode(path: &Path) -> Result<u32> {
     Ok(fs::metadata(path)?.permissions().mode() & 0o7777)
@@ -42,18 +42,15 @@ fn strip_ansi(text: &str) -> String {
 
 #[test]
 fn loose_journal_permissions_are_reported_and_new_journals_are_owner_only() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (the agent loads eBPF)");
-        return Ok(());
-    }
-    let root = TempDir::new("fsn-journal-perms")?;
-    let dir = root.path().join("state");
+    require_root!("the agent loads eBPF");
+    let setup = Testbed::setup("fsn-journal-perms")?;
+    let dir = setup.dir().join("state");
     let journal = dir.join("journal.db");
-    let bin = agent_binary()?;
 
     // A new journal: created owner-only, nothing reported.
+    let mut bed = setup.journal(&journal).start()?;
     {
-        let agent = AgentGuard::start_with_journal(&bin, Some(&journal), &[])?;
+        let agent = &bed.agent;
         wait_until(Duration::from_secs(30), "journal created", || {
             Ok(journal.exists())
         })?;
@@ -76,15 +73,17 @@ fn loose_journal_permissions_are_reported_and_new_journals_are_owner_only() -> R
             agent.log_tail(30)
         );
     }
+    bed.agent.stop();
 
     // The same journal made world-readable, in a world-writable directory.
     fs::set_permissions(&journal, fs::Permissions::from_mode(0o644))?;
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o777))?;
-    let agent = AgentGuard::start_with_journal(&bin, Some(&journal), &[])?;
+    bed.restart()?;
+    let agent = &bed.agent;
     wait_until(
         Duration::from_secs(30),
         "loose permissions reported",
-        || Ok(reported(&agent, &journal)? && reported(&agent, &dir)?),
+        || Ok(reported(agent, &journal)? && reported(agent, &dir)?),
     )?;
     let log = strip_ansi(&agent.log_tail(200));
     for (path, mode) in [(&journal, "644"), (&dir, "777")] {

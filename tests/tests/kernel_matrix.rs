@@ -9,9 +9,12 @@
 //! the kernels (exit status 77). `FSN_SKIP_KERNEL_MATRIX=1` skips it on purpose.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use fleetsnitch_e2e::{agent_binary, program, require_root, skip_test, workspace_root};
 
 /// Exit status of the script when the matrix cannot run on this machine.
 const SKIP_CODE: i32 = 77;
@@ -25,16 +28,6 @@ const REQUIRED_SCENARIOS: &[&str] = &[
     "ipv6_tcp",
     "short_lived",
 ];
-
-fn workspace_root() -> PathBuf {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.parent().unwrap_or(here).to_path_buf()
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
 
 /// One kernel of `tests/kernels/kernels.list` and the mode -> attach/refuse table.
 struct KernelSpec {
@@ -89,37 +82,24 @@ fn run_bounded(mut cmd: Command) -> ExitStatus {
 }
 
 #[test]
-fn kernel_matrix() {
+fn kernel_matrix() -> Result<()> {
     if std::env::var_os("FSN_SKIP_KERNEL_MATRIX").is_some() {
-        println!("skipped: FSN_SKIP_KERNEL_MATRIX is set");
-        return;
+        skip_test!("FSN_SKIP_KERNEL_MATRIX is set");
     }
-    if !is_root() {
-        println!("skipped: the kernel matrix needs root (qemu install, namespaces, eBPF)");
-        return;
-    }
+    require_root!("qemu install, namespaces, eBPF");
     let root = workspace_root();
-    let agent = std::env::var_os("FLEETSNITCH_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target/debug/fleetsnitch"));
-    assert!(
-        agent.is_file(),
-        "agent binary not found at {}: run `cargo build -p fleetsnitch` first \
-         (or set FLEETSNITCH_BIN)",
-        agent.display()
-    );
+    let agent = agent_binary()?;
     let results = std::env::temp_dir().join(format!("fsn-kmatrix-{}.results", std::process::id()));
     let mut cmd = Command::new(root.join("scripts/kernel-matrix.sh"));
     cmd.arg("--results")
         .arg(&results)
         .env("FLEETSNITCH_BIN", &agent)
-        .env("TRAFFICGEN_BIN", env!("CARGO_BIN_EXE_trafficgen"))
+        .env("TRAFFICGEN_BIN", program("trafficgen")?)
         .env("FSN_MATRIX_SKIP_CODE", SKIP_CODE.to_string())
         .stdin(Stdio::null());
     let status = run_bounded(cmd);
     if status.code() == Some(SKIP_CODE) {
-        println!("skipped: the kernel matrix cannot run here (reason printed above)");
-        return;
+        skip_test!("the kernel matrix cannot run here (reason printed above)");
     }
     let text = std::fs::read_to_string(&results)
         .unwrap_or_else(|e| panic!("no results at {} ({e}); script {status}", results.display()));
@@ -131,6 +111,7 @@ fn kernel_matrix() {
         problems.join("\n  ")
     );
     assert!(status.success(), "kernel-matrix.sh failed: {status}");
+    Ok(())
 }
 
 /// Everything wrong with a results file: lines split on '|', see tests/kernels/checks.sh.

@@ -3,21 +3,14 @@
 //! records carrying its path, hash, peer and exact byte counts, and the
 //! journal's new_executable event arrives too. Needs root; skips otherwise.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, PeerNet, TempDir, agent_binary, exe_copy, is_root,
+    TempDir, Testbed,
     otlp_collector::{Collector, Received, free_port, rotel_agent},
-    random_suffix, run_client, sha256_file, write_config,
+    require_root, run_client, sha256_file,
 };
-
-fn trafficgen() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
-}
 
 const BYTES: u64 = 25_000;
 
@@ -28,49 +21,45 @@ fn for_exe<'a>(records: &'a [Received], exe: &str) -> impl Iterator<Item = &'a R
 }
 
 fn delivers(protocol: &str) -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF, network namespaces)");
-        return Ok(());
-    }
+    require_root!("eBPF, network namespaces");
     let Some(binary) = rotel_agent() else {
         return Ok(());
     };
-    let dir = TempDir::new("fsn-otlp")?;
+    let collector_dir = TempDir::new("fsn-otlp-collector")?;
     let (grpc_port, http_port) = (free_port(), free_port());
-    let collector = Collector::start(&binary, dir.path(), "collector", grpc_port, http_port);
+    let collector = Collector::start(
+        &binary,
+        collector_dir.path(),
+        "collector",
+        grpc_port,
+        http_port,
+    );
     let port = if protocol == "grpc" {
         grpc_port
     } else {
         http_port
     };
-    let config = write_config(
-        dir.path(),
-        &format!(
+    let bed = Testbed::setup("fsn-otlp")?
+        .config(format!(
             "journal:\n  write_interval: 1s\n\
              otlp:\n  enabled: true\n  protocol: {protocol}\n  endpoint: http://127.0.0.1:{port}\n  batch_delay: 200ms\n"
-        ),
-    )?;
-    let peers = PeerNet::start(&trafficgen(), dir.path(), &[])?;
-    let net = &peers.net;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
+        ))
+        .peer()
+        .start()?;
 
-    let exe = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("otlp-{}-{}", protocol.replace('/', "-"), random_suffix()),
+    let exe = bed.copy(
+        "trafficgen",
+        &format!("otlp-{}", protocol.replace('/', "-")),
     )?;
     let sha256 = sha256_file(&exe)?;
     run_client(
-        net,
+        bed.net(),
         &exe,
         "tcp_upload",
         &["--bytes", &BYTES.to_string()],
         Duration::from_secs(60),
     )?;
-    agent.metrics().wait_for_bytes(&exe, "sent", BYTES)?;
+    bed.metrics().wait_for_bytes(&exe, "sent", BYTES)?;
     let path = exe.to_str().unwrap().to_owned();
 
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -143,35 +132,22 @@ fn records_reach_the_collector_over_http() -> Result<()> {
 
 #[test]
 fn exported_and_dropped_are_counted() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root");
-        return Ok(());
-    }
+    require_root!("eBPF");
     // A collector that does not exist: everything queues, then is dropped
     // past the bound, and the agent keeps running and counting.
-    let dir = TempDir::new("fsn-otlp-down")?;
-    let config = write_config(
-        dir.path(),
-        &format!(
+    let bed = Testbed::setup("fsn-otlp-down")?
+        .config(format!(
             "journal:\n  write_interval: 200ms\n\
              otlp:\n  enabled: true\n  protocol: grpc\n  endpoint: http://127.0.0.1:{}\n  max_queued_records: 1000\n",
             free_port()
-        ),
-    )?;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
-    let exe = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("otlp-down-{}", random_suffix()),
-    )?;
+        ))
+        .start()?;
+    let exe = bed.copy("trafficgen", "otlp-down")?;
     fleetsnitch_e2e::run_loopback(&exe, 10_000)?;
-    agent.metrics().wait_for_bytes(&exe, "sent", 10_000)?;
+    bed.metrics().wait_for_bytes(&exe, "sent", 10_000)?;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let text = agent.metrics().text()?;
+        let text = bed.metrics().text()?;
         let value = |name: &str| -> f64 {
             fleetsnitch_e2e::parse_samples(&text, name)
                 .ok()
@@ -192,7 +168,7 @@ fn exported_and_dropped_are_counted() -> Result<()> {
         if Instant::now() > deadline {
             bail!(
                 "queued {queued}, export errors {errors}:\n{}",
-                agent.log_tail(20)
+                bed.log_tail(20)
             );
         }
         std::thread::sleep(Duration::from_millis(250));

@@ -11,24 +11,20 @@
 use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::Duration,
 };
 
 use anyhow::{Context, Result, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, ProcessGuard, TempDir, agent_binary, exe_copy, is_root, process::run_bounded,
-    random_suffix, sha256_file, wait_until,
+    ProcessGuard, Testbed, process::run_bounded, random_suffix, require_root, sha256_file,
+    wait_until,
 };
 
 const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_SYS_PTRACE: u32 = 19;
 const CAP_BPF: u32 = 39;
-
-fn trafficgen() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_trafficgen"))
-}
 
 /// The documented run-time set for the running kernel.
 fn documented_runtime_set() -> Result<u64> {
@@ -95,22 +91,19 @@ fn own_permitted() -> Result<u64> {
 
 #[test]
 fn every_thread_keeps_only_the_documented_runtime_capabilities() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (the agent loads eBPF)");
-        return Ok(());
-    }
+    require_root!("the agent loads eBPF");
     let expected = documented_runtime_set()? & own_permitted()?;
-    let dir = TempDir::new("fsn-privileges")?;
-    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
-    let mut agent = AgentGuard::start(&agent_binary()?)?;
-    let pid = agent.pid();
+    let setup = Testbed::setup("fsn-privileges")?;
+    fs::set_permissions(setup.dir(), fs::Permissions::from_mode(0o755))?;
+    let mut bed = setup.start()?;
+    let pid = bed.agent.pid();
 
     let (wrong, threads) = threads_beyond(pid, expected)?;
     ensure!(
         wrong.is_empty(),
         "after start-up:\n{}\nagent log:\n{}",
         wrong.join("\n"),
-        agent.log_tail(20)
+        bed.log_tail(20)
     );
     // The collector, hasher, journal threads and tokio's workers at least.
     ensure!(
@@ -118,26 +111,21 @@ fn every_thread_keeps_only_the_documented_runtime_capabilities() -> Result<()> {
         "only {threads} threads read: the check would prove little"
     );
     ensure!(
-        agent
-            .log_tail(200)
+        bed.log_tail(200)
             .contains("capabilities beyond the run-time set dropped in every thread"),
         "{}",
-        agent.log_tail(30)
+        bed.log_tail(30)
     );
 
     // What the kept capabilities are for: an executable nobody may read
     // (mode 0111, owned by root), run by nobody: naming it needs
     // /proc/<pid>/exe of another user's non-dumpable process (CAP_SYS_PTRACE),
     // hashing it needs to read it (CAP_DAC_READ_SEARCH).
-    let exe = exe_copy(
-        &trafficgen(),
-        dir.path(),
-        &format!("unreadable-{}", random_suffix()),
-    )?;
+    let exe = bed.copy("trafficgen", "unreadable")?;
     fs::set_permissions(&exe, fs::Permissions::from_mode(0o111))?;
     let sha256 = sha256_file(&exe)?;
     run_as_nobody(&exe)?;
-    let metrics = agent.metrics();
+    let metrics = bed.metrics();
     let info = |text: &str| {
         let prefix = format!(
             "fleetsnitch_executable_info{{exe=\"{}\",sha256=\"",
@@ -156,7 +144,7 @@ fn every_thread_keeps_only_the_documented_runtime_capabilities() -> Result<()> {
             Ok(seen.as_deref().is_some_and(|hash| hash != "unavailable"))
         },
     )
-    .with_context(|| format!("executable_info: {seen:?}\n{}", agent.log_tail(20)))?;
+    .with_context(|| format!("executable_info: {seen:?}\n{}", bed.log_tail(20)))?;
     ensure!(
         seen.as_deref() == Some(sha256.as_str()),
         "sha256 of {}: expected {sha256}, agent says {seen:?}",
@@ -167,7 +155,7 @@ fn every_thread_keeps_only_the_documented_runtime_capabilities() -> Result<()> {
     // does not exist in the agent's namespace, so only /proc/<pid>/exe reaches
     // the file, and with the agent's permitted set now smaller than the
     // process's, opening it needs CAP_SYS_PTRACE even though both are uid 0.
-    let mount_point = dir.path().join("private-mnt");
+    let mount_point = bed.dir().join("private-mnt");
     fs::create_dir(&mount_point)?;
     let private_exe = mount_point.join(format!("bash-{}", random_suffix()));
     // bash waits on its stdin (a pipe from this test, a builtin read: no other
@@ -223,7 +211,7 @@ fn every_thread_keeps_only_the_documented_runtime_capabilities() -> Result<()> {
     // reduced sets; check them all again.
     let (wrong, _) = threads_beyond(pid, expected)?;
     ensure!(wrong.is_empty(), "after running:\n{}", wrong.join("\n"));
-    agent.check_running()?;
+    bed.agent.check_running()?;
     Ok(())
 }
 

@@ -7,21 +7,10 @@
 //! named in `fleetsnitch_unresolved_bytes_total`.
 //! Needs root (eBPF); skips otherwise.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context, Result, ensure};
-use fleetsnitch_e2e::{
-    AgentGuard, TempDir, agent_binary, exe_copy, is_root, parse_samples, process, wait_until,
-    write_config,
-};
-
-fn sweep() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_sweep"))
-}
+use fleetsnitch_e2e::{Testbed, parse_samples, process, require_root, wait_until};
 
 /// Runs a sweep copy; returns the bytes it says it sent.
 fn run_sweep(exe: &Path, args: &[&str]) -> Result<u64> {
@@ -49,21 +38,12 @@ fn total(text: &str, family: &str, label: Option<(&str, &str)>) -> Result<f64> {
 
 #[test]
 fn a_full_traffic_map_loses_no_byte_uncounted() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-stress-map")?;
-    let config = write_config(
-        dir.path(),
-        "collector:\n  traffic_map_entries: 1024\n  drain_interval: 2s\n",
-    )?;
-    let agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
-    let before = agent.metrics().text()?;
-    let sweeper = exe_copy(&sweep(), dir.path(), "flows")?;
+    require_root!("eBPF");
+    let bed = Testbed::setup("fsn-stress-map")?
+        .config("collector:\n  traffic_map_entries: 1024\n  drain_interval: 2s\n")
+        .start()?;
+    let before = bed.metrics().text()?;
+    let sweeper = bed.copy("sweep", "flows")?;
     // 8,000 flows of one byte each, in well under one 2 s drain interval: the
     // 1,024-entry map must refuse most of them.
     let sent = run_sweep(
@@ -83,7 +63,7 @@ fn a_full_traffic_map_loses_no_byte_uncounted() -> Result<()> {
     let exe = sweeper.to_string_lossy().into_owned();
     let mut last = String::new();
     wait_until(Duration::from_secs(20), "attributed + unattributed", || {
-        last = agent.metrics().text()?;
+        last = bed.metrics().text()?;
         let attributed = total(&last, "fleetsnitch_bytes_total", Some(("exe", &exe)))?;
         let unattributed = total(
             &last,
@@ -127,22 +107,16 @@ fn a_full_traffic_map_loses_no_byte_uncounted() -> Result<()> {
 
 #[test]
 fn lost_announcements_are_counted_and_every_byte_is_accounted() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-stress-ring")?;
+    require_root!("eBPF");
     // The smallest ring buffer: 16 announcements.
-    let config = write_config(dir.path(), "collector:\n  ring_buffer_bytes: 65536\n")?;
-    let mut agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
-    let before = agent.metrics().text()?;
-    let burst = exe_copy(&sweep(), dir.path(), "burst")?;
+    let mut bed = Testbed::setup("fsn-stress-ring")?
+        .config("collector:\n  ring_buffer_bytes: 65536\n")
+        .start()?;
+    let before = bed.metrics().text()?;
+    let burst = bed.copy("sweep", "burst")?;
     // The collector stuck while 300 new processes send: the 64 KiB ring holds
     // 16 announcements, the rest are lost whatever the scheduling.
-    let frozen = process::FrozenThread::freeze(agent.pid(), "fleetsnitch-col")?;
+    let frozen = process::FrozenThread::freeze(bed.agent.pid(), "fleetsnitch-col")?;
     let sent = run_sweep(
         &burst,
         &["forks", "--peer", "127.0.0.1:9", "--count", "300"],
@@ -153,7 +127,7 @@ fn lost_announcements_are_counted_and_every_byte_is_accounted() -> Result<()> {
         Duration::from_secs(10),
         "lost announcements counted",
         || {
-            let text = agent.metrics().text()?;
+            let text = bed.metrics().text()?;
             lost = total(&text, "fleetsnitch_events_lost_total", None)?
                 - total(&before, "fleetsnitch_events_lost_total", None)?;
             Ok(lost > 0.0)
@@ -165,7 +139,7 @@ fn lost_announcements_are_counted_and_every_byte_is_accounted() -> Result<()> {
     let exe = burst.to_string_lossy().into_owned();
     let mut last = String::new();
     let settled = wait_until(Duration::from_secs(20), "every byte accounted", || {
-        last = agent.metrics().text()?;
+        last = bed.metrics().text()?;
         let attributed = total(&last, "fleetsnitch_bytes_total", Some(("exe", &exe)))?;
         let unresolved = total(
             &last,
@@ -204,23 +178,14 @@ fn rss_kib(pid: u32) -> Result<u64> {
 /// hour of a busy host, compressed into phases of new values).
 #[test]
 fn memory_levels_off_without_a_scraper() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (eBPF)");
-        return Ok(());
-    }
+    require_root!("eBPF");
     const PHASES: u16 = 6;
     const PORTS_PER_PHASE: u16 = 5_000;
-    let dir = TempDir::new("fsn-stress-memory")?;
-    let config = write_config(
-        dir.path(),
-        "journal:\n  write_interval: 500ms\nmetrics:\n  bytes_labels: [remote_port]\n",
-    )?;
-    let mut agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--config.file", config.to_str().unwrap()],
-    )?;
-    let pid = agent.pid();
-    let sweeper = exe_copy(&sweep(), dir.path(), "phases")?;
+    let mut bed = Testbed::setup("fsn-stress-memory")?
+        .config("journal:\n  write_interval: 500ms\nmetrics:\n  bytes_labels: [remote_port]\n")
+        .start()?;
+    let pid = bed.agent.pid();
+    let sweeper = bed.copy("sweep", "phases")?;
     let mut samples = Vec::new();
     for phase in 0..PHASES {
         let first = (1_024 + phase * PORTS_PER_PHASE).to_string();
@@ -244,7 +209,7 @@ fn memory_levels_off_without_a_scraper() -> Result<()> {
         std::thread::sleep(Duration::from_secs(3));
         samples.push(rss_kib(pid)?);
     }
-    agent.check_running()?;
+    bed.agent.check_running()?;
     eprintln!("agent RSS after each phase (KiB): {samples:?}");
     // The first phases size the caches and the allocator; after that, phases
     // of new values must not add memory (a per-value leak of 200 bytes would

@@ -1,15 +1,15 @@
 //! Self-test of the traffic generator (no agent needed): every scenario runs against the
-//! peer services and reports the byte counts its defaults imply. Needs root; skips, and
-//! passes, otherwise.
+//! peer services and reports the byte counts its defaults imply. Needs root; skips
+//! otherwise.
 
 use std::io::Write;
-use std::path::Path;
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use anyhow::Result;
 use fleetsnitch_e2e::scenarios::{SCENARIOS, Scenario};
-use fleetsnitch_e2e::{ClientReport, NetnsPair, PeerServer, is_root, run_client};
+use fleetsnitch_e2e::{ClientReport, NetnsPair, PeerServer, program, require_root, run_client};
 
 /// What a count must be.
 #[derive(Debug, Clone, Copy)]
@@ -65,16 +65,10 @@ fn expected(sc: &Scenario) -> (Check, Check) {
 }
 
 #[test]
-fn every_scenario_reports_what_its_defaults_imply() {
-    if !is_root() {
-        let _ = writeln!(
-            std::io::stderr().lock(),
-            "SKIP trafficgen self-test: needs root (network namespaces, raw sockets)"
-        );
-        return;
-    }
+fn every_scenario_reports_what_its_defaults_imply() -> Result<()> {
+    require_root!("network namespaces, raw sockets");
     let start = Instant::now();
-    let trafficgen = Path::new(env!("CARGO_BIN_EXE_trafficgen"));
+    let trafficgen = &program("trafficgen")?;
     let net = NetnsPair::new().expect("create network namespaces");
     let mut peer = PeerServer::start(&net, trafficgen).expect("start peer");
     let failures = Mutex::new(Vec::new());
@@ -140,4 +134,5 @@ fn every_scenario_reports_what_its_defaults_imply() {
         start.elapsed().as_secs_f64()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
 }

@@ -16,11 +16,12 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, ProcessGuard, TempDir,
+    ProcessGuard, TempDir, Testbed,
     agent::free_port,
-    agent_binary, is_root,
+    agent_binary,
     metrics::http_get,
     process::{file_tail, run_bounded},
+    require_root,
     servers::Prometheus,
     wait_until,
 };
@@ -248,20 +249,16 @@ fn up(prometheus: &Prometheus, job: &str) -> Result<Option<f64>> {
 
 #[test]
 fn prometheus_scrapes_over_tls_with_basic_auth_and_reloads_keep_or_change_settings() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (the agent loads eBPF)");
-        return Ok(());
-    }
-    let dir = TempDir::new("fsn-web")?;
-    let pki = Pki::generate(dir.path())?;
-    let web_config = dir.path().join("web.yml");
+    require_root!("the agent loads eBPF");
+    let setup = Testbed::setup("fsn-web")?;
+    let pki = Pki::generate(setup.dir())?;
+    let web_config = setup.dir().join("web.yml");
     // Empty: plain HTTP, which the harness's health check speaks; TLS arrives by reload.
     fs::write(&web_config, "")?;
-    let mut agent = AgentGuard::start_with_args(
-        &agent_binary()?,
-        &["--web.config.file", web_config.to_str().unwrap()],
-    )?;
-    let addr = agent.addr;
+    let mut bed = setup
+        .args(&["--web.config.file", web_config.to_str().unwrap()])
+        .start()?;
+    let addr = bed.addr();
 
     replace(
         &web_config,
@@ -274,7 +271,7 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_reloads_keep_or_change_settin
         "TLS and basic auth in force",
         || Ok(curl(addr, "https", "/metrics", &args(&good))?.status == 200),
     )
-    .with_context(|| agent.log_tail(20))?;
+    .with_context(|| bed.log_tail(20))?;
 
     // Direct requests: what each failure looks like.
     let answer = curl(addr, "https", "/metrics", &args(&with_ca(&pki)))?;
@@ -358,11 +355,10 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_reloads_keep_or_change_settin
         answer.text
     );
     ensure!(
-        agent
-            .log_tail(40)
+        bed.log_tail(40)
             .contains("web configuration rejected at reload"),
         "the rejection is not logged:\n{}",
-        agent.log_tail(40)
+        bed.log_tail(40)
     );
     // An empty file (what a half-written one looks like) would turn every
     // protection off: refused at reload too.
@@ -417,11 +413,11 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_reloads_keep_or_change_settin
 
     // SIGHUP re-reads the file even when nothing changed.
     let successes = reloads(addr, &pki, NEW_PASSWORD, "success")?;
-    agent.signal(libc::SIGHUP);
+    bed.agent.signal(libc::SIGHUP);
     wait_until(Duration::from_secs(30), "reload on SIGHUP", || {
         Ok(reloads(addr, &pki, NEW_PASSWORD, "success")? > successes)
     })?;
-    agent.check_running()?;
+    bed.agent.check_running()?;
     Ok(())
 }
 
@@ -467,10 +463,7 @@ impl TlsAgent {
 
 #[test]
 fn client_certificates_are_required_and_checked_against_the_ca() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (the agent loads eBPF)");
-        return Ok(());
-    }
+    require_root!("the agent loads eBPF");
     let dir = TempDir::new("fsn-web-mtls")?;
     let pki = Pki::generate(dir.path())?;
     let web_config = dir.path().join("web.yml");
@@ -513,10 +506,7 @@ fn client_certificates_are_required_and_checked_against_the_ca() -> Result<()> {
 
 #[test]
 fn an_invalid_web_config_stops_the_agent_at_start_naming_file_and_key() -> Result<()> {
-    if !is_root() {
-        eprintln!("SKIP: needs root (the agent loads eBPF)");
-        return Ok(());
-    }
+    require_root!("the agent loads eBPF");
     let dir = TempDir::new("fsn-web-bad")?;
     let web_config = dir.path().join("web.yml");
     let cases = [
