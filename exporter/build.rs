@@ -3,14 +3,33 @@
 //! The programs are C because reading kernel structures portably needs CO-RE
 //! relocations (`preserve_access_index`), which only clang emits; aya applies
 //! them at load time from the running kernel's BTF.
+//!
+//! Before compiling, it writes `$OUT_DIR/include/<header>.layout.h` for each
+//! header in `ebpf/bpf/`: `_Static_assert`s of the size and alignment of every
+//! struct shared with the agent, the offset and size of each of its fields and
+//! the value of each shared constant, all taken from the compiled Rust types
+//! (`fleetsnitch_ebpf::SHARED_STRUCTS`, `SHARED_CONSTANTS`). Each header
+//! includes its own, so clang refuses a C layout that differs from the Rust one.
+//! (The build dependency is compiled for the build host; in a cross build the
+//! offsets written in `ebpf/src/lib.rs` are also asserted for the target.)
 
 use std::{
-    env,
+    collections::BTreeSet,
+    env, fs,
     path::{Path, PathBuf},
     process::Command,
 };
 
+use fleetsnitch_ebpf::{
+    SHARED_CONSTANTS, SHARED_STRUCTS,
+    layout::{ConstantLayout, StructLayout},
+};
+
 const SOURCES: &[&str] = &["fleetsnitch.bpf.c", "dns.bpf.c"];
+
+/// Headers in `ebpf/bpf/` that declare the kernel's types, none of them shared
+/// with the agent.
+const KERNEL_HEADERS: &[&str] = &["kernel_types.h"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
@@ -19,11 +38,191 @@ fn main() {
     println!("cargo::rerun-if-changed={}", bpf_dir.display());
     println!("cargo::rerun-if-env-changed=CLANG");
 
+    let layout_dir = out_dir.join("include");
+    if let Err(problem) = write_layout_headers(&bpf_dir, &layout_dir) {
+        panic!("shared layouts (ebpf/src/lib.rs and ebpf/bpf/*.h) disagree: {problem}");
+    }
+
     let clang = find_clang();
     for source in SOURCES {
         let object = out_dir.join(source.replace(".c", ".o"));
-        compile(&clang, &bpf_dir, &bpf_dir.join(source), &object);
+        compile(
+            &clang,
+            &[&bpf_dir, &layout_dir],
+            &bpf_dir.join(source),
+            &object,
+        );
     }
+}
+
+/// Writes one `<stem>.layout.h` per shared header in `bpf_dir`, after checking
+/// that every struct and `FS_` constant the header defines is listed on the
+/// Rust side and that the header includes its layout file.
+fn write_layout_headers(bpf_dir: &Path, layout_dir: &Path) -> Result<(), String> {
+    let headers = shared_headers(bpf_dir)?;
+    for listed in SHARED_STRUCTS
+        .iter()
+        .map(|s| s.header)
+        .chain(SHARED_CONSTANTS.iter().map(|c| c.header))
+    {
+        if !headers.iter().any(|(name, _)| name == listed) {
+            return Err(format!(
+                "ebpf/src/lib.rs names the header {listed}, which is not in ebpf/bpf/"
+            ));
+        }
+    }
+    fs::create_dir_all(layout_dir)
+        .map_err(|err| format!("creating {}: {err}", layout_dir.display()))?;
+    for (name, text) in &headers {
+        let structs: Vec<&StructLayout> =
+            SHARED_STRUCTS.iter().filter(|s| s.header == name).collect();
+        let constants: Vec<&ConstantLayout> = SHARED_CONSTANTS
+            .iter()
+            .filter(|c| c.header == name)
+            .collect();
+        check_header_is_listed(name, text, &structs, &constants)?;
+        let layout_name = layout_header_name(name);
+        let path = layout_dir.join(&layout_name);
+        fs::write(&path, layout_header(name, &structs, &constants))
+            .map_err(|err| format!("writing {}: {err}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Every `*.h` in `bpf_dir` but the kernel's, with its text, sorted by name.
+fn shared_headers(bpf_dir: &Path) -> Result<Vec<(String, String)>, String> {
+    let entries =
+        fs::read_dir(bpf_dir).map_err(|err| format!("reading {}: {err}", bpf_dir.display()))?;
+    let mut headers = Vec::new();
+    for entry in entries {
+        let path = entry
+            .map_err(|err| format!("reading {}: {err}", bpf_dir.display()))?
+            .path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if !name.ends_with(".h") || KERNEL_HEADERS.contains(&name) {
+            continue;
+        }
+        let text = fs::read_to_string(&path)
+            .map_err(|err| format!("reading {}: {err}", path.display()))?;
+        headers.push((name.to_owned(), text));
+    }
+    headers.sort();
+    Ok(headers)
+}
+
+fn layout_header_name(header: &str) -> String {
+    format!("{}.layout.h", header.trim_end_matches(".h"))
+}
+
+/// Fails when `header` defines a struct or an `FS_` constant that
+/// `ebpf/src/lib.rs` does not list for it, or does not include its layout file.
+fn check_header_is_listed(
+    header: &str,
+    text: &str,
+    structs: &[&StructLayout],
+    constants: &[&ConstantLayout],
+) -> Result<(), String> {
+    let mut c_structs = BTreeSet::new();
+    let mut c_constants = BTreeSet::new();
+    for line in text.lines() {
+        let line = line.trim();
+        // A definition (`struct name {`), not a use (`struct name member;`).
+        if let Some(rest) = line.strip_prefix("struct ")
+            && let Some(tag) = rest.strip_suffix('{')
+        {
+            c_structs.insert(tag.trim().to_owned());
+        }
+        // `#define FS_NAME value`; `FS_NAME = value,` inside an enum.
+        let name = line
+            .strip_prefix("#define ")
+            .map(str::trim_start)
+            .unwrap_or(line);
+        if name.starts_with("FS_") {
+            let end = name
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(name.len());
+            c_constants.insert(name[..end].to_owned());
+        }
+    }
+    for tag in &c_structs {
+        if !structs.iter().any(|s| s.c_name == tag) {
+            return Err(format!(
+                "struct {tag} in ebpf/bpf/{header} has no twin in SHARED_STRUCTS (ebpf/src/lib.rs)"
+            ));
+        }
+    }
+    for name in &c_constants {
+        if !constants.iter().any(|c| c.c_name == name) {
+            return Err(format!(
+                "{name} in ebpf/bpf/{header} has no twin in SHARED_CONSTANTS (ebpf/src/lib.rs)"
+            ));
+        }
+    }
+    let include = format!("#include \"{}\"", layout_header_name(header));
+    let listed = !structs.is_empty() || !constants.is_empty();
+    if listed && !text.lines().any(|line| line.trim() == include) {
+        return Err(format!(
+            "ebpf/bpf/{header} shares types with the agent but lacks `{include}` \
+             after its definitions"
+        ));
+    }
+    Ok(())
+}
+
+/// The text of `<stem>.layout.h`: one `_Static_assert` per number the two
+/// sides must agree on, each message naming the struct and field.
+fn layout_header(header: &str, structs: &[&StructLayout], constants: &[&ConstantLayout]) -> String {
+    let guard = format!(
+        "FLEETSNITCH_LAYOUT_{}",
+        header.trim_end_matches(".h").to_uppercase()
+    );
+    let mut lines = vec![
+        "/* Generated by exporter/build.rs from SHARED_STRUCTS and SHARED_CONSTANTS in".to_owned(),
+        format!(" * ebpf/src/lib.rs: the layout ebpf/bpf/{header} must have. Do not edit. */"),
+        format!("#ifndef {guard}"),
+        format!("#define {guard}"),
+    ];
+    for s in structs {
+        let (c, rust, size, align) = (s.c_name, s.rust_name, s.size, s.align);
+        lines.push(String::new());
+        lines.push(format!(
+            "_Static_assert(sizeof(struct {c}) == {size}, \
+             \"struct {c}: size is not {size}, the size of {rust} in ebpf/src/lib.rs\");"
+        ));
+        lines.push(format!(
+            "_Static_assert(_Alignof(struct {c}) == {align}, \
+             \"struct {c}: alignment is not {align}, that of {rust} in ebpf/src/lib.rs\");"
+        ));
+        for f in s.fields {
+            let (name, offset, size) = (f.name, f.offset, f.size);
+            lines.push(format!(
+                "_Static_assert(__builtin_offsetof(struct {c}, {name}) == {offset}, \
+                 \"struct {c}: field {name} is not at offset {offset}, \
+                 where {rust}::{name} is in ebpf/src/lib.rs\");"
+            ));
+            lines.push(format!(
+                "_Static_assert(sizeof(((struct {c} *)0)->{name}) == {size}, \
+                 \"struct {c}: field {name} is not of size {size}, \
+                 the size of {rust}::{name} in ebpf/src/lib.rs\");"
+            ));
+        }
+    }
+    if !constants.is_empty() {
+        lines.push(String::new());
+    }
+    for k in constants {
+        let (name, rust, value) = (k.c_name, k.rust_name, k.value);
+        lines.push(format!(
+            "_Static_assert({name} == {value}, \
+             \"{name} is not {value}, the value of {rust} in ebpf/src/lib.rs\");"
+        ));
+    }
+    lines.push(String::new());
+    lines.push("#endif".to_owned());
+    lines.push(String::new());
+    lines.join("\n")
 }
 
 /// `$CLANG`, else the first of the clang versions known to emit good BTF.
@@ -66,14 +265,15 @@ fn kernel_arch() -> &'static str {
     }
 }
 
-fn compile(clang: &str, include_dir: &Path, source: &Path, object: &Path) {
+fn compile(clang: &str, include_dirs: &[&Path], source: &Path, object: &Path) {
     let mut command = Command::new(clang);
     command
         .args(["-g", "-O2", "-target", "bpf"])
         .arg(format!("-D__TARGET_ARCH_{}", kernel_arch()))
-        .args(["-Wall", "-Werror", "-mcpu=v3"])
-        .arg("-I")
-        .arg(include_dir);
+        .args(["-Wall", "-Werror", "-mcpu=v3"]);
+    for dir in include_dirs {
+        command.arg("-I").arg(dir);
+    }
     if let Some(dir) = multiarch_include() {
         command.arg("-idirafter").arg(dir);
     }

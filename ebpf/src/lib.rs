@@ -1,11 +1,18 @@
 //! Types shared between fleetsnitch's kernel programs (`bpf/*.bpf.c`) and the agent.
 //!
-//! Each struct mirrors one in `bpf/fleetsnitch.h`. Both sides assert the same
-//! sizes and offsets at compile time, so the two definitions cannot drift apart
-//! silently. The object file itself is compiled by the agent's build script.
+//! Each struct mirrors one in `bpf/fleetsnitch.h` or `bpf/dns.h`. Their layouts
+//! and the constants both sides use are listed once, in [`SHARED_STRUCTS`] and
+//! [`SHARED_CONSTANTS`]: this crate asserts the offset of every field, and the
+//! agent's build script turns the same lists into the `_Static_assert`s the C
+//! headers include (see [`layout`]), so a change made to one side only fails
+//! the build instead of corrupting data. The object files themselves are
+//! compiled by the agent's build script.
 #![no_std]
 
-use core::mem::{offset_of, size_of};
+#[macro_use]
+pub mod layout;
+
+use layout::{ConstantLayout, StructLayout};
 
 /// Length of a task's `comm`, NUL included.
 pub const COMM_LEN: usize = 16;
@@ -172,16 +179,121 @@ pub struct DnsEvent {
     pub payload: [u8; DNS_PAYLOAD],
 }
 
-const _: () = assert!(size_of::<DnsEvent>() == 40 + DNS_PAYLOAD);
+/// Every struct shared with the C programs: field offsets, in order, padding
+/// included. Adding a field means adding it here, in C and in Rust.
+pub const SHARED_STRUCTS: &[StructLayout] = &[
+    shared_struct!("fleetsnitch.h", fs_config = Config, size 8 {
+        generation @ 0,
+        _pad @ 4,
+    }),
+    shared_struct!("fleetsnitch.h", fs_traffic_key = TrafficKey, size 48 {
+        tgid @ 0,
+        generation @ 4,
+        exe_ino @ 8,
+        exe_dev @ 16,
+        family @ 20,
+        protocol @ 22,
+        local_port @ 24,
+        remote_port @ 26,
+        _pad @ 28,
+        remote_addr @ 32,
+    }),
+    shared_struct!("fleetsnitch.h", fs_traffic_value = TrafficValue, size 40 {
+        bytes @ 0,
+        sock_type @ 16,
+        _pad @ 18,
+        local_addr @ 24,
+    }),
+    shared_struct!("fleetsnitch.h", fs_identity_event = IdentityEvent, size 4176 {
+        kind @ 0,
+        tgid @ 4,
+        ppid @ 8,
+        uid @ 12,
+        start_time_ns @ 16,
+        exe_ino @ 24,
+        exe_dev @ 32,
+        flags @ 36,
+        parent_exe_ino @ 40,
+        parent_exe_dev @ 48,
+        depth @ 52,
+        comm @ 56,
+        cgroup_id @ 72,
+        names @ 80,
+    }),
+    shared_struct!("fleetsnitch.h", fs_exec_event = ExecEvent, size 5208 {
+        identity @ 0,
+        args_len @ 4176,
+        args_flags @ 4180,
+        args @ 4184,
+    }),
+    shared_struct!("fleetsnitch.h", fs_exit_event = ExitEvent, size 16 {
+        kind @ 0,
+        tgid @ 4,
+        start_time_ns @ 8,
+    }),
+    shared_struct!("dns.h", fs_dns_event = DnsEvent, size 1064 {
+        tgid @ 0,
+        family @ 4,
+        protocol @ 6,
+        _pad @ 7,
+        local_port @ 8,
+        captured @ 10,
+        payload_len @ 12,
+        socket_cookie @ 16,
+        server_addr @ 24,
+        payload @ 40,
+    }),
+];
 
-// The same numbers as the _Static_asserts in bpf/fleetsnitch.h.
-const _: () = assert!(size_of::<Config>() == 8);
-const _: () = assert!(size_of::<TrafficKey>() == 48);
-const _: () = assert!(size_of::<TrafficValue>() == 40);
-const _: () = assert!(size_of::<IdentityEvent>() == 80 + PATH_DEPTH * NAME_LEN);
-const _: () = assert!(offset_of!(IdentityEvent, names) == 80);
-const _: () = assert!(size_of::<ExitEvent>() == 16);
-const _: () = assert!(size_of::<ExecEvent>() == 80 + PATH_DEPTH * NAME_LEN + 8 + ARGS_LEN);
+/// Every constant the C programs and the agent must agree on.
+pub const SHARED_CONSTANTS: &[ConstantLayout] = &[
+    shared_constant!("fleetsnitch.h", FS_COMM_LEN = COMM_LEN),
+    shared_constant!("fleetsnitch.h", FS_PATH_DEPTH = PATH_DEPTH),
+    shared_constant!("fleetsnitch.h", FS_NAME_LEN = NAME_LEN),
+    shared_constant!("fleetsnitch.h", FS_DIR_SENT = DIR_SENT),
+    shared_constant!("fleetsnitch.h", FS_DIR_RECEIVED = DIR_RECEIVED),
+    shared_constant!(
+        "fleetsnitch.h",
+        FS_STAT_TRAFFIC_MAP_FULL = Stat::TrafficMapFull
+    ),
+    shared_constant!(
+        "fleetsnitch.h",
+        FS_STAT_UNATTRIBUTED_SENT_BYTES = Stat::UnattributedSentBytes
+    ),
+    shared_constant!(
+        "fleetsnitch.h",
+        FS_STAT_UNATTRIBUTED_RECEIVED_BYTES = Stat::UnattributedReceivedBytes
+    ),
+    shared_constant!("fleetsnitch.h", FS_STAT_EVENTS_LOST = Stat::EventsLost),
+    shared_constant!(
+        "fleetsnitch.h",
+        FS_STAT_ANNOUNCED_MAP_FULL = Stat::AnnouncedMapFull
+    ),
+    shared_constant!(
+        "fleetsnitch.h",
+        FS_STAT_SPLICE_MAP_FULL = Stat::SpliceMapFull
+    ),
+    shared_constant!(
+        "fleetsnitch.h",
+        FS_STAT_EXEC_EVENTS_LOST = Stat::ExecEventsLost
+    ),
+    shared_constant!("fleetsnitch.h", FS_STAT_COUNT = Stat::ALL.len()),
+    shared_constant!("fleetsnitch.h", FS_EVENT_IDENTITY = EVENT_IDENTITY),
+    shared_constant!("fleetsnitch.h", FS_EVENT_EXIT = EVENT_EXIT),
+    shared_constant!("fleetsnitch.h", FS_EVENT_EXEC = EVENT_EXEC),
+    shared_constant!(
+        "fleetsnitch.h",
+        FS_IDENTITY_PATH_TRUNCATED = IDENTITY_PATH_TRUNCATED
+    ),
+    shared_constant!("fleetsnitch.h", FS_IDENTITY_NO_EXE = IDENTITY_NO_EXE),
+    shared_constant!("fleetsnitch.h", FS_ARGS_LEN = ARGS_LEN),
+    shared_constant!(
+        "fleetsnitch.h",
+        FS_EXEC_ARGS_TRUNCATED = EXEC_ARGS_TRUNCATED
+    ),
+    shared_constant!("fleetsnitch.h", FS_EXEC_ARGS_UNREAD = EXEC_ARGS_UNREAD),
+    shared_constant!("dns.h", FS_DNS_PAYLOAD = DNS_PAYLOAD),
+];
 
 #[cfg(feature = "user")]
 mod pod {
