@@ -26,11 +26,6 @@ const C: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee0
 const UID: &str = "5f1a8e4b-2c3d-4e5f-8a9b-0c1d2e3f4a5b";
 const UID_: &str = "5f1a8e4b_2c3d_4e5f_8a9b_0c1d2e3f4a5b";
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// Cgroups, processes and a mount made by one test, undone on drop: the
 /// processes are killed and reaped first, then the cgroups removed deepest
 /// first, then the mount.
@@ -236,14 +231,10 @@ fn v2_cases() -> Vec<Case> {
 }
 
 #[test]
-fn cgroup_v2_paths_name_the_container() {
-    if !is_root() {
-        eprintln!("skipped: creating cgroups needs root");
-        return;
-    }
+fn cgroup_v2_paths_name_the_container() -> anyhow::Result<()> {
+    fleetsnitch_e2e::require_root!("creating cgroups");
     let Some(mount) = cgroup2_mount() else {
-        eprintln!("skipped: no cgroup v2 hierarchy is mounted");
-        return;
+        fleetsnitch_e2e::skip_test!("no cgroup v2 hierarchy is mounted");
     };
     let top = format!("fsn-test-{}.slice", std::process::id());
     let mut guard = Guard::new();
@@ -265,24 +256,21 @@ fn cgroup_v2_paths_name_the_container() {
         let id = cgroup_id(&mount, &format!("/{relative}")).expect("cgroup id");
         assert_ne!(id, 0);
     }
+    Ok(())
 }
 
 #[test]
-fn cgroup_v1_named_hierarchy_paths_name_the_container() {
-    if !is_root() {
-        eprintln!("skipped: mounting a cgroup v1 hierarchy needs root");
-        return;
-    }
+fn cgroup_v1_named_hierarchy_paths_name_the_container() -> anyhow::Result<()> {
+    fleetsnitch_e2e::require_root!("mounting a cgroup v1 hierarchy");
     let name = format!("fsntest{}", std::process::id());
     let mount = std::env::temp_dir().join(format!("fsn-cgroup-v1-{}", std::process::id()));
     let mut guard = Guard::new();
     fs::create_dir_all(&mount).expect("create the mount point");
     if !mount_named(&name, &mount) {
         let _ = fs::remove_dir(&mount);
-        eprintln!(
-            "skipped: this kernel refuses a named cgroup v1 hierarchy (CONFIG_CGROUP_V1 off?)"
+        fleetsnitch_e2e::skip_test!(
+            "this kernel refuses a named cgroup v1 hierarchy (CONFIG_CGROUP_V1 off?)"
         );
-        return;
     }
     guard.mount = Some((mount.clone(), name.clone()));
 
@@ -323,4 +311,5 @@ fn cgroup_v1_named_hierarchy_paths_name_the_container() {
         assert_eq!(path, format!("/{}", case.path));
         assert_eq!(container_of(&path), case.expected, "cgroup {path}");
     }
+    Ok(())
 }
