@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzzes the agent's DNS response parser (exporter/src/dns/) with cargo-fuzz
+# Fuzzes the agent's DNS response parser (exporter/src/enrichment/dns/) with cargo-fuzz
 # and libFuzzer for a bounded time, starting from the real dnsmasq responses
 # in exporter/fuzz/seeds/.
 #

@@ -137,16 +137,10 @@ impl HashJob {
     /// `process` seen running `path` at `seen_at`, on the network.
     pub fn of(process: &Process, path: String, seen_at: i64) -> Self {
         Self {
-            exe: process.exe,
-            tgid: process.tgid,
-            path,
             name: process.comm.clone(),
             uid: process.uid,
             parent_path: process.parent_path.clone(),
-            seen_at,
-            file: None,
-            used_network: true,
-            command_line: None,
+            ..Self::unannounced(process.exe, process.tgid, path, seen_at)
         }
     }
 

@@ -14,7 +14,9 @@ use std::{
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::schema::{self, SchemaError};
-use crate::model::{Event, EventKind, ExecutableSighting, FlowRecord, FlowTotals, Sha256};
+use crate::model::{
+    Event, EventKind, ExecutableSighting, FlowRecord, FlowTotals, Peer, Program, Sha256,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -257,8 +259,25 @@ impl Store {
                 // not store (user and process names, container, pod, GeoIP)
                 // reaches OTLP and the connection log.
                 let FlowRecord {
-                    program,
-                    peer,
+                    program:
+                        Program {
+                            exe,
+                            sha256,
+                            parent,
+                            uid,
+                            user_name: _,
+                            comm: _,
+                        },
+                    peer:
+                        Peer {
+                            transport,
+                            local_port,
+                            remote_address,
+                            remote_port,
+                            domain,
+                            country: _,
+                            asn: _,
+                        },
                     workload: _,
                     bytes: _,
                 } = flow;
@@ -266,15 +285,15 @@ impl Store {
                     .execute(params![
                         window_start,
                         window_seconds,
-                        program.exe,
-                        program.sha256.as_ref().map_or("", Sha256::as_str),
-                        program.parent,
-                        program.uid,
-                        peer.transport,
-                        peer.local_port,
-                        peer.remote_address.map(|address| address.to_string()),
-                        peer.remote_port,
-                        peer.domain,
+                        exe,
+                        sha256.as_ref().map_or("", Sha256::as_str),
+                        parent,
+                        uid,
+                        transport,
+                        local_port,
+                        remote_address.map(|address| address.to_string()),
+                        remote_port,
+                        domain,
                         bytes.sent as i64,
                         bytes.received as i64,
                     ])
