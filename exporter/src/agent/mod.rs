@@ -260,7 +260,9 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     if collector_thread.join().is_err() {
         tracing::error!("the collector thread panicked");
     }
-    // The collector's last drain is queued: the sinks deliver it and stop.
+    // The collector's last drain is queued, and its hasher finished the
+    // sightings it was given (dropping it waits for that): the sinks deliver
+    // everything and stop.
     fanout.stop();
     // Dropping the object detaches every link and unloads every program.
     drop(ebpf);

@@ -238,13 +238,17 @@ impl Shared {
 
 /// Handle to the hashing worker thread.
 pub struct Hasher {
-    jobs: mpsc::Sender<HashJob>,
+    /// `None` once dropping: the worker finishes the queue, then stops.
+    jobs: Option<mpsc::Sender<HashJob>>,
     index: HashIndex,
     shared: Arc<Shared>,
+    worker: Option<thread::JoinHandle<()>>,
 }
 
 impl Hasher {
-    /// Starts the worker; it exits when the `Hasher` is dropped.
+    /// Starts the worker. Dropping the `Hasher` waits for it to hash what is
+    /// queued and hand those sightings on: at shutdown, the sinks then get
+    /// every sighting before they stop.
     /// Sightings go to `outbox` (none: only the index and the metrics are kept).
     pub fn spawn(metrics: HashMetrics, outbox: Option<Outbox>) -> io::Result<Self> {
         let (jobs, queue) = mpsc::channel::<HashJob>();
@@ -255,16 +259,17 @@ impl Hasher {
         // fanotify_init needs CAP_SYS_ADMIN, which is dropped once start-up ends:
         // initialised here, before the worker thread could run late.
         let watch = ModificationWatch::new();
-        thread::Builder::new()
+        let worker = thread::Builder::new()
             .name("fleetsnitch-hash".into())
             .spawn(move || {
                 let mut worker = Worker::new(metrics, outbox, worker_index, worker_shared, watch);
                 worker.serve(queue);
             })?;
         Ok(Self {
-            jobs,
+            jobs: Some(jobs),
             index,
             shared,
+            worker: Some(worker),
         })
     }
 
@@ -276,7 +281,9 @@ impl Hasher {
     /// Queues `job`; never blocks.
     pub fn request(&self, job: HashJob) {
         // The worker only stops when the agent shuts down.
-        let _ = self.jobs.send(job);
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(job);
+        }
     }
 
     /// A handle that holds files for this hasher from another thread.
@@ -300,6 +307,17 @@ impl Hasher {
     /// Descriptors held open for hashing now.
     pub fn held_files(&self) -> usize {
         self.shared.held.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Hasher {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(worker) = self.worker.take()
+            && worker.join().is_err()
+        {
+            tracing::error!("the hashing thread panicked");
+        }
     }
 }
 
