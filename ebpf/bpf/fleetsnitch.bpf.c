@@ -59,12 +59,19 @@ struct {
 	__type(value, struct fs_traffic_value);
 } traffic SEC(".maps");
 
-/* tgid -> executable inode last announced for it. */
+/* An executable file, as the traffic key names it. */
+struct exe_file {
+	__u64 ino;
+	__u32 dev;
+	__u32 inode_generation;
+};
+
+/* tgid -> executable file last announced for it. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 32768);
 	__type(key, __u32);
-	__type(value, __u64);
+	__type(value, struct exe_file);
 } announced SEC(".maps");
 
 /* Thread id -> fd_in of a splice in progress. */
@@ -144,12 +151,19 @@ static __always_inline struct file *hot_task_exe_file(struct task_struct *task, 
 	return HOT_READ(btf, mm, exe_file);
 }
 
-static __always_inline void hot_file_identity(struct file *file, __u64 *ino, __u32 *dev, bool btf)
+/*
+ * A file's identity: device, inode number and the inode's generation. The
+ * number alone is reused for the next file created once the inode is freed;
+ * the generation is drawn anew for each inode (0 on file systems that set
+ * none, where the agent names traffic by its process instead).
+ */
+static __always_inline void hot_file_identity(struct file *file, __u64 *ino, __u32 *dev, __u32 *gen, bool btf)
 {
 	struct inode *inode;
 
 	*ino = 0;
 	*dev = 0;
+	*gen = 0;
 	if (!file)
 		return;
 	inode = HOT_READ(btf, file, f_inode);
@@ -157,6 +171,7 @@ static __always_inline void hot_file_identity(struct file *file, __u64 *ino, __u
 		return;
 	*ino = HOT_READ(btf, inode, i_ino);
 	*dev = HOT_READ(btf, inode, i_sb, s_dev);
+	*gen = HOT_READ(btf, inode, i_generation);
 }
 
 static __always_inline struct file *task_exe_file(struct task_struct *task)
@@ -168,19 +183,9 @@ static __always_inline struct file *task_exe_file(struct task_struct *task)
 	return BPF_CORE_READ(mm, exe_file);
 }
 
-static __always_inline void file_identity(struct file *file, __u64 *ino, __u32 *dev)
+static __always_inline void file_identity(struct file *file, __u64 *ino, __u32 *dev, __u32 *gen)
 {
-	struct inode *inode;
-
-	*ino = 0;
-	*dev = 0;
-	if (!file)
-		return;
-	inode = BPF_CORE_READ(file, f_inode);
-	if (!inode)
-		return;
-	*ino = BPF_CORE_READ(inode, i_ino);
-	*dev = BPF_CORE_READ(inode, i_sb, s_dev);
+	hot_file_identity(file, ino, dev, gen, false);
 }
 
 /*
@@ -227,14 +232,15 @@ static __always_inline void fill_path(struct fs_identity_event *event, struct fi
 
 /* Everything an identity event says about `task` and its executable. */
 static __always_inline void fill_identity(struct fs_identity_event *event, __u32 kind, struct task_struct *task,
-					  __u32 tgid, __u64 exe_ino, __u32 exe_dev, struct file *exe)
+					  __u32 tgid, const struct exe_file *id, struct file *exe)
 {
 	event->kind = kind;
 	event->tgid = tgid;
 	event->uid = BPF_CORE_READ(task, cred, uid.val);
 	event->start_time_ns = BPF_CORE_READ(task, start_time);
-	event->exe_ino = exe_ino;
-	event->exe_dev = exe_dev;
+	event->exe_ino = id->ino;
+	event->exe_dev = id->dev;
+	event->exe_inode_generation = id->inode_generation;
 	event->flags = 0;
 	event->depth = 0;
 	bpf_probe_read_kernel_str(event->comm, sizeof(event->comm), task->comm);
@@ -245,7 +251,8 @@ static __always_inline void fill_identity(struct fs_identity_event *event, __u32
 	/* Read now: a short-lived process's /proc/<pid>/cgroup is gone by the
 	 * time the agent could look. */
 	event->cgroup_id = bpf_get_current_cgroup_id();
-	file_identity(task_exe_file(parent), &event->parent_exe_ino, &event->parent_exe_dev);
+	file_identity(task_exe_file(parent), &event->parent_exe_ino, &event->parent_exe_dev,
+		      &event->parent_exe_inode_generation);
 
 	if (exe)
 		fill_path(event, exe);
@@ -253,13 +260,18 @@ static __always_inline void fill_identity(struct fs_identity_event *event, __u32
 		event->flags |= FS_IDENTITY_NO_EXE;
 }
 
-/* Announce `task`'s identity once per (process, executable). */
-static __always_inline void announce(struct task_struct *task, __u32 tgid, __u64 exe_ino, __u32 exe_dev,
+/* Announce `task`'s identity once per (process, executable file). */
+static __always_inline void announce(struct task_struct *task, __u32 tgid, const struct fs_traffic_key *key,
 				     struct file *exe)
 {
-	__u64 *seen = bpf_map_lookup_elem(&announced, &tgid);
+	struct exe_file id = {
+		.ino = key->exe_ino,
+		.dev = key->exe_dev,
+		.inode_generation = key->exe_inode_generation,
+	};
+	struct exe_file *seen = bpf_map_lookup_elem(&announced, &tgid);
 
-	if (seen && *seen == exe_ino)
+	if (seen && seen->ino == id.ino && seen->dev == id.dev && seen->inode_generation == id.inode_generation)
 		return;
 
 	struct fs_identity_event *event = bpf_ringbuf_reserve(&events, sizeof(*event), 0);
@@ -269,10 +281,10 @@ static __always_inline void announce(struct task_struct *task, __u32 tgid, __u64
 		stat_add(FS_STAT_EVENTS_LOST, 1);
 		return;
 	}
-	fill_identity(event, FS_EVENT_IDENTITY, task, tgid, exe_ino, exe_dev, exe);
+	fill_identity(event, FS_EVENT_IDENTITY, task, tgid, &id, exe);
 	bpf_ringbuf_submit(event, 0);
 
-	if (bpf_map_update_elem(&announced, &tgid, &exe_ino, BPF_ANY) != 0)
+	if (bpf_map_update_elem(&announced, &tgid, &id, BPF_ANY) != 0)
 		stat_add(FS_STAT_ANNOUNCED_MAP_FULL, 1);
 }
 
@@ -337,7 +349,7 @@ static __always_inline void account_with(struct sock *sk, long ret, __u32 direct
 		.generation = cfg->generation,
 	};
 
-	hot_file_identity(exe, &key.exe_ino, &key.exe_dev, btf);
+	hot_file_identity(exe, &key.exe_ino, &key.exe_dev, &key.exe_inode_generation, btf);
 	fill_flow(&key, sk, family, btf);
 
 	struct fs_traffic_value *value = bpf_map_lookup_elem(&traffic, &key);
@@ -346,7 +358,7 @@ static __always_inline void account_with(struct sock *sk, long ret, __u32 direct
 		/* The flow's first bytes since the last drain: a process is
 		 * announced before any of its flows exists, so a known key needs
 		 * no announcement check. */
-		announce(task, tgid, key.exe_ino, key.exe_dev, exe);
+		announce(task, tgid, &key, exe);
 
 		struct fs_traffic_value fresh = {};
 		long err;
@@ -705,10 +717,9 @@ static __always_inline void report_exec(void)
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct file *exe = task_exe_file(task);
-	__u64 exe_ino;
-	__u32 exe_dev;
+	struct exe_file id;
 
-	file_identity(exe, &exe_ino, &exe_dev);
+	file_identity(exe, &id.ino, &id.dev, &id.inode_generation);
 
 	struct fs_exec_event *event = bpf_ringbuf_reserve(&exec_events, sizeof(*event), 0);
 
@@ -716,7 +727,7 @@ static __always_inline void report_exec(void)
 		stat_add(FS_STAT_EXEC_EVENTS_LOST, 1);
 		return;
 	}
-	fill_identity(&event->identity, FS_EVENT_EXEC, task, tgid, exe_ino, exe_dev, exe);
+	fill_identity(&event->identity, FS_EVENT_EXEC, task, tgid, &id, exe);
 	event->args_len = 0;
 	event->args_flags = 0;
 	if (record_command_lines)

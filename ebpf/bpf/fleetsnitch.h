@@ -50,6 +50,11 @@ struct fs_config {
  * the socket's addressing, not its kernel address: sockets are freed and
  * their memory reused by the next connection within microseconds, and a key
  * on the address would merge thousands of short connections into one.
+ *
+ * The executable is its file: device, inode number and the inode's
+ * generation. A deleted file's inode number is soon given to a new file
+ * (ext4 does at once); the generation (i_generation, drawn anew for each
+ * inode by ext4, xfs, btrfs, tmpfs, f2fs) tells the two apart.
  */
 struct fs_traffic_key {
 	__u32 tgid;
@@ -63,7 +68,8 @@ struct fs_traffic_key {
 	__u16 local_port;
 	/* Network byte order, as the kernel keeps it. */
 	__u16 remote_port;
-	__u32 _pad;
+	/* i_generation of the executable's inode; 0 where the file system sets none. */
+	__u32 exe_inode_generation;
 	/* IPv4 addresses fill the first four bytes; all zero when not connected. */
 	__u8 remote_addr[16];
 };
@@ -103,6 +109,9 @@ struct fs_identity_event {
 	char comm[FS_COMM_LEN];
 	/* cgroup v2 id (the cgroup directory's inode) the process runs in. */
 	__u64 cgroup_id;
+	/* i_generation of the executable's and of the parent's executable's inode. */
+	__u32 exe_inode_generation;
+	__u32 parent_exe_inode_generation;
 	char names[FS_PATH_DEPTH][FS_NAME_LEN];
 };
 

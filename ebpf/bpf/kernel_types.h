@@ -67,6 +67,7 @@ struct inode {
 	umode_t i_mode;
 	unsigned long i_ino;
 	struct super_block *i_sb;
+	__u32 i_generation;
 };
 
 struct dentry {

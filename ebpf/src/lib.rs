@@ -75,7 +75,9 @@ pub struct TrafficKey {
     pub local_port: u16,
     /// Network byte order, as the kernel keeps it.
     pub remote_port: u16,
-    pub _pad: u32,
+    /// `i_generation` of the executable's inode: a new file at a freed inode
+    /// number has another one (0 where the file system sets none).
+    pub exe_inode_generation: u32,
     /// IPv4 addresses fill the first four bytes; all zero when not connected.
     pub remote_addr: [u8; 16],
 }
@@ -123,6 +125,10 @@ pub struct IdentityEvent {
     pub comm: [u8; COMM_LEN],
     /// cgroup v2 id (the cgroup directory's inode) the process runs in.
     pub cgroup_id: u64,
+    /// `i_generation` of the executable's inode.
+    pub exe_inode_generation: u32,
+    /// `i_generation` of the parent's executable's inode.
+    pub parent_exe_inode_generation: u32,
     pub names: [[u8; NAME_LEN]; PATH_DEPTH],
 }
 
@@ -195,7 +201,7 @@ pub const SHARED_STRUCTS: &[StructLayout] = &[
         protocol @ 22,
         local_port @ 24,
         remote_port @ 26,
-        _pad @ 28,
+        exe_inode_generation @ 28,
         remote_addr @ 32,
     }),
     shared_struct!("fleetsnitch.h", fs_traffic_value = TrafficValue, size 40 {
@@ -204,7 +210,7 @@ pub const SHARED_STRUCTS: &[StructLayout] = &[
         _pad @ 18,
         local_addr @ 24,
     }),
-    shared_struct!("fleetsnitch.h", fs_identity_event = IdentityEvent, size 4176 {
+    shared_struct!("fleetsnitch.h", fs_identity_event = IdentityEvent, size 4184 {
         kind @ 0,
         tgid @ 4,
         ppid @ 8,
@@ -218,13 +224,15 @@ pub const SHARED_STRUCTS: &[StructLayout] = &[
         depth @ 52,
         comm @ 56,
         cgroup_id @ 72,
-        names @ 80,
+        exe_inode_generation @ 80,
+        parent_exe_inode_generation @ 84,
+        names @ 88,
     }),
-    shared_struct!("fleetsnitch.h", fs_exec_event = ExecEvent, size 5208 {
+    shared_struct!("fleetsnitch.h", fs_exec_event = ExecEvent, size 5216 {
         identity @ 0,
-        args_len @ 4176,
-        args_flags @ 4180,
-        args @ 4184,
+        args_len @ 4184,
+        args_flags @ 4188,
+        args @ 4192,
     }),
     shared_struct!("fleetsnitch.h", fs_exit_event = ExitEvent, size 16 {
         kind @ 0,

@@ -11,7 +11,7 @@ use std::{
 };
 
 use fleetsnitch::{
-    model::{Bytes, Event, EventKind, FlowRecord, Peer, Program, Sha256, Window, Workload},
+    model::{Bytes, Event, EventKind, ExeKey, FlowRecord, Peer, Program, Sha256, Window, Workload},
     sinks::connection_log::{ConnectionLog, ConnectionLogConfig, rotated},
 };
 use serde_json::Value;
@@ -72,6 +72,12 @@ fn writes_one_json_line_per_record() {
     let odd = FlowRecord {
         program: Program {
             exe: "/opt/we\"ird\n\\path/é".into(),
+            // The file is the fan-out's business, never written.
+            file: Some(ExeKey {
+                dev: 8,
+                ino: 12,
+                generation: 3,
+            }),
             sha256: None,
             parent: Some("/bin/sh".into()),
             uid: Some(0),
@@ -137,6 +143,7 @@ fn writes_one_json_line_per_record() {
     assert_eq!(odd["exe"], "/opt/we\"ird\n\\path/é");
     assert_eq!(odd["exe_name"], "é");
     assert!(odd.get("sha256").is_none());
+    assert!(odd.get("file").is_none(), "the file is not written: {odd}");
     assert_eq!(odd["bytes_sent"], u64::MAX);
     assert_eq!(odd["network_type"], "ipv6");
     assert_eq!(odd["user"], "root");

@@ -109,6 +109,7 @@ fn delivers_records_with_their_attributes(protocol: OtlpProtocol) {
     let ipv6 = FlowRecord {
         program: Program {
             exe: "/usr/sbin/ntpd".into(),
+            file: None,
             sha256: None,
             parent: None,
             uid: Some(0),

@@ -18,7 +18,7 @@ use axum::{
 };
 use fleetsnitch::{
     config::VirusTotalConfig,
-    model::Sha256,
+    model::{Activity, Sha256},
     sinks::virustotal::{self, Check, VirusTotalMetrics},
     telemetry,
 };
@@ -145,11 +145,16 @@ fn config(base_url: String, upload_unknown: bool) -> VirusTotalConfig {
     }
 }
 
+/// The clock verdicts expire by: a day, as by default.
+fn activity() -> Activity {
+    Activity::new(Duration::from_secs(86_400))
+}
+
 #[tokio::test]
 async fn verdicts_rate_limits_and_bad_answers_are_handled_and_counted() {
     let (base_url, server) = start_server().await;
     let (registry, metrics) = metrics();
-    let handle = virustotal::spawn(&config(base_url, false), metrics, None)
+    let handle = virustotal::spawn(&config(base_url, false), metrics, None, activity())
         .unwrap()
         .expect("an API key enables the checker");
     for sha256 in [MALICIOUS, UNKNOWN, LIMITED, MALFORMED] {
@@ -225,7 +230,7 @@ async fn unknown_file_is_uploaded_only_when_enabled() {
     let sha256 = Sha256::from_digest(&sha2::Sha256::digest(content));
 
     let (registry, metrics) = metrics();
-    let handle = virustotal::spawn(&config(base_url, true), metrics, None)
+    let handle = virustotal::spawn(&config(base_url, true), metrics, None, activity())
         .unwrap()
         .unwrap();
     handle.check(Check {
@@ -250,6 +255,7 @@ fn no_api_key_means_no_checker() {
         &VirusTotalConfig::default(),
         VirusTotalMetrics::default(),
         None,
+        activity(),
     )
     .unwrap();
     assert!(handle.is_none());

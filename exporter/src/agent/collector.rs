@@ -4,9 +4,13 @@
 //! and execs as they arrive and, every drain interval, drains the traffic
 //! map: each entry is named (identity), enriched (domain, GeoIP, container,
 //! pod) into a flow record, counted in `/metrics` and handed to the other
-//! sinks. `/metrics` is at most one interval behind.
+//! sinks. `/metrics` is at most one interval behind (with the `sha256`
+//! label, a new executable's first bytes wait for its hash, up to
+//! [`HASH_WAIT`]). It records when each executable was seen, the clock
+//! per-executable series expire by.
 
 use std::{
+    collections::VecDeque,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -26,8 +30,8 @@ use crate::{
     enrichment::flows::Enricher,
     identity::{
         execs::{self, ExecRecord},
-        hashing::{HashJob, Hasher},
-        processes::{ExeKey, IdentityTable, Process},
+        hashing::{HashJob, HashState, Hasher, ProcessKey},
+        processes::{ExeKey, IdentityTable, Naming, Process},
     },
     kernel::{
         KernelError,
@@ -38,7 +42,7 @@ use crate::{
         take_map,
         traffic::{GENERATION_GRACE, TrafficMap},
     },
-    model::{FlowRecord, Outbox, Record},
+    model::{Activity, FlowRecord, Outbox, Record},
     sinks::metrics::TrafficMetrics,
     support::unix_now,
     telemetry::{Direction, DirectionLabels},
@@ -105,6 +109,18 @@ struct ExecTracking {
     record_command_lines: bool,
 }
 
+/// How long, with the `sha256` label on, a flow waits for the hash of the
+/// file that sent it before it is counted without (`sha256="unavailable"`).
+pub const HASH_WAIT: Duration = Duration::from_secs(5);
+
+/// A flow held back from `/metrics` until its executable is hashed.
+struct AwaitingHash {
+    flow: FlowRecord,
+    exe: ExeKey,
+    process: Option<ProcessKey>,
+    since: Instant,
+}
+
 /// Everything the collector thread owns.
 pub struct Collector {
     traffic: TrafficMap,
@@ -120,6 +136,13 @@ pub struct Collector {
     metrics: CollectorMetrics,
     health: Arc<Health>,
     drain_interval: Duration,
+    activity: Activity,
+    awaiting_hash: Vec<AwaitingHash>,
+    /// Exited processes whose hashes are forgotten once flows waiting for
+    /// them are counted.
+    retired: VecDeque<(Instant, Vec<ProcessKey>)>,
+    /// Unix time of the next pruning of the path table and of the clock.
+    next_prune: i64,
 }
 
 /// The parts a [`Collector`] is made of, each started by the agent.
@@ -134,6 +157,8 @@ pub struct Parts {
     pub stats: crate::kernel::stats::KernelStatsMetrics,
     pub health: Arc<Health>,
     pub drain_interval: Duration,
+    /// When each executable was last seen; the collector records it.
+    pub activity: Activity,
 }
 
 impl Collector {
@@ -154,6 +179,10 @@ impl Collector {
             metrics: parts.metrics,
             health: parts.health,
             drain_interval: parts.drain_interval,
+            activity: parts.activity,
+            awaiting_hash: Vec::new(),
+            retired: VecDeque::new(),
+            next_prune: 0,
         })
     }
 
@@ -251,7 +280,10 @@ impl Collector {
                     tracing::debug!(exe = ?path, pid = event.tgid, "new executable");
                 }
                 if !recorded.process.exe.is_kernel() {
-                    let (path, _) = identities.exe_path(event.tgid, recorded.process.exe);
+                    let path = match &recorded.process.path {
+                        Some(path) => path.clone(),
+                        None => identities.exe_path(event.tgid, recorded.process.exe).0,
+                    };
                     hasher.request(HashJob::of(&recorded.process, path, unix_now()));
                 }
             }
@@ -281,8 +313,12 @@ impl Collector {
         let process = self
             .identities
             .exec_process(&record.event.identity, &record.path);
+        let now = unix_now();
         self.traffic_metrics.count_exec(&record.path);
-        let mut job = HashJob::of(&process, record.path, unix_now());
+        self.activity.record(&record.path, None, now);
+        let mut job = HashJob::of(&process, record.path, now);
+        // Its traffic, if any, is announced with a job of its own.
+        job.process = None;
         job.file = record.file;
         job.used_network = false;
         job.command_line = record_command_lines
@@ -300,16 +336,42 @@ impl Collector {
         // Announcements precede their traffic in the ring buffer.
         self.read_events();
         let entries = self.traffic.take_previous()?;
+        let now = unix_now();
+        let wait_for_hashes = self.traffic_metrics.wants_sha256();
         let mut flows = Vec::with_capacity(entries.len());
+        let mut ready = Vec::with_capacity(entries.len());
         for (key, value) in &entries {
-            flows.push(self.flow(key, value));
+            let (flow, pending) = self.flow(key, value);
+            match pending {
+                Some((exe, process)) if wait_for_hashes => {
+                    self.awaiting_hash.push(AwaitingHash {
+                        flow: flow.clone(),
+                        exe,
+                        process,
+                        since: Instant::now(),
+                    });
+                }
+                _ => ready.push(flow.clone()),
+            }
+            flows.push(flow);
         }
-        self.traffic_metrics.count_flows(&flows);
+        let hashed = self.hashed_since();
+        self.activity.record_all(
+            flows
+                .iter()
+                .chain(&hashed)
+                .map(|flow| (flow.program.exe.as_str(), flow.program.sha256.as_ref())),
+            now,
+        );
+        ready.extend(hashed);
+        self.traffic_metrics.count_flows(&ready);
         if !flows.is_empty() {
             self.outbox.send(Record::Flows(flows));
         }
         self.enricher.after_drain(&exited);
+        self.retire(exited.clone());
         self.identities.purge(exited);
+        self.expire(now);
         if let Some(dns) = &mut self.dns {
             dns.report_lost();
         }
@@ -317,13 +379,67 @@ impl Collector {
         Ok(())
     }
 
-    /// One traffic entry as a flow record: its executable named (through
-    /// `/proc` when the announcement was lost), then enriched.
-    fn flow(&mut self, key: &TrafficKey, value: &TrafficValue) -> FlowRecord {
-        let exe = ExeKey::from_kernel(key.exe_dev, key.exe_ino);
-        let known_before = self.identities.known_path(exe).is_some();
-        let (path, resolved) = self.identities.exe_path(key.tgid, exe);
-        if resolved && !known_before && !exe.is_kernel() {
+    /// Flows held back for their hash that have it now (or waited long enough).
+    fn hashed_since(&mut self) -> Vec<FlowRecord> {
+        if self.awaiting_hash.is_empty() {
+            return Vec::new();
+        }
+        let mut ready = Vec::new();
+        let hasher = &self.hasher;
+        self.awaiting_hash.retain_mut(|waiting| {
+            let state = hasher.state(waiting.exe, waiting.process);
+            if state == Some(HashState::Pending) && waiting.since.elapsed() < HASH_WAIT {
+                return true;
+            }
+            let mut flow = std::mem::take(&mut waiting.flow);
+            flow.program.sha256 = state.as_ref().and_then(HashState::sha256).cloned();
+            ready.push(flow);
+            false
+        });
+        ready
+    }
+
+    /// Exited processes' hashes are forgotten once no flow may wait for them.
+    fn retire(&mut self, exited: Vec<ProcessKey>) {
+        while self
+            .retired
+            .front()
+            .is_some_and(|(at, _)| at.elapsed() > HASH_WAIT)
+        {
+            if let Some((_, processes)) = self.retired.pop_front() {
+                self.hasher.forget_processes(&processes);
+            }
+        }
+        if !exited.is_empty() {
+            self.retired.push_back((Instant::now(), exited));
+        }
+    }
+
+    /// Series of executables not seen for the expiry leave `/metrics`; the
+    /// path table and the clock forget what they no longer need.
+    fn expire(&mut self, now: i64) {
+        self.traffic_metrics.expire(now);
+        if now < self.next_prune {
+            return;
+        }
+        let interval = self.activity.sweep_interval();
+        self.next_prune = now + i64::try_from(interval.as_secs()).unwrap_or(i64::MAX);
+        self.identities.prune_paths(now, self.activity.expiry());
+        self.activity.prune(now);
+    }
+
+    /// One traffic entry as a flow record: its executable named (by its
+    /// process, its file, or through `/proc` when the announcement was
+    /// lost), then enriched; with the file and process whose hash is still
+    /// being computed, if it is.
+    fn flow(
+        &mut self,
+        key: &TrafficKey,
+        value: &TrafficValue,
+    ) -> (FlowRecord, Option<(ExeKey, Option<ProcessKey>)>) {
+        let exe = ExeKey::from_kernel(key.exe_dev, key.exe_ino, key.exe_inode_generation);
+        let (path, naming) = self.identities.name(key.tgid, exe);
+        if naming == Naming::Proc {
             // The announcement was lost; /proc named the executable instead.
             self.hasher.request(HashJob::unannounced(
                 exe,
@@ -332,11 +448,19 @@ impl Collector {
                 unix_now(),
             ));
         }
+        let (file, state, process_key) = if exe.is_kernel() || naming == Naming::Unresolved {
+            (None, None, None)
+        } else {
+            let process_key = self
+                .identities
+                .process_running(key.tgid, exe)
+                .map(|process| (process.tgid, process.start_time_ns));
+            (Some(exe), self.hasher.state(exe, process_key), process_key)
+        };
+        let sha256 = state.as_ref().and_then(HashState::sha256).cloned();
         let process: Option<&Process> = self.identities.process(key.tgid);
-        let flow = self
-            .enricher
-            .flow(key, value, path, self.hasher.sha256_of(exe), process);
-        if !resolved {
+        let flow = self.enricher.flow(key, value, path, file, sha256, process);
+        if !naming.is_resolved() {
             for (direction, bytes) in [
                 (Direction::Sent, flow.bytes.sent),
                 (Direction::Received, flow.bytes.received),
@@ -344,6 +468,7 @@ impl Collector {
                 self.metrics.unresolved(direction).inc_by(bytes);
             }
         }
-        flow
+        let pending = (state == Some(HashState::Pending)).then_some((exe, process_key));
+        (flow, pending)
     }
 }

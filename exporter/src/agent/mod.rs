@@ -40,6 +40,7 @@ use crate::{
         probes::{self, NoModeFits, ProbeMetrics},
         stats::KernelStatsMetrics,
     },
+    model::Activity,
     sinks::{
         connection_log::ConnectionLog,
         fanout::{self, Fanout, RecordPolicy, Sinks},
@@ -144,6 +145,8 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     let mut registry = telemetry::registry();
     register_start_time(&mut registry);
+    // When each executable was last seen: per-executable series expire by it.
+    let activity = Activity::new(config.metrics.executable_expiry);
     let probe_metrics = ProbeMetrics::register(&mut registry);
     probe_metrics.export(&outcomes);
     let health = Arc::new(Health::default());
@@ -158,22 +161,29 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             &config.virustotal,
             VirusTotalMetrics::register(&mut registry),
             Some(outbox.clone()),
+            activity.clone(),
         )
         .map_err(|error| AgentError::VirusTotal(error.to_string()))?,
     };
     let journal_config = config.journal.clone();
+    let journal_activity = activity.clone();
     let fanout = Fanout::spawn(
         records,
-        move || Journal::open(journal_config, journal_metrics),
+        move || Journal::open(journal_config, journal_metrics, journal_activity),
         sinks,
         RecordPolicy::new(&config.journal, config.metrics.ephemeral_range()?),
         config.journal.write_interval,
+        activity.expiry(),
     )
     .map_err(AgentError::Thread)?;
 
     // Identity and enrichment.
-    let hasher = Hasher::spawn(HashMetrics::register(&mut registry), Some(outbox.clone()))
-        .map_err(AgentError::Thread)?;
+    let hasher = Hasher::spawn(
+        HashMetrics::register(&mut registry),
+        Some(outbox.clone()),
+        activity.clone(),
+    )
+    .map_err(AgentError::Thread)?;
     if let Some(geoip) = &geoip {
         geoip.register(&mut registry);
     }
@@ -194,12 +204,17 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         hasher,
         enricher,
         dns,
-        traffic_metrics: TrafficMetrics::register(&mut registry, &config.metrics)?,
+        traffic_metrics: TrafficMetrics::register(
+            &mut registry,
+            &config.metrics,
+            activity.clone(),
+        )?,
         outbox,
         metrics: CollectorMetrics::register(&mut registry),
         stats: KernelStatsMetrics::register(&mut registry),
         health: health.clone(),
         drain_interval: config.collector.drain_interval,
+        activity,
     };
     let exec_metrics = ExecHoldMetrics::register(&mut registry);
     let collector = Collector::new(&mut ebpf, parts)?;

@@ -13,7 +13,7 @@ use super::{
 use crate::{
     identity::{containers::ContainerRef, processes::Process},
     kernel::flow::Endpoints,
-    model::{Bytes, FlowRecord, Peer, Program, Sha256, Workload},
+    model::{Bytes, ExeKey, FlowRecord, Peer, Program, Sha256, Workload},
 };
 
 const IPPROTO_TCP: u8 = 6;
@@ -35,14 +35,15 @@ fn container_of(process: Option<&Process>) -> Option<&ContainerRef> {
 }
 
 impl Enricher {
-    /// The record of one traffic entry of the executable `exe` (hashed as
-    /// `sha256`, if it was yet), sent and received by `process` (unknown if
-    /// it exited before it was announced).
+    /// The record of one traffic entry of the executable `exe` (the file
+    /// `file`, hashed as `sha256` if it was yet), sent and received by
+    /// `process` (unknown if it exited before it was announced).
     pub fn flow(
         &mut self,
         key: &TrafficKey,
         value: &TrafficValue,
         exe: String,
+        file: Option<ExeKey>,
         sha256: Option<Sha256>,
         process: Option<&Process>,
     ) -> FlowRecord {
@@ -64,6 +65,7 @@ impl Enricher {
         FlowRecord {
             program: Program {
                 exe,
+                file,
                 sha256,
                 parent: process.and_then(|p| p.parent_path.clone()),
                 uid,
@@ -132,7 +134,7 @@ mod tests {
     use super::*;
     use crate::{
         enrichment::dns::{Answer, DnsCacheConfig},
-        identity::{containers::Runtime, processes::ExeKey},
+        identity::containers::Runtime,
     };
 
     fn key(tgid: u32, address: Ipv4Addr, port: u16) -> (TrafficKey, TrafficValue) {
@@ -154,15 +156,24 @@ mod tests {
         (key, value)
     }
 
+    fn file(ino: u64) -> ExeKey {
+        ExeKey {
+            dev: 1,
+            ino,
+            generation: 0,
+        }
+    }
+
     fn process(tgid: u32, container: Option<&str>) -> Process {
         Process {
             tgid,
             start_time_ns: 1,
-            exe: ExeKey { dev: 1, ino: 2 },
+            exe: file(2),
+            path: Some("/usr/bin/curl".into()),
             comm: "curl".into(),
             uid: 0,
             ppid: 1,
-            parent_exe: ExeKey { dev: 1, ino: 3 },
+            parent_exe: file(3),
             parent_path: Some("/bin/sh".into()),
             container: container.map(|id| ContainerRef {
                 runtime: Runtime::Containerd,
@@ -197,6 +208,7 @@ mod tests {
             &key,
             &value,
             "/usr/bin/curl".into(),
+            Some(file(2)),
             Some(sha256.clone()),
             Some(&process(7, None)),
         );
@@ -205,6 +217,7 @@ mod tests {
             FlowRecord {
                 program: Program {
                     exe: "/usr/bin/curl".into(),
+                    file: Some(file(2)),
                     sha256: Some(sha256),
                     parent: Some("/bin/sh".into()),
                     uid: Some(0),
@@ -244,7 +257,7 @@ mod tests {
             let (key, value) = key(tgid, shared, 443);
             let process = process(tgid, container);
             enricher
-                .flow(&key, &value, "/x".into(), None, Some(&process))
+                .flow(&key, &value, "/x".into(), None, None, Some(&process))
                 .peer
                 .domain
         };
@@ -264,7 +277,7 @@ mod tests {
     fn an_unannounced_process_still_has_its_bytes_and_peer() {
         let mut enricher = Enricher::default();
         let (key, value) = key(9, Ipv4Addr::new(198, 18, 0, 2), 5001);
-        let record = enricher.flow(&key, &value, "[unknown]".into(), None, None);
+        let record = enricher.flow(&key, &value, "[unknown]".into(), None, None, None);
         assert_eq!(record.program.uid, None);
         assert_eq!(record.program.user_name, None);
         assert_eq!(record.workload, Workload::default());

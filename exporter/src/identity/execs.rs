@@ -9,7 +9,7 @@ use prometheus_client::{metrics::counter::Counter, registry::Registry};
 
 use super::{
     hashing::{FileHolder, HeldFile, NotHeld},
-    processes::{self, ExeKey},
+    processes,
 };
 
 /// `fleetsnitch_exec_open_files_exhausted_total`.
@@ -48,7 +48,7 @@ pub fn holding_files(
 ) -> impl FnMut(Box<ExecEvent>) -> ExecRecord + Send + 'static {
     move |event| {
         let identity = &event.identity;
-        let exe = ExeKey::from_kernel(identity.exe_dev, identity.exe_ino);
+        let exe = processes::exe_key_of(identity);
         let path = processes::exec_path(identity);
         let held = holder.hold(identity.tgid, &path, exe, max_open_files);
         if matches!(held, Err(NotHeld::BudgetExhausted)) {

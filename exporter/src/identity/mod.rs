@@ -3,5 +3,6 @@
 pub mod containers;
 pub mod execs;
 pub mod hashing;
+pub mod inode;
 pub mod modification;
 pub mod processes;

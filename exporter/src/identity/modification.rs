@@ -28,7 +28,9 @@ const QUIET_TIME: Duration = Duration::from_millis(300);
 
 pub struct ModificationWatch {
     fanotify: Option<Fanotify>,
-    watched: HashMap<ExeKey, String>,
+    /// Watched files by device and inode (what `fstat` of an event tells),
+    /// with the file's full key and its path.
+    watched: HashMap<(u64, u64), (ExeKey, String)>,
     /// Modified files and when they were last written.
     dirty: HashMap<ExeKey, Instant>,
     failed_marks: u64,
@@ -68,7 +70,46 @@ impl ModificationWatch {
     /// the file now under that device+inode (the old mark went with its inode,
     /// or is renewed harmlessly).
     pub fn forget(&mut self, exe: ExeKey) {
-        self.watched.remove(&exe);
+        if self
+            .watched
+            .get(&(exe.dev, exe.ino))
+            .is_some_and(|(watched, _)| *watched == exe)
+        {
+            self.watched.remove(&(exe.dev, exe.ino));
+        }
+        self.dirty.remove(&exe);
+    }
+
+    /// Stops watching `exe` for good: its mark is removed if its path still
+    /// leads to it (a deleted file's mark went with its last link).
+    pub fn unwatch(&mut self, exe: ExeKey) {
+        let Some((watched, path)) = self.watched.get(&(exe.dev, exe.ino)).cloned() else {
+            return;
+        };
+        if watched != exe {
+            return;
+        }
+        self.forget(exe);
+        if let Some(fanotify) = &self.fanotify
+            && fs::metadata(&path).is_ok_and(|m| exe.matches(&m))
+        {
+            let mask = MaskFlags::FAN_MODIFY | MaskFlags::FAN_CLOSE_WRITE;
+            let _ = fanotify.mark(
+                MarkFlags::FAN_MARK_REMOVE,
+                mask,
+                AT_FDCWD,
+                Some(path.as_str()),
+            );
+        }
+    }
+
+    /// Files watched now.
+    pub fn len(&self) -> usize {
+        self.watched.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.watched.is_empty()
     }
 
     /// Marks failed so far (file gone, unsupported file system).
@@ -81,7 +122,11 @@ impl ModificationWatch {
         let Some(fanotify) = &self.fanotify else {
             return;
         };
-        if self.watched.contains_key(&exe) {
+        if self
+            .watched
+            .get(&(exe.dev, exe.ino))
+            .is_some_and(|(watched, _)| *watched == exe)
+        {
             return;
         }
         let still_same = fs::metadata(path).is_ok_and(|m| exe.matches(&m));
@@ -91,7 +136,8 @@ impl ModificationWatch {
         let mask = MaskFlags::FAN_MODIFY | MaskFlags::FAN_CLOSE_WRITE;
         match fanotify.mark(MarkFlags::FAN_MARK_ADD, mask, AT_FDCWD, Some(path)) {
             Ok(()) => {
-                self.watched.insert(exe, path.to_owned());
+                self.watched
+                    .insert((exe.dev, exe.ino), (exe, path.to_owned()));
             }
             Err(errno) => {
                 self.failed_marks += 1;
@@ -114,14 +160,10 @@ impl ModificationWatch {
                             );
                             continue;
                         };
-                        if let Ok(stat) = fstat(fd) {
-                            let key = ExeKey {
-                                dev: stat.st_dev,
-                                ino: stat.st_ino,
-                            };
-                            if self.watched.contains_key(&key) {
-                                self.dirty.insert(key, now);
-                            }
+                        if let Ok(stat) = fstat(fd)
+                            && let Some((key, _)) = self.watched.get(&(stat.st_dev, stat.st_ino))
+                        {
+                            self.dirty.insert(*key, now);
                         }
                     }
                 }
@@ -139,7 +181,10 @@ impl ModificationWatch {
             .into_iter()
             .filter_map(|key| {
                 self.dirty.remove(&key);
-                self.watched.get(&key).map(|path| (key, path.clone()))
+                self.watched
+                    .get(&(key.dev, key.ino))
+                    .filter(|(watched, _)| *watched == key)
+                    .map(|(_, path)| (key, path.clone()))
             })
             .collect()
     }
@@ -161,12 +206,14 @@ impl Default for ModificationWatch {
     }
 }
 
-/// Device+inode of `path` right now.
+/// Device, inode and (where the file system tells it) generation of `path` right now.
 pub fn identity_of(path: &str) -> Option<ExeKey> {
-    let metadata = fs::metadata(path).ok()?;
+    let file = fs::File::open(path).ok()?;
+    let metadata = file.metadata().ok()?;
     Some(ExeKey {
         dev: metadata.dev(),
         ino: metadata.ino(),
+        generation: super::inode::generation_of(&file).unwrap_or(0),
     })
 }
 

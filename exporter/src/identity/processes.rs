@@ -1,12 +1,15 @@
 //! Who is behind the traffic: processes and executables as the kernel saw them.
 //!
 //! The kernel announces each process once (path walked from its executable's
-//! dentries, device+inode, parent, uid) when it first touches the network.
-//! Traffic keys carry the executable's device+inode, so attribution holds even
-//! after the process is gone; `/proc` is only a fallback for announcements the
-//! ring buffer could not carry, and then only if device+inode still match.
+//! dentries, device, inode and inode generation, parent, uid) when it first
+//! touches the network. Traffic keys carry the process and its executable's
+//! file, so attribution holds even after the process is gone and its file's
+//! inode number is given to another file: a flow is named by its own
+//! process's announcement while the process is known, else by its file.
+//! `/proc` is only a fallback for announcements the ring buffer could not
+//! carry, and then only if device+inode still match.
 
-use std::{collections::HashMap, fs, os::unix::fs::MetadataExt, path::PathBuf};
+use std::{collections::HashMap, fs, path::PathBuf, time::Duration};
 
 use fleetsnitch_ebpf::{IDENTITY_NO_EXE, IDENTITY_PATH_TRUNCATED, IdentityEvent};
 
@@ -16,39 +19,17 @@ use prometheus_client::{
 };
 
 use super::containers::{self, CgroupIndex, ContainerCache, ContainerRef};
+pub use crate::model::ExeKey;
+use crate::support::unix_now;
 
 /// Label used for traffic of kernel threads, which have no executable.
 pub const KERNEL_EXE: &str = "[kernel]";
 /// Label used when neither the kernel nor `/proc` could name the executable.
 pub const UNKNOWN_EXE: &str = "[unknown]";
 
-/// An executable file, by the device and inode the kernel reported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ExeKey {
-    /// Device number in the userspace `st_dev` encoding.
-    pub dev: u64,
-    pub ino: u64,
-}
-
-impl ExeKey {
-    /// From the kernel's internal `dev_t` (`MAJOR << 20 | MINOR`).
-    pub fn from_kernel(kernel_dev: u32, ino: u64) -> Self {
-        let major = kernel_dev >> 20;
-        let minor = kernel_dev & ((1 << 20) - 1);
-        Self {
-            dev: libc::makedev(major, minor),
-            ino,
-        }
-    }
-
-    pub fn is_kernel(&self) -> bool {
-        self.dev == 0 && self.ino == 0
-    }
-
-    /// Whether `metadata` describes this very file.
-    pub fn matches(&self, metadata: &fs::Metadata) -> bool {
-        metadata.dev() == self.dev && metadata.ino() == self.ino
-    }
+/// The kernel's name of an identity event's executable.
+pub fn exe_key_of(event: &IdentityEvent) -> ExeKey {
+    ExeKey::from_kernel(event.exe_dev, event.exe_ino, event.exe_inode_generation)
 }
 
 /// A process as announced by the kernel.
@@ -57,6 +38,9 @@ pub struct Process {
     pub tgid: u32,
     pub start_time_ns: u64,
     pub exe: ExeKey,
+    /// Path of its executable, from its own announcement: what its traffic is
+    /// named by, whatever file later takes the same inode number.
+    pub path: Option<String>,
     pub comm: String,
     pub uid: u32,
     pub ppid: u32,
@@ -100,6 +84,33 @@ impl IdentityMetrics {
     }
 }
 
+/// A file's path, and when it was last needed (Unix seconds).
+#[derive(Debug, Clone)]
+struct KnownPath {
+    path: String,
+    used: i64,
+}
+
+/// How [`IdentityTable::name`] named a flow's executable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    /// By its process's own announcement.
+    Process,
+    /// By the path last announced for its file (the process is gone).
+    File,
+    /// Through `/proc/<pid>/exe`: the announcement was lost.
+    Proc,
+    /// Not at all: `[unknown]` (or `[kernel]` for kernel threads, which is resolved).
+    Unresolved,
+}
+
+impl Naming {
+    /// Whether the flow has a real name (`[kernel]` counts as one).
+    pub fn is_resolved(self) -> bool {
+        self != Self::Unresolved
+    }
+}
+
 /// Processes and executables known to the agent.
 #[derive(Debug, Default)]
 pub struct IdentityTable {
@@ -108,7 +119,7 @@ pub struct IdentityTable {
     cgroups: Option<Option<CgroupIndex>>,
     /// Processes that exited, kept until the drain that carries their last traffic.
     exited: Vec<(u32, u64)>,
-    exe_paths: HashMap<ExeKey, String>,
+    exe_paths: HashMap<ExeKey, KnownPath>,
     metrics: IdentityMetrics,
 }
 
@@ -130,11 +141,16 @@ impl IdentityTable {
 
     /// The process an announcement or an exec record describes.
     fn process_of(&mut self, event: &IdentityEvent, exe: ExeKey) -> Process {
-        let parent_exe = ExeKey::from_kernel(event.parent_exe_dev, event.parent_exe_ino);
+        let parent_exe = ExeKey::from_kernel(
+            event.parent_exe_dev,
+            event.parent_exe_ino,
+            event.parent_exe_inode_generation,
+        );
         Process {
             tgid: event.tgid,
             start_time_ns: event.start_time_ns,
             exe,
+            path: None,
             comm: c_string(&event.comm),
             uid: event.uid,
             ppid: event.ppid,
@@ -146,26 +162,56 @@ impl IdentityTable {
 
     /// Records an identity announcement from the kernel.
     pub fn record(&mut self, event: &IdentityEvent) -> Recorded {
-        let exe = ExeKey::from_kernel(event.exe_dev, event.exe_ino);
-        let process = self.process_of(event, exe);
+        let exe = exe_key_of(event);
+        let mut process = self.process_of(event, exe);
         let mut new_exe = None;
-        let truncated = event.flags & IDENTITY_PATH_TRUNCATED != 0;
-        // A known file announced under another path was renamed or hard-linked,
-        // or is a new file under a reused inode number: the latest announcement
-        // names it (a truncated one is not worth a /proc lookup when known).
-        let path_changed = |known: &String| !truncated && *known != join_path(event);
-        if event.flags & IDENTITY_NO_EXE == 0 && self.exe_paths.get(&exe).is_none_or(path_changed) {
-            let path = if truncated {
-                self.metrics.truncated_paths.inc();
-                proc_exe_path(event.tgid, exe).unwrap_or_else(|| format!("/…{}", join_path(event)))
-            } else {
-                join_path(event)
+        if event.flags & IDENTITY_NO_EXE == 0 {
+            // A known file announced under another path was renamed or
+            // hard-linked: the latest announcement names the file, each
+            // process keeps the path it was announced with. A truncated walk
+            // is not worth a /proc lookup when the file is known.
+            let known = self.exe_paths.get(&exe).map(|known| known.path.clone());
+            let path = match (event.flags & IDENTITY_PATH_TRUNCATED != 0, known.clone()) {
+                (true, Some(known)) => known,
+                (true, None) => {
+                    self.metrics.truncated_paths.inc();
+                    proc_exe_path(event.tgid, exe)
+                        .unwrap_or_else(|| format!("/…{}", join_path(event)))
+                }
+                (false, _) => join_path(event),
             };
-            self.exe_paths.insert(exe, path.clone());
-            new_exe = Some(path);
+            if known.as_deref() != Some(path.as_str()) {
+                new_exe = Some(path.clone());
+            }
+            self.remember_path(exe, &path);
+            process.path = Some(path);
         }
         self.processes.insert(event.tgid, process.clone());
         Recorded { process, new_exe }
+    }
+
+    /// Notes that the file `exe` is at `path`, now.
+    fn remember_path(&mut self, exe: ExeKey, path: &str) {
+        let used = unix_now();
+        match self.exe_paths.get_mut(&exe) {
+            Some(known) if known.path == path => known.used = used,
+            _ => {
+                self.exe_paths.insert(
+                    exe,
+                    KnownPath {
+                        path: path.to_owned(),
+                        used,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The path of `exe` in the table, marked as needed now.
+    fn lookup_path(&mut self, exe: ExeKey) -> Option<String> {
+        let known = self.exe_paths.get_mut(&exe)?;
+        known.used = unix_now();
+        Some(known.path.clone())
     }
 
     /// Describes a process that just executed a program (exec tracking),
@@ -181,16 +227,15 @@ impl IdentityTable {
     /// The process of an exec event whose path ([`exec_path`]) is `path`:
     /// parent, container.
     pub fn exec_process(&mut self, event: &IdentityEvent, path: &str) -> Process {
-        let exe = ExeKey::from_kernel(event.exe_dev, event.exe_ino);
+        let exe = exe_key_of(event);
         if event.flags & IDENTITY_PATH_TRUNCATED != 0 {
             self.metrics.truncated_paths.inc();
         }
-        let process = self.process_of(event, exe);
-        // The exec's own walk is current: an earlier file at this (device,
-        // inode) may have been deleted and its inode reused.
-        if self.exe_paths.get(&exe).is_none_or(|known| known != path) {
-            self.exe_paths.insert(exe, path.to_owned());
-        }
+        let mut process = self.process_of(event, exe);
+        // The exec's own walk is current (on btrfs, two subvolumes' files
+        // may share device, inode and generation).
+        self.remember_path(exe, path);
+        process.path = Some(path.to_owned());
         process
     }
 
@@ -220,11 +265,11 @@ impl IdentityTable {
         if parent_exe.is_kernel() {
             return Some(KERNEL_EXE.to_owned());
         }
-        if let Some(path) = self.exe_paths.get(&parent_exe) {
-            return Some(path.clone());
+        if let Some(path) = self.lookup_path(parent_exe) {
+            return Some(path);
         }
         let path = proc_exe_path(ppid, parent_exe)?;
-        self.exe_paths.insert(parent_exe, path.clone());
+        self.remember_path(parent_exe, &path);
         Some(path)
     }
 
@@ -263,27 +308,67 @@ impl IdentityTable {
         self.processes.get(&tgid)
     }
 
-    /// The path of `exe`, resolving through `/proc/<tgid>/exe` when the kernel's
-    /// announcement was lost. Kernel threads and unknown files get a bracketed label.
-    pub fn exe_path(&mut self, tgid: u32, exe: ExeKey) -> (String, bool) {
+    /// The process `tgid` if it is the one that runs (ran) the file `exe`.
+    pub fn process_running(&self, tgid: u32, exe: ExeKey) -> Option<&Process> {
+        self.processes
+            .get(&tgid)
+            .filter(|process| process.exe == exe)
+    }
+
+    /// The path of the executable `exe` that process `tgid` ran, for its
+    /// traffic: the process's own announcement while it is known (so a file
+    /// that took over the inode number of a deleted one never takes its
+    /// traffic, even where the file system keeps no inode generation), else
+    /// the path last announced for the file, else `/proc/<tgid>/exe` (the
+    /// announcement was lost). Kernel threads and unknown files get a
+    /// bracketed label.
+    pub fn name(&mut self, tgid: u32, exe: ExeKey) -> (String, Naming) {
         if exe.is_kernel() {
-            return (KERNEL_EXE.to_owned(), true);
+            return (KERNEL_EXE.to_owned(), Naming::File);
         }
-        if let Some(path) = self.exe_paths.get(&exe) {
-            return (path.clone(), true);
+        if let Some(path) = self.process_running(tgid, exe).and_then(|p| p.path.clone()) {
+            if let Some(known) = self.exe_paths.get_mut(&exe) {
+                known.used = unix_now();
+            }
+            return (path, Naming::Process);
+        }
+        if let Some(path) = self.lookup_path(exe) {
+            return (path, Naming::File);
         }
         match proc_exe_path(tgid, exe) {
             Some(path) => {
-                self.exe_paths.insert(exe, path.clone());
-                (path, true)
+                self.remember_path(exe, &path);
+                (path, Naming::Proc)
             }
-            None => (UNKNOWN_EXE.to_owned(), false),
+            None => (UNKNOWN_EXE.to_owned(), Naming::Unresolved),
         }
+    }
+
+    /// The path of `exe` (see [`Self::name`]), and whether it was resolved.
+    pub fn exe_path(&mut self, tgid: u32, exe: ExeKey) -> (String, bool) {
+        let (path, naming) = self.name(tgid, exe);
+        (path, naming.is_resolved())
     }
 
     /// Path already known for `exe`, without any lookup.
     pub fn known_path(&self, exe: ExeKey) -> Option<&str> {
-        self.exe_paths.get(&exe).map(String::as_str)
+        self.exe_paths.get(&exe).map(|known| known.path.as_str())
+    }
+
+    /// Forgets the paths of files no process runs that were not needed for
+    /// `keep` (a deleted file's entry would otherwise stay for ever).
+    pub fn prune_paths(&mut self, now: i64, keep: Duration) {
+        let horizon = now.saturating_sub(i64::try_from(keep.as_secs()).unwrap_or(i64::MAX));
+        let running: std::collections::HashSet<ExeKey> = self
+            .processes
+            .values()
+            .flat_map(|process| [process.exe, process.parent_exe])
+            .collect();
+        self.exe_paths
+            .retain(|exe, known| known.used >= horizon || running.contains(exe));
+        self.metrics
+            .tracked_executables
+            .set(self.exe_paths.len() as i64);
     }
 
     pub fn process_count(&self) -> usize {
@@ -300,7 +385,7 @@ impl IdentityTable {
 /// is opened, while the process may still run.
 pub fn exec_path(event: &IdentityEvent) -> String {
     if event.flags & IDENTITY_PATH_TRUNCATED != 0 {
-        let exe = ExeKey::from_kernel(event.exe_dev, event.exe_ino);
+        let exe = exe_key_of(event);
         proc_exe_path(event.tgid, exe).unwrap_or_else(|| format!("/…{}", join_path(event)))
     } else {
         join_path(event)
@@ -312,6 +397,12 @@ pub fn proc_exe_path(tgid: u32, exe: ExeKey) -> Option<String> {
     let link = PathBuf::from(format!("/proc/{tgid}/exe"));
     let metadata = fs::metadata(&link).ok()?;
     if !exe.matches(&metadata) {
+        return None;
+    }
+    if exe.generation != 0
+        && let Ok(file) = fs::File::open(&link)
+        && !super::inode::generation_agrees(&file, exe)
+    {
         return None;
     }
     let target = fs::read_link(&link).ok()?;
@@ -348,9 +439,13 @@ fn c_string(buffer: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::MetadataExt;
+
     use fleetsnitch_ebpf::{EVENT_IDENTITY, NAME_LEN, PATH_DEPTH};
 
     use super::*;
+
+    const DEV: u32 = (8 << 20) | 1;
 
     fn event(components: &[&str]) -> IdentityEvent {
         let mut names = [[0u8; NAME_LEN]; PATH_DEPTH];
@@ -366,15 +461,21 @@ mod tests {
             uid: 1000,
             start_time_ns: 7,
             exe_ino: 99,
-            exe_dev: (8 << 20) | 1,
+            exe_dev: DEV,
             flags: 0,
             parent_exe_ino: 0,
             parent_exe_dev: 0,
             depth: components.len() as u32,
             comm,
             cgroup_id: 0,
+            exe_inode_generation: 1,
+            parent_exe_inode_generation: 0,
             names,
         }
+    }
+
+    fn key(generation: u32) -> ExeKey {
+        ExeKey::from_kernel(DEV, 99, generation)
     }
 
     #[test]
@@ -383,25 +484,55 @@ mod tests {
         let recorded = table.record(&event(&["usr", "bin", "curl"]));
         assert_eq!(recorded.new_exe.as_deref(), Some("/usr/bin/curl"));
         assert_eq!(recorded.process.comm, "curl");
-        let key = ExeKey::from_kernel((8 << 20) | 1, 99);
         assert_eq!(
-            table.exe_path(4242, key),
+            table.exe_path(4242, key(1)),
             ("/usr/bin/curl".to_owned(), true)
         );
     }
 
+    /// The sequence: A deletes itself and sends; B, created next,
+    /// gets A's inode number; A's last traffic is named after B is announced.
     #[test]
-    fn a_reused_inode_is_named_by_its_latest_walk() {
+    fn a_file_at_a_reused_inode_number_never_takes_the_traffic_of_the_deleted_one() {
         let mut table = IdentityTable::default();
-        table.record(&event(&["tmp", "deleted-tool"]));
-        let recorded = table.record(&event(&["tmp", "new-tool"]));
-        assert_eq!(recorded.new_exe.as_deref(), Some("/tmp/new-tool"));
-        let key = ExeKey::from_kernel((8 << 20) | 1, 99);
-        assert_eq!(table.exe_path(4242, key).0, "/tmp/new-tool");
-        let mut exec = event(&["tmp", "newest-tool"]);
-        exec.tgid = 4343;
-        table.describe_exec(&exec);
-        assert_eq!(table.exe_path(4242, key).0, "/tmp/newest-tool");
+        table.record(&event(&["tmp", "A"]));
+        table.forget(4242, 7);
+        let mut b = event(&["tmp", "B"]);
+        b.tgid = 4343;
+        b.start_time_ns = 9;
+        b.exe_inode_generation = 2;
+        let recorded = table.record(&b);
+        assert_eq!(recorded.new_exe.as_deref(), Some("/tmp/B"));
+        // Drained after B's announcement: A's traffic is still A's, by its
+        // process and by its file.
+        assert_eq!(
+            table.name(4242, key(1)),
+            ("/tmp/A".to_owned(), Naming::Process)
+        );
+        assert_eq!(
+            table.name(4343, key(2)),
+            ("/tmp/B".to_owned(), Naming::Process)
+        );
+        let exited = table.take_exited();
+        table.purge(exited);
+        assert_eq!(
+            table.name(4242, key(1)),
+            ("/tmp/A".to_owned(), Naming::File)
+        );
+    }
+
+    #[test]
+    fn where_the_file_system_keeps_no_generation_the_process_names_its_traffic() {
+        let mut table = IdentityTable::default();
+        let mut a = event(&["overlay", "A"]);
+        a.exe_inode_generation = 0;
+        table.record(&a);
+        let mut b = event(&["overlay", "B"]);
+        b.exe_inode_generation = 0;
+        b.tgid = 4343;
+        table.record(&b);
+        assert_eq!(table.name(4242, key(0)).0, "/overlay/A");
+        assert_eq!(table.name(4343, key(0)).0, "/overlay/B");
     }
 
     #[test]
@@ -414,6 +545,11 @@ mod tests {
         assert_eq!(path, "/srv/b/tool", "same (dev, ino), another subvolume");
         assert_eq!(process.comm, "curl");
         assert!(table.process(4343).is_none());
+        assert_eq!(
+            table.name(4242, key(1)).0,
+            "/srv/a/tool",
+            "the announced process keeps its own path"
+        );
     }
 
     #[test]
@@ -425,7 +561,7 @@ mod tests {
 
     #[test]
     fn kernel_dev_is_converted_to_userspace_encoding() {
-        let key = ExeKey::from_kernel((259 << 20) | 3, 5);
+        let key = ExeKey::from_kernel((259 << 20) | 3, 5, 0);
         assert_eq!(libc::major(key.dev), 259);
         assert_eq!(libc::minor(key.dev), 3);
     }
@@ -438,13 +574,32 @@ mod tests {
     }
 
     #[test]
-    fn a_reused_inode_number_takes_the_path_announced_last() {
+    fn a_renamed_file_is_named_by_its_latest_announcement() {
         let mut table = IdentityTable::default();
-        let key = ExeKey::from_kernel((8 << 20) | 1, 99);
-        table.record(&event(&["tmp", "deleted-tool"]));
-        let recorded = table.record(&event(&["tmp", "new-tool"]));
-        assert_eq!(recorded.new_exe.as_deref(), Some("/tmp/new-tool"));
-        assert_eq!(table.exe_path(4242, key).0, "/tmp/new-tool");
+        table.record(&event(&["tmp", "old-name"]));
+        table.forget(4242, 7);
+        let exited = table.take_exited();
+        table.purge(exited);
+        let mut renamed = event(&["tmp", "new-name"]);
+        renamed.tgid = 4343;
+        let recorded = table.record(&renamed);
+        assert_eq!(recorded.new_exe.as_deref(), Some("/tmp/new-name"));
+        assert_eq!(table.exe_path(1, key(1)).0, "/tmp/new-name");
+    }
+
+    #[test]
+    fn paths_of_files_nobody_runs_are_forgotten() {
+        let mut table = IdentityTable::default();
+        table.record(&event(&["tmp", "gone"]));
+        let now = unix_now();
+        table.prune_paths(now + 3600, Duration::from_secs(60));
+        assert!(table.known_path(key(1)).is_some(), "its process still runs");
+        table.forget(4242, 7);
+        let exited = table.take_exited();
+        table.purge(exited);
+        table.prune_paths(now + 3600, Duration::from_secs(60));
+        assert!(table.known_path(key(1)).is_none());
+        assert_eq!(table.executable_count(), 0);
     }
 
     #[test]
@@ -468,7 +623,11 @@ mod tests {
     #[test]
     fn unknown_exe_of_a_vanished_process_is_labelled_unknown() {
         let mut table = IdentityTable::default();
-        let key = ExeKey { dev: 1, ino: 1 };
+        let key = ExeKey {
+            dev: 1,
+            ino: 1,
+            generation: 0,
+        };
         assert_eq!(
             table.exe_path(u32::MAX - 1, key),
             (UNKNOWN_EXE.to_owned(), false)
@@ -481,12 +640,13 @@ mod tests {
         let key = ExeKey {
             dev: metadata.dev(),
             ino: metadata.ino(),
+            generation: 0,
         };
         let path = proc_exe_path(std::process::id(), key).unwrap();
         assert_eq!(PathBuf::from(path), std::env::current_exe().unwrap());
         let wrong = ExeKey {
-            dev: key.dev,
             ino: key.ino + 1,
+            ..key
         };
         assert!(proc_exe_path(std::process::id(), wrong).is_none());
     }

@@ -12,14 +12,19 @@ use std::{
 
 use serde::Serialize;
 
-use super::{Event, Sha256};
+use super::{Event, ExeKey, Sha256};
 
 /// Who sent and received: the process and its executable.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Program {
     /// Absolute path of the executable (`[kernel]`, `[unknown]` when not a file).
     pub exe: String,
-    /// The executable's content; `None` when it could not be hashed (yet).
+    /// The file that sent, while its hash may still be on its way: the
+    /// fan-out fills `sha256` from this file's sighting (never from another
+    /// file at the same path), then drops it. Not written by any sink.
+    #[serde(skip)]
+    pub file: Option<ExeKey>,
+    /// The content of the file that sent; `None` when it could not be hashed (yet).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sha256: Option<Sha256>,
     /// Path of the parent process's executable.
@@ -175,14 +180,19 @@ impl FlowTotals {
     }
 
     /// Fills the sha256 of flows drained before their executable was hashed
-    /// (hashing runs beside the drain), from `hashes` (path -> sha256).
-    pub fn fill_missing_hashes(&mut self, hashes: &HashMap<String, Sha256>) {
-        if !self.totals.keys().any(|flow| flow.program.sha256.is_none()) {
+    /// (hashing runs beside the drain) with the hash of the very file that
+    /// sent (`hash_of`: file -> sha256), never another file's at the same
+    /// path; then forgets the files, so flows that differ only by theirs
+    /// (two files of one content at one path) add up.
+    pub fn fill_missing_hashes(&mut self, hash_of: impl Fn(&ExeKey) -> Option<Sha256>) {
+        if !self.totals.keys().any(|flow| flow.program.file.is_some()) {
             return;
         }
         for (mut flow, bytes) in std::mem::take(&mut self.totals) {
-            if flow.program.sha256.is_none() {
-                flow.program.sha256 = hashes.get(&flow.program.exe).cloned();
+            if let Some(file) = flow.program.file.take()
+                && flow.program.sha256.is_none()
+            {
+                flow.program.sha256 = hash_of(&file);
             }
             *self.totals.entry(flow).or_default() += bytes;
         }
@@ -235,6 +245,53 @@ mod tests {
         assert_eq!(peer("::ffff:10.0.0.1").network_type(), Some("ipv4"));
         assert_eq!(peer("fd00::1").network_type(), Some("ipv6"));
         assert_eq!(peer("not an address").network_type(), None);
+    }
+
+    #[test]
+    fn missing_hashes_are_those_of_the_file_that_sent() {
+        let (v1, v2) = (
+            ExeKey {
+                dev: 1,
+                ino: 7,
+                generation: 1,
+            },
+            ExeKey {
+                dev: 1,
+                ino: 7,
+                generation: 2,
+            },
+        );
+        let flow = |file: ExeKey, sent: u64| FlowRecord {
+            program: Program {
+                exe: "/usr/bin/tool".into(),
+                file: Some(file),
+                ..Program::default()
+            },
+            bytes: Bytes { sent, received: 0 },
+            ..FlowRecord::default()
+        };
+        let mut totals = FlowTotals::default();
+        totals.add(flow(v1, 10));
+        totals.add(flow(v2, 20));
+        totals.add(flow(v2, 5));
+        let hashes = HashMap::from([
+            (v1, Sha256::from_digest(&[1; 32])),
+            (v2, Sha256::from_digest(&[2; 32])),
+        ]);
+        totals.fill_missing_hashes(|file| hashes.get(file).cloned());
+        let mut sent: Vec<(Option<Sha256>, Option<ExeKey>, u64)> = totals
+            .records()
+            .into_iter()
+            .map(|r| (r.program.sha256, r.program.file, r.bytes.sent))
+            .collect();
+        sent.sort();
+        assert_eq!(
+            sent,
+            vec![
+                (Some(Sha256::from_digest(&[1; 32])), None, 10),
+                (Some(Sha256::from_digest(&[2; 32])), None, 25),
+            ]
+        );
     }
 
     #[test]

@@ -6,14 +6,16 @@
 //! each sink's mapping: sinks destructure records without `..`, so the
 //! compiler names every sink that has not decided what to do with it.
 
+mod activity;
 mod event;
 mod executable;
 mod flow;
 mod outbox;
 mod sha256;
 
+pub use activity::{Activity, Touched};
 pub use event::{Event, EventKind};
-pub use executable::ExecutableSighting;
+pub use executable::{ExeKey, ExecutableSighting};
 pub use flow::{Bytes, FlowRecord, FlowTotals, Peer, Program, Window, Workload, executable_name};
 pub use outbox::{Outbox, Record};
 pub use sha256::Sha256;

@@ -30,7 +30,9 @@ use super::{
     virustotal::{Check, VirusTotalHandle},
 };
 use crate::{
-    model::{Event, ExecutableSighting, FlowRecord, FlowTotals, Outbox, Record, Sha256, Window},
+    model::{
+        Event, ExeKey, ExecutableSighting, FlowRecord, FlowTotals, Outbox, Record, Sha256, Window,
+    },
     support::unix_now,
 };
 
@@ -132,14 +134,18 @@ pub struct Fanout {
 
 impl Fanout {
     /// Starts the thread; the journal is opened there. Records come from
-    /// `records`, the receiving end of the producers' [`Outbox`].
+    /// `records`, the receiving end of the producers' [`Outbox`]. The hash of
+    /// each file sighted is kept for `hash_retention` (at least three write
+    /// intervals), for flows drained before it was hashed.
     pub fn spawn(
         records: Receiver<Record>,
         journal: impl FnOnce() -> Journal + Send + 'static,
         sinks: Sinks,
         policy: RecordPolicy,
         write_interval: Duration,
+        hash_retention: Duration,
     ) -> std::io::Result<Self> {
+        let hash_retention = hash_retention.max(write_interval * 3);
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = thread::Builder::new()
@@ -150,6 +156,7 @@ impl Fanout {
                     sinks,
                     policy,
                     hashes: HashMap::new(),
+                    hash_retention: i64::try_from(hash_retention.as_secs()).unwrap_or(i64::MAX),
                     flows: FlowTotals::default(),
                     events: Vec::new(),
                     window_start: unix_now(),
@@ -179,9 +186,11 @@ struct State {
     journal: Journal,
     sinks: Sinks,
     policy: RecordPolicy,
-    /// Latest sha256 of each executable path, for flows drained before
-    /// their executable was hashed.
-    hashes: HashMap<String, Sha256>,
+    /// The sha256 of each file sighted (and when), for flows drained before
+    /// their executable was hashed: the file's own, never the path's latest.
+    hashes: HashMap<ExeKey, (Sha256, i64)>,
+    /// Seconds a sighted file's hash is kept.
+    hash_retention: i64,
     /// This window's flows and events for the other sinks (the journal's
     /// batch may hold older windows while it cannot be written).
     flows: FlowTotals,
@@ -242,7 +251,10 @@ impl State {
 
     fn accept_sighting(&mut self, sighting: ExecutableSighting) {
         if let Some(sha256) = &sighting.sha256 {
-            self.hashes.insert(sighting.path.clone(), sha256.clone());
+            self.hashes.insert(
+                sighting.file,
+                (sha256.clone(), sighting.seen_at.max(unix_now())),
+            );
             // The checker asks about each hash once.
             if let Some(virustotal) = &self.sinks.virustotal {
                 virustotal.check(Check {
@@ -256,8 +268,10 @@ impl State {
 
     fn flush(&mut self) {
         let now = unix_now();
+        let hashes = &self.hashes;
+        let hash_of = |file: &ExeKey| hashes.get(file).map(|(sha256, _)| sha256.clone());
         let mut flows = std::mem::take(&mut self.flows);
-        flows.fill_missing_hashes(&self.hashes);
+        flows.fill_missing_hashes(hash_of);
         let window = Window {
             start: self.window_start,
             seconds: (now - self.window_start).max(1) as u64,
@@ -268,7 +282,12 @@ impl State {
         if !window.is_empty() {
             self.sinks.deliver(&window);
         }
-        let found = self.journal.flush(now, &self.hashes);
+        let hashes = &self.hashes;
+        let found = self.journal.flush(now, |file| {
+            hashes.get(file).map(|(sha256, _)| sha256.clone())
+        });
+        let horizon = now.saturating_sub(self.hash_retention);
+        self.hashes.retain(|_, (_, seen)| *seen >= horizon);
         if self.sinks.want_windows() && !found.is_empty() {
             self.sinks.deliver(&Window {
                 start: now,

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::{
-    model::{Event, EventKind, Outbox, Record, Sha256},
+    model::{Activity, Event, EventKind, Outbox, Record, Sha256, Touched},
     support::{InvalidValue, backoff::Backoff, unix_now},
     telemetry::{ExecutableLabels, ResultLabels},
 };
@@ -313,11 +313,13 @@ impl VirusTotalHandle {
 }
 
 /// Starts the checker on the current tokio runtime, or returns `None` when no
-/// API key is configured.
+/// API key is configured. Verdicts of executables `activity` has not seen
+/// for its expiry leave `/metrics` (the journal keeps them).
 pub fn spawn(
     config: &VirusTotalConfig,
     metrics: VirusTotalMetrics,
     outbox: Option<Outbox>,
+    activity: Activity,
 ) -> Result<Option<VirusTotalHandle>, LookupError> {
     let Some(api_key) = config.api_key()? else {
         return Ok(None);
@@ -331,6 +333,8 @@ pub fn spawn(
         max_upload_bytes: config.max_upload_bytes,
         metrics,
         outbox,
+        activity,
+        touched: Touched::default(),
     };
     tokio::spawn(checker.run(receiver));
     tracing::info!(
@@ -348,31 +352,37 @@ struct Checker {
     max_upload_bytes: u64,
     metrics: VirusTotalMetrics,
     outbox: Option<Outbox>,
+    activity: Activity,
+    touched: Touched<ExecutableLabels>,
 }
 
 impl Checker {
-    async fn run(self, mut receiver: mpsc::UnboundedReceiver<Check>) {
+    async fn run(mut self, mut receiver: mpsc::UnboundedReceiver<Check>) {
         let mut queue: VecDeque<(Check, u32)> = VecDeque::new();
         let mut queued: HashSet<Sha256> = HashSet::new();
         // After each 429 the pause doubles, from twice the interval up to
         // MAX_BACKOFF_FACTOR times it. No jitter: this paces one agent's
         // requests, it does not spread a fleet's retries.
+        let interval = self.interval;
         let rate_limited = || {
-            let mut backoff = Backoff::new(self.interval, self.interval * MAX_BACKOFF_FACTOR, 0.0);
+            let mut backoff = Backoff::new(interval, interval * MAX_BACKOFF_FACTOR, 0.0);
             backoff.next_delay();
             backoff
         };
         let mut backoff = rate_limited();
         let mut pause = self.interval;
         loop {
+            self.expire();
             if queue.is_empty() {
-                match receiver.recv().await {
-                    Some(check) => {
+                let sweep = self.activity.sweep_interval();
+                match tokio::time::timeout(sweep, receiver.recv()).await {
+                    Ok(Some(check)) => {
                         if queued.insert(check.sha256.clone()) {
                             queue.push_back((check, 0));
                         }
                     }
-                    None => return,
+                    Ok(None) => return,
+                    Err(_) => continue,
                 }
             }
             while let Ok(check) = receiver.try_recv() {
@@ -424,7 +434,18 @@ impl Checker {
         self.client.upload(name, content).await
     }
 
-    fn record(&self, check: &Check, verdict: &Verdict) {
+    /// Removes the verdicts of executables not seen for the expiry.
+    fn expire(&mut self) {
+        let now = unix_now();
+        let activity = self.activity.clone();
+        for labels in self.touched.sweep(&activity, now, |labels, at| {
+            activity.is_stale(&labels.exe.0, Some(&labels.sha256), at, now)
+        }) {
+            self.metrics.detections.remove(&labels);
+        }
+    }
+
+    fn record(&mut self, check: &Check, verdict: &Verdict) {
         let labels = ExecutableLabels::new(&check.path, Some(check.sha256.as_str()));
         let detail = match verdict {
             Verdict::Found(stats) => {
@@ -433,6 +454,7 @@ impl Checker {
                     .detections
                     .get_or_create(&labels)
                     .set(i64::from(stats.detections()));
+                self.touched.touch(&labels, unix_now());
                 if stats.detections() > 0 {
                     tracing::warn!(
                         exe = ?check.path,

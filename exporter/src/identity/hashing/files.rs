@@ -9,7 +9,10 @@ use std::{
 use sha2::Digest;
 
 use super::{HashFailure, HashJob};
-use crate::{identity::processes::ExeKey, model::Sha256};
+use crate::{
+    identity::{inode::generation_agrees, processes::ExeKey},
+    model::Sha256,
+};
 
 /// Hashes the file the kernel identified as `job.exe`.
 pub fn hash_executable(job: &HashJob) -> Result<Sha256, HashFailure> {
@@ -72,7 +75,8 @@ pub(super) fn open_matching(path: &str, exe: ExeKey) -> Result<(File, u64), Mism
         })
         .map_err(|_| Mismatch::Missing)?;
     let metadata = file.metadata().map_err(|_| Mismatch::Missing)?;
-    if metadata.ino() != exe.ino {
+    // Another file at a freed inode number has another generation.
+    if metadata.ino() != exe.ino || !generation_agrees(&file, exe) {
         return Err(Mismatch::Other);
     }
     if metadata.dev() == exe.dev || devices_differ_from_kernel(&file) {
@@ -144,9 +148,28 @@ mod tests {
     }
 
     #[test]
+    fn a_file_with_another_generation_is_another_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"abc").unwrap();
+        let mut exe = key_of(&path);
+        if exe.generation == 0 {
+            eprintln!("the test directory's file system reports no inode generation");
+            return;
+        }
+        exe.generation = exe.generation.wrapping_add(1).max(1);
+        let job = job(exe, u32::MAX - 1, &path.to_string_lossy());
+        assert_eq!(hash_executable(&job), Err(HashFailure::Replaced));
+    }
+
+    #[test]
     fn vanished_file_and_process_is_process_exited() {
         let job = job(
-            ExeKey { dev: 1, ino: 2 },
+            ExeKey {
+                dev: 1,
+                ino: 2,
+                generation: 0,
+            },
             u32::MAX - 1,
             "/nonexistent/fleetsnitch-test",
         );
@@ -159,6 +182,7 @@ mod tests {
         let key = ExeKey {
             dev: metadata.dev(),
             ino: metadata.ino(),
+            generation: 0,
         };
         let job = job(key, std::process::id(), "/nonexistent/elsewhere");
         let expected = sha256_of(&File::open(std::env::current_exe().unwrap()).unwrap()).unwrap();

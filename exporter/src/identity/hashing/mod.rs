@@ -1,15 +1,18 @@
-//! sha256 of executables, off the hot path, cached by device+inode.
+//! sha256 of executables, off the hot path, cached by file identity.
 //!
-//! A hash is only ever computed from a file descriptor whose device+inode
-//! match what the kernel reported for the process, so a file replaced at the
-//! same path is never hashed under the old identity. The process's own
-//! `/proc/<tgid>/exe` is tried first: it reaches the exact file the process
-//! runs even when the path was replaced or deleted since.
+//! A hash is only ever computed from a file descriptor whose device, inode
+//! (and generation, where the file system tells it) match what the kernel
+//! reported for the process, so a file replaced at the same path is never
+//! hashed under the old identity. The process's own `/proc/<tgid>/exe` is
+//! tried first: it reaches the exact file the process runs even when the path
+//! was replaced or deleted since.
 //!
-//! Device+inode alone do not name a file for ever: a deleted file's inode
-//! number is soon given to a new file. Each cached hash therefore keeps the
-//! file's version (ctime and size) and is reused only while a new process's
-//! file still has it.
+//! The kernel names a file by device, inode and the inode's generation, so a
+//! new file at a freed inode number is another key. Where the file system
+//! keeps no generation, each cached hash also keeps the file's version (ctime
+//! and size) and is reused only while a new process's file still has it; and
+//! each announced process has its own entry in the [`HashIndex`], so its
+//! traffic carries the hash of the file it ran, whatever file came next.
 
 mod files;
 mod worker;
@@ -41,7 +44,7 @@ use super::{
     processes::{ExeKey, Process},
 };
 use crate::{
-    model::{Outbox, Sha256},
+    model::{Activity, Outbox, Sha256},
     telemetry::{ExeLabels, ExecutableLabels, ReasonLabels},
 };
 
@@ -66,8 +69,8 @@ impl HashFailure {
     }
 }
 
-/// What hashing exports: each executable's current hash, its failures and
-/// its modifications in place.
+/// What hashing exports: each (executable, sha256) that ran recently, its
+/// failures and its modifications in place.
 #[derive(Debug, Clone, Default)]
 pub struct HashMetrics {
     executable_info: Family<ExecutableLabels, Gauge>,
@@ -80,7 +83,7 @@ impl HashMetrics {
         let metrics = Self::default();
         registry.register(
             "executable_info",
-            "Executables seen on the network with their sha256; value 1, join on exe",
+            "Executables seen with each sha256 that ran within metrics.executable_expiry; value 1, join on exe",
             metrics.executable_info.clone(),
         );
         registry.register(
@@ -113,11 +116,17 @@ impl HashMetrics {
     }
 }
 
+/// A process, as the hash index knows it: tgid and start time.
+pub type ProcessKey = (u32, u64);
+
 /// A process ran the executable `exe` from `path`: hash it (once per file) and journal the sighting.
 #[derive(Debug, Clone)]
 pub struct HashJob {
     pub exe: ExeKey,
     pub tgid: u32,
+    /// The announced process, whose traffic takes this hash (exec-only
+    /// sightings and lost announcements have none).
+    pub process: Option<ProcessKey>,
     pub path: String,
     pub name: String,
     pub uid: u32,
@@ -137,6 +146,7 @@ impl HashJob {
     /// `process` seen running `path` at `seen_at`, on the network.
     pub fn of(process: &Process, path: String, seen_at: i64) -> Self {
         Self {
+            process: Some((process.tgid, process.start_time_ns)),
             name: process.comm.clone(),
             uid: process.uid,
             parent_path: process.parent_path.clone(),
@@ -150,6 +160,7 @@ impl HashJob {
         Self {
             exe,
             tgid,
+            process: None,
             path,
             name: String::new(),
             uid: 0,
@@ -189,8 +200,112 @@ pub enum NotHeld {
     Unreachable,
 }
 
-/// sha256 of every executable hashed so far, by file identity.
-pub type HashIndex = Arc<RwLock<HashMap<ExeKey, Sha256>>>;
+/// What is known of the hash of a file, or of the file a process ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashState {
+    /// Queued for the worker.
+    Pending,
+    Hashed(Sha256),
+    /// It could not be hashed (see `fleetsnitch_hash_failures_total`).
+    Failed,
+}
+
+impl HashState {
+    pub fn sha256(&self) -> Option<&Sha256> {
+        match self {
+            Self::Hashed(sha256) => Some(sha256),
+            Self::Pending | Self::Failed => None,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Hashes {
+    /// By file identity (device, inode, generation).
+    files: HashMap<ExeKey, HashState>,
+    /// By announced process: the hash of the very file it ran, even where
+    /// the file system keeps no inode generation (overlayfs) or two files
+    /// share device, inode and generation (btrfs subvolumes).
+    processes: HashMap<ProcessKey, HashState>,
+}
+
+/// The hashes the collector gives flows, kept by the worker.
+#[derive(Debug, Clone, Default)]
+pub struct HashIndex(Arc<RwLock<Hashes>>);
+
+impl HashIndex {
+    /// The hash of the file process `process` ran (`exe`): its own entry
+    /// first, else the file's.
+    pub fn state(&self, exe: ExeKey, process: Option<ProcessKey>) -> Option<HashState> {
+        let hashes = self.0.read().ok()?;
+        process
+            .and_then(|process| hashes.processes.get(&process))
+            .or_else(|| hashes.files.get(&exe))
+            .cloned()
+    }
+
+    /// The hash of the file `exe`, if it was hashed already.
+    pub fn sha256_of(&self, exe: ExeKey) -> Option<Sha256> {
+        self.state(exe, None)?.sha256().cloned()
+    }
+
+    /// A job for `exe` (ran by `process`) is queued.
+    fn expect(&self, exe: ExeKey, process: Option<ProcessKey>) {
+        if let Ok(mut hashes) = self.0.write() {
+            hashes.files.entry(exe).or_insert(HashState::Pending);
+            if let Some(process) = process {
+                hashes.processes.insert(process, HashState::Pending);
+            }
+        }
+    }
+
+    /// What the worker found for `exe` (ran by `process`). A failure does not
+    /// erase the file's known hash (the file was reached before).
+    fn settle(
+        &self,
+        exe: ExeKey,
+        process: Option<ProcessKey>,
+        outcome: &Result<Sha256, HashFailure>,
+    ) {
+        let state = match outcome {
+            Ok(sha256) => HashState::Hashed(sha256.clone()),
+            Err(_) => HashState::Failed,
+        };
+        let Ok(mut hashes) = self.0.write() else {
+            return;
+        };
+        if let Some(process) = process {
+            hashes.processes.insert(process, state.clone());
+        }
+        let file = hashes.files.entry(exe).or_insert(HashState::Pending);
+        if state != HashState::Failed || !matches!(file, HashState::Hashed(_)) {
+            *file = state;
+        }
+    }
+
+    fn forget_processes(&self, processes: &[ProcessKey]) {
+        if let Ok(mut hashes) = self.0.write() {
+            for process in processes {
+                hashes.processes.remove(process);
+            }
+        }
+    }
+
+    fn forget_files(&self, files: &[ExeKey]) {
+        if let Ok(mut hashes) = self.0.write() {
+            for file in files {
+                hashes.files.remove(file);
+            }
+        }
+    }
+
+    /// Entries held: (files, processes).
+    pub fn len(&self) -> (usize, usize) {
+        self.0.read().map_or((0, 0), |hashes| {
+            (hashes.files.len(), hashes.processes.len())
+        })
+    }
+}
 
 /// Tells apart two files that had the same (device, inode) one after the
 /// other: a file created at a freed and reused inode has another change time
@@ -249,8 +364,13 @@ impl Hasher {
     /// Starts the worker. Dropping the `Hasher` waits for it to hash what is
     /// queued and hand those sightings on: at shutdown, the sinks then get
     /// every sighting before they stop.
-    /// Sightings go to `outbox` (none: only the index and the metrics are kept).
-    pub fn spawn(metrics: HashMetrics, outbox: Option<Outbox>) -> io::Result<Self> {
+    /// Sightings go to `outbox` (none: only the index and the metrics are kept);
+    /// what nothing saw for `activity`'s expiry is forgotten.
+    pub fn spawn(
+        metrics: HashMetrics,
+        outbox: Option<Outbox>,
+        activity: Activity,
+    ) -> io::Result<Self> {
         let (jobs, queue) = mpsc::channel::<HashJob>();
         let index = HashIndex::default();
         let worker_index = index.clone();
@@ -262,7 +382,14 @@ impl Hasher {
         let worker = thread::Builder::new()
             .name("fleetsnitch-hash".into())
             .spawn(move || {
-                let mut worker = Worker::new(metrics, outbox, worker_index, worker_shared, watch);
+                let mut worker = Worker::new(
+                    metrics,
+                    outbox,
+                    worker_index,
+                    worker_shared,
+                    watch,
+                    activity,
+                );
                 worker.serve(queue);
             })?;
         Ok(Self {
@@ -275,15 +402,31 @@ impl Hasher {
 
     /// The sha256 of `exe`, if it was hashed already.
     pub fn sha256_of(&self, exe: ExeKey) -> Option<Sha256> {
-        self.index.read().ok()?.get(&exe).cloned()
+        self.index.sha256_of(exe)
+    }
+
+    /// What is known of the hash of the file `exe` that `process` ran.
+    pub fn state(&self, exe: ExeKey, process: Option<ProcessKey>) -> Option<HashState> {
+        self.index.state(exe, process)
     }
 
     /// Queues `job`; never blocks.
     pub fn request(&self, job: HashJob) {
+        self.index.expect(job.exe, job.process);
         // The worker only stops when the agent shuts down.
         if let Some(jobs) = &self.jobs {
             let _ = jobs.send(job);
         }
+    }
+
+    /// Forgets the hashes of processes whose traffic has all been drained.
+    pub fn forget_processes(&self, processes: &[ProcessKey]) {
+        self.index.forget_processes(processes);
+    }
+
+    /// Entries of the index: (files, processes).
+    pub fn index_len(&self) -> (usize, usize) {
+        self.index.len()
     }
 
     /// A handle that holds files for this hasher from another thread.
@@ -385,6 +528,7 @@ pub(super) mod test_support {
         HashJob {
             exe,
             tgid,
+            process: None,
             path: path.to_owned(),
             name: "tool".into(),
             uid: 0,
@@ -397,11 +541,17 @@ pub(super) mod test_support {
     }
 
     pub(super) fn key_of(path: &std::path::Path) -> ExeKey {
-        let metadata = std::fs::metadata(path).unwrap();
+        let file = std::fs::File::open(path).unwrap();
+        let metadata = file.metadata().unwrap();
         ExeKey {
             dev: metadata.dev(),
             ino: metadata.ino(),
+            generation: crate::identity::inode::generation_of(&file).unwrap_or(0),
         }
+    }
+
+    pub(super) fn activity() -> Activity {
+        Activity::new(std::time::Duration::from_secs(86_400))
     }
 }
 
@@ -417,7 +567,7 @@ mod tests {
         let (first, second) = (dir.path().join("first"), dir.path().join("second"));
         std::fs::write(&first, b"one").unwrap();
         std::fs::write(&second, b"two").unwrap();
-        let hasher = Hasher::spawn(HashMetrics::default(), None).unwrap();
+        let hasher = Hasher::spawn(HashMetrics::default(), None, activity()).unwrap();
         let gone = u32::MAX - 1;
         let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
 
@@ -450,7 +600,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("brief");
         std::fs::write(&path, b"abc").unwrap();
-        let hasher = Hasher::spawn(HashMetrics::default(), None).unwrap();
+        let hasher = Hasher::spawn(HashMetrics::default(), None, activity()).unwrap();
         let exe = key_of(&path);
         let gone = u32::MAX - 1;
         let held = hasher.hold(gone, &path.to_string_lossy(), exe, 4).unwrap();

@@ -1,8 +1,9 @@
 //! The hashing thread: hashes each sighting's file once per version, keeps
-//! fanotify marks on what it hashed, and hands every sighting on.
+//! fanotify marks on what it hashed, hands every sighting on, and exports
+//! each (executable, sha256) that ran within the expiry.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, mpsc},
     time::Duration,
 };
@@ -14,25 +15,35 @@ use super::{
 };
 use crate::{
     identity::{modification::ModificationWatch, processes::ExeKey},
-    model::{ExecutableSighting, Outbox, Record, Sha256},
+    model::{Activity, ExecutableSighting, Outbox, Record, Sha256, Touched},
     support::unix_now,
-    telemetry::{ExeLabels, ExecutableLabels},
+    telemetry::{ExeLabels, ExecutableLabels, UNAVAILABLE},
 };
 
 pub(super) struct Worker {
     metrics: HashMetrics,
     outbox: Option<Outbox>,
     index: HashIndex,
-    /// Results by file identity: the kernel's (device, inode) and the open
-    /// file's `st_dev` (the same but on btrfs and overlayfs, where it names the subvolume or layer).
-    /// Each with the stamp of the file hashed (`None` for failures).
+    /// Results by file identity: the kernel's (device, inode, generation)
+    /// and the open file's `st_dev` (the same but on btrfs and overlayfs,
+    /// where it names the subvolume or layer). Each with the stamp of the
+    /// file hashed (`None` for failures).
     cache: HashMap<(ExeKey, u64), Cached>,
-    /// The `executable_info` series currently exported for each path.
-    current: HashMap<String, ExecutableLabels>,
+    /// The files behind each exported `executable_info` series (two files
+    /// of one content at one path share a series).
+    versions: HashMap<ExecutableLabels, HashSet<ExeKey>>,
+    /// The series each file is exported under: its current hash.
+    file_labels: HashMap<ExeKey, ExecutableLabels>,
+    info_touched: Touched<ExecutableLabels>,
+    modified_touched: Touched<ExeLabels>,
+    /// The path each file was last seen at, and when (for forgetting it).
+    files: HashMap<ExeKey, String>,
+    files_touched: Touched<ExeKey>,
     /// The last sighting of each watched executable, to journal a modification with it.
     last_jobs: HashMap<ExeKey, HashJob>,
     watch: ModificationWatch,
     shared: Arc<Shared>,
+    activity: Activity,
 }
 
 impl Worker {
@@ -42,16 +53,23 @@ impl Worker {
         index: HashIndex,
         shared: Arc<Shared>,
         watch: ModificationWatch,
+        activity: Activity,
     ) -> Self {
         Self {
             metrics,
             outbox,
             index,
             cache: HashMap::new(),
-            current: HashMap::new(),
+            versions: HashMap::new(),
+            file_labels: HashMap::new(),
+            info_touched: Touched::default(),
+            modified_touched: Touched::default(),
+            files: HashMap::new(),
+            files_touched: Touched::default(),
             last_jobs: HashMap::new(),
             watch,
             shared,
+            activity,
         }
     }
 
@@ -65,7 +83,55 @@ impl Worker {
             for (exe, path) in self.watch.poll() {
                 self.rehash_modified(exe, &path);
             }
+            self.expire(unix_now());
         }
+    }
+
+    /// Removes the series of executables (and versions) nothing saw for the
+    /// expiry, and forgets the files nothing saw either: their cached hash,
+    /// stamp and fanotify mark.
+    fn expire(&mut self, now: i64) {
+        let activity = self.activity.clone();
+        for labels in self.info_touched.sweep(&activity, now, |labels, at| {
+            activity.is_stale(&labels.exe.0, version_of(labels), at, now)
+        }) {
+            self.metrics.executable_info.remove(&labels);
+            for file in self.versions.remove(&labels).unwrap_or_default() {
+                if self.file_labels.get(&file) == Some(&labels) {
+                    self.file_labels.remove(&file);
+                }
+            }
+        }
+        for labels in self.modified_touched.sweep(&activity, now, |labels, at| {
+            activity.is_stale(&labels.exe.0, None, at, now)
+        }) {
+            self.metrics.executable_modified.remove(&labels);
+        }
+        let files = &self.files;
+        let gone: HashSet<ExeKey> = self
+            .files_touched
+            .sweep(&activity, now, |file, at| {
+                files
+                    .get(file)
+                    .is_none_or(|path| activity.is_stale(path, None, at, now))
+            })
+            .into_iter()
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        self.cache.retain(|(file, _), _| !gone.contains(file));
+        for file in &gone {
+            self.files.remove(file);
+            self.last_jobs.remove(file);
+            self.file_labels.remove(file);
+            self.watch.unwatch(*file);
+        }
+        if let Ok(mut stamps) = self.shared.stamps.write() {
+            stamps.retain(|file, _| !gone.contains(file));
+        }
+        let gone: Vec<ExeKey> = gone.into_iter().collect();
+        self.index.forget_files(&gone);
     }
 
     /// `exe` was written to in place: hash it again and journal the change.
@@ -90,15 +156,16 @@ impl Worker {
         {
             return;
         }
-        if let Ok(mut index) = self.index.write() {
-            index.insert(exe, sha256.clone());
-        }
+        self.index.settle(exe, None, &Ok(sha256.clone()));
         tracing::warn!(exe = path, %sha256, "executable modified in place");
+        let now = unix_now();
+        let labels = ExeLabels::new(path);
         self.metrics
             .executable_modified
-            .get_or_create(&ExeLabels::new(path))
-            .set(unix_now());
-        job.seen_at = unix_now();
+            .get_or_create(&labels)
+            .set(now);
+        self.modified_touched.touch(&labels, now);
+        job.seen_at = now;
         self.export(&job, Ok(sha256), true);
     }
 
@@ -110,6 +177,7 @@ impl Worker {
         }
         let held = job.file.take();
         let outcome = self.outcome(&job, held.as_deref());
+        self.index.settle(job.exe, job.process, &outcome);
         if held.is_some()
             && let Ok(mut pending) = self.shared.pending.lock()
         {
@@ -199,21 +267,23 @@ impl Worker {
             self.metrics.failure(*failure).inc();
         }
         self.cache.insert(key, (stamp, outcome.clone()));
-        if let Ok(sha256) = &outcome {
-            if let Ok(mut index) = self.index.write() {
-                index.insert(job.exe, sha256.clone());
-            }
+        if outcome.is_ok() {
             self.remember_stamp(job.exe, stamp);
         }
         outcome
     }
 
-    /// Hands the sighting on and exports the executable's current hash.
+    /// Hands the sighting on and exports the file's current hash, beside the
+    /// other versions of its path that ran within the expiry.
     fn export(&mut self, job: &HashJob, outcome: Result<Sha256, HashFailure>, modified: bool) {
+        let now = unix_now();
         let labels = ExecutableLabels::new(&job.path, outcome.as_ref().ok().map(Sha256::as_str));
+        self.files.insert(job.exe, job.path.clone());
+        self.files_touched.touch(&job.exe, now);
         if let Some(outbox) = &self.outbox {
             outbox.send(Record::Executable(ExecutableSighting {
                 path: job.path.clone(),
+                file: job.exe,
                 hash_failure: outcome.as_ref().err().map(|failure| failure.reason()),
                 sha256: outcome.ok(),
                 name: job.name.clone(),
@@ -225,13 +295,32 @@ impl Worker {
                 command_line: job.command_line.clone(),
             }));
         }
-        if let Some(previous) = self.current.insert(job.path.clone(), labels.clone())
+        // A file has one current hash: modified in place (or first
+        // unhashable), its earlier series goes, unless another file still
+        // holds it.
+        if let Some(previous) = self.file_labels.insert(job.exe, labels.clone())
             && previous != labels
+            && let Some(files) = self.versions.get_mut(&previous)
         {
-            self.metrics.executable_info.remove(&previous);
+            files.remove(&job.exe);
+            if files.is_empty() {
+                self.versions.remove(&previous);
+                self.info_touched.forget(&previous);
+                self.metrics.executable_info.remove(&previous);
+            }
         }
+        self.versions
+            .entry(labels.clone())
+            .or_default()
+            .insert(job.exe);
+        self.info_touched.touch(&labels, now);
         self.metrics.executable_info.get_or_create(&labels).set(1);
     }
+}
+
+/// The version an `executable_info` series names; none when unhashed.
+fn version_of(labels: &ExecutableLabels) -> Option<&str> {
+    Some(labels.sha256.as_str()).filter(|sha256| *sha256 != UNAVAILABLE)
 }
 
 #[cfg(test)]
@@ -247,6 +336,7 @@ mod tests {
             HashIndex::default(),
             Arc::new(Shared::default()),
             ModificationWatch::new(),
+            activity(),
         )
     }
 
@@ -258,7 +348,7 @@ mod tests {
         let key = key_of(&path);
         let mut worker = worker();
         worker.run(job(key, u32::MAX - 1, &path.to_string_lossy()));
-        let first = worker.index.read().unwrap()[&key].clone();
+        let first = worker.index.sha256_of(key).unwrap();
         // What a new file under the same inode number looks like from here:
         // same device+inode, another ctime and size (no fanotify event seen:
         // a freed inode takes its mark with it).
@@ -267,7 +357,7 @@ mod tests {
         std::fs::write(&path, b"another program").unwrap();
         assert_eq!(key_of(&path), key);
         worker.run(job(key, u32::MAX - 1, &path.to_string_lossy()));
-        let second = worker.index.read().unwrap()[&key].clone();
+        let second = worker.index.sha256_of(key).unwrap();
         assert_ne!(first, second);
         assert_eq!(
             second,
@@ -276,7 +366,7 @@ mod tests {
         );
         // Unchanged, the cached hash is used without reading the file again.
         worker.run(job(key, u32::MAX - 1, &path.to_string_lossy()));
-        assert_eq!(worker.index.read().unwrap()[&key], second);
+        assert_eq!(worker.index.sha256_of(key).unwrap(), second);
     }
 
     #[test]

@@ -12,7 +12,7 @@ mod ignore;
 mod schema;
 mod store;
 
-use std::{collections::HashMap, path::PathBuf, time::Duration};
+use std::{path::PathBuf, time::Duration};
 
 pub use ignore::IgnoreList;
 use prometheus_client::{
@@ -23,9 +23,9 @@ use serde::Deserialize;
 pub use store::{Batch, ExecutableState, Store, StoreError};
 
 use crate::{
-    model::{Event, EventKind, ExecutableSighting, FlowRecord, Sha256},
+    model::{Activity, Event, EventKind, ExeKey, ExecutableSighting, FlowRecord, Sha256, Touched},
     support::{InvalidValue, check_duration, check_range, unix_now},
-    telemetry::{ExeLabels, ExecutableLabels, KindLabels, PathLabels},
+    telemetry::{ExeLabels, ExecutableLabels, KindLabels, PathLabels, UNAVAILABLE},
 };
 
 pub const DEFAULT_JOURNAL_PATH: &str = "/var/lib/fleetsnitch/journal.db";
@@ -170,6 +170,10 @@ impl JournalMetrics {
 pub struct Journal {
     config: JournalConfig,
     metrics: JournalMetrics,
+    /// The per-executable series it exports expire by this clock.
+    activity: Activity,
+    first_seen_touched: Touched<ExecutableLabels>,
+    path_touched: Touched<ExeLabels>,
     store: Option<Store>,
     /// What waits to be written: this window, and older ones while the
     /// journal cannot be written.
@@ -180,11 +184,16 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Opens the journal; one that cannot be opened now is retried at every flush.
-    pub fn open(config: JournalConfig, metrics: JournalMetrics) -> Self {
+    /// Opens the journal; one that cannot be opened now is retried at every
+    /// flush. The series it exports of executables `activity` has not seen
+    /// for its expiry are removed (the journal keeps the executables).
+    pub fn open(config: JournalConfig, metrics: JournalMetrics, activity: Activity) -> Self {
         let mut journal = Self {
             config,
             metrics,
+            activity,
+            first_seen_touched: Touched::default(),
+            path_touched: Touched::default(),
             store: None,
             batch: Batch::default(),
             window_start: unix_now(),
@@ -262,11 +271,13 @@ impl Journal {
     }
 
     /// Writes what waits, in one transaction, filling the hashes of flows
-    /// drained before their executable was hashed from `hashes`. Returns the
-    /// events the journal found (new executable, new hash, modified), which
-    /// the other sinks get once they are written.
-    pub fn flush(&mut self, now: i64, hashes: &HashMap<String, Sha256>) -> Vec<Event> {
-        self.batch.fill_missing_hashes(hashes);
+    /// drained before their executable was hashed with the hash of the file
+    /// that sent (`hash_of`). Returns the events the journal found (new
+    /// executable, new hash, modified), which the other sinks get once they
+    /// are written.
+    pub fn flush(&mut self, now: i64, hash_of: impl Fn(&ExeKey) -> Option<Sha256>) -> Vec<Event> {
+        self.expire(now);
+        self.batch.fill_missing_hashes(hash_of);
         if self.batch.is_empty() {
             self.window_start = now;
             return Vec::new();
@@ -308,14 +319,35 @@ impl Journal {
         }
     }
 
-    fn publish(&self, states: &[ExecutableState], events: &[Event]) {
+    /// Removes the series of executables (and versions) not seen for the expiry.
+    fn expire(&mut self, now: i64) {
+        let activity = self.activity.clone();
+        for labels in self.first_seen_touched.sweep(&activity, now, |labels, at| {
+            let sha256 = Some(labels.sha256.as_str()).filter(|sha256| *sha256 != UNAVAILABLE);
+            activity.is_stale(&labels.exe.0, sha256, at, now)
+        }) {
+            self.metrics.executable_first_seen.remove(&labels);
+        }
+        for exe in self.path_touched.sweep(&activity, now, |exe, at| {
+            activity.is_stale(&exe.exe.0, None, at, now)
+        }) {
+            self.metrics.path_first_seen.remove(&exe);
+            self.metrics.exec_only.remove(&exe);
+        }
+    }
+
+    fn publish(&mut self, states: &[ExecutableState], events: &[Event]) {
+        let now = unix_now();
         for state in states {
             let sha256 = Some(state.sha256.as_str()).filter(|sha256| !sha256.is_empty());
+            let labels = ExecutableLabels::new(&state.path, sha256);
             self.metrics
                 .executable_first_seen
-                .get_or_create(&ExecutableLabels::new(&state.path, sha256))
+                .get_or_create(&labels)
                 .set(state.first_seen);
+            self.first_seen_touched.touch(&labels, now);
             let exe = ExeLabels::new(&state.path);
+            self.path_touched.touch(&exe, now);
             self.metrics
                 .path_first_seen
                 .get_or_create(&exe)

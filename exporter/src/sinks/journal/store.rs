@@ -15,7 +15,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::schema::{self, SchemaError};
 use crate::model::{
-    Event, EventKind, ExecutableSighting, FlowRecord, FlowTotals, Peer, Program, Sha256,
+    Event, EventKind, ExeKey, ExecutableSighting, FlowRecord, FlowTotals, Peer, Program, Sha256,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +85,8 @@ impl Batch {
     }
 
     pub fn add_executable(&mut self, seen: ExecutableSighting) {
+        // The journal keeps executables by path and content; the file that
+        // ran matters to the flows (filled from the sighting by the fan-out).
         let sha256 = seen.sha256.map(|sha256| sha256.as_str().to_owned());
         let key = (seen.path, sha256.unwrap_or_default());
         let entry = self.executables.entry(key).or_insert_with(|| Sightings {
@@ -111,9 +113,10 @@ impl Batch {
         entry.last = entry.last.max(seen.seen_at);
     }
 
-    /// Fills the sha256 of flows drained before their executable was hashed.
-    pub fn fill_missing_hashes(&mut self, hashes: &HashMap<String, Sha256>) {
-        self.flows.fill_missing_hashes(hashes);
+    /// Fills the sha256 of flows drained before their executable was
+    /// hashed, with the hash of the file that sent (`hash_of`).
+    pub fn fill_missing_hashes(&mut self, hash_of: impl Fn(&ExeKey) -> Option<Sha256>) {
+        self.flows.fill_missing_hashes(hash_of);
     }
 
     /// Adds traffic, merging it with the same flow's traffic in this window.
@@ -262,6 +265,8 @@ impl Store {
                     program:
                         Program {
                             exe,
+                            // Filled into sha256 before the flush.
+                            file: _,
                             sha256,
                             parent,
                             uid,
@@ -503,6 +508,7 @@ mod tests {
     fn seen(path: &str, sha: &str, at: i64) -> ExecutableSighting {
         ExecutableSighting {
             path: path.into(),
+            file: ExeKey::default(),
             sha256: Sha256::from_hex(sha),
             name: "tool".into(),
             uid: 1000,

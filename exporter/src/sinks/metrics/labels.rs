@@ -5,7 +5,10 @@
 //! `other` and are counted (once per distinct value) in
 //! `fleetsnitch_label_overflow_total{label}`. The family as a whole is capped
 //! too: past `metrics.max_series`, new combinations fold every optional
-//! dimension into `other`. Memory stays bounded whatever the traffic.
+//! dimension into `other`. When an executable's series expire
+//! ([`LabelPolicy::forget_exe`]) its `exe` value and every value no other
+//! series uses give their places back. Memory stays bounded whatever the
+//! traffic.
 
 use std::{
     collections::{HashMap, HashSet, hash_map::DefaultHasher},
@@ -23,7 +26,7 @@ use serde::Deserialize;
 
 use crate::{
     model::FlowRecord,
-    telemetry::{Direction, Text},
+    telemetry::{Direction, Text, UNAVAILABLE},
 };
 
 /// Value of a folded label.
@@ -49,10 +52,11 @@ pub enum Dimension {
     ContainerName,
     Pod,
     Namespace,
+    Sha256,
 }
 
 impl Dimension {
-    pub const ALL: [Dimension; 12] = [
+    pub const ALL: [Dimension; 13] = [
         Dimension::Parent,
         Dimension::User,
         Dimension::Uid,
@@ -65,6 +69,7 @@ impl Dimension {
         Dimension::ContainerName,
         Dimension::Pod,
         Dimension::Namespace,
+        Dimension::Sha256,
     ];
 
     /// The label name.
@@ -82,6 +87,7 @@ impl Dimension {
             Self::ContainerName => "container_name",
             Self::Pod => "pod",
             Self::Namespace => "namespace",
+            Self::Sha256 => "sha256",
         }
     }
 
@@ -95,6 +101,8 @@ impl Dimension {
             Self::RemotePort => 200,
             Self::Parent | Self::Domain | Self::Asn => 500,
             Self::ContainerId | Self::ContainerName | Self::Pod => 500,
+            // As many as executables: one per version that ran.
+            Self::Sha256 => 5_000,
         }
     }
 }
@@ -162,7 +170,8 @@ fn encode_pair<V: EncodeLabelValue>(
 #[derive(Debug)]
 struct Folder {
     cap: usize,
-    admitted: HashSet<String>,
+    /// Each admitted value, with the number of live series that use it.
+    admitted: HashMap<String, usize>,
     folded: HashSet<u64>,
     /// `fleetsnitch_label_overflow_total` of this dimension.
     folded_total: Counter,
@@ -172,7 +181,7 @@ impl Folder {
     fn new(cap: usize, folded_total: Counter) -> Self {
         Self {
             cap,
-            admitted: HashSet::new(),
+            admitted: HashMap::new(),
             folded: HashSet::new(),
             folded_total,
         }
@@ -180,11 +189,11 @@ impl Folder {
 
     /// The value to export for `value`.
     fn fold(&mut self, value: &str) -> Text {
-        if value.is_empty() || self.admitted.contains(value) {
+        if value.is_empty() || self.admitted.contains_key(value) {
             return Text(value.to_owned());
         }
         if self.admitted.len() < self.cap {
-            self.admitted.insert(value.to_owned());
+            self.admitted.insert(value.to_owned(), 0);
             return Text(value.to_owned());
         }
         let mut hasher = DefaultHasher::new();
@@ -194,6 +203,29 @@ impl Folder {
             self.folded_total.inc();
         }
         Text(OTHER.to_owned())
+    }
+
+    /// A new series uses the exported `value`.
+    fn hold(&mut self, value: &str) {
+        if let Some(uses) = self.admitted.get_mut(value) {
+            *uses += 1;
+        }
+    }
+
+    /// A series that used `value` is gone; unused, the value gives its place back.
+    fn release(&mut self, value: &str) {
+        if let Some(uses) = self.admitted.get_mut(value) {
+            *uses = uses.saturating_sub(1);
+            if *uses == 0 {
+                self.admitted.remove(value);
+            }
+        }
+    }
+
+    /// Gives back the places of values no series uses (admitted for a series
+    /// that `max_series` then folded).
+    fn release_unused(&mut self) {
+        self.admitted.retain(|_, uses| *uses > 0);
     }
 }
 
@@ -208,7 +240,9 @@ pub struct LabelPolicy {
     exec_exe: Folder,
     folders: HashMap<Dimension, Folder>,
     max_series: usize,
-    series: HashSet<TrafficLabels>,
+    /// Every series admitted, by its `exe` value.
+    series: HashMap<Text, HashSet<TrafficLabels>>,
+    series_len: usize,
     /// Whole series folded by `max_series` (`label="_series"`).
     series_folded: Counter,
     /// `fleetsnitch_bytes_series`.
@@ -273,7 +307,8 @@ impl LabelPolicy {
             ephemeral_ports,
             folders,
             max_series,
-            series: HashSet::new(),
+            series: HashMap::new(),
+            series_len: 0,
             series_folded: metrics.counter(SERIES_LABEL),
             series_count: metrics.series.clone(),
         }
@@ -284,6 +319,80 @@ impl LabelPolicy {
     /// (`label="exe"`), but with its own admitted values.
     pub fn exec_exe_label(&mut self, exe: &str) -> Text {
         self.exec_exe.fold(exe)
+    }
+
+    /// `fleetsnitch_exec_total{exe}` now exists: its value is in use.
+    pub fn hold_exec_exe(&mut self, exe: &Text) {
+        self.exec_exe.hold(&exe.0);
+    }
+
+    /// `fleetsnitch_exec_total{exe}` expired: its place is given back.
+    pub fn forget_exec_exe(&mut self, exe: &Text) {
+        self.exec_exe.release(&exe.0);
+    }
+
+    /// Takes out every series of `exe` (they expired) and gives back the
+    /// places of `exe` and of each value no other series uses. Returns them,
+    /// to be removed from the family.
+    pub fn forget_exe(&mut self, exe: &Text) -> Vec<TrafficLabels> {
+        let Some(series) = self.series.remove(exe) else {
+            return Vec::new();
+        };
+        self.series_len -= series.len();
+        self.series_count.set(self.series_len as i64);
+        for labels in &series {
+            self.release(labels);
+        }
+        series.into_iter().collect()
+    }
+
+    /// Gives back the places of values admitted for series that
+    /// `max_series` folded.
+    pub fn release_unused(&mut self) {
+        self.exe.release_unused();
+        self.exec_exe.release_unused();
+        for folder in self.folders.values_mut() {
+            folder.release_unused();
+        }
+    }
+
+    fn hold(&mut self, labels: &TrafficLabels) {
+        self.exe.hold(&labels.exe.0);
+        for (dimension, value) in &labels.extra {
+            if let Some(folder) = self.folders.get_mut(dimension) {
+                folder.hold(&value.0);
+            }
+        }
+    }
+
+    fn release(&mut self, labels: &TrafficLabels) {
+        self.exe.release(&labels.exe.0);
+        for (dimension, value) in &labels.extra {
+            if let Some(folder) = self.folders.get_mut(dimension) {
+                folder.release(&value.0);
+            }
+        }
+    }
+
+    /// Admits `labels` as a series; false when it existed already.
+    fn admit(&mut self, labels: &TrafficLabels) -> bool {
+        let fresh = self
+            .series
+            .entry(labels.exe.clone())
+            .or_default()
+            .insert(labels.clone());
+        if fresh {
+            self.series_len += 1;
+            self.series_count.set(self.series_len as i64);
+            self.hold(labels);
+        }
+        fresh
+    }
+
+    fn contains(&self, labels: &TrafficLabels) -> bool {
+        self.series
+            .get(&labels.exe)
+            .is_some_and(|series| series.contains(labels))
     }
 
     pub fn dimensions(&self) -> &[Dimension] {
@@ -308,12 +417,11 @@ impl LabelPolicy {
             direction,
             extra,
         };
-        if self.series.contains(&labels) {
+        if self.contains(&labels) {
             return labels;
         }
-        if self.series.len() < self.max_series {
-            self.series.insert(labels.clone());
-            self.series_count.set(self.series.len() as i64);
+        if self.series_len < self.max_series {
+            self.admit(&labels);
             return labels;
         }
         self.series_folded.inc();
@@ -325,9 +433,7 @@ impl LabelPolicy {
                 .collect(),
             ..labels
         };
-        if self.series.insert(folded.clone()) {
-            self.series_count.set(self.series.len() as i64);
-        }
+        self.admit(&folded);
         folded
     }
 
@@ -358,6 +464,13 @@ impl LabelPolicy {
             Dimension::ContainerName => text(&workload.container_name),
             Dimension::Pod => text(&workload.pod),
             Dimension::Namespace => text(&workload.namespace),
+            // The file that sent; a file that could not be hashed is
+            // "unavailable", as in fleetsnitch_executable_info.
+            Dimension::Sha256 => match (&program.sha256, program.exe.starts_with('[')) {
+                (Some(sha256), _) => sha256.as_str().to_owned(),
+                (None, false) => UNAVAILABLE.to_owned(),
+                (None, true) => String::new(),
+            },
         }
     }
 
@@ -366,9 +479,14 @@ impl LabelPolicy {
         self.ephemeral_ports.contains(&port)
     }
 
-    /// Series admitted so far.
+    /// Series admitted and not expired.
     pub fn series_count(&self) -> usize {
-        self.series.len()
+        self.series_len
+    }
+
+    /// Whether the `sha256` label is exported: flows then wait for their hash.
+    pub fn exports_sha256(&self) -> bool {
+        self.dimensions.contains(&Dimension::Sha256)
     }
 }
 
@@ -525,6 +643,55 @@ mod tests {
         let (mut policy, _metrics) = policy(&[Dimension::User], &[], 1000);
         let labels = policy.labels(&flow(1), Direction::Sent);
         assert_eq!(value(&labels, Dimension::User), "root");
+    }
+
+    #[test]
+    fn an_expired_executable_gives_its_places_back() {
+        let (mut policy, metrics) = policy(
+            &[Dimension::RemotePort],
+            &[("exe", 2), ("remote_port", 2)],
+            1000,
+        );
+        policy.labels(&of("/tmp/a", flow(1)), Direction::Sent);
+        policy.labels(&of("/tmp/a", flow(2)), Direction::Sent);
+        policy.labels(&of("/tmp/b", flow(2)), Direction::Sent);
+        assert_eq!(
+            policy.labels(&of("/tmp/c", flow(2)), Direction::Sent).exe.0,
+            OTHER
+        );
+        assert_eq!(policy.series_count(), 4);
+
+        let gone = policy.forget_exe(&Text("/tmp/a".into()));
+        assert_eq!(gone.len(), 2);
+        assert_eq!(policy.series_count(), 2, "b's and other's");
+        assert_eq!(metrics.series.get(), 2);
+        let labels = policy.labels(&of("/tmp/c", flow(3)), Direction::Sent);
+        assert_eq!(labels.exe.0, "/tmp/c", "a's place went to c");
+        assert_eq!(
+            value(&labels, Dimension::RemotePort),
+            "3",
+            "port 1 was only a's: its place went to 3"
+        );
+        let labels = policy.labels(&of("/tmp/c", flow(4)), Direction::Sent);
+        assert_eq!(
+            value(&labels, Dimension::RemotePort),
+            OTHER,
+            "2 and 3 in use"
+        );
+    }
+
+    #[test]
+    fn sha256_is_the_hash_of_the_file_that_sent() {
+        let (mut policy, _metrics) = policy(&[Dimension::Sha256], &[], 1000);
+        assert!(policy.exports_sha256());
+        let mut hashed = of("/usr/bin/curl", flow(443));
+        hashed.program.sha256 = Some(crate::model::Sha256::from_digest(&[0xab; 32]));
+        let labels = policy.labels(&hashed, Direction::Sent);
+        assert_eq!(value(&labels, Dimension::Sha256), "ab".repeat(32));
+        let labels = policy.labels(&of("/usr/bin/curl", flow(443)), Direction::Sent);
+        assert_eq!(value(&labels, Dimension::Sha256), UNAVAILABLE);
+        let labels = policy.labels(&of("[kernel]", flow(443)), Direction::Sent);
+        assert_eq!(value(&labels, Dimension::Sha256), "");
     }
 
     #[test]

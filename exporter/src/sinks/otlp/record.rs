@@ -175,6 +175,8 @@ fn add_flow_attributes(target: &mut SdkLogRecord, record: &FlowRecord) {
         program:
             Program {
                 exe,
+                // Filled into sha256 by the fan-out before a window leaves.
+                file: _,
                 sha256,
                 parent,
                 uid,
