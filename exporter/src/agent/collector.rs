@@ -6,7 +6,9 @@
 //! pod) into a flow record, counted in `/metrics` and handed to the other
 //! sinks. `/metrics` is at most one interval behind (with the `sha256`
 //! label, a new executable's first bytes wait for its hash, up to
-//! [`HASH_WAIT`]). It records when each executable was seen, the clock
+//! [`HASH_WAIT`]); the other sinks get each flow once the file that sent it
+//! is hashed (or [`HASH_WAIT`] passed), so that every rollup carries the hash
+//! of that very file. It records when each executable was seen, the clock
 //! per-executable series expire by.
 
 use std::{
@@ -109,16 +111,20 @@ struct ExecTracking {
     record_command_lines: bool,
 }
 
-/// How long, with the `sha256` label on, a flow waits for the hash of the
-/// file that sent it before it is counted without (`sha256="unavailable"`).
+/// How long a flow waits for the hash of the file that sent it before it
+/// goes to the sinks without (and, with the `sha256` label on, is counted as
+/// `sha256="unavailable"`).
 pub const HASH_WAIT: Duration = Duration::from_secs(5);
 
-/// A flow held back from `/metrics` until its executable is hashed.
+/// A flow held back from the sinks (and, with the `sha256` label, from
+/// `/metrics`) until its executable is hashed.
 struct AwaitingHash {
     flow: FlowRecord,
     exe: ExeKey,
     process: Option<ProcessKey>,
     since: Instant,
+    /// Counted in `/metrics` already (the `sha256` label is off).
+    counted: bool,
 }
 
 /// Everything the collector thread owns.
@@ -221,6 +227,12 @@ impl Collector {
             self.read_events();
         }
         self.drain_and_report();
+        // What still waits for a hash goes out as it is.
+        let (counted, delivered) = self.hashed_since(true);
+        self.traffic_metrics.count_flows(&counted);
+        if !delivered.is_empty() {
+            self.outbox.send(Record::Flows(delivered));
+        }
     }
 
     fn drain_and_report(&mut self) {
@@ -337,36 +349,44 @@ impl Collector {
         self.read_events();
         let entries = self.traffic.take_previous()?;
         let now = unix_now();
-        let wait_for_hashes = self.traffic_metrics.wants_sha256();
-        let mut flows = Vec::with_capacity(entries.len());
-        let mut ready = Vec::with_capacity(entries.len());
+        let count_unhashed = !self.traffic_metrics.wants_sha256();
+        let mut counted = Vec::with_capacity(entries.len());
+        let mut delivered = Vec::with_capacity(entries.len());
         for (key, value) in &entries {
             let (flow, pending) = self.flow(key, value);
+            self.activity
+                .record(&flow.program.exe, flow.program.sha256.as_ref(), now);
             match pending {
-                Some((exe, process)) if wait_for_hashes => {
+                Some((exe, process)) => {
+                    if count_unhashed {
+                        counted.push(flow.clone());
+                    }
                     self.awaiting_hash.push(AwaitingHash {
-                        flow: flow.clone(),
+                        flow,
                         exe,
                         process,
                         since: Instant::now(),
+                        counted: count_unhashed,
                     });
                 }
-                _ => ready.push(flow.clone()),
+                None => {
+                    counted.push(flow.clone());
+                    delivered.push(flow);
+                }
             }
-            flows.push(flow);
         }
-        let hashed = self.hashed_since();
+        let (hashed_counted, hashed) = self.hashed_since(false);
         self.activity.record_all(
-            flows
+            hashed
                 .iter()
-                .chain(&hashed)
                 .map(|flow| (flow.program.exe.as_str(), flow.program.sha256.as_ref())),
             now,
         );
-        ready.extend(hashed);
-        self.traffic_metrics.count_flows(&ready);
-        if !flows.is_empty() {
-            self.outbox.send(Record::Flows(flows));
+        counted.extend(hashed_counted);
+        delivered.extend(hashed);
+        self.traffic_metrics.count_flows(&counted);
+        if !delivered.is_empty() {
+            self.outbox.send(Record::Flows(delivered));
         }
         self.enricher.after_drain(&exited);
         self.retire(exited.clone());
@@ -379,24 +399,29 @@ impl Collector {
         Ok(())
     }
 
-    /// Flows held back for their hash that have it now (or waited long enough).
-    fn hashed_since(&mut self) -> Vec<FlowRecord> {
+    /// Flows held back for their hash that have it now, waited long enough,
+    /// or (`all`) must go now: those to count in `/metrics`, and those to
+    /// deliver to the sinks.
+    fn hashed_since(&mut self, all: bool) -> (Vec<FlowRecord>, Vec<FlowRecord>) {
+        let (mut counted, mut delivered) = (Vec::new(), Vec::new());
         if self.awaiting_hash.is_empty() {
-            return Vec::new();
+            return (counted, delivered);
         }
-        let mut ready = Vec::new();
         let hasher = &self.hasher;
         self.awaiting_hash.retain_mut(|waiting| {
             let state = hasher.state(waiting.exe, waiting.process);
-            if state == Some(HashState::Pending) && waiting.since.elapsed() < HASH_WAIT {
+            if !all && state == Some(HashState::Pending) && waiting.since.elapsed() < HASH_WAIT {
                 return true;
             }
             let mut flow = std::mem::take(&mut waiting.flow);
             flow.program.sha256 = state.as_ref().and_then(HashState::sha256).cloned();
-            ready.push(flow);
+            if !waiting.counted {
+                counted.push(flow.clone());
+            }
+            delivered.push(flow);
             false
         });
-        ready
+        (counted, delivered)
     }
 
     /// Exited processes' hashes are forgotten once no flow may wait for them.
