@@ -45,7 +45,10 @@ fn wait_for<T>(bound: Duration, mut probe: impl FnMut() -> Result<Option<T>>) ->
 #[test]
 fn replaced_executable_is_reported_under_its_new_sha256() -> Result<()> {
     require_root!("to load eBPF programs");
-    let bed = Testbed::setup("fsn-replace")?.start()?;
+    // Versions not seen for 5 s leave fleetsnitch_executable_info.
+    let bed = Testbed::setup("fsn-replace")?
+        .config("metrics:\n  executable_expiry: 5s\n")
+        .start()?;
     let agent = &bed.agent;
     let exe = bed.copy("trafficgen", "replaced")?;
     let first_sha = sha256_file(&exe)?;
@@ -76,7 +79,7 @@ fn replaced_executable_is_reported_under_its_new_sha256() -> Result<()> {
 
     run_loopback(&exe, 50_000)?;
     agent.metrics().wait_for_bytes(&exe, "sent", 150_000)?;
-    let info = wait_for(Duration::from_secs(10), || {
+    let mut info = wait_for(Duration::from_secs(10), || {
         let info = info_for(agent, &exe)?;
         Ok(info
             .iter()
@@ -84,6 +87,18 @@ fn replaced_executable_is_reported_under_its_new_sha256() -> Result<()> {
             .then_some(info))
     })
     .context("the new sha256 never appeared")?;
+    info.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut both = vec![(first_sha, 1.0), (second_sha.clone(), 1.0)];
+    both.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(info, both, "both versions ran within the expiry");
+
+    // The new file keeps running; the old one, gone, expires.
+    let info = wait_for(Duration::from_secs(30), || {
+        run_loopback(&exe, 1_000)?;
+        let info = info_for(agent, &exe)?;
+        Ok((info.len() == 1).then_some(info))
+    })
+    .context("the old sha256 never expired")?;
     assert_eq!(
         info,
         vec![(second_sha, 1.0)],

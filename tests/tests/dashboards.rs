@@ -282,7 +282,7 @@ fn agent_config(virustotal: SocketAddr, dir: &Path) -> String {
     format!(
         "journal:\n  write_interval: 1s\n\
          virustotal:\n  api_key: test-key\n  base_url: http://{virustotal}/api/v3\n  request_interval: 50ms\n  timeout: 5s\n\
-         metrics:\n  bytes_labels: [parent, user, uid, remote_port, transport, domain, country, asn, container_id, container_name, pod, namespace]\n\
+         metrics:\n  bytes_labels: [parent, user, uid, remote_port, transport, domain, country, asn, container_id, container_name, pod, namespace, sha256]\n\
          connection_log:\n  enabled: true\n  path: {}\n",
         dir.join("connections.jsonl").display()
     )

@@ -669,3 +669,299 @@ fn two_versions_at_one_path_are_told_apart_by_their_sha256() -> Result<()> {
     );
     Ok(())
 }
+
+// --- bounded series under churn -------------------------------------------
+
+/// A static x86-64 Linux program of a few hundred bytes, built here so that
+/// thousands of distinct copies cost nothing to write: it connects to
+/// 127.0.0.1:`port`, writes 18 bytes and exits, with status 0 only if all
+/// 18 were written. Bytes appended after it (a tag) are not loaded.
+fn one_off_program(port: u16) -> Vec<u8> {
+    const MESSAGE: &[u8] = b"fleetsnitch churn\n";
+    let mut code: Vec<u8> = Vec::new();
+    code.extend([0xb8, 41, 0, 0, 0]); // mov eax, 41 (socket)
+    code.extend([0xbf, 2, 0, 0, 0]); // mov edi, AF_INET
+    code.extend([0xbe, 1, 0, 0, 0]); // mov esi, SOCK_STREAM
+    code.extend([0x31, 0xd2]); // xor edx, edx
+    code.extend([0x0f, 0x05]); // syscall
+    code.extend([0x41, 0x89, 0xc4]); // mov r12d, eax
+    code.extend([0x89, 0xc7]); // mov edi, eax
+    let address_lea = code.len();
+    code.extend([0x48, 0x8d, 0x35, 0, 0, 0, 0]); // lea rsi, [rip + address]
+    code.extend([0xba, 16, 0, 0, 0]); // mov edx, 16
+    code.extend([0xb8, 42, 0, 0, 0]); // mov eax, 42 (connect)
+    code.extend([0x0f, 0x05]); // syscall
+    code.extend([0x44, 0x89, 0xe7]); // mov edi, r12d
+    let message_lea = code.len();
+    code.extend([0x48, 0x8d, 0x35, 0, 0, 0, 0]); // lea rsi, [rip + message]
+    code.extend([0xba, MESSAGE.len() as u8, 0, 0, 0]); // mov edx, len
+    code.extend([0xb8, 1, 0, 0, 0]); // mov eax, 1 (write)
+    code.extend([0x0f, 0x05]); // syscall
+    code.extend([0x48, 0x83, 0xf8, MESSAGE.len() as u8]); // cmp rax, len
+    code.extend([0x40, 0x0f, 0x95, 0xc7]); // setne dil
+    code.extend([0x40, 0x0f, 0xb6, 0xff]); // movzx edi, dil
+    code.extend([0xb8, 231, 0, 0, 0]); // mov eax, 231 (exit_group)
+    code.extend([0x0f, 0x05]); // syscall
+    let address = code.len();
+    code.extend(2u16.to_le_bytes()); // sin_family
+    code.extend(port.to_be_bytes()); // sin_port
+    code.extend([127, 0, 0, 1]); // sin_addr
+    code.extend([0; 8]);
+    let message = code.len();
+    code.extend(MESSAGE);
+    for (lea, target) in [(address_lea, address), (message_lea, message)] {
+        let relative = target as i32 - (lea as i32 + 7);
+        code[lea + 3..lea + 7].copy_from_slice(&relative.to_le_bytes());
+    }
+
+    const BASE: u64 = 0x40_0000;
+    const HEADERS: u64 = 64 + 56;
+    let size = HEADERS + code.len() as u64;
+    let mut elf = Vec::with_capacity(size as usize);
+    elf.extend(b"\x7fELF");
+    elf.extend([2, 1, 1, 0]); // 64-bit, little-endian, version 1, System V
+    elf.extend([0; 8]);
+    elf.extend(2u16.to_le_bytes()); // ET_EXEC
+    elf.extend(0x3eu16.to_le_bytes()); // x86-64
+    elf.extend(1u32.to_le_bytes());
+    elf.extend((BASE + HEADERS).to_le_bytes()); // entry
+    elf.extend(64u64.to_le_bytes()); // program headers
+    elf.extend(0u64.to_le_bytes()); // no section headers
+    elf.extend(0u32.to_le_bytes());
+    elf.extend(64u16.to_le_bytes());
+    elf.extend(56u16.to_le_bytes());
+    elf.extend(1u16.to_le_bytes());
+    elf.extend([0; 6]);
+    elf.extend(1u32.to_le_bytes()); // PT_LOAD
+    elf.extend(5u32.to_le_bytes()); // R + X
+    elf.extend(0u64.to_le_bytes());
+    elf.extend(BASE.to_le_bytes());
+    elf.extend(BASE.to_le_bytes());
+    elf.extend(size.to_le_bytes());
+    elf.extend(size.to_le_bytes());
+    elf.extend(0x1000u64.to_le_bytes());
+    elf.extend(code);
+    elf
+}
+
+const CHURN: usize = 10_000;
+const CHURN_BATCH: usize = 1_000;
+const CHURN_WORKERS: usize = 4;
+/// New binaries a second, at most: with the expiry below, about 1,750
+/// executables are alive in /metrics at any time, under the cap of 3,000;
+/// without expiry the 3,001st would be folded into exe="other".
+const CHURN_RATE: u32 = 250;
+const CHURN_EXE_CAP: usize = 3_000;
+const CHURN_EXPIRY_SECS: u64 = 5;
+/// Files each worker keeps before deleting the oldest: the agent has time
+/// to hash most of them by path once their process is gone.
+const CHURN_LAG: usize = 20;
+
+fn vm_rss_kib(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches(" kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+fn family_sum(text: &str, family: &str, label: &str, value: &str) -> Result<f64> {
+    Ok(parse_samples(text, family)?
+        .iter()
+        .filter(|sample| sample.labels.get(label).map(String::as_str) == Some(value))
+        .map(|sample| sample.value)
+        .sum())
+}
+
+/// Runs one-off binaries `first..first + count`, each a distinct file in
+/// `dir` (the program plus a tag), paced to [`CHURN_RATE`] from `start`.
+fn churn_batch(
+    dir: &Path,
+    program: &[u8],
+    first: usize,
+    count: usize,
+    start: Instant,
+) -> Result<()> {
+    thread::scope(|scope| -> Result<()> {
+        let workers: Vec<_> = (0..CHURN_WORKERS)
+            .map(|worker| {
+                scope.spawn(move || -> Result<()> {
+                    let mut kept = std::collections::VecDeque::new();
+                    for index in (first + worker..first + count).step_by(CHURN_WORKERS) {
+                        let due = start + Duration::from_secs(1) * index as u32 / CHURN_RATE;
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            thread::sleep(wait);
+                        }
+                        let path = dir.join(format!("one-off-{index:05}"));
+                        let mut file = fs::OpenOptions::new()
+                            .write(true)
+                            .create_new(true)
+                            .mode(0o755)
+                            .open(&path)?;
+                        std::io::Write::write_all(&mut file, program)?;
+                        std::io::Write::write_all(&mut file, format!("#{index}").as_bytes())?;
+                        drop(file);
+                        let mut child = process::spawn_retrying_busy(
+                            Command::new(&path)
+                                .stdin(Stdio::null())
+                                .stdout(Stdio::null())
+                                .stderr(Stdio::null()),
+                        )
+                        .with_context(|| format!("run {}", path.display()))?;
+                        let status = process::wait_timeout(&mut child, Duration::from_secs(10))?;
+                        ensure!(
+                            status.is_some_and(|status| status.success()),
+                            "{} did not connect and write: {status:?}",
+                            path.display()
+                        );
+                        kept.push_back(path);
+                        if kept.len() > CHURN_LAG
+                            && let Some(old) = kept.pop_front()
+                        {
+                            fs::remove_file(old)?;
+                        }
+                    }
+                    for path in kept {
+                        fs::remove_file(path)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().expect("churn worker panicked")?;
+        }
+        Ok(())
+    })
+}
+
+#[test]
+fn ten_thousand_one_off_binaries_leave_the_series_bounded() -> Result<()> {
+    require_root!("eBPF");
+    ensure!(
+        cfg!(all(target_arch = "x86_64", target_os = "linux")),
+        "the churn's one-off program is x86-64 Linux machine code"
+    );
+    // The binaries' peer: a listener in this process that reads and forgets.
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let port = listener.local_addr()?.port();
+    listener.set_nonblocking(true)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepting = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        let _ = stream.set_nonblocking(false);
+                        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+                        let _ = std::io::copy(&mut stream, &mut std::io::sink());
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(1)),
+                }
+            }
+        })
+    };
+    let result = churn(port);
+    stop.store(true, Ordering::Relaxed);
+    let _ = accepting.join();
+    result
+}
+
+fn churn(port: u16) -> Result<()> {
+    let setup = Testbed::setup("fsn-churn")?;
+    let bins = setup.dir().join("churn");
+    fs::create_dir_all(&bins)?;
+    let prefix = format!("{}/", bins.display());
+    let mut bed = setup
+        .config(format!(
+            "metrics:\n  bytes_labels: [sha256]\n  \
+             label_caps: {{exe: {CHURN_EXE_CAP}, sha256: {CHURN_EXE_CAP}}}\n  \
+             executable_expiry: {CHURN_EXPIRY_SECS}s\n"
+        ))
+        .start()?;
+    let program = one_off_program(port);
+    let pid = bed.agent.pid();
+    let churned = |text: &str| -> Result<BTreeSet<String>> {
+        Ok(parse_samples(text, "fleetsnitch_bytes_total")?
+            .into_iter()
+            .filter_map(|sample| sample.labels.get("exe").cloned())
+            .filter(|exe| exe.starts_with(&prefix))
+            .collect())
+    };
+
+    let start = Instant::now();
+    let mut most = 0;
+    let mut samples = Vec::new();
+    for first in (0..CHURN).step_by(CHURN_BATCH) {
+        churn_batch(&bins, &program, first, CHURN_BATCH, start)?;
+        let text = bed.metrics().text()?;
+        let alive = churned(&text)?.len();
+        most = most.max(alive);
+        let series = parse_samples(&text, "fleetsnitch_bytes_series")?
+            .first()
+            .map_or(0.0, |sample| sample.value);
+        let rss = vm_rss_kib(pid)?;
+        eprintln!(
+            "churn: {:>6} binaries after {:>5.1?}: {alive} of them in /metrics, {series} bytes \
+             series, agent VmRSS {rss} KiB",
+            first + CHURN_BATCH,
+            start.elapsed()
+        );
+        samples.push(rss);
+        bed.agent.check_running()?;
+    }
+    let elapsed = start.elapsed();
+    ensure!(
+        elapsed < Duration::from_secs(600),
+        "the churn took {elapsed:?}, more than 10 minutes"
+    );
+
+    // Every one-off binary expires; none was ever folded.
+    wait_until(
+        Duration::from_secs(60),
+        "the one-off binaries' series expired",
+        || Ok(churned(&bed.metrics().text()?)?.is_empty()),
+    )?;
+    let text = bed.metrics().text()?;
+    for label in ["exe", "sha256"] {
+        let folded = family_sum(&text, "fleetsnitch_label_overflow_total", "label", label)?;
+        ensure!(
+            folded == 0.0,
+            "{folded} values of {label} folded into \"other\": places were not given back"
+        );
+    }
+    ensure!(
+        most < CHURN_EXE_CAP,
+        "{most} one-off binaries in /metrics at once, not under the cap of {CHURN_EXE_CAP}"
+    );
+    let tracked = parse_samples(&text, "fleetsnitch_tracked_executables")?
+        .first()
+        .map_or(0.0, |sample| sample.value);
+    ensure!(
+        tracked < 1_000.0,
+        "{tracked} executables still in the agent's path table after the churn expired"
+    );
+
+    // A program new after the churn has its own exe value.
+    let newcomer = bed.copy("trafficgen", "after-churn")?;
+    run_loopback(&newcomer, 10_000)?;
+    bed.metrics()
+        .wait_for_bytes(&newcomer, "sent", 10_000)
+        .context("the program run after the churn has no exe value of its own")?;
+
+    // Memory levels off: the second half of the churn adds (almost) nothing.
+    let half = samples[samples.len() / 2 - 1];
+    let last = *samples.last().unwrap_or(&0);
+    let rss = vm_rss_kib(pid)?;
+    eprintln!(
+        "churn: {CHURN} binaries in {elapsed:?}, at most {most} in /metrics at once; VmRSS \
+         {samples:?} KiB, {rss} KiB after they expired; path table {tracked}"
+    );
+    ensure!(
+        last <= half + half / 10 + 4 * 1024,
+        "VmRSS grew from {half} KiB (half-way) to {last} KiB over the second half of the churn"
+    );
+    Ok(())
+}

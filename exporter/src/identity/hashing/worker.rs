@@ -176,7 +176,9 @@ impl Worker {
             self.rehash_modified(exe, &path);
         }
         let held = job.file.take();
+        let started = std::time::Instant::now();
         let outcome = self.outcome(&job, held.as_deref());
+        tracing::debug!(exe = ?job.path, pid = job.tgid, elapsed = ?started.elapsed(), ok = outcome.is_ok(), "sighting hashed");
         self.index.settle(job.exe, job.process, &outcome);
         if held.is_some()
             && let Ok(mut pending) = self.shared.pending.lock()
