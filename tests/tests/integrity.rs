@@ -209,17 +209,24 @@ fn copy_onto_inode(python: &Path, to: &Path, inode: Option<u64>) -> Result<u64> 
                 "precondition: {} should take the freed inode number {inode:?} on ext4 \
                  (got {got}); holders of the earlier file: {:?}",
                 to.display(),
-                holders_of_inode(to.parent().unwrap_or(Path::new("/")), inode.unwrap_or(0))
+                holders_of_inode(to.parent().unwrap_or(Path::new("/")), inode.unwrap_or(0)),
             );
         }
         thread::sleep(Duration::from_millis(100));
     }
 }
 
-/// Processes that hold a deleted file of `dir` with inode number `inode`
-/// open, mapped or as their executable (for the message of a failed precondition).
+/// Processes that hold the file of `dir`'s file system with inode number
+/// `inode` open or mapped (for the message of a failed precondition).
 fn holders_of_inode(dir: &Path, inode: u64) -> Vec<String> {
-    let prefix = format!("{}/", dir.display());
+    let Ok(device) = fs::metadata(dir).map(|m| m.dev()) else {
+        return Vec::new();
+    };
+    let needle = format!(
+        " {:02x}:{:02x} {inode} ",
+        libc::major(device),
+        libc::minor(device)
+    );
     let mut found = Vec::new();
     let Ok(entries) = fs::read_dir("/proc") else {
         return found;
@@ -235,12 +242,12 @@ fn holders_of_inode(dir: &Path, inode: u64) -> Vec<String> {
             .flatten()
             .flatten()
         {
-            let held = fs::read_link(fd.path())
-                .is_ok_and(|target| target.to_string_lossy().starts_with(&prefix))
-                && fs::metadata(fd.path()).is_ok_and(|m| m.ino() == inode);
-            if held {
+            if fs::metadata(fd.path()).is_ok_and(|m| m.ino() == inode && m.dev() == device) {
                 found.push(format!("{pid} {} (fd {:?})", comm.trim(), fd.file_name()));
             }
+        }
+        if fs::read_to_string(entry.path().join("maps")).is_ok_and(|maps| maps.contains(&needle)) {
+            found.push(format!("{pid} {} (mapped)", comm.trim()));
         }
     }
     found
@@ -329,6 +336,34 @@ fn send(client: &str, exe: &Path, transport: &str, bytes: u64, mode: &str) -> Re
     Ok(())
 }
 
+/// What the agent says it could not do, and where bytes went, for a failure's message.
+fn diagnosis(bed: &Testbed, fs_dir: &Path) -> Result<String> {
+    let text = bed.metrics().text()?;
+    let mut lines = Vec::new();
+    for family in [
+        "fleetsnitch_events_lost_total",
+        "fleetsnitch_unresolved_bytes_total",
+        "fleetsnitch_unattributed_bytes_total",
+        "fleetsnitch_map_full_total",
+    ] {
+        let total: f64 = parse_samples(&text, family)?.iter().map(|s| s.value).sum();
+        lines.push(format!("{family} {total}"));
+    }
+    let prefix = format!("{}/", fs_dir.display());
+    let mut others = BTreeMap::new();
+    for sample in parse_samples(&text, "fleetsnitch_bytes_total")? {
+        let exe = sample.labels.get("exe").cloned().unwrap_or_default();
+        if exe.starts_with('[') || exe.starts_with(&prefix) {
+            *others.entry(exe).or_insert(0.0) += sample.value;
+        }
+    }
+    lines.push(format!(
+        "bytes of the test's and bracketed exes: {others:?}"
+    ));
+    lines.push(format!("agent log:\n{}", bed.log_tail(40)));
+    Ok(lines.join("\n"))
+}
+
 fn inode_reuse(config: &str, name: &str) -> Result<()> {
     let python = python()?;
     let fs_dir = TempDir::new(&format!("fsn-{name}-fs"))?;
@@ -377,10 +412,11 @@ fn inode_reuse(config: &str, name: &str) -> Result<()> {
             .map(|(exe, bytes)| format!("{exe}: expected {bytes}, /metrics {:?}", last.get(exe)))
             .collect();
         bail!(
-            "{} of {} programs not counted exactly in /metrics:\n{}",
+            "{} of {} programs not counted exactly in /metrics:\n{}\n{}",
             wrong.len(),
             expected.len(),
-            wrong.join("\n")
+            wrong.join("\n"),
+            diagnosis(&bed, &mnt)?
         );
     }
 
