@@ -204,6 +204,16 @@ mod tests {
                 "domain: 0",
             ),
             (
+                "metrics:\n  executable_expiry: 4s\n",
+                "metrics.executable_expiry",
+                "4s",
+            ),
+            (
+                "metrics:\n  executable_expiry: 366d\n",
+                "metrics.executable_expiry",
+                "366days",
+            ),
+            (
                 "metrics:\n  label_caps: {domain: 1000001}\n",
                 "metrics.label_caps",
                 "domain: 1000001",

@@ -350,12 +350,22 @@ impl Collector {
         let entries = self.traffic.take_previous()?;
         let now = unix_now();
         let count_unhashed = !self.traffic_metrics.wants_sha256();
-        let mut counted = Vec::with_capacity(entries.len());
-        let mut delivered = Vec::with_capacity(entries.len());
-        for (key, value) in &entries {
-            let (flow, pending) = self.flow(key, value);
-            self.activity
-                .record(&flow.program.exe, flow.program.sha256.as_ref(), now);
+        let flows: Vec<_> = entries
+            .iter()
+            .map(|(key, value)| self.flow(key, value))
+            .collect();
+        let (hashed_counted, hashed) = self.hashed_since(false);
+        self.activity.record_all(
+            flows
+                .iter()
+                .map(|(flow, _)| flow)
+                .chain(&hashed)
+                .map(|flow| (flow.program.exe.as_str(), flow.program.sha256.as_ref())),
+            now,
+        );
+        let mut counted = Vec::with_capacity(flows.len());
+        let mut delivered = Vec::with_capacity(flows.len());
+        for (flow, pending) in flows {
             match pending {
                 Some((exe, process)) => {
                     if count_unhashed {
@@ -375,13 +385,6 @@ impl Collector {
                 }
             }
         }
-        let (hashed_counted, hashed) = self.hashed_since(false);
-        self.activity.record_all(
-            hashed
-                .iter()
-                .map(|flow| (flow.program.exe.as_str(), flow.program.sha256.as_ref())),
-            now,
-        );
         counted.extend(hashed_counted);
         delivered.extend(hashed);
         self.traffic_metrics.count_flows(&counted);

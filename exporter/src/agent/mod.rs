@@ -173,7 +173,6 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         sinks,
         RecordPolicy::new(&config.journal, config.metrics.ephemeral_range()?),
         config.journal.write_interval,
-        activity.expiry(),
     )
     .map_err(AgentError::Thread)?;
 

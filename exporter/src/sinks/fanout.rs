@@ -42,6 +42,10 @@ pub const QUEUE_CAPACITY: usize = 4096;
 /// Time the sinks get at shutdown to deliver what is queued.
 const SINK_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// How long the hash of a file sighted is kept, for flows that reached the
+/// fan-out before it (at least three write intervals).
+const HASH_RETENTION: Duration = Duration::from_secs(300);
+
 /// How often the thread looks at its stop flag while it waits for records.
 const STOP_CHECK: Duration = Duration::from_millis(200);
 
@@ -134,18 +138,17 @@ pub struct Fanout {
 
 impl Fanout {
     /// Starts the thread; the journal is opened there. Records come from
-    /// `records`, the receiving end of the producers' [`Outbox`]. The hash of
-    /// each file sighted is kept for `hash_retention` (at least three write
-    /// intervals), for flows drained before it was hashed.
+    /// `records`, the receiving end of the producers' [`Outbox`].
     pub fn spawn(
         records: Receiver<Record>,
         journal: impl FnOnce() -> Journal + Send + 'static,
         sinks: Sinks,
         policy: RecordPolicy,
         write_interval: Duration,
-        hash_retention: Duration,
     ) -> std::io::Result<Self> {
-        let hash_retention = hash_retention.max(write_interval * 3);
+        // Flows reach the fan-out once their file is hashed (or after
+        // collector::HASH_WAIT): a hash is needed here for a few windows at most.
+        let hash_retention = HASH_RETENTION.max(write_interval * 3);
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
         let thread = thread::Builder::new()

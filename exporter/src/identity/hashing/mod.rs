@@ -298,13 +298,6 @@ impl HashIndex {
             }
         }
     }
-
-    /// Entries held: (files, processes).
-    pub fn len(&self) -> (usize, usize) {
-        self.0.read().map_or((0, 0), |hashes| {
-            (hashes.files.len(), hashes.processes.len())
-        })
-    }
 }
 
 /// Tells apart two files that had the same (device, inode) one after the
@@ -422,11 +415,6 @@ impl Hasher {
     /// Forgets the hashes of processes whose traffic has all been drained.
     pub fn forget_processes(&self, processes: &[ProcessKey]) {
         self.index.forget_processes(processes);
-    }
-
-    /// Entries of the index: (files, processes).
-    pub fn index_len(&self) -> (usize, usize) {
-        self.index.len()
     }
 
     /// A handle that holds files for this hasher from another thread.
