@@ -211,7 +211,8 @@ mod tests {
             (
                 "metrics:\n  executable_expiry: 366d\n",
                 "metrics.executable_expiry",
-                "366days",
+                // humantime's year is 365.25 days.
+                "1year 18h",
             ),
             (
                 "metrics:\n  label_caps: {domain: 1000001}\n",
