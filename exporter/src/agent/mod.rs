@@ -287,6 +287,8 @@ fn start_otlp(
     registry: &mut Registry,
 ) -> Result<Option<OtlpExporter>, AgentError> {
     if !config.otlp.enabled {
+        // Exported at zero all the same: dashboards and rules see the family.
+        crate::sinks::otlp::OtlpCounters::default().register(registry);
         return Ok(None);
     }
     let mut resource = ResourceInfo::detect();
@@ -307,6 +309,7 @@ fn start_connection_log(
     registry: &mut Registry,
 ) -> Result<Option<ConnectionLog>, AgentError> {
     if !config.connection_log.enabled {
+        crate::sinks::connection_log::ConnectionLogCounters::default().register(registry);
         return Ok(None);
     }
     let log = ConnectionLog::start(&config.connection_log)?;
