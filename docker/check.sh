@@ -13,7 +13,10 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="${FSN_DOCKER_CHECK_DIR:-$root/.cache/docker-check}"
 mkdir -p "$work"
-if ! command -v hadolint >/dev/null; then
+# pip puts hadolint in the scripts directory of the python3 that installed it.
+hadolint="$(command -v hadolint || true)"
+[ -n "$hadolint" ] || hadolint="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/hadolint"
+if [ ! -x "$hadolint" ]; then
   echo "docker/check.sh: hadolint not found; run scripts/setup.sh" >&2
   exit 1
 fi
@@ -21,7 +24,7 @@ labels=()
 for label in source:url url:url licenses:spdx title:text description:text version:text revision:text created:text; do
   labels+=(--require-label "org.opencontainers.image.$label")
 done
-hadolint --no-color --strict-labels "${labels[@]}" "$root/docker/Dockerfile"
+"$hadolint" --no-color --strict-labels "${labels[@]}" "$root/docker/Dockerfile"
 echo "hadolint: docker/Dockerfile clean, OCI labels present"
 
 command -v npm >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm; }
