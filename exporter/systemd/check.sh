@@ -194,11 +194,9 @@ for _ in $(seq 1 40); do
   sleep 0.5
 done
 [ "$(show ActiveState)/$(show SubState)" = active/running ] || fail "service stopped by systemctl reload without a web configuration"
-if [ "$(show MainPID)" = "$before" ]; then
-  echo "systemd check: reload without a web configuration: same process, still running"
-else
-  echo "systemd check: reload without a web configuration: the agent died of SIGHUP and was restarted (RestartForceExitStatus=SIGHUP); pid $before -> $(show MainPID)"
-fi
+[ "$(show MainPID)" = "$before" ] || fail "systemctl reload without a web configuration replaced the process ($before -> $(show MainPID)): SIGHUP must not kill the agent"
+grep -q 'SIGHUP: nothing to reload' <<< "$(journal)" || fail "no 'nothing to reload' line after SIGHUP: $(journal | tail -5)"
+echo "systemd check: reload without a web configuration: same process, still running"
 
 inside systemctl stop fleetsnitch.service
 [ "$(show Result)" = success ] || fail "systemctl stop: result $(show Result)"
