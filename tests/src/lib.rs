@@ -9,6 +9,7 @@
 //! - [`Report`]: the expected-versus-reported table.
 //! - [`Testbed`]: one test's directory, peer namespaces and agent, set up in one place.
 //! - [`require_root!`]: the one root check; [`skip::skip`] decides what a skip means.
+//! - [`summary::Summary`]: the count of a `cargo test` run that `scripts/test.sh` ends with.
 //!
 //! Every guard cleans up on drop, also while panicking.
 
@@ -21,6 +22,7 @@ pub mod process;
 pub mod scenarios;
 pub mod servers;
 pub mod skip;
+pub mod summary;
 pub mod testbed;
 
 use std::fmt::Write as _;

@@ -1,7 +1,7 @@
 //! The setting of one end-to-end test: a temporary directory, optionally the client and
 //! peer namespaces with the peer services, and the agent started with a configuration.
 //!
-//! ```ignore
+//! ```text
 //! let bed = Testbed::setup("fsn-domains")?
 //!     .peer()
 //!     .config("metrics:\n  bytes_labels: [domain]\n")
