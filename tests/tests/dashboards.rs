@@ -365,17 +365,20 @@ fn every_dashboard_expression_returns_series_from_a_real_agent() -> Result<()> {
 
     // Traffic, so that bytes series exist for a fresh program (a new executable).
     let client = bed.copy("trafficgen", "dash-client")?;
+    // The upload's 50,000 bytes and the download's 8-byte request.
+    let mut sent = 0;
     for scenario in ["tcp_upload", "tcp_download"] {
-        run_client(
+        sent += run_client(
             bed.net(),
             &client,
             scenario,
             &["--bytes", "50000"],
             Duration::from_secs(60),
-        )?;
+        )?
+        .sent;
     }
     bed.metrics()
-        .wait_for_bytes(&client, "sent", 50_000)
+        .wait_for_bytes(&client, "sent", sent)
         .context("client bytes never showed in /metrics")?;
 
     // Incident: a watched executable written to in place (once it has been hashed).
