@@ -199,7 +199,15 @@ fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
     let mut domains_expected: BTreeSet<String> = domains_before.clone();
     domains_expected.extend((0..DOMAINS).map(|i| format!("d{i}.test")));
     let domains_now = admitted(&text, "domain")?;
-    assert_eq!(domains_now.len(), DOMAIN_CAP, "domain values exported");
+    assert_eq!(
+        domains_now.len(),
+        DOMAIN_CAP,
+        "domain values exported; DNS as the agent saw it: {}",
+        text.lines()
+            .filter(|l| l.starts_with("fleetsnitch_dns_"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
 
     let rss = peak_rss_kib(bed.agent.pid())?;
     eprintln!(
