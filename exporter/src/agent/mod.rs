@@ -285,8 +285,6 @@ fn start_otlp(
     registry: &mut Registry,
 ) -> Result<Option<OtlpExporter>, AgentError> {
     if !config.otlp.enabled {
-        // The series exist at 0 all the same: dashboards and rules read them.
-        crate::sinks::otlp::OtlpCounters::default().register(registry);
         return Ok(None);
     }
     let mut resource = ResourceInfo::detect();
@@ -307,8 +305,6 @@ fn start_connection_log(
     registry: &mut Registry,
 ) -> Result<Option<ConnectionLog>, AgentError> {
     if !config.connection_log.enabled {
-        // The series exist at 0 all the same, as for OTLP.
-        crate::sinks::connection_log::ConnectionLogCounters::default().register(registry);
         return Ok(None);
     }
     let log = ConnectionLog::start(&config.connection_log)?;
