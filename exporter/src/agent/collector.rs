@@ -122,9 +122,6 @@ pub struct Collector {
     drain_interval: Duration,
 }
 
-/// Time the hashing worker gets at shutdown to hash what is queued.
-const HASH_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
 /// The parts a [`Collector`] is made of, each started by the agent.
 pub struct Parts {
     pub identities: IdentityTable,
@@ -195,15 +192,6 @@ impl Collector {
             self.read_events();
         }
         self.drain_and_report();
-        // Executables announced last are hashed before the sinks stop, so the
-        // shutdown's final journal write has them.
-        let Self { hasher, .. } = self;
-        if !hasher.finish(HASH_SHUTDOWN_GRACE) {
-            tracing::warn!(
-                grace = ?HASH_SHUTDOWN_GRACE,
-                "hashing did not finish at shutdown: executables still queued are not journaled"
-            );
-        }
     }
 
     fn drain_and_report(&mut self) {

@@ -25,7 +25,6 @@ use std::{
         mpsc,
     },
     thread,
-    time::Duration,
 };
 
 use prometheus_client::{
@@ -242,8 +241,6 @@ pub struct Hasher {
     jobs: mpsc::Sender<HashJob>,
     index: HashIndex,
     shared: Arc<Shared>,
-    /// Disconnected once the worker has served its last job.
-    worker_done: mpsc::Receiver<()>,
 }
 
 impl Hasher {
@@ -258,34 +255,17 @@ impl Hasher {
         // fanotify_init needs CAP_SYS_ADMIN, which is dropped once start-up ends:
         // initialised here, before the worker thread could run late.
         let watch = ModificationWatch::new();
-        let (done, worker_done) = mpsc::channel::<()>();
         thread::Builder::new()
             .name("fleetsnitch-hash".into())
             .spawn(move || {
                 let mut worker = Worker::new(metrics, outbox, worker_index, worker_shared, watch);
                 worker.serve(queue);
-                drop(done);
             })?;
         Ok(Self {
             jobs,
             index,
             shared,
-            worker_done,
         })
-    }
-
-    /// Takes no more jobs and waits up to `bound` for the worker to hash what is
-    /// queued, so that its sightings reach the sinks before they stop (shutdown).
-    /// Returns whether it finished in time.
-    pub fn finish(self, bound: Duration) -> bool {
-        let Self {
-            jobs, worker_done, ..
-        } = self;
-        drop(jobs);
-        matches!(
-            worker_done.recv_timeout(bound),
-            Err(mpsc::RecvTimeoutError::Disconnected)
-        )
     }
 
     /// The sha256 of `exe`, if it was hashed already.
