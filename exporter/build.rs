@@ -12,6 +12,10 @@
 //! includes its own, so clang refuses a C layout that differs from the Rust one.
 //! (The build dependency is compiled for the build host; in a cross build the
 //! offsets written in `ebpf/src/lib.rs` are also asserted for the target.)
+//!
+//! It also records what `--version` and `fleetsnitch_build_info` report: the
+//! git revision and branch, the build date and the rustc version (see
+//! [`emit_build_info`]).
 
 use std::{
     collections::BTreeSet,
@@ -37,6 +41,7 @@ fn main() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     println!("cargo::rerun-if-changed={}", bpf_dir.display());
     println!("cargo::rerun-if-env-changed=CLANG");
+    emit_build_info(&manifest_dir);
 
     let layout_dir = out_dir.join("include");
     if let Err(problem) = write_layout_headers(&bpf_dir, &layout_dir) {
@@ -291,4 +296,126 @@ fn compile(clang: &str, include_dirs: &[&Path], source: &Path, object: &Path) {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+}
+
+/// Sets `FLEETSNITCH_REVISION`, `FLEETSNITCH_BRANCH`, `FLEETSNITCH_BUILD_DATE`,
+/// `FLEETSNITCH_RUSTC_VERSION` and `FLEETSNITCH_TARGET` for the crate
+/// (`src/support/build_info.rs`).
+///
+/// The revision and branch come from git when the workspace is a git checkout
+/// of its own; a build from a source tarball (no `.git`, or inside another
+/// repository) says `unknown`, unless `FLEETSNITCH_REVISION` /
+/// `FLEETSNITCH_BRANCH` are set in the build's environment (as a packaging
+/// script or image build that knows them can do). The date honours
+/// `SOURCE_DATE_EPOCH`, for reproducible builds; otherwise it is when this
+/// script last ran (it reruns when HEAD moves).
+fn emit_build_info(manifest_dir: &Path) {
+    for variable in [
+        "FLEETSNITCH_REVISION",
+        "FLEETSNITCH_BRANCH",
+        "SOURCE_DATE_EPOCH",
+    ] {
+        println!("cargo::rerun-if-env-changed={variable}");
+    }
+    let workspace = manifest_dir.join("..");
+    let git = |args: &[&str]| -> Option<String> {
+        let output = Command::new("git")
+            .arg("-C")
+            .arg(&workspace)
+            .args(args)
+            .output()
+            .ok()?;
+        let text = String::from_utf8(output.stdout).ok()?.trim().to_owned();
+        (output.status.success() && !text.is_empty()).then_some(text)
+    };
+    // Only this workspace's own repository: a tarball unpacked inside some other
+    // checkout must not report that checkout's commit.
+    let own_repository = git(&["rev-parse", "--show-toplevel"])
+        .and_then(|top| fs::canonicalize(top).ok())
+        .zip(fs::canonicalize(&workspace).ok())
+        .is_some_and(|(top, workspace)| top == workspace);
+    let from_git = |args: &[&str]| if own_repository { git(args) } else { None };
+
+    let revision = env::var("FLEETSNITCH_REVISION")
+        .ok()
+        .filter(|value| !value.is_empty())
+        .or_else(|| from_git(&["rev-parse", "HEAD"]))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let branch = env::var("FLEETSNITCH_BRANCH")
+        .ok()
+        .filter(|value| !value.is_empty())
+        .or_else(|| from_git(&["rev-parse", "--abbrev-ref", "HEAD"]).filter(|b| b != "HEAD"))
+        .unwrap_or_else(|| "unknown".to_owned());
+    if own_repository {
+        // Rerun when a commit is made or another branch is checked out.
+        for name in ["HEAD", "packed-refs"] {
+            if let Some(path) = from_git(&["rev-parse", "--git-path", name]) {
+                println!("cargo::rerun-if-changed={}", workspace.join(path).display());
+            }
+        }
+        if let Some(reference) = from_git(&["symbolic-ref", "-q", "HEAD"])
+            && let Some(path) = from_git(&["rev-parse", "--git-path", &reference])
+        {
+            println!("cargo::rerun-if-changed={}", workspace.join(path).display());
+        }
+    }
+
+    let build_time = env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|epoch| epoch.trim().parse::<u64>().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|since| since.as_secs())
+                .unwrap_or_default()
+        });
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    let rustc_version = Command::new(&rustc)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|output| output.status.success())
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .map(|text| text.trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+
+    println!("cargo::rustc-env=FLEETSNITCH_REVISION={revision}");
+    println!("cargo::rustc-env=FLEETSNITCH_BRANCH={branch}");
+    println!(
+        "cargo::rustc-env=FLEETSNITCH_BUILD_DATE={}",
+        rfc3339_utc(build_time)
+    );
+    println!("cargo::rustc-env=FLEETSNITCH_RUSTC_VERSION={rustc_version}");
+    println!(
+        "cargo::rustc-env=FLEETSNITCH_TARGET={}",
+        env::var("TARGET").unwrap_or_else(|_| "unknown".to_owned())
+    );
+}
+
+/// `seconds` since the epoch as `YYYY-MM-DDThh:mm:ssZ` (proleptic Gregorian,
+/// from the day count; no date crate in the build script).
+fn rfc3339_utc(seconds: u64) -> String {
+    let days = (seconds / 86_400) as i64;
+    let second_of_day = seconds % 86_400;
+    // Days since 0000-03-01, so that leap days fall at the end of a year.
+    let shifted = days + 719_468;
+    let era = shifted.div_euclid(146_097);
+    let day_of_era = shifted.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        second_of_day / 3_600,
+        second_of_day / 60 % 60,
+        second_of_day % 60
+    )
 }

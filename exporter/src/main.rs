@@ -1,8 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use fleetsnitch::{agent, cli::Cli, host::readiness};
-use tracing_subscriber::EnvFilter;
+use fleetsnitch::{agent, cli::Cli, host::readiness, support::logging};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -16,13 +15,7 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         };
     }
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&cli.log_level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init(cli.log_format, &cli.log_level);
 
     let config = match cli.config() {
         Ok(config) => config,

@@ -6,13 +6,24 @@
 //! (see `KernelStats`, `HashMetrics`, `JournalMetrics`, ...). The agent
 //! composes those at start-up; nothing copies a counter from one place to
 //! another.
+//!
+//! Beside them, what every exporter says about itself ([`self_registry`]):
+//! `fleetsnitch_build_info` and the standard `process_*` metrics
+//! ([`process`]). [`exposition`] writes the page in the format the scraper
+//! asked for.
+
+pub mod exposition;
+pub mod process;
 
 use std::fmt::Write;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    metrics::{family::Family, gauge::Gauge},
     registry::Registry,
 };
+
+use crate::support::build_info;
 
 /// Prefix of every metric the agent exports.
 pub const PREFIX: &str = "fleetsnitch";
@@ -20,6 +31,52 @@ pub const PREFIX: &str = "fleetsnitch";
 /// An empty registry with the agent's prefix.
 pub fn registry() -> Registry {
     Registry::with_prefix(PREFIX)
+}
+
+/// The metrics an exporter serves about itself: `process_*` (no prefix, as
+/// every client library names them) and `fleetsnitch_build_info`.
+pub fn self_registry() -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(process::ProcessCollector));
+    register_build_info(registry.sub_registry_with_prefix(PREFIX));
+    registry
+}
+
+/// `fleetsnitch_build_info`'s labels, as the Go exporters' `<name>_build_info`
+/// (`goversion` is `rustversion` here, `goos`/`goarch` the target triple).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildInfoLabels {
+    pub version: String,
+    pub revision: String,
+    pub branch: String,
+    pub rustversion: String,
+    pub target: String,
+}
+
+impl BuildInfoLabels {
+    /// This binary's.
+    pub fn current() -> Self {
+        Self {
+            version: build_info::VERSION.to_owned(),
+            revision: build_info::REVISION.to_owned(),
+            branch: build_info::BRANCH.to_owned(),
+            rustversion: build_info::rustc_version_number().to_owned(),
+            target: build_info::TARGET.to_owned(),
+        }
+    }
+}
+
+/// `fleetsnitch_build_info`: 1, labelled with what was built (the
+/// Prometheus convention, so it joins onto any series of the same target).
+fn register_build_info(registry: &mut Registry) {
+    let info = Family::<BuildInfoLabels, Gauge>::default();
+    info.get_or_create(&BuildInfoLabels::current()).set(1);
+    registry.register(
+        "build_info",
+        "A metric with a constant '1' value labeled by version, revision, branch, \
+         rustversion and target from which fleetsnitch was built",
+        info,
+    );
 }
 
 /// A label value taken from the outside world (a path, a name), escaped as the
@@ -140,10 +197,7 @@ pub struct DirectionLabels {
     pub direction: Direction,
 }
 
-/// The registry in the Prometheus text format.
+/// The registry in the OpenMetrics text format.
 pub fn encode(registry: &Registry) -> String {
-    let mut text = String::with_capacity(16 << 10);
-    prometheus_client::encoding::text::encode(&mut text, registry)
-        .expect("writing to a String cannot fail");
-    text
+    exposition::encode(&[registry], exposition::Format::OpenMetrics)
 }

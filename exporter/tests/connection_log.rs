@@ -280,9 +280,9 @@ fn bad_configuration_names_the_key() {
         "{error}"
     );
     let parsed: ConnectionLogConfig =
-        serde_yaml::from_str("enabled: true\npath: /tmp/c.jsonl\nmax_files: 2\n").unwrap();
+        yaml_serde::from_str("enabled: true\npath: /tmp/c.jsonl\nmax_files: 2\n").unwrap();
     assert_eq!(parsed.max_bytes, 100 * 1024 * 1024);
     assert_eq!(parsed.max_files, 2);
     assert!(!ConnectionLogConfig::default().enabled);
-    assert!(serde_yaml::from_str::<ConnectionLogConfig>("max_size: 3").is_err());
+    assert!(yaml_serde::from_str::<ConnectionLogConfig>("max_size: 3").is_err());
 }

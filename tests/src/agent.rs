@@ -75,6 +75,19 @@ impl AgentGuard {
         journal: Option<&Path>,
         extra: &[&str],
     ) -> Result<Self> {
+        Self::start_wrapped(&[], bin, addr, journal, extra)
+    }
+
+    /// [`Self::start_at`] through `wrapper`, a command that ends by executing its
+    /// arguments (`unshare --mount sh -c '...; exec "$@"' sh`): the agent keeps the
+    /// wrapper's pid, so signals and [`Self::pid`] reach it.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        bin: &Path,
+        addr: SocketAddr,
+        journal: Option<&Path>,
+        extra: &[&str],
+    ) -> Result<Self> {
         let dir = TempDir::new("fsn-agent")?;
         let log = dir.path().join("agent.log");
         let out = File::create(&log)?;
@@ -82,7 +95,14 @@ impl AgentGuard {
         let journal = journal
             .map(Path::to_path_buf)
             .unwrap_or_else(|| dir.path().join("journal.db"));
-        let mut cmd = Command::new(bin);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin);
+                cmd
+            }
+            None => Command::new(bin),
+        };
         cmd.arg("--web.listen-address")
             .arg(addr.to_string())
             .arg("--journal.path")

@@ -9,6 +9,7 @@
 //! - [`Report`]: the expected-versus-reported table.
 //! - [`Testbed`]: one test's directory, peer namespaces and agent, set up in one place.
 //! - [`require_root!`]: the one root check; [`skip::skip`] decides what a skip means.
+//! - [`summary::Summary`]: the count of a `cargo test` run that `scripts/test.sh` ends with.
 //!
 //! Every guard cleans up on drop, also while panicking.
 
@@ -21,6 +22,7 @@ pub mod process;
 pub mod scenarios;
 pub mod servers;
 pub mod skip;
+pub mod summary;
 pub mod testbed;
 
 use std::fmt::Write as _;
@@ -35,7 +37,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail, ensure};
 
 pub use agent::{AgentGuard, agent_binary};
-pub use metrics::{MetricsClient, Sample, TOLERANCE, bytes_for, parse_samples, within_tolerance};
+pub use metrics::{Accuracy, MetricsClient, Sample, bytes_for, difference, parse_samples};
 pub use netns::NetnsPair;
 pub use process::ProcessGuard;
 pub use skip::is_root;
@@ -395,6 +397,8 @@ pub struct Row {
     pub expected: Option<u64>,
     /// What `/metrics` reported (`None` if absent).
     pub reported: Option<f64>,
+    /// How closely the two must agree (the scenario's own [`Accuracy`]).
+    pub accuracy: Accuracy,
     /// Why the row failed beyond the numbers (scenario or scrape error).
     pub error: Option<String>,
     /// How long after the traffic ended `/metrics` first agreed (informational; the
@@ -403,19 +407,17 @@ pub struct Row {
 }
 
 impl Row {
-    /// PASS when there is no error and the numbers agree within ±[`TOLERANCE`].
+    /// PASS when there is no error and the numbers agree as the row's accuracy says.
     pub fn pass(&self) -> bool {
         self.error.is_none()
             && self
                 .expected
-                .is_some_and(|e| within_tolerance(e, self.reported, TOLERANCE))
+                .is_some_and(|e| self.accuracy.accepts(e, self.reported))
     }
 
-    /// reported / expected, if meaningful.
-    pub fn ratio(&self) -> Option<f64> {
-        let e = self.expected?;
-        let r = self.reported.unwrap_or(0.0);
-        (e > 0).then(|| r / e as f64)
+    /// reported - expected, if there is an expectation.
+    pub fn diff(&self) -> Option<f64> {
+        Some(self.reported.unwrap_or(0.0) - self.expected? as f64)
     }
 }
 
@@ -427,30 +429,36 @@ pub struct Report {
 }
 
 impl Report {
-    /// Renders the table as text.
+    /// Renders the table as text: expected, seen, their difference, the accuracy the
+    /// row is held to, and the verdict.
     pub fn render(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{:<18} {:<9} {:>14} {:>14} {:>8} {:>6}  verdict",
-            "scenario", "direction", "expected", "reported", "ratio", "lag"
+            "{:<18} {:<9} {:>14} {:>14} {:>9} {:>8} {:>6}  verdict",
+            "scenario", "direction", "expected", "seen", "diff", "accuracy", "lag"
         );
         for r in &self.rows {
             let expected = r.expected.map_or_else(|| "-".to_owned(), |e| e.to_string());
             let reported = r
                 .reported
                 .map_or_else(|| "absent".to_owned(), |v| format!("{v:.0}"));
-            let ratio = r
-                .ratio()
-                .map_or_else(|| "-".to_owned(), |x| format!("{x:.4}"));
+            let diff = r
+                .diff()
+                .map_or_else(|| "-".to_owned(), |d| format!("{d:+.0}"));
             let lag = r
                 .lag
                 .map_or_else(|| "-".to_owned(), |d| format!("{:.1}s", d.as_secs_f64()));
             let verdict = if r.pass() { "PASS" } else { "FAIL" };
             let _ = write!(
                 s,
-                "{:<18} {:<9} {:>14} {:>14} {:>8} {lag:>6}  {verdict}",
-                r.scenario, r.direction, expected, reported, ratio
+                "{:<18} {:<9} {:>14} {:>14} {:>9} {:>8} {lag:>6}  {verdict}",
+                r.scenario,
+                r.direction,
+                expected,
+                reported,
+                diff,
+                r.accuracy.label()
             );
             if let Some(e) = &r.error {
                 let one_line: Vec<&str> =
@@ -511,20 +519,34 @@ mod tests {
             direction: "sent".into(),
             expected: e,
             reported: r,
+            accuracy: Accuracy::Exact,
             error: None,
             lag: None,
         };
         assert!(row(Some(0), None).pass());
         assert!(row(Some(0), Some(0.0)).pass());
         assert!(!row(Some(0), Some(5.0)).pass());
-        assert!(row(Some(100), Some(101.0)).pass());
+        assert!(row(Some(100), Some(100.0)).pass());
+        assert!(!row(Some(100), Some(101.0)).pass());
         assert!(!row(Some(100), None).pass());
         assert!(!row(None, Some(1.0)).pass());
+        let bounded = Row {
+            accuracy: Accuracy::Within {
+                fraction: 0.02,
+                why: "test",
+            },
+            ..row(Some(100), Some(101.0))
+        };
+        assert!(bounded.pass());
         let report = Report {
             rows: vec![row(Some(100), Some(50.0)), row(Some(0), None)],
         };
         assert_eq!(report.failures().len(), 1);
-        assert!(report.render().contains("0.5000"));
+        let table = report.render();
+        assert!(
+            table.contains(" 100 ") && table.contains(" 50 ") && table.contains(" -50 "),
+            "{table}"
+        );
     }
 
     #[test]

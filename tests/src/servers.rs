@@ -53,6 +53,14 @@ fn wait_ready(name: &str, process: &mut ProcessGuard, addr: SocketAddr, log: &Pa
     }
 }
 
+/// `program` from `PATH`, or an error naming it and its Debian package.
+fn installed(program: &str, package: &str) -> Result<Command> {
+    let path = crate::skip::find_in_path(program).with_context(|| {
+        format!("{program} is not in PATH (Debian package {package}; scripts/setup.sh installs it)")
+    })?;
+    Ok(Command::new(path))
+}
+
 fn spawn_logged(name: &str, command: &mut Command, log: &Path) -> Result<ProcessGuard> {
     let out = fs::File::create(log)?;
     command
@@ -80,7 +88,7 @@ impl Prometheus {
         let log = dir.path().join("prometheus.log");
         let mut process = spawn_logged(
             "prometheus",
-            Command::new("prometheus")
+            installed("prometheus", "prometheus")?
                 .arg(format!("--config.file={}", config_path.display()))
                 .arg(format!(
                     "--storage.tsdb.path={}",
@@ -89,8 +97,7 @@ impl Prometheus {
                 .arg(format!("--web.listen-address={addr}"))
                 .arg("--web.enable-lifecycle"),
             &log,
-        )
-        .context("is the prometheus package installed? (scripts/setup.sh)")?;
+        )?;
         wait_ready("prometheus", &mut process, addr, &log)?;
         Ok(Self {
             process,
@@ -150,7 +157,7 @@ impl Alertmanager {
         let log = dir.path().join("alertmanager.log");
         let mut process = spawn_logged(
             "alertmanager",
-            Command::new("prometheus-alertmanager")
+            installed("prometheus-alertmanager", "prometheus-alertmanager")?
                 .arg(format!("--config.file={}", config_path.display()))
                 .arg(format!(
                     "--storage.path={}",
@@ -160,8 +167,7 @@ impl Alertmanager {
                 // A single instance: no gossip port.
                 .arg("--cluster.listen-address="),
             &log,
-        )
-        .context("is the prometheus-alertmanager package installed? (scripts/setup.sh)")?;
+        )?;
         wait_ready("alertmanager", &mut process, addr, &log)?;
         Ok(Self {
             _process: process,

@@ -1,7 +1,7 @@
 //! The setting of one end-to-end test: a temporary directory, optionally the client and
 //! peer namespaces with the peer services, and the agent started with a configuration.
 //!
-//! ```ignore
+//! ```text
 //! let bed = Testbed::setup("fsn-domains")?
 //!     .peer()
 //!     .config("metrics:\n  bytes_labels: [domain]\n")
@@ -38,6 +38,7 @@ pub struct Setup {
     journal: Option<PathBuf>,
     addr: Option<SocketAddr>,
     args: Vec<String>,
+    wrapper: Vec<String>,
     peer: Option<Vec<String>>,
 }
 
@@ -76,6 +77,14 @@ impl Setup {
     /// More command-line arguments for the agent.
     pub fn args(mut self, args: &[&str]) -> Self {
         self.args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
+    /// Starts the agent through `wrapper`, a command that ends by executing its
+    /// arguments, e.g. `unshare --mount sh -c '...; exec "$@"' sh` (see
+    /// [`AgentGuard::start_wrapped`]); restarts use it too.
+    pub fn wrapped_in(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|a| (*a).to_owned()).collect();
         self
     }
 
@@ -119,7 +128,7 @@ impl Setup {
             .journal
             .unwrap_or_else(|| self.dir.path().join("journal.db"));
         let bin = agent_binary()?;
-        let agent = launch(&bin, addr, &journal, &args)?;
+        let agent = launch(&self.wrapper, &bin, addr, &journal, &args)?;
         Ok(Testbed {
             agent,
             peers: peer,
@@ -127,14 +136,22 @@ impl Setup {
             addr,
             journal,
             args,
+            wrapper: self.wrapper,
             dir: self.dir,
         })
     }
 }
 
-fn launch(bin: &Path, addr: SocketAddr, journal: &Path, args: &[String]) -> Result<AgentGuard> {
+fn launch(
+    wrapper: &[String],
+    bin: &Path,
+    addr: SocketAddr,
+    journal: &Path,
+    args: &[String],
+) -> Result<AgentGuard> {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    AgentGuard::start_at(bin, addr, Some(journal), &args)
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    AgentGuard::start_wrapped(&wrapper, bin, addr, Some(journal), &args)
 }
 
 fn copy_into(dir: &Path, program: &str, name: &str) -> Result<PathBuf> {
@@ -153,6 +170,7 @@ pub struct Testbed {
     addr: SocketAddr,
     journal: PathBuf,
     args: Vec<String>,
+    wrapper: Vec<String>,
     dir: TempDir,
 }
 
@@ -165,6 +183,7 @@ impl Testbed {
             journal: None,
             addr: None,
             args: Vec::new(),
+            wrapper: Vec::new(),
             peer: None,
         })
     }
@@ -224,7 +243,13 @@ impl Testbed {
     /// configuration, arguments, journal and address.
     pub fn restart(&mut self) -> Result<()> {
         self.agent.stop();
-        self.agent = launch(&self.bin, self.addr, &self.journal, &self.args)?;
+        self.agent = launch(
+            &self.wrapper,
+            &self.bin,
+            self.addr,
+            &self.journal,
+            &self.args,
+        )?;
         Ok(())
     }
 }

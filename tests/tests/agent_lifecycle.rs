@@ -183,11 +183,13 @@ fn program_loaded(id: u32) -> Result<bool> {
     Ok(out.status.success())
 }
 
-#[test]
-fn sigterm_flushes_the_journal_and_detaches_every_probe() -> Result<()> {
-    require_root!("to load eBPF programs");
-    let mut bed = Testbed::setup("fsn-shutdown")?.start()?;
-    let exe = bed.copy("trafficgen", "lastword")?;
+/// Stops the agent with `signal` after it counted a program, and checks what the
+/// README promises of SIGINT and SIGTERM alike: a clean exit, the last counts in the
+/// journal (only the shutdown's final drain and write can have them), and every
+/// program the agent held unloaded from the kernel.
+fn stop_flushes_the_journal_and_detaches_every_probe(signal: i32, name: &str) -> Result<()> {
+    let mut bed = Testbed::setup(&format!("fsn-shutdown-{name}"))?.start()?;
+    let exe = bed.copy("trafficgen", &format!("lastword-{name}"))?;
     let journal = bed.journal().to_owned();
     let agent = &mut bed.agent;
     let programs = programs_of(agent.pid())?;
@@ -202,13 +204,20 @@ fn sigterm_flushes_the_journal_and_detaches_every_probe() -> Result<()> {
     run_loopback(&exe, 10_000)?;
     agent.metrics().wait_for_bytes(&exe, "sent", 10_000)?;
     // The journal writes every 10 s by default: only the shutdown flush can have it now.
-    agent.signal(libc::SIGTERM);
+    agent.signal(signal);
     let status = agent
         .wait_exit(Duration::from_secs(20))?
-        .context("the agent did not exit within 20 s of SIGTERM")?;
+        .with_context(|| format!("the agent did not exit within 20 s of {name}"))?;
     assert!(
         status.success(),
-        "exit status {status}:\n{}",
+        "exit status {status} after {name}:\n{}",
+        agent.log_tail(30)
+    );
+    // The whole log: the final journal write may log many events after this line.
+    let log = fs::read_to_string(agent.log_path())?;
+    ensure!(
+        log.contains("shutting down: final drain, then detaching every probe"),
+        "no shutdown line after {name}:\n{}",
         agent.log_tail(30)
     );
 
@@ -220,20 +229,165 @@ fn sigterm_flushes_the_journal_and_detaches_every_probe() -> Result<()> {
         }
         Ok(Some(()))
     })
-    .with_context(|| format!("programs {programs:?} still loaded after the agent exited"))?;
+    .with_context(|| format!("programs {programs:?} still loaded after {name}"))?;
 
     let out = process::run_bounded(
         Command::new("sqlite3").arg(&journal).arg(format!(
-            "SELECT count(*) FROM executables WHERE path = '{}'",
-            exe.display()
+            "SELECT (SELECT count(*) FROM executables WHERE path = '{exe}') || ' ' || \
+             coalesce(sum(bytes_sent), 0) || ' ' || coalesce(sum(bytes_received), 0) \
+             FROM connections WHERE exe = '{exe}'",
+            exe = exe.display()
         )),
         Duration::from_secs(10),
     )?;
     assert_eq!(
         out.stdout.trim(),
-        "1",
-        "journal after shutdown: {}",
+        "1 10000 10000",
+        "executable rows, bytes sent and received in the journal after {name}: {}",
         out.stderr
+    );
+    Ok(())
+}
+
+#[test]
+fn sigterm_flushes_the_journal_and_detaches_every_probe() -> Result<()> {
+    require_root!("to load eBPF programs");
+    stop_flushes_the_journal_and_detaches_every_probe(libc::SIGTERM, "SIGTERM")
+}
+
+#[test]
+fn sigint_flushes_the_journal_and_detaches_every_probe() -> Result<()> {
+    require_root!("to load eBPF programs");
+    stop_flushes_the_journal_and_detaches_every_probe(libc::SIGINT, "SIGINT")
+}
+
+/// `GET /healthz`: status and body.
+fn healthz(agent: &AgentGuard) -> Result<(u16, String)> {
+    let response =
+        fleetsnitch_e2e::metrics::http_get(agent.addr, "/healthz", Duration::from_secs(5))?;
+    Ok((response.status, response.body))
+}
+
+/// The collector thread stuck (held in a ptrace stop, as a deadlock would leave it):
+/// `/healthz` turns to 503 once no drain happened for five drain intervals and a
+/// second, while `/metrics` still answers; released, the collector drains and
+/// `/healthz` is 200 again.
+#[test]
+fn healthz_answers_503_while_drains_stall_and_200_once_they_resume() -> Result<()> {
+    require_root!("to load eBPF programs");
+    let mut bed = Testbed::setup("fsn-healthz")?
+        .config("collector:\n  drain_interval: 500ms\n")
+        .start()?;
+    ensure!(healthz(&bed.agent)?.0 == 200, "not healthy at start");
+    let frozen = process::FrozenThread::freeze(bed.agent.pid(), "fleetsnitch-col")?;
+    let frozen_at = Instant::now();
+    let mut last = (0, String::new());
+    let stalled = wait_for(Duration::from_secs(30), || {
+        last = healthz(&bed.agent)?;
+        Ok((last.0 == 503).then_some(frozen_at.elapsed()))
+    });
+    let metrics =
+        fleetsnitch_e2e::metrics::http_get(bed.addr(), "/metrics", Duration::from_secs(5));
+    drop(frozen);
+    let stalled =
+        stalled.with_context(|| format!("collector frozen, /healthz still says {last:?}"))?;
+    ensure!(
+        last.1.contains("not been drained recently"),
+        "503 body: {:?}",
+        last.1
+    );
+    // 5 x 500 ms + 1 s without a drain: never sooner.
+    ensure!(
+        stalled >= Duration::from_millis(3_000),
+        "503 after only {stalled:?} of stall"
+    );
+    ensure!(
+        metrics.as_ref().is_ok_and(|r| r.status == 200),
+        "/metrics while the collector was stuck: {:?}",
+        metrics.map(|r| r.status)
+    );
+    wait_for(Duration::from_secs(20), || {
+        last = healthz(&bed.agent)?;
+        Ok((last.0 == 200).then_some(()))
+    })
+    .with_context(|| format!("collector released, /healthz still says {last:?}"))?;
+    bed.agent.check_running()?;
+    eprintln!("/healthz: 503 after {stalled:?} of stalled drains, 200 once released");
+    Ok(())
+}
+
+/// Whether `mountinfo` (a /proc/<pid>/mountinfo) has tracefs mounted at `path`.
+fn tracefs_at(mountinfo: &str, path: &str) -> bool {
+    mountinfo.lines().any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let fs_type = line
+            .split_once(" - ")
+            .and_then(|(_, rest)| rest.split_whitespace().next());
+        fields.get(4) == Some(&path) && fs_type == Some("tracefs")
+    })
+}
+
+/// A host (or container) without tracefs: the agent, started in a private mount
+/// namespace where tracefs (and debugfs, whose `tracing` directory would do too) is
+/// unmounted, mounts it at /sys/kernel/tracing itself, attaches its classic
+/// tracepoints through it and counts. The test's own namespace keeps its mounts.
+#[test]
+fn a_missing_tracefs_is_mounted_at_start() -> Result<()> {
+    require_root!("mount namespaces, eBPF");
+    let unmount = "for m in /sys/kernel/debug/tracing /sys/kernel/debug /sys/kernel/tracing; do \
+                   if mountpoint -q \"$m\"; then umount -l \"$m\" || exit 1; fi; done; \
+                   if [ -e /sys/kernel/tracing/events ]; then \
+                   echo 'tracefs still there' >&2; exit 1; fi; exec \"$@\"";
+    let mut bed = Testbed::setup("fsn-tracefs")?
+        .wrapped_in(&[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            unmount,
+            "sh",
+        ])
+        .start()?;
+    let pid = bed.agent.pid();
+    let agent_mounts = fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
+    ensure!(
+        tracefs_at(&agent_mounts, "/sys/kernel/tracing"),
+        "no tracefs at /sys/kernel/tracing in the agent's namespace:\n{agent_mounts}"
+    );
+    ensure!(
+        bed.log_tail(200).contains("mounted tracefs"),
+        "the agent did not say it mounted tracefs:\n{}",
+        bed.log_tail(30)
+    );
+    // The mount is the agent's own: its namespace had none when it started, and
+    // the test's namespace is untouched.
+    let own = fs::read_to_string("/proc/self/mountinfo")?;
+    let own_tracefs = tracefs_at(&own, "/sys/kernel/tracing");
+    // Classic tracepoints attached through it, and counting works.
+    let text = bed.metrics().text()?;
+    let attached = fleetsnitch_e2e::parse_samples(&text, "fleetsnitch_probe_attached")?;
+    let mode_of = |probe: &str| {
+        attached
+            .iter()
+            .find(|s| s.labels.get("probe").map(String::as_str) == Some(probe) && s.value == 1.0)
+            .and_then(|s| s.labels.get("mode").cloned())
+    };
+    ensure!(
+        mode_of("process_exit").as_deref() == Some("tracepoint")
+            && mode_of("splice_receive").as_deref() == Some("tracepoint"),
+        "classic tracepoints: process_exit {:?}, splice_receive {:?}",
+        mode_of("process_exit"),
+        mode_of("splice_receive")
+    );
+    let exe = bed.copy("trafficgen", "without-tracefs")?;
+    run_loopback(&exe, 30_000)?;
+    bed.metrics().wait_for_bytes(&exe, "sent", 30_000)?;
+    bed.metrics().wait_for_bytes(&exe, "received", 30_000)?;
+    bed.agent.check_running()?;
+    eprintln!(
+        "tracefs mounted by the agent in its namespace; the test's namespace has tracefs: {own_tracefs}"
     );
     Ok(())
 }

@@ -199,7 +199,15 @@ fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
     let mut domains_expected: BTreeSet<String> = domains_before.clone();
     domains_expected.extend((0..DOMAINS).map(|i| format!("d{i}.test")));
     let domains_now = admitted(&text, "domain")?;
-    assert_eq!(domains_now.len(), DOMAIN_CAP, "domain values exported");
+    assert_eq!(
+        domains_now.len(),
+        DOMAIN_CAP,
+        "domain values exported; DNS as the agent saw it: {}",
+        text.lines()
+            .filter(|l| l.starts_with("fleetsnitch_dns_"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    );
 
     let rss = peak_rss_kib(bed.agent.pid())?;
     eprintln!(
@@ -258,13 +266,22 @@ fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
             "{family} is {count}: the journal cannot bound the values seen"
         );
     }
-    for (label, sent, exported, journaled, cap) in [
+    // A DNS answer the kernel could not hand over (its ring buffer full while the
+    // collector lagged: a CPU-starved host) names no flow, and is counted: the
+    // domains of this test missing from the journal are at most those losses.
+    let answers_lost: f64 =
+        fleetsnitch_e2e::parse_samples(&text, "fleetsnitch_dns_answers_lost_total")?
+            .iter()
+            .map(|s| s.value)
+            .sum();
+    for (label, sent, exported, journaled, cap, lost) in [
         (
             "remote_port",
             &ports_expected,
             &ports_now,
             &journal_ports,
             PORT_CAP,
+            0.0,
         ),
         (
             "domain",
@@ -272,30 +289,40 @@ fn label_caps_hold_and_overflow_is_counted_exactly() -> Result<()> {
             &domains_now,
             &journal_domains,
             DOMAIN_CAP,
+            answers_lost,
         ),
     ] {
         let folded = overflow(&text, label)? as usize;
         let seen = cap + folded;
+        let missing: Vec<&String> = sent.difference(journaled).collect();
         eprintln!(
-            "{label}: {folded} folded; this test sent {} values, the journal holds {}",
+            "{label}: {folded} folded; this test sent {} values, the journal holds {}, \
+             {} missing, {lost} losses counted",
             sent.len(),
-            journaled.len()
+            journaled.len(),
+            missing.len()
         );
         ensure!(
-            sent.is_subset(journaled),
-            "{label}: values sent but not journaled: {:?}",
-            sent.difference(journaled).take(10).collect::<Vec<_>>()
+            missing.len() as f64 <= lost,
+            "{label}: {} values sent but not journaled, {lost} losses counted: {:?}; \
+             DNS as the agent saw it: {}",
+            missing.len(),
+            missing.iter().take(10).collect::<Vec<_>>(),
+            text.lines()
+                .filter(|l| l.starts_with("fleetsnitch_dns_"))
+                .collect::<Vec<_>>()
+                .join("; ")
         );
         ensure!(
             exported.is_subset(journaled),
             "{label}: exported values the agent never saw: {:?}",
             exported.difference(journaled).take(10).collect::<Vec<_>>()
         );
+        let least = sent.len() - missing.len();
         ensure!(
-            (sent.len()..=journaled.len()).contains(&seen),
+            (least..=journaled.len()).contains(&seen),
             "{label}: every folded value counted once: {cap} admitted + {folded} folded = \
-             {seen}, expected between {} (sent by this test) and {} (journaled)",
-            sent.len(),
+             {seen}, expected between {least} (sent by this test and seen) and {} (journaled)",
             journaled.len()
         );
     }

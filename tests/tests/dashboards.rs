@@ -25,7 +25,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
     TempDir, Testbed, agent::free_port, process, query_journal, require_root, run_client,
-    run_loopback, servers::Prometheus, skip_test, wait_until, workspace_root,
+    run_loopback, servers::Prometheus, skip, wait_until, workspace_root,
 };
 
 const HOST: &str = "dashboards-test-host";
@@ -320,8 +320,8 @@ fn dashboard_and_rule_expressions_parse() -> Result<()> {
     // Needs no agent: only a Prometheus without targets, to parse.
     let dashboards = dashboard_expressions()?;
     let rules = rule_expressions()?;
-    if which_prometheus().is_none() {
-        skip_test!("prometheus is not installed (scripts/setup.sh installs it)");
+    if skip::program("prometheus", "Debian package prometheus")?.is_none() {
+        return Ok(());
     }
     let prometheus = Prometheus::start("global:\n  scrape_interval: 1m\n")?;
     let mut failures = Vec::new();
@@ -341,14 +341,6 @@ fn dashboard_and_rule_expressions_parse() -> Result<()> {
         rules.len()
     );
     Ok(())
-}
-
-fn which_prometheus() -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .map(|d| Path::new(d).join("prometheus"))
-        .find(|p| p.is_file())
 }
 
 /// Rules whose incidents `every_dashboard_expression_returns_series_from_a_real_agent`
@@ -373,17 +365,20 @@ fn every_dashboard_expression_returns_series_from_a_real_agent() -> Result<()> {
 
     // Traffic, so that bytes series exist for a fresh program (a new executable).
     let client = bed.copy("trafficgen", "dash-client")?;
+    // The upload's 50,000 bytes and the download's 8-byte request.
+    let mut sent = 0;
     for scenario in ["tcp_upload", "tcp_download"] {
-        run_client(
+        sent += run_client(
             bed.net(),
             &client,
             scenario,
             &["--bytes", "50000"],
             Duration::from_secs(60),
-        )?;
+        )?
+        .sent;
     }
     bed.metrics()
-        .wait_for_bytes(&client, "sent", 50_000)
+        .wait_for_bytes(&client, "sent", sent)
         .context("client bytes never showed in /metrics")?;
 
     // Incident: a watched executable written to in place (once it has been hashed).

@@ -443,3 +443,66 @@ fn connections_from_ephemeral_ports_fold_into_one_rollup_per_window() -> Result<
     );
     Ok(())
 }
+
+/// `journal.record_addresses: false` and `record_ports: false`: the connection rows
+/// keep the executable, transport and bytes, and no address or port, not even the
+/// ephemeral ports `record_ephemeral_ports` would keep. A second agent with the
+/// defaults watches the same traffic and records them: the first one had them.
+#[test]
+fn addresses_and_ports_are_left_out_of_the_journal_when_told() -> Result<()> {
+    require_root!("eBPF, network namespaces");
+    let bed = Testbed::setup("fsn-no-addresses")?
+        .peer()
+        .config(
+            "journal:\n  write_interval: 200ms\n  record_addresses: false\n  \
+             record_ports: false\n  record_ephemeral_ports: true\n",
+        )
+        .start()?;
+    let witness = Testbed::setup("fsn-addresses")?
+        .config("journal:\n  write_interval: 200ms\n  record_ephemeral_ports: true\n")
+        .start()?;
+    let exe = bed.copy("trafficgen", "private")?;
+    let report = run_client(
+        bed.net(),
+        &exe,
+        "tcp_upload",
+        &["--bytes", "30000"],
+        Duration::from_secs(60),
+    )?;
+    ensure!(report.sent == 30_000, "tcp_upload sent {}", report.sent);
+    let total = format!(
+        "SELECT coalesce(sum(bytes_sent), 0) FROM connections WHERE exe = '{}'",
+        exe.display()
+    );
+    for (what, journal) in [("told to", bed.journal()), ("witness", witness.journal())] {
+        wait_until(
+            Duration::from_secs(20),
+            &format!("30,000 bytes in the {what} journal"),
+            || Ok(query_journal(journal, &total)? == "30000"),
+        )
+        .with_context(|| format!("{what}: {:?}", query_journal(journal, &total)))?;
+    }
+    let shape = format!(
+        "SELECT DISTINCT transport || '|' || coalesce(remote_address, '-') || '|' || \
+         coalesce(local_port, '-') || '|' || coalesce(remote_port, '-') \
+         FROM connections WHERE exe = '{}'",
+        exe.display()
+    );
+    let private = query_journal(bed.journal(), &shape)?;
+    ensure!(
+        private == "tcp|-|-|-",
+        "rows of the agent told to leave addresses and ports out (transport|address|local port|remote port):\n{private}"
+    );
+    let witnessed = query_journal(witness.journal(), &shape)?;
+    ensure!(
+        witnessed.lines().any(|row| {
+            let fields: Vec<&str> = row.split('|').collect();
+            fields.len() == 4
+                && fields[1] == fleetsnitch_e2e::scenarios::PEER_V4
+                && fields[2] != "-"
+                && fields[3] == "5001"
+        }),
+        "the witness agent did not record the address and ports: {witnessed}"
+    );
+    Ok(())
+}

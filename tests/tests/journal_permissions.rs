@@ -89,8 +89,12 @@ fn loose_journal_permissions_are_reported_and_new_journals_are_owner_only() -> R
     for (path, mode) in [(&journal, "644"), (&dir, "777")] {
         let named = log.lines().any(|line| {
             line.contains("open to other users")
-                && line.contains(&format!("path={}", path.display()))
-                && line.contains(&format!("mode=\"{mode}\""))
+                && line
+                    .split_whitespace()
+                    .any(|field| field == format!("path={}", path.display()))
+                && line
+                    .split_whitespace()
+                    .any(|field| field == format!("mode={mode}"))
         });
         ensure!(
             named,

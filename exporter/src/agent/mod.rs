@@ -112,6 +112,9 @@ fn release_freed_memory() {
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), AgentError> {
+    // First: from here on SIGHUP reloads (or is logged) instead of killing
+    // the agent, also while it loads its programs.
+    let hangup = server::hangup_signal();
     preflight::check()?;
     preflight::raise_memlock_limit();
 
@@ -260,12 +263,11 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         health,
         config.collector.drain_interval,
     );
-    let served = match web_settings {
-        Some((path, settings)) => {
-            let state = server::WebState::new(path, settings, web_metrics);
-            server::spawn_reloader(state.clone());
-            server::serve(listener, router, state, shutdown_signal()).await
-        }
+    let web_state =
+        web_settings.map(|(path, settings)| server::WebState::new(path, settings, web_metrics));
+    server::spawn_reloader(web_state.clone(), hangup);
+    let served = match web_state {
+        Some(state) => server::serve(listener, router, state, shutdown_signal()).await,
         None => http::serve(listener, router, shutdown_signal()).await,
     };
 

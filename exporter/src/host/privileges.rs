@@ -478,8 +478,8 @@ mod tests {
                 "{key} of exporter/systemd/fleetsnitch.service"
             );
         }
-        let values: serde_yaml::Value =
-            serde_yaml::from_str(include_str!("../../../helm/fleetsnitch/values.yaml")).unwrap();
+        let values: yaml_serde::Value =
+            yaml_serde::from_str(include_str!("../../../helm/fleetsnitch/values.yaml")).unwrap();
         let listed: BTreeSet<String> = values["capabilities"]
             .as_sequence()
             .expect("capabilities list in values.yaml")

@@ -1,7 +1,9 @@
 //! Small helpers every stage uses.
 
 pub mod backoff;
+pub mod build_info;
 mod invalid;
+pub mod logging;
 pub mod raw_text;
 
 pub use invalid::{InvalidValue, check_duration, check_range, check_ring_buffer};

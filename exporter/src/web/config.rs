@@ -5,9 +5,11 @@
 //!
 //! Supported keys: `tls_server_config` (`cert_file`, `key_file`, `cert`, `key`,
 //! `client_auth_type`, `client_ca_file`, `client_ca`, `min_version`,
-//! `max_version`) and `basic_auth_users` (user: bcrypt hash). Any other key is
-//! an error, as in the exporter-toolkit: a security setting silently ignored is
-//! worse than a refusal. Relative paths are relative to the file's directory.
+//! `max_version`), `http_server_config` (`headers`, and `http2`, accepted but
+//! without effect: fleetsnitch serves HTTP/1.1 only) and `basic_auth_users`
+//! (user: bcrypt hash). Any other key is an error, as in the exporter-toolkit:
+//! a security setting silently ignored is worse than a refusal. Relative paths
+//! are relative to the file's directory.
 
 use std::{
     collections::BTreeMap,
@@ -17,6 +19,7 @@ use std::{
     sync::Arc,
 };
 
+use http::{HeaderName, HeaderValue};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime, pem::PemObject};
 use serde::Deserialize;
 use tokio_rustls::rustls::{
@@ -44,8 +47,34 @@ struct WebConfigFile {
     #[serde(default)]
     tls_server_config: Option<TlsServerConfig>,
     #[serde(default)]
+    http_server_config: Option<HttpServerConfig>,
+    #[serde(default)]
     basic_auth_users: Option<BTreeMap<String, String>>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpServerConfig {
+    /// The exporter-toolkit enables HTTP/2 over TLS unless this is false.
+    /// fleetsnitch speaks HTTP/1.1 only (and says so in ALPN), so either value
+    /// is accepted: a file shared with node_exporter must not be refused.
+    #[serde(default)]
+    #[expect(dead_code, reason = "accepted for compatibility, see above")]
+    http2: Option<bool>,
+    #[serde(default)]
+    headers: Option<BTreeMap<String, String>>,
+}
+
+/// The response headers `http_server_config.headers` may set, and the values
+/// each allows (none listed: any value), as in the exporter-toolkit: the same
+/// list everywhere in the Prometheus ecosystem.
+const CONFIGURABLE_HEADERS: &[(&str, &[&str])] = &[
+    ("Strict-Transport-Security", &[]),
+    ("X-Content-Type-Options", &["nosniff"]),
+    ("X-Frame-Options", &["deny", "sameorigin"]),
+    ("X-XSS-Protection", &[]),
+    ("Content-Security-Policy", &[]),
+];
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,6 +132,8 @@ pub struct WebSettings {
     pub tls: Option<Arc<ServerConfig>>,
     /// User name to bcrypt hash; empty: no authentication.
     pub users: BTreeMap<String, String>,
+    /// Added to every response (`http_server_config.headers`).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl fmt::Debug for WebSettings {
@@ -111,6 +142,14 @@ impl fmt::Debug for WebSettings {
         f.debug_struct("WebSettings")
             .field("tls", &self.tls.is_some())
             .field("users", &self.users.keys().collect::<Vec<_>>())
+            .field(
+                "headers",
+                &self
+                    .headers
+                    .iter()
+                    .map(|(name, _)| name.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -132,7 +171,7 @@ impl WebSettings {
         let file: WebConfigFile = if text.trim().is_empty() {
             WebConfigFile::default()
         } else {
-            serde_yaml::from_str(text).map_err(|error| error.to_string())?
+            yaml_serde::from_str(text).map_err(|error| error.to_string())?
         };
         let users = file.basic_auth_users.unwrap_or_default();
         for (user, hash) in &users {
@@ -145,12 +184,55 @@ impl WebSettings {
             bcrypt::HashParts::from_str(hash)
                 .map_err(|error| format!("basic_auth_users.{user}: not a bcrypt hash ({error})"))?;
         }
+        let headers = response_headers(
+            file.http_server_config
+                .and_then(|http| http.headers)
+                .unwrap_or_default(),
+        )?;
         let tls = match file.tls_server_config {
             Some(tls) => tls_config(tls, base)?.map(Arc::new),
             None => None,
         };
-        Ok(Self { tls, users })
+        Ok(Self {
+            tls,
+            users,
+            headers,
+        })
     }
+}
+
+/// `http_server_config.headers`, checked as the exporter-toolkit checks them
+/// (names exactly as listed, enumerated values exactly), and as HTTP requires.
+fn response_headers(
+    configured: BTreeMap<String, String>,
+) -> Result<Vec<(HeaderName, HeaderValue)>, String> {
+    let mut headers = Vec::with_capacity(configured.len());
+    for (name, value) in configured {
+        let key = format!("http_server_config.headers.{name}");
+        let Some((_, allowed)) = CONFIGURABLE_HEADERS
+            .iter()
+            .find(|(configurable, _)| *configurable == name)
+        else {
+            let names: Vec<&str> = CONFIGURABLE_HEADERS.iter().map(|(n, _)| *n).collect();
+            return Err(format!(
+                "{key}: this header cannot be configured (one of {})",
+                names.join(", ")
+            ));
+        };
+        if !allowed.is_empty() && !allowed.contains(&value.as_str()) {
+            return Err(format!(
+                "{key} ({value}): expected one of {}",
+                allowed.join(", ")
+            ));
+        }
+        let header_value = HeaderValue::from_str(&value).map_err(|_| {
+            format!("{key} ({value:?}): not a valid HTTP header value (control characters?)")
+        })?;
+        let header_name =
+            HeaderName::from_bytes(name.as_bytes()).map_err(|error| format!("{key}: {error}"))?;
+        headers.push((header_name, header_value));
+    }
+    Ok(headers)
 }
 
 fn tls_config(tls: TlsServerConfig, base: &Path) -> Result<Option<ServerConfig>, String> {
@@ -424,6 +506,59 @@ mod tests {
         assert!(err.contains("min_version (TLS14)"), "{err}");
         assert!(protocol_versions(Some("TLS13"), Some("TLS12")).is_err());
         assert_eq!(protocol_versions(Some("TLS10"), None).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn node_exporter_http_server_config_is_accepted() {
+        let settings = parse(
+            "http_server_config:\n  http2: false\n  headers:\n    \
+             X-Frame-Options: deny\n    X-Content-Type-Options: nosniff\n    \
+             Strict-Transport-Security: max-age=31536000\n    \
+             Content-Security-Policy: \"default-src 'self'\"\n    \
+             X-XSS-Protection: \"1; mode=block\"\n",
+        )
+        .unwrap();
+        let headers: Vec<(&str, &str)> = settings
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_str(), value.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            headers,
+            [
+                ("content-security-policy", "default-src 'self'"),
+                ("strict-transport-security", "max-age=31536000"),
+                ("x-content-type-options", "nosniff"),
+                ("x-frame-options", "deny"),
+                ("x-xss-protection", "1; mode=block"),
+            ]
+        );
+        assert!(parse("http_server_config:\n  http2: true\n").is_ok());
+    }
+
+    #[test]
+    fn headers_outside_the_toolkits_list_or_values_are_refused() {
+        let err = parse("http_server_config:\n  headers:\n    Server: x\n").unwrap_err();
+        assert!(
+            err.contains("http_server_config.headers.Server") && err.contains("X-Frame-Options"),
+            "{err}"
+        );
+        let err =
+            parse("http_server_config:\n  headers:\n    X-Frame-Options: allow\n").unwrap_err();
+        assert!(
+            err.contains("http_server_config.headers.X-Frame-Options (allow)")
+                && err.contains("deny, sameorigin"),
+            "{err}"
+        );
+        let err =
+            parse("http_server_config:\n  headers:\n    Content-Security-Policy: \"a\\nb\"\n")
+                .unwrap_err();
+        assert!(
+            err.contains("http_server_config.headers.Content-Security-Policy"),
+            "{err}"
+        );
+        let err = parse("http_server_config:\n  header: {}\n").unwrap_err();
+        assert!(err.contains("header"), "{err}");
     }
 
     #[test]

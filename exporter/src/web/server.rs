@@ -1,6 +1,7 @@
 //! Serving `/metrics` and `/healthz` under a `--web.config.file`: TLS per
-//! connection, basic authentication per request, and the file re-read when it
-//! changes or on SIGHUP.
+//! connection, basic authentication per request, the configured response
+//! headers on every response, and the file re-read when it changes or on
+//! SIGHUP.
 //!
 //! Every path is protected, `/healthz` included, as the exporter-toolkit does:
 //! with client certificates required the handshake itself refuses a client
@@ -24,7 +25,7 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, signal::unix::Signal};
 use tokio_rustls::TlsAcceptor;
 
 use prometheus_client::{
@@ -52,9 +53,15 @@ impl WebConfigMetrics {
         );
         registry.register(
             "web_config_last_reload_successful",
-            "Whether the last re-read of --web.config.file was accepted (1) or rejected (0)",
+            "Whether the last re-read of --web.config.file was accepted (1) or rejected (0); \
+             1 without a web configuration",
             metrics.last_reload_successful.clone(),
         );
+        // Without --web.config.file nothing was rejected: 1, as Prometheus and
+        // Alertmanager report `*_config_last_reload_successful` 1 once their
+        // configuration is loaded. The usual alert (`== 0`) must mean "a
+        // rejected file is being ignored", never "no file was given".
+        metrics.last_reload_successful.set(1);
         metrics
     }
 }
@@ -228,19 +235,14 @@ fn unauthorized() -> Response<Body> {
     response
 }
 
-/// Re-reads the file when its modification time, size or inode changes, and on
-/// SIGHUP, until the process exits.
-pub fn spawn_reloader(state: Arc<WebState>) {
+/// Answers SIGHUP until the process exits: re-reads the web configuration,
+/// if there is one (it is also re-read when its modification time, size or
+/// inode changes), and says so; without one, logs that there is nothing to
+/// reload. The SIGHUP stream (`hangup`) is opened by the caller as early as it
+/// can: from then on SIGHUP no longer terminates the process.
+pub fn spawn_reloader(state: Option<Arc<WebState>>, mut hangup: Option<Signal>) {
     tokio::spawn(async move {
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            Ok(signal) => Some(signal),
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGHUP; the web configuration is reloaded when it changes only");
-                None
-            }
-        };
-        let mut seen = stamp(&state.path);
+        let mut seen = state.as_ref().and_then(|state| stamp(&state.path));
         let mut ticker = tokio::time::interval(POLL_INTERVAL);
         loop {
             let hangup_received = async {
@@ -250,21 +252,55 @@ pub fn spawn_reloader(state: Arc<WebState>) {
                 }
             };
             tokio::select! {
-                _ = ticker.tick() => {
-                    let now = stamp(&state.path);
-                    if now != seen {
-                        seen = now;
-                        state.reload();
+                _ = ticker.tick(), if state.is_some() => {
+                    if let Some(state) = &state {
+                        let now = stamp(&state.path);
+                        if now != seen {
+                            seen = now;
+                            state.reload();
+                        }
                     }
                 }
-                _ = hangup_received => {
-                    tracing::info!("SIGHUP: re-reading the web configuration");
-                    seen = stamp(&state.path);
-                    state.reload();
+                received = hangup_received => {
+                    if received.is_none() {
+                        // The signal driver is gone (runtime shutting down).
+                        hangup = None;
+                        continue;
+                    }
+                    match &state {
+                        Some(state) => {
+                            tracing::info!(
+                                path = %state.path.display(),
+                                "SIGHUP: re-reading the web configuration (--config.file \
+                                 changes take a restart)"
+                            );
+                            seen = stamp(&state.path);
+                            state.reload();
+                        }
+                        None => tracing::info!(
+                            "SIGHUP: nothing to reload: no --web.config.file is set \
+                             (--config.file changes take a restart)"
+                        ),
+                    }
                 }
             }
         }
     });
+}
+
+/// The SIGHUP stream; `None` (logged) if it cannot be had, and SIGHUP then
+/// keeps its default action.
+pub fn hangup_signal() -> Option<Signal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(error) => {
+            tracing::warn!(
+                %error,
+                "cannot listen for SIGHUP; the web configuration is reloaded when it changes only"
+            );
+            None
+        }
+    }
 }
 
 /// What identifies a version of the file: replaced (new inode, as editors and
@@ -349,6 +385,12 @@ where
             } else {
                 unauthorized()
             };
+            // On every response, refusals included, as the exporter-toolkit
+            // does: a policy such as Strict-Transport-Security holds for the
+            // endpoint, not only for the answers that carry metrics.
+            for (name, value) in &settings.headers {
+                response.headers_mut().insert(name.clone(), value.clone());
+            }
             // Settings changed since this connection was opened: its TLS
             // parameters are stale, so the client reconnects for the next request.
             if state.generation.load(Ordering::SeqCst) != generation {
@@ -375,6 +417,17 @@ mod tests {
             .header(header::AUTHORIZATION, value)
             .body(())
             .unwrap()
+    }
+
+    #[test]
+    fn without_a_web_configuration_the_last_reload_reads_successful() {
+        let mut registry = crate::telemetry::registry();
+        let _metrics = WebConfigMetrics::register(&mut registry);
+        let page = crate::telemetry::encode(&registry);
+        assert!(
+            page.contains("\nfleetsnitch_web_config_last_reload_successful 1\n"),
+            "{page}"
+        );
     }
 
     #[test]

@@ -1,12 +1,23 @@
 // Renders a Helm chart the way Helm's engine does for the functions it uses:
 // text/template with missingkey=zero, sprig's TxtFuncMap (minus env/expandenv),
-// include, tpl, required, toYaml/fromYaml, .Files.Get, .Release/.Chart/.Values/.Capabilities.
+// include, tpl, required, toYaml/fromYaml, .Files.Get/.Files.Glob,
+// .Release/.Chart/.Values/.Capabilities. Like Helm's directory loader, the walk
+// follows symbolic links (dashboards/ is one).
+//
+//	render [-values-out FILE [-values-only]] [-notes-out FILE] CHART [VALUES.yaml...]
+//
+// writes the manifests to stdout, the merged values as JSON to -values-out (what
+// Helm validates against values.schema.json) and templates/NOTES.txt rendered to
+// -notes-out.
 package main
 
 import (
 	"bytes"
+	"encoding/json"
+	"flag"
 	"fmt"
 	"os"
+	"path"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -20,9 +31,50 @@ type files map[string][]byte
 
 func (f files) Get(name string) string { return string(f[name]) }
 
+// Glob returns the files whose chart-relative path matches pattern (path.Match
+// syntax; Helm's gobwas/glob agrees on the patterns this chart uses).
+func (f files) Glob(pattern string) files {
+	out := files{}
+	for name, content := range f {
+		if ok, _ := path.Match(pattern, name); ok {
+			out[name] = content
+		}
+	}
+	return out
+}
+
+// walkFollowingLinks calls fn for every regular file below root, following
+// symbolic links to files and directories as Helm's sympath.Walk does.
+func walkFollowingLinks(root, rel string, fn func(rel, abs string) error) error {
+	entries, err := os.ReadDir(filepath.Join(root, rel))
+	if err != nil {
+		return err
+	}
+	for _, entry := range entries {
+		childRel := filepath.Join(rel, entry.Name())
+		abs := filepath.Join(root, childRel)
+		info, err := os.Stat(abs)
+		if err != nil {
+			return fmt.Errorf("%s: %w", abs, err)
+		}
+		if info.IsDir() {
+			if err := walkFollowingLinks(root, childRel, fn); err != nil {
+				return err
+			}
+		} else if err := fn(filepath.ToSlash(childRel), abs); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 func main() {
-	chart := os.Args[1]
-	valuesFiles := os.Args[2:]
+	valuesOut := flag.String("values-out", "", "write the merged values as JSON to this file")
+	notesOut := flag.String("notes-out", "", "write templates/NOTES.txt rendered to this file")
+	valuesOnly := flag.Bool("values-only", false, "stop after writing -values-out")
+	flag.Parse()
+	chart := flag.Arg(0)
+	valuesFiles := flag.Args()[1:]
 	var chartMeta map[string]interface{}
 	b, _ := os.ReadFile(filepath.Join(chart, "Chart.yaml"))
 	must(yaml.Unmarshal(b, &chartMeta))
@@ -36,22 +88,29 @@ func main() {
 		must(yaml.Unmarshal(b, &over))
 		values = merge(values, over)
 	}
+	if *valuesOut != "" {
+		b, err := json.MarshalIndent(values, "", "  ")
+		must(err)
+		must(os.WriteFile(*valuesOut, b, 0o644))
+	}
+	if *valuesOnly {
+		return
+	}
 	fs := files{}
-	must(filepath.Walk(chart, func(p string, info os.FileInfo, err error) error {
-		if err != nil || info.IsDir() {
-			return err
-		}
-		rel, _ := filepath.Rel(chart, p)
+	must(walkFollowingLinks(chart, "", func(rel, abs string) error {
 		if !strings.HasPrefix(rel, "templates/") {
-			c, _ := os.ReadFile(p)
+			c, err := os.ReadFile(abs)
+			if err != nil {
+				return err
+			}
 			fs[rel] = c
 		}
 		return nil
 	}))
 	top := map[string]interface{}{
-		"Values":  values,
-		"Release": map[string]interface{}{"Name": "fleetsnitch", "Namespace": "monitoring", "Service": "Helm", "IsInstall": true, "IsUpgrade": false, "Revision": 1},
-		"Chart": map[string]interface{}{"Name": chartMeta["name"], "Version": chartMeta["version"], "AppVersion": chartMeta["appVersion"]},
+		"Values":       values,
+		"Release":      map[string]interface{}{"Name": "fleetsnitch", "Namespace": "monitoring", "Service": "Helm", "IsInstall": true, "IsUpgrade": false, "Revision": 1},
+		"Chart":        map[string]interface{}{"Name": chartMeta["name"], "Version": chartMeta["version"], "AppVersion": chartMeta["appVersion"]},
 		"Files":        fs,
 		"Capabilities": map[string]interface{}{"KubeVersion": map[string]interface{}{"Version": "v1.30.0"}},
 	}
@@ -120,6 +179,11 @@ func main() {
 		return nil
 	}))
 	sort.Strings(names)
+	if *notesOut != "" {
+		var buf bytes.Buffer
+		must(t.ExecuteTemplate(&buf, filepath.Join(chartMeta["name"].(string), "templates/NOTES.txt"), top))
+		must(os.WriteFile(*notesOut, []byte(strings.ReplaceAll(buf.String(), "<no value>", "")), 0o644))
+	}
 	for _, n := range names {
 		if strings.HasPrefix(filepath.Base(n), "_") || !(strings.HasSuffix(n, ".yaml") || strings.HasSuffix(n, ".yml")) {
 			continue
@@ -134,8 +198,14 @@ func main() {
 	}
 }
 
+// merge overlays src on dst as Helm coalesces a values file over the defaults:
+// maps merge key by key, anything else replaces, and null deletes the key.
 func merge(dst, src map[string]interface{}) map[string]interface{} {
 	for k, v := range src {
+		if v == nil {
+			delete(dst, k)
+			continue
+		}
 		if sm, ok := v.(map[string]interface{}); ok {
 			if dm, ok := dst[k].(map[string]interface{}); ok {
 				dst[k] = merge(dm, sm)

@@ -269,7 +269,10 @@ fn has_default_route() -> bool {
 /// network namespace, never from one attached to a real network: there, 198.18.0.2 would
 /// go out the default route. Loopback-only scenarios and loopback peers are fine anywhere.
 fn check_where(name: &str, ctx: &Ctx) -> Result<()> {
-    let loopback_only = matches!(name, "loopback" | "own_namespaces");
+    let loopback_only = matches!(
+        name,
+        "loopback" | "own_namespaces" | "local_ipc_and_peek" | "kernel_forward"
+    );
     let loopback_peers = ctx.peer_v4.is_loopback() && ctx.peer_v6.is_loopback();
     if loopback_only || (loopback_peers && name != "af_packet") {
         return Ok(());
@@ -312,6 +315,8 @@ fn run_scenario(name: &str, ctx: &Ctx) -> Result<()> {
         "many_tcp_conns" => many_tcp_conns(ctx),
         "parallel_burst" => parallel_burst(ctx),
         "ipv6_udp_download" => udp_download(ctx, ctx.v6(ports::UDP_SOURCE)),
+        "local_ipc_and_peek" => local_ipc_and_peek(ctx),
+        "kernel_forward" => kernel_forward(ctx),
         other => bail!("scenario {other:?} has no implementation"),
     }
 }
@@ -1834,6 +1839,371 @@ fn dns_answer(q: &[u8]) -> Option<Vec<u8>> {
     a.extend_from_slice(&q[12..qend]);
     a.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 198, 18, 0, 2]);
     Some(a)
+}
+
+// ---------------------------------------------------------------------------------------
+// What is not this process's network traffic
+
+/// TCP over 127.0.0.1 (counted), each read preceded by a `MSG_PEEK` of the same bytes
+/// (not counted: the data stays in the socket), then local IPC that is not network
+/// (not counted): `--bytes` x 4 over an AF_UNIX stream socketpair, 256 datagrams over
+/// an AF_UNIX datagram socketpair, and a netlink route dump of the links.
+fn local_ipc_and_peek(ctx: &Ctx) -> Result<()> {
+    let c = &ctx.counts;
+    let bytes = ctx.bytes;
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind 127.0.0.1")?;
+    let addr = listener.local_addr()?;
+    let peeked = thread::scope(|scope| -> Result<u64> {
+        let sender = scope.spawn(|| -> Result<()> {
+            let s = connect(addr)?;
+            send_bytes(&s, bytes, c)?;
+            s.shutdown(Shutdown::Write)?;
+            Ok(())
+        });
+        let peeked = (|| -> Result<u64> {
+            let (s, _) = accept_timeout(&listener, CONNECT_TIMEOUT)?;
+            s.set_read_timeout(Some(IO_TIMEOUT))?;
+            let mut buf = vec![0u8; CHUNK];
+            let mut peeked = 0u64;
+            loop {
+                // SAFETY: `buf` is valid for its length for the duration of the call.
+                let n = match cvt_size(unsafe {
+                    libc::recv(
+                        s.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_PEEK,
+                    )
+                }) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e).context("recv(MSG_PEEK)"),
+                };
+                if n == 0 {
+                    return Ok(peeked);
+                }
+                peeked += n as u64;
+                let got = read_exact_counted(&s, n as u64, c)?;
+                ensure!(got == n as u64, "read {got} of {n} peeked bytes");
+            }
+        })();
+        sender
+            .join()
+            .map_err(|_| anyhow!("sender thread panicked"))??;
+        peeked
+    })?;
+    ensure!(
+        peeked == bytes,
+        "peeked {peeked} of {bytes} bytes over loopback"
+    );
+    let unix_stream = unix_stream_pair(bytes * 4)?;
+    let unix_datagrams = unix_datagram_pair(256, 1000)?;
+    let netlink = netlink_route_dump()?;
+    eprintln!(
+        "not counted: {peeked} bytes peeked, {unix_stream} over AF_UNIX stream, \
+         {unix_datagrams} over AF_UNIX datagrams, {netlink} over netlink"
+    );
+    Ok(())
+}
+
+/// Moves `total` bytes through an AF_UNIX stream socketpair; returns what was read.
+fn unix_stream_pair(total: u64) -> Result<u64> {
+    let (a, b) = std::os::unix::net::UnixStream::pair().context("AF_UNIX socketpair")?;
+    b.set_read_timeout(Some(IO_TIMEOUT))?;
+    let ignored = Counts::new();
+    let read = thread::scope(|scope| -> Result<u64> {
+        let writer = scope.spawn(|| -> io::Result<()> {
+            send_bytes(&a, total, &ignored)?;
+            a.shutdown(Shutdown::Write)
+        });
+        let read = read_to_eof_counted(&b, &ignored)?;
+        writer
+            .join()
+            .map_err(|_| anyhow!("AF_UNIX writer panicked"))??;
+        Ok(read)
+    })?;
+    ensure!(
+        read == total,
+        "AF_UNIX stream: read {read} of {total} bytes"
+    );
+    Ok(read)
+}
+
+/// Sends `count` datagrams of `size` bytes through an AF_UNIX datagram socketpair;
+/// returns the bytes read back.
+fn unix_datagram_pair(count: usize, size: usize) -> Result<u64> {
+    let (a, b) = std::os::unix::net::UnixDatagram::pair().context("AF_UNIX socketpair")?;
+    b.set_read_timeout(Some(IO_TIMEOUT))?;
+    let buf = payload(size);
+    let mut back = vec![0u8; size];
+    let mut read = 0u64;
+    for _ in 0..count {
+        ensure!(a.send(&buf)? == size, "short AF_UNIX datagram");
+        read += b.recv(&mut back)? as u64;
+    }
+    ensure!(
+        read == (count * size) as u64,
+        "AF_UNIX datagrams: read {read} bytes"
+    );
+    Ok(read)
+}
+
+/// Asks the kernel for its links over NETLINK_ROUTE (RTM_GETLINK dump) and reads every
+/// answer up to NLMSG_DONE; returns the bytes sent and read.
+fn netlink_route_dump() -> Result<u64> {
+    const RTM_GETLINK: u16 = 18;
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_DUMP: u16 = 0x300;
+    const NLMSG_DONE: u16 = 3;
+    const NLMSG_ERROR: u16 = 2;
+    let fd = new_socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE)
+        .context("netlink socket")?;
+    set_rcvtimeo(fd.as_raw_fd(), IO_TIMEOUT)?;
+    // struct nlmsghdr + struct rtgenmsg (one byte, padded to four).
+    let mut request = Vec::with_capacity(20);
+    request.extend_from_slice(&20u32.to_ne_bytes());
+    request.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
+    request.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    request.extend_from_slice(&1u32.to_ne_bytes());
+    request.extend_from_slice(&0u32.to_ne_bytes());
+    request.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    // SAFETY: `request` is valid for its length for the duration of the call.
+    let mut moved =
+        cvt_size(unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) })
+            .context("send the netlink request")? as u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    for _ in 0..10_000 {
+        // SAFETY: `buf` is valid for its length for the duration of the call.
+        let n =
+            cvt_size(unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) })
+                .context("read the netlink answers")?;
+        ensure!(n > 0, "netlink socket closed before NLMSG_DONE");
+        moved += n as u64;
+        let mut at = 0;
+        while at + 16 <= n {
+            let len = u32::from_ne_bytes(buf[at..at + 4].try_into()?) as usize;
+            let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into()?);
+            match kind {
+                NLMSG_DONE => return Ok(moved),
+                NLMSG_ERROR => bail!("netlink answered with an error"),
+                _ => {}
+            }
+            if len < 16 {
+                bail!("bad netlink message length {len}");
+            }
+            at += (len + 3) & !3;
+        }
+    }
+    bail!("no NLMSG_DONE in 10,000 netlink reads")
+}
+
+/// `--bytes` sent over loopback TCP to a socket whose receive path a BPF sk_skb
+/// program redirects (sockmap, `bpf_sk_redirect_map` to egress) to a second
+/// connection: the kernel itself (a kworker running the socket's backlog) sends those
+/// bytes on, and this process reads them at the far end. Counted: what this process
+/// sent and read; the forwarding send belongs to the kernel, not to this process.
+fn kernel_forward(ctx: &Ctx) -> Result<()> {
+    let c = &ctx.counts;
+    let bytes = ctx.bytes;
+    // The connection the kernel forwards into, and its far end this process reads.
+    let sink = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind 127.0.0.1")?;
+    let onward = connect(sink.local_addr()?)?;
+    let (far_end, _) = accept_timeout(&sink, CONNECT_TIMEOUT)?;
+    far_end.set_read_timeout(Some(IO_TIMEOUT))?;
+    // The connection this process sends on; its accepted end is redirected.
+    let front = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("bind 127.0.0.1")?;
+    let client = connect(front.local_addr()?)?;
+    let (redirected, _) = accept_timeout(&front, CONNECT_TIMEOUT)?;
+    let _redirect = sockmap::Redirect::new(redirected.as_raw_fd(), onward.as_raw_fd())?;
+    let got = thread::scope(|scope| -> Result<u64> {
+        let sender = scope.spawn(|| send_bytes(&client, bytes, c));
+        let got = read_exact_counted(&far_end, bytes, c);
+        sender
+            .join()
+            .map_err(|_| anyhow!("sender thread panicked"))??;
+        Ok(got?)
+    })?;
+    ensure!(got == bytes, "the kernel forwarded {got} of {bytes} bytes");
+    Ok(())
+}
+
+/// A BPF sockmap whose sk_skb verdict program sends everything one socket receives out
+/// of another: raw `bpf(2)` calls, no library. Closing the descriptors (on drop)
+/// detaches the program and empties the map.
+mod sockmap {
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+    use anyhow::{Context, Result, bail};
+
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_ATTACH: libc::c_long = 8;
+    const BPF_MAP_TYPE_SOCKMAP: u32 = 15;
+    const BPF_PROG_TYPE_SK_SKB: u32 = 14;
+    /// Verdict without a stream parser (Linux >= 5.13); the older stream verdict next.
+    const ATTACH_TYPES: [(u32, &str); 2] =
+        [(38, "BPF_SK_SKB_VERDICT"), (5, "BPF_SK_SKB_STREAM_VERDICT")];
+    const BPF_FUNC_SK_REDIRECT_MAP: i32 = 52;
+    /// Key of the socket the verdict sends to; the redirected socket sits at 1.
+    const ONWARD: u32 = 0;
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapElem {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct ProgAttach {
+        target_fd: u32,
+        attach_bpf_fd: u32,
+        attach_type: u32,
+        attach_flags: u32,
+    }
+
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+        // SAFETY: `attr` is a bpf_attr prefix of the layout `cmd` expects, valid for the call.
+        let rc =
+            unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    }
+
+    fn owned(fd: libc::c_long) -> OwnedFd {
+        // SAFETY: a descriptor bpf(2) just returned, owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(fd as RawFd) }
+    }
+
+    /// One eBPF instruction: opcode, registers, offset, immediate.
+    fn insn(code: u8, dst: u8, src: u8, imm: i32) -> u64 {
+        u64::from(code) | (u64::from(dst | (src << 4)) << 8) | (u64::from(imm as u32) << 32)
+    }
+
+    pub struct Redirect {
+        _map: OwnedFd,
+        _prog: OwnedFd,
+    }
+
+    impl Redirect {
+        /// Everything `redirected` receives is sent out of `onward` by the kernel.
+        pub fn new(redirected: RawFd, onward: RawFd) -> Result<Self> {
+            let mut create = MapCreate {
+                map_type: BPF_MAP_TYPE_SOCKMAP,
+                key_size: 4,
+                value_size: 4,
+                max_entries: 2,
+                ..MapCreate::default()
+            };
+            let map = owned(bpf(BPF_MAP_CREATE, &mut create).context("create a BPF sockmap")?);
+            // r0 = bpf_sk_redirect_map(skb, map, ONWARD, 0 /* egress */); return r0
+            let program = [
+                insn(0x18, 2, 1, map.as_raw_fd()), // r2 = map (ld_imm64, pseudo map fd)
+                0,
+                insn(0xb7, 3, 0, ONWARD as i32), // r3 = key
+                insn(0xb7, 4, 0, 0),             // r4 = flags: egress
+                insn(0x85, 0, 0, BPF_FUNC_SK_REDIRECT_MAP),
+                insn(0x95, 0, 0, 0), // exit
+            ];
+            let license = c"GPL";
+            let mut log = vec![0u8; 64 * 1024];
+            let mut load = ProgLoad {
+                prog_type: BPF_PROG_TYPE_SK_SKB,
+                insn_cnt: program.len() as u32,
+                insns: program.as_ptr() as u64,
+                license: license.as_ptr() as u64,
+                log_level: 1,
+                log_size: log.len() as u32,
+                log_buf: log.as_mut_ptr() as u64,
+                ..ProgLoad::default()
+            };
+            let prog = match bpf(BPF_PROG_LOAD, &mut load) {
+                Ok(fd) => owned(fd),
+                Err(error) => {
+                    let end = log.iter().position(|b| *b == 0).unwrap_or(log.len());
+                    bail!(
+                        "load the sk_skb verdict program: {error}; verifier: {}",
+                        String::from_utf8_lossy(&log[..end])
+                    );
+                }
+            };
+            let mut refused = Vec::new();
+            let mut attached = false;
+            for (attach_type, name) in ATTACH_TYPES {
+                let mut attach = ProgAttach {
+                    target_fd: map.as_raw_fd() as u32,
+                    attach_bpf_fd: prog.as_raw_fd() as u32,
+                    attach_type,
+                    ..ProgAttach::default()
+                };
+                match bpf(BPF_PROG_ATTACH, &mut attach) {
+                    Ok(_) => {
+                        attached = true;
+                        break;
+                    }
+                    Err(error) => refused.push(format!("{name}: {error}")),
+                }
+            }
+            if !attached {
+                bail!(
+                    "attach the verdict program to the sockmap: {}",
+                    refused.join("; ")
+                );
+            }
+            // Sockets join after the program, so their receive path runs it.
+            for (key, fd) in [(ONWARD, onward), (1, redirected)] {
+                let value = fd as u32;
+                let mut update = MapElem {
+                    map_fd: map.as_raw_fd() as u32,
+                    key: std::ptr::from_ref(&key) as u64,
+                    value: std::ptr::from_ref(&value) as u64,
+                    ..MapElem::default()
+                };
+                bpf(BPF_MAP_UPDATE_ELEM, &mut update)
+                    .with_context(|| format!("put socket {fd} in the sockmap at {key}"))?;
+            }
+            Ok(Self {
+                _map: map,
+                _prog: prog,
+            })
+        }
+    }
 }
 
 #[cfg(test)]

@@ -478,7 +478,7 @@ mod tests {
 
     #[test]
     fn config_parses_from_yaml_with_defaults() {
-        let config: OtlpConfig = serde_yaml::from_str(
+        let config: OtlpConfig = yaml_serde::from_str(
             "enabled: true\nprotocol: grpc\nendpoint: https://collector:4317\ntimeout: 5s\n\
              headers: {authorization: Bearer x}\ntls: {ca_file: /etc/ca.pem}\nmax_queued_records: 100\n",
         )
@@ -488,8 +488,8 @@ mod tests {
         assert_eq!(config.timeout, Some(Duration::from_secs(5)));
         assert_eq!(config.max_batch_size, 512);
         assert_eq!(config.batch_delay, Duration::from_secs(1));
-        assert!(serde_yaml::from_str::<OtlpConfig>("endpont: x").is_err());
-        assert!(serde_yaml::from_str::<OtlpConfig>("protocol: http/json").is_err());
+        assert!(yaml_serde::from_str::<OtlpConfig>("endpont: x").is_err());
+        assert!(yaml_serde::from_str::<OtlpConfig>("protocol: http/json").is_err());
         assert!(!OtlpConfig::default().enabled);
     }
 }
