@@ -8,6 +8,7 @@
 //!   `trafficgen` and read the counts it measured itself.
 //! - [`Report`]: the expected-versus-reported table.
 //! - [`Testbed`]: one test's directory, peer namespaces and agent, set up in one place.
+//! - [`filesystems`]: mounts undone on drop, a private ext4, copies onto a chosen inode.
 //! - [`require_root!`]: the one root check; [`skip::skip`] decides what a skip means.
 //! - [`summary::Summary`]: the count of a `cargo test` run that `scripts/test.sh` ends with.
 //!
@@ -15,6 +16,7 @@
 
 pub mod agent;
 pub mod dnswire;
+pub mod filesystems;
 pub mod metrics;
 pub mod netns;
 pub mod otlp_collector;

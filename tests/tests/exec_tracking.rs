@@ -16,6 +16,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
     AgentGuard, TempDir, Testbed,
+    filesystems::{Mounts, run_tool},
     otlp_collector::{Collector, free_port, rotel_agent},
     parse_samples, process, query_journal, random_suffix, require_root, run_loopback,
     servers::Prometheus,
@@ -505,52 +506,6 @@ fn exec_tracking_alerts_fire_in_prometheus() -> Result<()> {
     Ok(())
 }
 
-/// Mounts made by a test, unmounted (lazily, last first) on drop, loop
-/// devices detached with them.
-#[derive(Default)]
-struct Mounts(Vec<PathBuf>);
-
-impl Mounts {
-    fn mount(&mut self, args: &[&str], target: &Path) -> Result<()> {
-        fs::create_dir_all(target)?;
-        let out = process::run_bounded(
-            Command::new("mount").args(args).arg(target),
-            Duration::from_secs(30),
-        )?;
-        ensure!(
-            out.status.success(),
-            "mount {args:?} {}: {}",
-            target.display(),
-            out.stderr
-        );
-        self.0.push(target.to_owned());
-        Ok(())
-    }
-}
-
-impl Drop for Mounts {
-    fn drop(&mut self) {
-        for target in self.0.iter().rev() {
-            // -d detaches the loop device of a loop mount.
-            let _ = process::run_bounded(
-                Command::new("umount").arg("-d").arg(target),
-                Duration::from_secs(30),
-            );
-        }
-    }
-}
-
-fn run(program: &str, args: &[&str]) -> Result<()> {
-    let out = process::run_bounded(Command::new(program).args(args), Duration::from_secs(60))?;
-    ensure!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        out.stdout,
-        out.stderr
-    );
-    Ok(())
-}
-
 /// Waits until the journal holds `path`, then checks its sha256 is `expected`.
 fn expect_hashed(journal: &Path, path: &Path, expected: &str) -> Result<()> {
     wait_until(
@@ -581,7 +536,7 @@ fn btrfs_subvolumes_with_the_same_inode_are_hashed_apart() -> Result<()> {
     let dir = TempDir::new("fsn-exec-btrfs")?;
     let image = dir.path().join("btrfs.img");
     fs::File::create(&image)?.set_len(256 << 20)?;
-    run("mkfs.btrfs", &["-q", "-f", image.to_str().unwrap()])?;
+    run_tool("mkfs.btrfs", &["-q", "-f", image.to_str().unwrap()])?;
     let mut mounts = Mounts::default();
     let mnt = dir.path().join("mnt");
     mounts.mount(
@@ -591,7 +546,7 @@ fn btrfs_subvolumes_with_the_same_inode_are_hashed_apart() -> Result<()> {
     let mut tools = Vec::new();
     for name in ["a", "b"] {
         let subvolume = mnt.join(name);
-        run(
+        run_tool(
             "btrfs",
             &["-q", "subvolume", "create", subvolume.to_str().unwrap()],
         )?;

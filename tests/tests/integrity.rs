@@ -22,7 +22,7 @@ use std::{
     fs,
     io::Read,
     net::{Ipv4Addr, TcpListener},
-    os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::{
@@ -35,70 +35,14 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, TempDir, Testbed, parse_samples, process, query_journal, random_suffix,
-    require_root, run_loopback, scenarios::PEER_V4, sha256_file, wait_until,
+    AgentGuard, TempDir, Testbed,
+    filesystems::{Mounts, copy_executable, copy_onto_inode, ext4},
+    parse_samples, process, query_journal, random_suffix, require_root, run_loopback,
+    scenarios::PEER_V4,
+    sha256_file, wait_until,
 };
 
 // --- shared helpers ------------------------------------------------------
-
-/// Mounts made by a test, unmounted (lazily, last first) on drop, loop
-/// devices detached with them.
-#[derive(Default)]
-struct Mounts(Vec<PathBuf>);
-
-impl Mounts {
-    fn mount(&mut self, args: &[&str], target: &Path) -> Result<()> {
-        fs::create_dir_all(target)?;
-        let out = process::run_bounded(
-            Command::new("mount").args(args).arg(target),
-            Duration::from_secs(30),
-        )?;
-        ensure!(
-            out.status.success(),
-            "mount {args:?} {}: {}",
-            target.display(),
-            out.stderr
-        );
-        self.0.push(target.to_owned());
-        Ok(())
-    }
-}
-
-impl Drop for Mounts {
-    fn drop(&mut self) {
-        for target in self.0.iter().rev() {
-            let _ = process::run_bounded(
-                Command::new("umount").arg("-d").arg(target),
-                Duration::from_secs(30),
-            );
-        }
-    }
-}
-
-fn run(program: &str, args: &[&str]) -> Result<()> {
-    let out = process::run_bounded(Command::new(program).args(args), Duration::from_secs(60))?;
-    ensure!(
-        out.status.success(),
-        "{program} {args:?}: {}{}",
-        out.stdout,
-        out.stderr
-    );
-    Ok(())
-}
-
-/// A fresh ext4 file system of its own (a loop-mounted image in `dir`), so
-/// that inode numbers are handed out as ext4 does, whatever `/tmp` is and
-/// whatever else runs on the machine.
-fn ext4(dir: &TempDir, mounts: &mut Mounts) -> Result<PathBuf> {
-    let image = dir.path().join("ext4.img");
-    fs::File::create(&image)?.set_len(128 << 20)?;
-    let image = image.to_str().context("non-UTF-8 image path")?;
-    run("mkfs.ext4", &["-q", "-F", image])
-        .context("mkfs.ext4 (e2fsprogs) is needed to make the test's file system")?;
-    let mnt = dir.path().join("ext4");
-    mounts.mount(&["-o", "loop", "-t", "ext4", image], &mnt)?;
-    Ok(mnt)
-}
 
 /// The Python interpreter as an ELF file to copy (not a wrapper script).
 fn python() -> Result<PathBuf> {
@@ -112,16 +56,6 @@ fn python() -> Result<PathBuf> {
         path.display()
     );
     Ok(path)
-}
-
-/// Copies `from` to `to`, executable, with `tag` appended (a distinct sha256
-/// that still runs: the loader ignores trailing bytes).
-fn copy_executable(from: &Path, to: &Path, tag: &str) -> Result<()> {
-    let mut content = fs::read(from).with_context(|| format!("read {}", from.display()))?;
-    content.extend_from_slice(tag.as_bytes());
-    fs::write(to, content).with_context(|| format!("write {}", to.display()))?;
-    fs::set_permissions(to, fs::Permissions::from_mode(0o755))?;
-    Ok(())
 }
 
 /// Sum of `fleetsnitch_bytes_total` samples sent by `exe` (over every other
@@ -191,68 +125,6 @@ const A_BYTES: u64 = 1_500_000;
 const B_BYTES: u64 = 3_885_000;
 const ROUNDS: usize = 50;
 
-/// Copies `python` to `to`, onto inode number `inode` when given: ext4 hands
-/// out the lowest free number, so the copy is made again (for up to 30 s)
-/// until whatever still held that inode (a process, the agent hashing the
-/// file) has let it go.
-fn copy_onto_inode(python: &Path, to: &Path, inode: Option<u64>) -> Result<u64> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        copy_executable(python, to, "")?;
-        let got = fs::metadata(to)?.ino();
-        if inode.is_none_or(|inode| inode == got) {
-            return Ok(got);
-        }
-        fs::remove_file(to)?;
-        if Instant::now() > deadline {
-            bail!(
-                "precondition: {} should take the freed inode number {inode:?} on ext4 \
-                 (got {got}); holders of the earlier file: {:?}",
-                to.display(),
-                holders_of_inode(to.parent().unwrap_or(Path::new("/")), inode.unwrap_or(0)),
-            );
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Processes that hold the file of `dir`'s file system with inode number
-/// `inode` open or mapped (for the message of a failed precondition).
-fn holders_of_inode(dir: &Path, inode: u64) -> Vec<String> {
-    let Ok(device) = fs::metadata(dir).map(|m| m.dev()) else {
-        return Vec::new();
-    };
-    let needle = format!(
-        " {:02x}:{:02x} {inode} ",
-        libc::major(device),
-        libc::minor(device)
-    );
-    let mut found = Vec::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let pid = entry.file_name().to_string_lossy().into_owned();
-        if !pid.chars().all(|c| c.is_ascii_digit()) {
-            continue;
-        }
-        let comm = fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        for fd in fs::read_dir(entry.path().join("fd"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if fs::metadata(fd.path()).is_ok_and(|m| m.ino() == inode && m.dev() == device) {
-                found.push(format!("{pid} {} (fd {:?})", comm.trim(), fd.file_name()));
-            }
-        }
-        if fs::read_to_string(entry.path().join("maps")).is_ok_and(|maps| maps.contains(&needle)) {
-            found.push(format!("{pid} {} (mapped)", comm.trim()));
-        }
-    }
-    found
-}
-
 /// One round's two programs and what each sent.
 struct Round {
     a: String,
@@ -278,7 +150,7 @@ fn inode_reuse_round(
     let b = fs_dir.join(format!("B-{index}-{suffix}"));
     // Every round uses one inode number: A waits for the last round's B to
     // be freed (the agent may still hash it).
-    let inode = copy_onto_inode(python, &a, *chain)?;
+    let inode = copy_onto_inode(python, &a, "", *chain)?;
     *chain = Some(inode);
     let (a_transport, b_transport) = if swap { ("udp", "tcp") } else { ("tcp", "udp") };
 
@@ -287,7 +159,7 @@ fn inode_reuse_round(
     let result = (|| -> Result<()> {
         send(&client, &a, a_transport, A_BYTES, "delete")?;
         // B takes A's inode number once A's last reference is gone.
-        copy_onto_inode(python, &b, Some(inode))?;
+        copy_onto_inode(python, &b, "", Some(inode))?;
         send(&client, &b, b_transport, B_BYTES, "keep")
     })();
     drop(stopped);

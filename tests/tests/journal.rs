@@ -5,7 +5,6 @@
 use std::{
     fs,
     io::Write,
-    os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
@@ -15,8 +14,10 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    AgentGuard, TempDir, Testbed, process, program, query_journal, random_suffix, require_root,
-    run_client, run_loopback, sha256_file, wait_until,
+    AgentGuard, TempDir, Testbed,
+    filesystems::{Mounts, copy_onto_inode, ext4},
+    process, program, query_journal, random_suffix, require_root, run_client, run_loopback,
+    sha256_file, wait_until,
 };
 
 /// Journal written every 200 ms.
@@ -330,10 +331,15 @@ fn full_disk_is_counted_and_nothing_queued_is_lost() -> Result<()> {
 
 /// A deleted program's inode number goes to the next file created (ext4 hands
 /// out the lowest free one): the new program must be journaled and exported
-/// under its own path and hash, not the deleted one's.
+/// under its own path and hash, not the deleted one's. Both live on an ext4
+/// of the test's own, so the number is reused whatever `/tmp` is and whatever
+/// else creates files on the machine meanwhile.
 #[test]
 fn a_new_program_under_a_reused_inode_number_gets_its_own_path_and_hash() -> Result<()> {
-    require_root!("eBPF");
+    require_root!("eBPF, a loop-mounted ext4");
+    let fs_dir = TempDir::new("fsn-inode-reuse-fs")?;
+    let mut mounts = Mounts::default();
+    let mnt = ext4(&fs_dir, &mut mounts)?;
     let bed = Testbed::setup("fsn-inode-reuse")?
         .config(WRITE_OFTEN)
         .start()?;
@@ -349,23 +355,20 @@ fn a_new_program_under_a_reused_inode_number_gets_its_own_path_and_hash() -> Res
         )? == "1")
     };
 
-    let first = bed.copy("trafficgen", "first")?;
+    let trafficgen = program("trafficgen")?;
+    let first = mnt.join(format!("first-{}", random_suffix()));
+    let inode = copy_onto_inode(&trafficgen, &first, "", None)?;
     run_loopback(&first, 10_000)?;
     wait_until(Duration::from_secs(30), "first program journaled", || {
         hashed(&first)
     })?;
-    let inode = fs::metadata(&first)?.ino();
     fs::remove_file(&first)?;
 
-    let second = bed.dir().join(format!("second-{}", random_suffix()));
-    let mut content = fs::read(program("trafficgen")?)?;
-    content.extend_from_slice(b"\0another program");
-    fs::write(&second, &content)?;
-    fs::set_permissions(&second, fs::Permissions::from_mode(0o755))?;
+    let second = mnt.join(format!("second-{}", random_suffix()));
+    copy_onto_inode(&trafficgen, &second, "\0another program", Some(inode))?;
     ensure!(
-        fs::metadata(&second)?.ino() == inode,
-        "the file system did not reuse inode {inode} (is {} on ext4?): nothing to test",
-        bed.dir().display()
+        sha256_file(&second)? != sha256_file(&trafficgen)?,
+        "the second program must differ from the first"
     );
     run_loopback(&second, 10_000)?;
     wait_until(
@@ -380,6 +383,8 @@ fn a_new_program_under_a_reused_inode_number_gets_its_own_path_and_hash() -> Res
         )
     })?;
     bed.metrics().wait_for_bytes(&second, "sent", 10_000)?;
+    drop(bed);
+    drop(mounts);
     Ok(())
 }
 
