@@ -47,3 +47,10 @@ fn shipped_rules_pass_their_unit_tests() {
         assert_success(output);
     }
 }
+
+#[test]
+fn fleet_rules_pass_their_unit_tests() {
+    if let Some(output) = promtool(&["test", "rules", "tests/rules/fleet.rules.test.yml"]) {
+        assert_success(output);
+    }
+}

@@ -288,3 +288,75 @@ fn read_post(stream: TcpStream) -> Result<Vec<u8>> {
     stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
     Ok(body)
 }
+
+/// Static `/metrics` pages, one per loopback listener: the hosts of a fleet,
+/// as many as wanted, for one real Prometheus to scrape. Each page answers
+/// every GET with its text (Prometheus text format 0.0.4) until dropped.
+pub struct MetricsPages {
+    pub addrs: Vec<SocketAddr>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl MetricsPages {
+    pub fn serve(pages: Vec<String>) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut addrs = Vec::with_capacity(pages.len());
+        let mut threads = Vec::with_capacity(pages.len());
+        for page in pages {
+            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+            listener.set_nonblocking(true)?;
+            addrs.push(listener.local_addr()?);
+            let stop = stop.clone();
+            threads.push(thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    match listener.accept() {
+                        Ok((stream, _)) => {
+                            let _ = answer_get(stream, &page);
+                        }
+                        Err(_) => thread::sleep(Duration::from_millis(20)),
+                    }
+                }
+            }));
+        }
+        Ok(Self {
+            addrs,
+            stop,
+            threads,
+        })
+    }
+}
+
+impl Drop for MetricsPages {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Reads one request's head and answers it with `page`, closing the connection.
+fn answer_get(stream: TcpStream, page: &str) -> Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut line = String::new();
+        ensure!(
+            reader.read_line(&mut line)? > 0,
+            "connection closed in headers"
+        );
+        if line.trim_end().is_empty() {
+            break;
+        }
+    }
+    let mut stream = reader.into_inner();
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{page}",
+        page.len()
+    )?;
+    Ok(())
+}

@@ -23,6 +23,21 @@ const configMap = (objs) => objs.find((o) => o.kind === "ConfigMap" && o.data?.[
 const agentConfig = (objs) => YAML.parse(configMap(objs).data["fleetsnitch.yaml"]);
 const dashboards = (objs) => objs.filter((o) => o.kind === "ConfigMap" && o.metadata.name.includes("-dashboard-"));
 const dashboardFiles = fs.readdirSync(dashboardsDir).filter((f) => f.endsWith(".json")).sort();
+const serviceMonitor = (objs) => objs.find((o) => o.kind === "ServiceMonitor");
+const ruleGroups = (objs) => objs.find((o) => o.kind === "PrometheusRule").spec.groups;
+const rulesFile = YAML.parse(fs.readFileSync(path.join(chart, "rules/fleetsnitch.rules.yml"), "utf8"));
+// The PrometheusRule: the rules file's groups unchanged, then the drift thresholds.
+const expectRules = (objs, share, hosts) => {
+  const groups = ruleGroups(objs);
+  assert.deepEqual(groups.slice(0, -1), rulesFile.groups);
+  assert.deepEqual(groups.at(-1), {
+    name: "fleetsnitch.fleet.thresholds",
+    rules: [
+      { record: "fleetsnitch:drift_max_host_share", expr: `vector(${share})` },
+      { record: "fleetsnitch:drift_min_group_hosts", expr: `vector(${hosts})` },
+    ],
+  });
+};
 
 const checks = {
   default(objs, text) {
@@ -49,6 +64,8 @@ const checks = {
     assert.equal(c.startupProbe.httpGet, undefined);
     assert.match(text, /ServiceMonitor fleetsnitch \(job="fleetsnitch"\)/);
     assert.match(text, /PrometheusRule fleetsnitch/);
+    expectRules(objs, 0.1, 10);
+    assert.equal(serviceMonitor(objs).spec.endpoints[0].relabelings.find((r) => r.targetLabel === "fleet_group"), undefined);
     assert.match(text, /curl -k https:/);
   },
   extras(objs, text) {
@@ -78,6 +95,11 @@ const checks = {
     assert.match(text, /Connection log: \/var\/log\/fleetsnitch\/connections\.jsonl in the pods, \/var\/log\/fleetsnitch on each node/);
     assert.match(text, /GeoIP databases are read from \/usr\/share\/GeoIP \(GeoLite2-Country\.mmdb, GeoLite2-ASN\.mmdb\)/);
     assert.match(text, /grafana_dashboard_fleetsnitch=yes/);
+    expectRules(objs, 0.25, 5);
+    assert.deepEqual(serviceMonitor(objs).spec.endpoints[0].relabelings.find((r) => r.targetLabel === "fleet_group"),
+      { targetLabel: "fleet_group", replacement: "web" });
+    // The rendered rules, for promtool (check.sh): ci/fleet-thresholds.test.yml.
+    fs.writeFileSync(path.join(out, "extras.rules.yml"), YAML.stringify({ groups: ruleGroups(objs) }));
   },
   volumes(objs, text) {
     const c = container(objs);

@@ -1,0 +1,359 @@
+//! The alerts only a fleet can raise, end to end. One real agent's `/metrics`
+//! page, captured after two programs used the network, becomes the page of
+//! twelve hosts of one group that have run for a day (every first sighting
+//! moved a day back); one host runs another build of a common program, and
+//! three hosts get a build no host ran before. A real Prometheus scrapes the
+//! twelve pages with the shipped rules, a real Alertmanager posts to a
+//! webhook: `FleetsnitchNewToFleet` fires once for the three hosts,
+//! `FleetsnitchDrift` once for the odd host, nothing else of the fleet alerts
+//! fires, and every recording rule of the shipped rules returns series (the
+//! host counts: what the pages hold).
+//!
+//! Prometheus here is minutes old, so the 7-day memory of
+//! `FleetsnitchNewToFleet` and the 30 minutes of `FleetsnitchDrift` cannot be
+//! lived through: the rules file is loaded with `for: 30m` shortened to 5 s,
+//! and those time constants are checked by `tests/rules/fleet.rules.test.yml`
+//! (promtool). Needs root (eBPF).
+
+use std::{
+    collections::BTreeSet,
+    fs,
+    net::SocketAddr,
+    path::Path,
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use fleetsnitch_e2e::{
+    TempDir, Testbed,
+    filesystems::copy_executable,
+    metrics::http_get,
+    program, require_root, run_loopback,
+    servers::{Alertmanager, MetricsPages, Prometheus, Webhook},
+    sha256_file, wait_until, workspace_root,
+};
+
+const HOSTS: usize = 12;
+/// The hosts (1-based) that run the new build, and the one with another build.
+const ROLLOUT_HOSTS: [usize; 3] = [1, 2, 3];
+const ODD_HOST: usize = 12;
+const ROLLOUT_EXE: &str = "/opt/rollout/app";
+const ROLLOUT_SHA256: &str = "5ca1ab1e00000000000000000000000000000000000000000000000000000001";
+const ODD_SHA256: &str = "0dd0000000000000000000000000000000000000000000000000000000000002";
+const FLEET_ALERTS: [&str; 2] = ["FleetsnitchNewToFleet", "FleetsnitchDrift"];
+
+/// A real agent's page once both programs are hashed and journaled: their
+/// info, first sightings and bytes are on it.
+fn capture_page(bed: &Testbed, programs: &[(&Path, &str)]) -> Result<String> {
+    let mut page = String::new();
+    wait_until(
+        Duration::from_secs(60),
+        "both programs hashed and journaled on /metrics",
+        || {
+            page = http_get(bed.addr(), "/metrics", Duration::from_secs(5))?.body;
+            Ok(programs.iter().all(|(exe, sha256)| {
+                let exe = format!("exe=\"{}\"", exe.display());
+                let sha256 = format!("sha256=\"{sha256}\"");
+                let has = |metric: &str, label: &str| {
+                    page.lines().any(|line| {
+                        line.starts_with(metric) && line.contains(&exe) && line.contains(label)
+                    })
+                };
+                has("fleetsnitch_executable_info{", &sha256)
+                    && has(
+                        "fleetsnitch_executable_first_seen_timestamp_seconds{",
+                        &sha256,
+                    )
+                    && has("fleetsnitch_path_first_seen_timestamp_seconds{", "")
+                    && has("fleetsnitch_bytes_total{", "direction=\"sent\"")
+            }))
+        },
+    )
+    .with_context(|| format!("agent log:\n{}", bed.log_tail(30)))?;
+    Ok(page)
+}
+
+fn is_first_seen(line: &str) -> bool {
+    line.starts_with("fleetsnitch_executable_first_seen_timestamp_seconds{")
+        || line.starts_with("fleetsnitch_path_first_seen_timestamp_seconds{")
+}
+
+/// `line` (a sample) with its value replaced.
+fn with_value(line: &str, value: f64) -> Result<String> {
+    let (series, _) = line
+        .rsplit_once(' ')
+        .with_context(|| format!("not a sample line: {line:?}"))?;
+    Ok(format!("{series} {value}"))
+}
+
+/// The page of a host that has run for a day: every first sighting a day old.
+fn a_day_old(page: &str, now: f64) -> Result<String> {
+    let mut out = String::with_capacity(page.len());
+    for line in page.lines() {
+        if is_first_seen(line) {
+            out.push_str(&with_value(line, now - 86_400.0)?);
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    Ok(out)
+}
+
+/// `page` plus the new build: each sample of `template` (its exe label) again
+/// for ROLLOUT_EXE with ROLLOUT_SHA256, first seen a minute ago.
+fn with_rollout(page: &str, template: &Path, sha256: &str, now: f64) -> Result<String> {
+    let exe = format!("exe=\"{}\"", template.display());
+    let mut out = String::with_capacity(page.len() * 2);
+    let mut copied = 0;
+    for line in page.lines() {
+        out.push_str(line);
+        out.push('\n');
+        if !line.starts_with('#') && line.contains(&exe) {
+            let copy = line
+                .replace(&exe, &format!("exe=\"{ROLLOUT_EXE}\""))
+                .replace(sha256, ROLLOUT_SHA256);
+            let copy = if is_first_seen(&copy) {
+                with_value(&copy, now - 60.0)?
+            } else {
+                copy
+            };
+            out.push_str(&copy);
+            out.push('\n');
+            copied += 1;
+        }
+    }
+    ensure!(copied >= 3, "only {copied} samples of {exe} on the page");
+    Ok(out)
+}
+
+/// Every recording rule of the shipped rules file (`- record:` lines).
+fn recording_rules() -> Result<Vec<String>> {
+    let path = workspace_root().join("helm/fleetsnitch/rules/fleetsnitch.rules.yml");
+    let text = fs::read_to_string(&path)?;
+    let records: Vec<String> = text
+        .lines()
+        .filter_map(|line| line.trim_start().strip_prefix("- record:"))
+        .map(|name| name.trim().to_owned())
+        .collect();
+    ensure!(
+        !records.is_empty(),
+        "no recording rule in {}",
+        path.display()
+    );
+    Ok(records)
+}
+
+/// The `for:` line of FleetsnitchDrift, as the rules file indents it.
+const FOR_30M: &str = "\n        for: 30m\n";
+
+/// The shipped rules with `for: 30m` (FleetsnitchDrift's) shortened to 5 s.
+fn rules_with_short_for(dir: &Path) -> Result<std::path::PathBuf> {
+    let shipped = workspace_root().join("helm/fleetsnitch/rules/fleetsnitch.rules.yml");
+    let text = fs::read_to_string(&shipped)?;
+    ensure!(
+        text.matches(FOR_30M).count() == 1,
+        "{} should have exactly one `for: 30m` (FleetsnitchDrift's)",
+        shipped.display()
+    );
+    let path = dir.join("fleetsnitch.rules.yml");
+    fs::write(&path, text.replace(FOR_30M, "\n        for: 5s\n"))?;
+    Ok(path)
+}
+
+fn prometheus_config(rules: &Path, targets: &[SocketAddr], alertmanager: SocketAddr) -> String {
+    let mut config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+         rule_files:\n  - {}\n\
+         alerting:\n  alertmanagers:\n    - static_configs:\n        - targets: ['{alertmanager}']\n\
+         scrape_configs:\n  - job_name: fleetsnitch\n    static_configs:\n",
+        rules.display()
+    );
+    for (index, target) in targets.iter().enumerate() {
+        config.push_str(&format!(
+            "      - targets: ['{target}']\n        labels:\n          host: web{}\n          fleet_group: web\n",
+            index + 1
+        ));
+    }
+    config
+}
+
+/// Every firing fleet alert Alertmanager posted: (alertname, labels as text).
+fn fleet_alerts(webhook: &Webhook) -> Vec<serde_json::Value> {
+    webhook
+        .notifications()
+        .iter()
+        .flat_map(|n| n.alerts("firing"))
+        .filter(|alert| {
+            alert["labels"]["alertname"]
+                .as_str()
+                .is_some_and(|name| FLEET_ALERTS.contains(&name))
+        })
+        .collect()
+}
+
+fn single_value(prometheus: &Prometheus, promql: &str) -> Result<f64> {
+    let result = prometheus.query(promql)?;
+    ensure!(
+        result.len() == 1,
+        "{promql}: {} series: {result:?}",
+        result.len()
+    );
+    result[0]["value"][1]
+        .as_str()
+        .context("no value")?
+        .parse()
+        .with_context(|| format!("{promql}: {result:?}"))
+}
+
+#[test]
+fn a_new_build_alerts_once_for_the_fleet_and_a_lone_build_alerts_for_its_host() -> Result<()> {
+    require_root!("eBPF");
+    let bed = Testbed::setup("fsn-fleet")?
+        .config("journal:\n  write_interval: 1s\n")
+        .start()?;
+    let trafficgen = program("trafficgen")?;
+    let common = bed.dir().join("fleet-common");
+    let other = bed.dir().join("fleet-other");
+    copy_executable(&trafficgen, &common, "\0fleet common")?;
+    copy_executable(&trafficgen, &other, "\0fleet other")?;
+    let (common_sha, other_sha) = (sha256_file(&common)?, sha256_file(&other)?);
+    run_loopback(&common, 10_000)?;
+    run_loopback(&other, 10_000)?;
+    let page = capture_page(&bed, &[(&common, &common_sha), (&other, &other_sha)])?;
+    drop(bed);
+
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs_f64();
+    let aged = a_day_old(&page, now)?;
+    let mut pages = Vec::with_capacity(HOSTS);
+    for host in 1..=HOSTS {
+        let mut page = aged.clone();
+        if host == ODD_HOST {
+            page = page.replace(&common_sha, ODD_SHA256);
+        }
+        if ROLLOUT_HOSTS.contains(&host) {
+            page = with_rollout(&page, &other, &other_sha, now)?;
+        }
+        pages.push(page);
+    }
+    let hosts = MetricsPages::serve(pages)?;
+    let odd_instance = hosts.addrs[ODD_HOST - 1].to_string();
+
+    let dir = TempDir::new("fsn-fleet-rules")?;
+    let rules = rules_with_short_for(dir.path())?;
+    let webhook = Webhook::start()?;
+    let alertmanager = Alertmanager::start(webhook.addr)?;
+    let prometheus =
+        Prometheus::start(&prometheus_config(&rules, &hosts.addrs, alertmanager.addr))?;
+
+    // Both alerts, then several more rounds for any other (wrong) fleet alert.
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(90);
+    loop {
+        let names: BTreeSet<String> = fleet_alerts(&webhook)
+            .iter()
+            .filter_map(|a| a["labels"]["alertname"].as_str().map(str::to_owned))
+            .collect();
+        if names.len() == FLEET_ALERTS.len() {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "fleet alerts after 90 s: {names:?}; ALERTS: {:?}\nprometheus log:\n{}",
+                prometheus.query("ALERTS"),
+                prometheus.log_tail(20)
+            );
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!("both fleet alerts after {:?}", started.elapsed());
+    thread::sleep(Duration::from_secs(10));
+
+    // Exactly two distinct alerts: one for the fleet, one for the odd host.
+    let alerts = fleet_alerts(&webhook);
+    let distinct: BTreeSet<String> = alerts.iter().map(|a| a["labels"].to_string()).collect();
+    ensure!(
+        distinct.len() == 2,
+        "expected one FleetsnitchNewToFleet and one FleetsnitchDrift, got {}:\n{:#?}",
+        distinct.len(),
+        distinct
+    );
+    let named = |name: &str| -> Result<&serde_json::Value> {
+        alerts
+            .iter()
+            .find(|a| a["labels"]["alertname"] == name)
+            .with_context(|| format!("no {name}"))
+    };
+    let new_build = named("FleetsnitchNewToFleet")?;
+    ensure!(
+        new_build["labels"]["exe"] == ROLLOUT_EXE
+            && new_build["labels"]["sha256"] == ROLLOUT_SHA256
+            && new_build["labels"]["instance"].is_null(),
+        "FleetsnitchNewToFleet for the fleet, not a host: {new_build:#}"
+    );
+    let description = new_build["annotations"]["description"]
+        .as_str()
+        .unwrap_or_default();
+    ensure!(
+        description.starts_with("3 host(s) of job fleetsnitch run /opt/rollout/app"),
+        "{new_build:#}"
+    );
+    let drift = named("FleetsnitchDrift")?;
+    ensure!(
+        drift["labels"]["instance"] == odd_instance.as_str()
+            && drift["labels"]["exe"] == common.to_str().context("path")?
+            && drift["labels"]["sha256"] == ODD_SHA256
+            && drift["labels"]["host"] == format!("web{ODD_HOST}").as_str()
+            && drift["labels"]["fleet_group"] == "web",
+        "FleetsnitchDrift for web{ODD_HOST} ({odd_instance}): {drift:#}"
+    );
+    ensure!(
+        drift["annotations"]["description"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("only 8.333% of the hosts"),
+        "1 of 12 hosts: {drift:#}"
+    );
+
+    // Every recording rule has series; the host counts are the pages' own.
+    for record in recording_rules()? {
+        ensure!(
+            !prometheus.query(&record)?.is_empty(),
+            "{record} has no series"
+        );
+    }
+    let common = common.display();
+    for (promql, expected) in [
+        (
+            format!("job_fleet_group_exe:fleetsnitch_hosts:count{{exe=\"{common}\"}}"),
+            12.0,
+        ),
+        (
+            format!(
+                "job_fleet_group_exe_sha256:fleetsnitch_hosts:count{{exe=\"{common}\",sha256=\"{common_sha}\"}}"
+            ),
+            11.0,
+        ),
+        (
+            format!("sha256:fleetsnitch_hosts:count{{sha256=\"{ROLLOUT_SHA256}\"}}"),
+            3.0,
+        ),
+        (
+            format!("sha256:fleetsnitch_hosts:count{{sha256=\"{other_sha}\"}}"),
+            12.0,
+        ),
+        (
+            "count(job_host_instance_direction:fleetsnitch_bytes:rate5m{direction=\"sent\"})"
+                .to_owned(),
+            12.0,
+        ),
+    ] {
+        let value = single_value(&prometheus, &promql)?;
+        ensure!(value == expected, "{promql}: {value}, expected {expected}");
+    }
+    drop(prometheus);
+    drop(alertmanager);
+    drop(hosts);
+    Ok(())
+}
