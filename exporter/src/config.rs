@@ -184,6 +184,11 @@ mod tests {
                 "36501",
             ),
             (
+                "journal:\n  destination_learning_period: 3651d\n",
+                "journal.destination_learning_period",
+                "9years 11months 28days 21h 50m 24s",
+            ),
+            (
                 "journal:\n  max_pending: 999\n",
                 "journal.max_pending",
                 "999",

@@ -164,6 +164,13 @@ impl ExeLabels {
     }
 }
 
+/// An executable and a kind of destination (`domain`, `country`, `asn`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExeKindLabels {
+    pub exe: Text,
+    pub kind: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,

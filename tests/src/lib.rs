@@ -15,6 +15,7 @@
 //! Every guard cleans up on drop, also while panicking.
 
 pub mod agent;
+pub mod dashboards;
 pub mod dnswire;
 pub mod filesystems;
 pub mod metrics;

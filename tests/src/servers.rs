@@ -124,6 +124,42 @@ impl Prometheus {
             .unwrap_or_default())
     }
 
+    /// Runs a range query over `[start, end]` (Unix seconds) at `step`
+    /// seconds; returns the `data.result` array.
+    pub fn query_range(
+        &self,
+        promql: &str,
+        start: f64,
+        end: f64,
+        step: f64,
+    ) -> Result<Vec<serde_json::Value>> {
+        let path = format!(
+            "/api/v1/query_range?query={}&start={start:.3}&end={end:.3}&step={step}",
+            url_encode(promql)
+        );
+        let response = http_get(self.addr, &path, Duration::from_secs(120))?;
+        let body: serde_json::Value = serde_json::from_str(&response.body)
+            .with_context(|| format!("query_range {promql}: {}", response.body))?;
+        ensure!(
+            body["status"] == "success",
+            "query_range {promql} failed: {}",
+            response.body
+        );
+        Ok(body["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// The server's own `/metrics` page (rule evaluation, head series).
+    pub fn own_metrics(&self) -> Result<String> {
+        Ok(http_get(self.addr, "/metrics", Duration::from_secs(30))?.body)
+    }
+
+    pub fn pid(&mut self) -> u32 {
+        self.process.child_mut().id()
+    }
+
     pub fn log_tail(&self, lines: usize) -> String {
         file_tail(&self.log, lines)
     }
@@ -289,58 +325,73 @@ fn read_post(stream: TcpStream) -> Result<Vec<u8>> {
     Ok(body)
 }
 
-/// Static `/metrics` pages, one per loopback listener: the hosts of a fleet,
-/// as many as wanted, for one real Prometheus to scrape. Each page answers
-/// every GET with its text (Prometheus text format 0.0.4) until dropped.
+/// Static `/metrics` pages on one loopback listener: the hosts of a fleet, as
+/// many as wanted, for one real Prometheus to scrape. Page `i` answers at
+/// [`MetricsPages::path`]`(i)` (a target's `__metrics_path__`) with its text
+/// (Prometheus text format 0.0.4), until dropped. A few threads answer, each
+/// blocked in `accept`: thousands of targets cost no polling.
 pub struct MetricsPages {
-    pub addrs: Vec<SocketAddr>,
+    pub addr: SocketAddr,
     stop: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<()>>,
 }
 
 impl MetricsPages {
+    const WORKERS: usize = 4;
+
     pub fn serve(pages: Vec<String>) -> Result<Self> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let addr = listener.local_addr()?;
+        let pages = Arc::new(pages);
         let stop = Arc::new(AtomicBool::new(false));
-        let mut addrs = Vec::with_capacity(pages.len());
-        let mut threads = Vec::with_capacity(pages.len());
-        for page in pages {
-            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-            listener.set_nonblocking(true)?;
-            addrs.push(listener.local_addr()?);
-            let stop = stop.clone();
+        let mut threads = Vec::with_capacity(Self::WORKERS);
+        for _ in 0..Self::WORKERS {
+            let listener = listener.try_clone()?;
+            let (pages, stop) = (pages.clone(), stop.clone());
             threads.push(thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match listener.accept() {
-                        Ok((stream, _)) => {
-                            let _ = answer_get(stream, &page);
-                        }
-                        Err(_) => thread::sleep(Duration::from_millis(20)),
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    if let Ok(stream) = stream {
+                        let _ = answer_page(stream, &pages);
                     }
                 }
             }));
         }
         Ok(Self {
-            addrs,
+            addr,
             stop,
             threads,
         })
+    }
+
+    /// The path page `index` answers at.
+    pub fn path(index: usize) -> String {
+        format!("/hosts/{index}")
     }
 }
 
 impl Drop for MetricsPages {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        // One connection per worker wakes it from `accept` to see `stop`.
+        for _ in 0..self.threads.len() {
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        }
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
 }
 
-/// Reads one request's head and answers it with `page`, closing the connection.
-fn answer_get(stream: TcpStream, page: &str) -> Result<()> {
-    stream.set_nonblocking(false)?;
+/// Reads one request's head and answers it with the page its path names
+/// (404 for any other path), closing the connection.
+fn answer_page(stream: TcpStream, pages: &[String]) -> Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(stream);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
     loop {
         let mut line = String::new();
         ensure!(
@@ -351,12 +402,24 @@ fn answer_get(stream: TcpStream, page: &str) -> Result<()> {
             break;
         }
     }
+    let page = request_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|path| path.strip_prefix("/hosts/"))
+        .and_then(|index| index.parse::<usize>().ok())
+        .and_then(|index| pages.get(index));
     let mut stream = reader.into_inner();
-    write!(
-        stream,
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{page}",
-        page.len()
-    )?;
+    match page {
+        Some(page) => write!(
+            stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{page}",
+            page.len()
+        )?,
+        None => write!(
+            stream,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?,
+    }
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Domains learnt from the DNS traffic itself: a real DNS server (dnsmasq) in
 //! the peer namespace, three kinds of clients, and one address behind several
-//! names. Needs root (eBPF, namespaces); skips otherwise.
+//! names; and new destinations of a known program, journaled, exported over
+//! OTLP to a real collector, counted, and alerted on by a real Prometheus.
+//! Needs root (eBPF, namespaces).
 
 use std::{
     fs,
@@ -9,7 +11,13 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use fleetsnitch_e2e::{AgentGuard, ProcessGuard, Testbed, process, require_root};
+use fleetsnitch_e2e::{
+    AgentGuard, NetnsPair, ProcessGuard, TempDir, Testbed,
+    otlp_collector::{Collector, free_port, rotel_agent},
+    process, query_journal, require_root,
+    servers::Prometheus,
+    sha256_file, wait_until, workspace_root,
+};
 
 const DNSMASQ: &str = "/usr/sbin/dnsmasq";
 
@@ -66,40 +74,85 @@ fn series_of(agent: &AgentGuard, exe: &Path) -> String {
         .unwrap_or_default()
 }
 
-#[test]
-fn each_client_gets_the_domain_it_resolved() -> Result<()> {
-    require_root!("eBPF, network namespaces");
+/// dnsmasq in the peer namespace, answering each of `names` with the peer's
+/// address (198.18.0.2), and nothing else.
+fn dnsmasq(net: &NetnsPair, names: &[&str]) -> Result<ProcessGuard> {
     ensure!(
         Path::new(DNSMASQ).exists(),
         "{DNSMASQ} missing: run scripts/setup.sh"
     );
+    let records: Vec<String> = names
+        .iter()
+        .map(|name| format!("--host-record={name},198.18.0.2"))
+        .collect();
+    let mut args = vec![
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address=198.18.0.2",
+        "--port=53",
+        "--pid-file=",
+        "--user=root",
+        "--log-facility=-",
+    ];
+    args.extend(records.iter().map(String::as_str));
+    let mut command = net.in_peer(Path::new(DNSMASQ), &args);
+    command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    ProcessGuard::spawn("dnsmasq", &mut command, Duration::from_secs(5))
+}
+
+/// `dnsclient <mode> <name>` (a copy of it, `exe`) in the client namespace:
+/// resolves `name` at the peer's dnsmasq, then sends `bytes` to the answer's
+/// port 5001; returns what it printed. dnsmasq may take a moment to bind:
+/// the first resolution is retried briefly.
+fn resolve_and_send(
+    net: &NetnsPair,
+    exe: &Path,
+    mode: &str,
+    name: &str,
+    bytes: u64,
+) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = process::run_bounded(
+            &mut net.in_client(
+                exe,
+                &[
+                    mode,
+                    name,
+                    "--server",
+                    "198.18.0.2",
+                    "--port",
+                    "5001",
+                    "--bytes",
+                    &bytes.to_string(),
+                ],
+            ),
+            Duration::from_secs(30),
+        )?;
+        if out.status.success() {
+            return Ok(out.stdout);
+        }
+        if Instant::now() > deadline {
+            bail!("dnsclient {mode} {name}: {}", out.stderr);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn each_client_gets_the_domain_it_resolved() -> Result<()> {
+    require_root!("eBPF, network namespaces");
     let bed = Testbed::setup("fsn-domains")?
         .peer_with(&["--dns", "off"])
         .config("metrics:\n  bytes_labels: [domain, remote_port]\n")
         .start()?;
     let net = bed.net();
     // Three names for the one peer address.
-    let mut dnsmasq = net.in_peer(
-        Path::new(DNSMASQ),
-        &[
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=198.18.0.2",
-            "--port=53",
-            "--host-record=alpha.test,198.18.0.2",
-            "--host-record=beta.test,198.18.0.2",
-            "--host-record=gamma.test,198.18.0.2",
-            "--pid-file=",
-            "--user=root",
-            "--log-facility=-",
-        ],
-    );
-    dnsmasq
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    let _dnsmasq = ProcessGuard::spawn("dnsmasq", &mut dnsmasq, Duration::from_secs(5))?;
+    let _dnsmasq = dnsmasq(net, &["alpha.test", "beta.test", "gamma.test"])?;
     let _resolv = NetnsResolvConf::new(&net.client, "198.18.0.2")?;
     let agent = &bed.agent;
 
@@ -111,40 +164,8 @@ fn each_client_gets_the_domain_it_resolved() -> Result<()> {
     let mut runs = Vec::new();
     for (mode, name, bytes) in cases {
         let exe = bed.copy("dnsclient", &format!("dns-{mode}"))?;
-        // dnsmasq may take a moment to bind: retry the first resolution briefly.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let out = loop {
-            let out = process::run_bounded(
-                &mut net.in_client(
-                    &exe,
-                    &[
-                        mode,
-                        name,
-                        "--server",
-                        "198.18.0.2",
-                        "--port",
-                        "5001",
-                        "--bytes",
-                        &bytes.to_string(),
-                    ],
-                ),
-                Duration::from_secs(30),
-            )?;
-            if out.status.success() || Instant::now() > deadline {
-                break out;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        };
-        ensure!(
-            out.status.success(),
-            "dnsclient {mode} {name}: {}",
-            out.stderr
-        );
-        ensure!(
-            out.stdout.contains("\"address\":\"198.18.0.2\""),
-            "{}",
-            out.stdout
-        );
+        let stdout = resolve_and_send(net, &exe, mode, name, bytes)?;
+        ensure!(stdout.contains("\"address\":\"198.18.0.2\""), "{stdout}");
         runs.push((exe, name, bytes));
     }
 
@@ -207,5 +228,148 @@ fn no_answer_means_no_domain() -> Result<()> {
         "{}",
         series_of(agent, &exe)
     );
+    Ok(())
+}
+
+/// A program known for longer than its learning period that resolves a name
+/// it never resolved here: one new-destination event per new name (none for
+/// the name it used while learning, none for a name seen twice), in the
+/// journal, over OTLP, in `fleetsnitch_new_destinations_total`, and
+/// `FleetsnitchNewDestination` fires in a real Prometheus with the shipped
+/// rules (its `increase()` half: the second new name; the first event of a
+/// series is promtool's to check, as it needs 10 minutes of scrapes).
+#[test]
+fn a_known_program_talking_to_a_new_domain_raises_a_new_destination() -> Result<()> {
+    require_root!("eBPF, network namespaces");
+    const LEARNING_SECONDS: i64 = 4;
+    let Some(rotel) = rotel_agent() else {
+        return Ok(());
+    };
+    let collector_dir = TempDir::new("fsn-destinations-collector")?;
+    let (grpc_port, http_port) = (free_port(), free_port());
+    let collector = Collector::start(
+        &rotel,
+        collector_dir.path(),
+        "collector",
+        grpc_port,
+        http_port,
+    );
+    let agent_addr = std::net::SocketAddr::from((
+        std::net::Ipv4Addr::LOCALHOST,
+        fleetsnitch_e2e::agent::free_port()?,
+    ));
+    let rules = workspace_root().join("helm/fleetsnitch/rules/fleetsnitch.rules.yml");
+    let prometheus = Prometheus::start(&format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+         rule_files:\n  - {}\n\
+         scrape_configs:\n  - job_name: fleetsnitch\n    static_configs:\n      \
+         - targets: ['{agent_addr}']\n",
+        rules.display()
+    ))?;
+    let bed = Testbed::setup("fsn-destinations")?
+        .peer_with(&["--dns", "off"])
+        .config(format!(
+            "journal:\n  write_interval: 200ms\n  destination_learning_period: {LEARNING_SECONDS}s\n\
+             otlp:\n  enabled: true\n  protocol: grpc\n  endpoint: http://127.0.0.1:{grpc_port}\n  batch_delay: 200ms\n"
+        ))
+        .listen(agent_addr)
+        .start()?;
+    let net = bed.net();
+    let _dnsmasq = dnsmasq(net, &["alpha.test", "beta.test", "gamma.test"])?;
+    let journal = bed.journal().to_owned();
+    let exe = bed.copy("dnsclient", "destinations")?;
+    let sha256 = sha256_file(&exe)?;
+    let path = exe.to_str().context("path")?.to_owned();
+    let rows = |sql: &str| query_journal(&journal, sql);
+
+    // Learning: the program is new; alpha.test goes into the baseline.
+    resolve_and_send(net, &exe, "udp", "alpha.test", 1_000)?;
+    wait_until(
+        Duration::from_secs(30),
+        "alpha.test in the destination baseline",
+        || {
+            Ok(rows(&format!(
+                "SELECT count(*) FROM destinations WHERE sha256 = '{sha256}' \
+                 AND kind = 'domain' AND value = 'alpha.test'"
+            ))? == "1")
+        },
+    )
+    .with_context(|| format!("agent log:\n{}", bed.log_tail(30)))?;
+    let first_seen: i64 = rows(&format!(
+        "SELECT min(first_seen) FROM executables WHERE sha256 = '{sha256}'"
+    ))?
+    .parse()
+    .context("first_seen")?;
+    let learned_at = first_seen + LEARNING_SECONDS + 1;
+    let unix_now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+    };
+    while unix_now() < learned_at {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Learned: alpha.test again is known; beta.test is new (once), then
+    // gamma.test, once Prometheus holds the counter at 1.
+    resolve_and_send(net, &exe, "udp", "alpha.test", 1_000)?;
+    resolve_and_send(net, &exe, "udp", "beta.test", 1_000)?;
+    resolve_and_send(net, &exe, "udp", "beta.test", 1_000)?;
+    let counter = format!("fleetsnitch_new_destinations_total{{exe=\"{path}\",kind=\"domain\"}}");
+    let counted = |value: &str| -> Result<bool> {
+        Ok(prometheus
+            .query(&counter)?
+            .iter()
+            .any(|s| s["value"][1] == value))
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the counter at 1 in Prometheus",
+        || counted("1"),
+    )
+    .with_context(|| format!("agent log:\n{}", bed.log_tail(30)))?;
+    resolve_and_send(net, &exe, "udp", "gamma.test", 1_000)?;
+    wait_until(
+        Duration::from_secs(30),
+        "the counter at 2 in Prometheus",
+        || counted("2"),
+    )?;
+
+    let events = rows(&format!(
+        "SELECT detail FROM events WHERE kind = 'new_destination' AND exe = '{path}' \
+         AND sha256 = '{sha256}' ORDER BY id"
+    ))?;
+    assert_eq!(
+        events, "domain beta.test\ndomain gamma.test",
+        "journal events"
+    );
+    let firing = |prometheus: &Prometheus| -> Result<bool> {
+        Ok(!prometheus
+            .query(&format!(
+                "ALERTS{{alertname=\"FleetsnitchNewDestination\",alertstate=\"firing\",exe=\"{path}\",kind=\"domain\"}}"
+            ))?
+            .is_empty())
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "FleetsnitchNewDestination firing",
+        || firing(&prometheus),
+    )
+    .with_context(|| format!("prometheus log:\n{}", prometheus.log_tail(20)))?;
+
+    let mut exported = Vec::new();
+    wait_until(Duration::from_secs(30), "both events over OTLP", || {
+        exported = collector
+            .records()
+            .into_iter()
+            .filter(|r| r.str("fleetsnitch.event.kind") == Some("new_destination"))
+            .filter(|r| r.str("process.executable.path") == Some(path.as_str()))
+            .filter_map(|r| r.str("fleetsnitch.event.detail").map(str::to_owned))
+            .collect();
+        Ok(exported.len() >= 2)
+    })
+    .with_context(|| format!("collector output:\n{}", collector.output()))?;
+    exported.sort();
+    assert_eq!(exported, ["domain beta.test", "domain gamma.test"]);
     Ok(())
 }

@@ -162,7 +162,13 @@ fn rules_with_short_for(dir: &Path) -> Result<std::path::PathBuf> {
     Ok(path)
 }
 
-fn prometheus_config(rules: &Path, targets: &[SocketAddr], alertmanager: SocketAddr) -> String {
+/// The instance label of host `index` (0-based): what a scrape of a real
+/// agent on that host would set.
+fn instance(index: usize) -> String {
+    format!("web{}:9941", index + 1)
+}
+
+fn prometheus_config(rules: &Path, pages: &MetricsPages, alertmanager: SocketAddr) -> String {
     let mut config = format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
          rule_files:\n  - {}\n\
@@ -170,9 +176,13 @@ fn prometheus_config(rules: &Path, targets: &[SocketAddr], alertmanager: SocketA
          scrape_configs:\n  - job_name: fleetsnitch\n    static_configs:\n",
         rules.display()
     );
-    for (index, target) in targets.iter().enumerate() {
+    for index in 0..HOSTS {
         config.push_str(&format!(
-            "      - targets: ['{target}']\n        labels:\n          host: web{}\n          fleet_group: web\n",
+            "      - targets: ['{}']\n        labels:\n          __metrics_path__: {}\n          \
+             instance: {}\n          host: web{}\n          fleet_group: web\n",
+            pages.addr,
+            MetricsPages::path(index),
+            instance(index),
             index + 1
         ));
     }
@@ -238,14 +248,13 @@ fn a_new_build_alerts_once_for_the_fleet_and_a_lone_build_alerts_for_its_host() 
         pages.push(page);
     }
     let hosts = MetricsPages::serve(pages)?;
-    let odd_instance = hosts.addrs[ODD_HOST - 1].to_string();
+    let odd_instance = instance(ODD_HOST - 1);
 
     let dir = TempDir::new("fsn-fleet-rules")?;
     let rules = rules_with_short_for(dir.path())?;
     let webhook = Webhook::start()?;
     let alertmanager = Alertmanager::start(webhook.addr)?;
-    let prometheus =
-        Prometheus::start(&prometheus_config(&rules, &hosts.addrs, alertmanager.addr))?;
+    let prometheus = Prometheus::start(&prometheus_config(&rules, &hosts, alertmanager.addr))?;
 
     // Both alerts, then several more rounds for any other (wrong) fleet alert.
     let started = Instant::now();

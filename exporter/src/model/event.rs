@@ -10,15 +10,19 @@ pub enum EventKind {
     Modified,
     VirusTotal,
     AgentError,
+    /// A program known for longer than the learning period talked to a
+    /// domain, country or AS it never talked to on this host.
+    NewDestination,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 6] = [
         Self::NewExecutable,
         Self::NewHash,
         Self::Modified,
         Self::VirusTotal,
         Self::AgentError,
+        Self::NewDestination,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -28,13 +32,17 @@ impl EventKind {
             Self::Modified => "modified",
             Self::VirusTotal => "virustotal",
             Self::AgentError => "agent_error",
+            Self::NewDestination => "new_destination",
         }
     }
 
     /// Kinds the journal finds itself, by comparing a sighting with what it
     /// knew: they reach the other sinks once the journal has written them.
     pub fn is_found_by_journal(self) -> bool {
-        matches!(self, Self::NewExecutable | Self::NewHash | Self::Modified)
+        matches!(
+            self,
+            Self::NewExecutable | Self::NewHash | Self::Modified | Self::NewDestination
+        )
     }
 }
 

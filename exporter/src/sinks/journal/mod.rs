@@ -20,12 +20,15 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 use serde::Deserialize;
-pub use store::{Batch, ExecutableState, Store, StoreError};
+pub use store::{
+    Batch, DEFAULT_DESTINATION_LEARNING_PERIOD, DESTINATION_KINDS, ExecutableState, Store,
+    StoreError,
+};
 
 use crate::{
     model::{Activity, Event, EventKind, ExeKey, ExecutableSighting, FlowRecord, Sha256, Touched},
     support::{InvalidValue, check_duration, check_range, unix_now},
-    telemetry::{ExeLabels, ExecutableLabels, KindLabels, PathLabels, UNAVAILABLE},
+    telemetry::{ExeKindLabels, ExeLabels, ExecutableLabels, KindLabels, PathLabels, UNAVAILABLE},
 };
 
 pub const DEFAULT_JOURNAL_PATH: &str = "/var/lib/fleetsnitch/journal.db";
@@ -56,6 +59,11 @@ pub struct JournalConfig {
     pub max_pending: usize,
     /// Traffic kept out of the connection log.
     pub ignore: IgnoreList,
+    /// A build (sha256) known on this host for this long that talks to a
+    /// domain, country or AS it never talked to here is a new-destination
+    /// event (journal, OTLP, fleetsnitch_new_destinations_total).
+    #[serde(with = "humantime_serde")]
+    pub destination_learning_period: Duration,
 }
 
 impl Default for JournalConfig {
@@ -69,6 +77,7 @@ impl Default for JournalConfig {
             record_ephemeral_ports: false,
             max_pending: 100_000,
             ignore: IgnoreList::default(),
+            destination_learning_period: DEFAULT_DESTINATION_LEARNING_PERIOD,
         }
     }
 }
@@ -86,6 +95,13 @@ impl JournalConfig {
             "must be between 100ms and 1h",
         )?;
         check_range("journal.retention_days", self.retention_days, 1, 36_500)?;
+        check_duration(
+            "journal.destination_learning_period",
+            self.destination_learning_period,
+            Duration::ZERO,
+            Duration::from_secs(3_650 * 86_400),
+            "must be between 0s and 3650d",
+        )?;
         check_range("journal.max_pending", self.max_pending, 1_000, 100_000_000)
     }
 }
@@ -103,6 +119,7 @@ pub struct JournalMetrics {
     executable_first_seen: Family<ExecutableLabels, Gauge>,
     path_first_seen: Family<ExeLabels, Gauge>,
     exec_only: Family<ExeLabels, Gauge>,
+    new_destinations: Family<ExeKindLabels, Counter>,
 }
 
 impl JournalMetrics {
@@ -110,7 +127,7 @@ impl JournalMetrics {
         let metrics = Self::default();
         registry.register(
             "journal_events",
-            "Journal events by kind (new_executable, new_hash, modified, virustotal, agent_error)",
+            "Journal events by kind (new_executable, new_hash, modified, virustotal, agent_error, new_destination)",
             metrics.events.clone(),
         );
         registry.register(
@@ -150,6 +167,13 @@ impl JournalMetrics {
             "1 for executables seen executing that never used the network (exec tracking), 0 once they do; join on exe",
             metrics.exec_only.clone(),
         );
+        registry.register(
+            "new_destinations",
+            "Destinations (kind: domain, country, asn) a build known longer than \
+             journal.destination_learning_period talked to for the first time on this host; \
+             which one is in the journal's events and the OTLP record",
+            metrics.new_destinations.clone(),
+        );
         // Known series start at zero, so `increase()` in alert rules sees their first increment.
         for kind in EventKind::ALL {
             metrics.event(kind).inc_by(0);
@@ -174,6 +198,7 @@ pub struct Journal {
     activity: Activity,
     first_seen_touched: Touched<ExecutableLabels>,
     path_touched: Touched<ExeLabels>,
+    destinations_touched: Touched<ExeKindLabels>,
     store: Option<Store>,
     /// What waits to be written: this window, and older ones while the
     /// journal cannot be written.
@@ -194,6 +219,7 @@ impl Journal {
             activity,
             first_seen_touched: Touched::default(),
             path_touched: Touched::default(),
+            destinations_touched: Touched::default(),
             store: None,
             batch: Batch::default(),
             window_start: unix_now(),
@@ -238,6 +264,8 @@ impl Journal {
         }
         match Store::open(&self.config.path) {
             Ok(store) => {
+                let store =
+                    store.with_destination_learning_period(self.config.destination_learning_period);
                 tracing::info!(path = %self.config.path.display(), "journal open");
                 for (path, _mode) in store::loose_permissions(&self.config.path) {
                     self.metrics
@@ -334,6 +362,14 @@ impl Journal {
             self.metrics.path_first_seen.remove(&exe);
             self.metrics.exec_only.remove(&exe);
         }
+        for labels in self
+            .destinations_touched
+            .sweep(&activity, now, |labels, at| {
+                activity.is_stale(&labels.exe.0, None, at, now)
+            })
+        {
+            self.metrics.new_destinations.remove(&labels);
+        }
     }
 
     fn publish(&mut self, states: &[ExecutableState], events: &[Event]) {
@@ -363,6 +399,19 @@ impl Journal {
         }
         for event in events {
             self.metrics.event(event.kind).inc();
+            if event.kind == EventKind::NewDestination
+                && let (Some(exe), Some(kind)) = (
+                    &event.exe,
+                    event.detail.as_deref().and_then(store::destination_kind),
+                )
+            {
+                let labels = ExeKindLabels {
+                    exe: exe.as_str().into(),
+                    kind: kind.to_owned(),
+                };
+                self.metrics.new_destinations.get_or_create(&labels).inc();
+                self.destinations_touched.touch(&labels, now);
+            }
             if event.kind.is_found_by_journal() {
                 tracing::info!(
                     kind = event.kind.as_str(),

@@ -69,6 +69,26 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE executables ADD COLUMN used_network INTEGER NOT NULL DEFAULT 1;
     ALTER TABLE executables ADD COLUMN hash_failure TEXT;
     ",
+    // 3: destinations. Every domain, country and AS each build (sha256) talked
+    // to on this host, the baseline of new-destination events; and when that
+    // baseline began (a journal upgraded to this version has no history of
+    // destinations, so its learning period starts now).
+    "
+    CREATE TABLE destinations (
+        sha256 TEXT NOT NULL,
+        -- domain, country or asn
+        kind TEXT NOT NULL,
+        value TEXT NOT NULL,
+        first_seen INTEGER NOT NULL,
+        PRIMARY KEY (sha256, kind, value)
+    ) WITHOUT ROWID;
+    CREATE TABLE journal_info (
+        key TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO journal_info (key, value)
+        VALUES ('destinations_since', CAST(strftime('%s', 'now') AS INTEGER));
+    ",
 ];
 
 /// The version this code writes.
@@ -151,6 +171,28 @@ mod tests {
             .query_row("SELECT used_network FROM executables", [], |r| r.get(0))
             .unwrap();
         assert_eq!(used, 1);
+    }
+
+    #[test]
+    fn an_upgraded_journal_starts_its_destination_baseline_at_the_upgrade() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        for sql in &MIGRATIONS[..2] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        let before = crate::support::unix_now();
+        migrate(&mut conn).unwrap();
+        let since: i64 = conn
+            .query_row(
+                "SELECT value FROM journal_info WHERE key = 'destinations_since'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(
+            (before..=before + 5).contains(&since),
+            "{since} vs {before}"
+        );
     }
 
     #[test]

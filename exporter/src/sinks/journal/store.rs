@@ -128,6 +128,40 @@ impl Batch {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    /// How long a build (sha256) must have been known on this host, and the
+    /// destination baseline recorded, before a destination new to it is an
+    /// event.
+    destination_learning_period: Duration,
+}
+
+/// Default of `journal.destination_learning_period`.
+pub const DEFAULT_DESTINATION_LEARNING_PERIOD: Duration = Duration::from_secs(7 * 86_400);
+
+/// Kinds of destinations the journal keeps per build, also the `kind` label
+/// of `fleetsnitch_new_destinations_total`.
+pub const DESTINATION_KINDS: [&str; 3] = ["domain", "country", "asn"];
+
+/// A flow's destinations: the name the program resolved, the peer's country
+/// and AS, each when known.
+fn destinations(peer: &Peer) -> impl Iterator<Item = (&'static str, String)> {
+    [
+        (DESTINATION_KINDS[0], peer.domain.clone()),
+        (DESTINATION_KINDS[1], peer.country.clone()),
+        (DESTINATION_KINDS[2], peer.asn.map(|asn| asn.to_string())),
+    ]
+    .into_iter()
+    .filter_map(|(kind, value)| Some((kind, value?)))
+}
+
+/// The detail of a new-destination event: `<kind> <value>`.
+pub fn destination_detail(kind: &str, value: &str) -> String {
+    format!("{kind} {value}")
+}
+
+/// The kind of a new-destination event's detail.
+pub fn destination_kind(detail: &str) -> Option<&'static str> {
+    let kind = detail.split_once(' ')?.0;
+    DESTINATION_KINDS.into_iter().find(|known| *known == kind)
 }
 
 /// The journal file if users other than its owner may read or write it, and
@@ -208,7 +242,14 @@ impl Store {
         Ok(Self {
             conn,
             path: path.to_owned(),
+            destination_learning_period: DEFAULT_DESTINATION_LEARNING_PERIOD,
         })
+    }
+
+    /// Sets `journal.destination_learning_period`.
+    pub fn with_destination_learning_period(mut self, period: Duration) -> Self {
+        self.destination_learning_period = period;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -304,6 +345,15 @@ impl Store {
                     ])
                     .map_err(write_error)?;
             }
+            record_destinations(
+                &tx,
+                batch,
+                window_start,
+                now,
+                self.destination_learning_period,
+                &mut events,
+            )
+            .map_err(write_error)?;
             let mut insert = tx
                 .prepare_cached(
                     "INSERT INTO events (time, kind, exe, sha256, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -388,6 +438,55 @@ impl Store {
     pub fn connection(&self) -> &Connection {
         &self.conn
     }
+}
+
+/// Adds the destinations of the batch's flows to the baseline, and an event
+/// for each one new to its build once the learning period has passed: the
+/// build known on this host (any path) and the baseline recorded, both for
+/// at least `learning_period`. Flows without a hash have no build to learn.
+fn record_destinations(
+    tx: &rusqlite::Transaction<'_>,
+    batch: &Batch,
+    window_start: i64,
+    now: i64,
+    learning_period: Duration,
+    events: &mut Vec<Event>,
+) -> rusqlite::Result<()> {
+    let baseline_since: i64 = tx.query_row(
+        "SELECT value FROM journal_info WHERE key = 'destinations_since'",
+        [],
+        |row| row.get(0),
+    )?;
+    let learning = learning_period.as_secs() as i64;
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO destinations (sha256, kind, value, first_seen)
+         VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let mut known_since =
+        tx.prepare_cached("SELECT min(first_seen) FROM executables WHERE sha256 = ?1")?;
+    for (flow, _) in batch.flows.iter() {
+        let Some(sha256) = &flow.program.sha256 else {
+            continue;
+        };
+        for (kind, value) in destinations(&flow.peer) {
+            if insert.execute(params![sha256.as_str(), kind, value, window_start])? == 0 {
+                continue;
+            }
+            let build_since: Option<i64> =
+                known_since.query_row([sha256.as_str()], |row| row.get(0))?;
+            let learned_since = build_since.unwrap_or(now).max(baseline_since);
+            if now - learned_since >= learning {
+                events.push(Event {
+                    time: window_start,
+                    kind: EventKind::NewDestination,
+                    exe: Some(flow.program.exe.clone()),
+                    sha256: Some(sha256.clone()),
+                    detail: Some(destination_detail(kind, &value)),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Inserts or refreshes one executable; says whether it is new to the host.
@@ -566,6 +665,144 @@ mod tests {
         let (states, events) = store.flush(&batch, 290, 10, 300, DAY).unwrap();
         assert!(events.is_empty(), "{events:?}");
         assert_eq!(states[0].first_seen, 100);
+    }
+
+    /// A flow of build "aa" at `/usr/bin/tool` to `domain`, `country`, `asn`.
+    fn flow_to(domain: Option<&str>, country: Option<&str>, asn: Option<u32>) -> FlowRecord {
+        let mut flow = flow("/usr/bin/tool", 10);
+        flow.peer.domain = domain.map(str::to_owned);
+        flow.peer.country = country.map(str::to_owned);
+        flow.peer.asn = asn;
+        flow
+    }
+
+    fn destination_events(events: &[Event]) -> Vec<(String, String)> {
+        events
+            .iter()
+            .filter(|event| event.kind == EventKind::NewDestination)
+            .map(|event| {
+                (
+                    event.exe.clone().unwrap_or_default(),
+                    event.detail.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    /// A journal whose destination baseline began at 0 (fake times below).
+    fn store_learning_for(dir: &Path, period: Duration) -> Store {
+        let store = Store::open(&dir.join("j.db"))
+            .unwrap()
+            .with_destination_learning_period(period);
+        store
+            .connection()
+            .execute(
+                "UPDATE journal_info SET value = 0 WHERE key = 'destinations_since'",
+                [],
+            )
+            .unwrap();
+        store
+    }
+
+    #[test]
+    fn a_known_build_talking_somewhere_new_is_an_event_once_learned() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_learning_for(dir.path(), Duration::from_secs(100));
+
+        // Learning: the build is 0 s old; what it talks to is the baseline.
+        let mut batch = Batch::default();
+        batch.add_executable(seen("/usr/bin/tool", "aa", 1_000));
+        batch.add_flow(flow_to(Some("a.example"), Some("DE"), Some(64_500)));
+        let (_, events) = store.flush(&batch, 990, 10, 1_000, DAY).unwrap();
+        assert_eq!(destination_events(&events), []);
+
+        // Learned (150 s later): the baseline's destinations are not new, a
+        // new domain, country and AS each are, once.
+        let mut batch = Batch::default();
+        batch.add_flow(flow_to(Some("a.example"), Some("DE"), Some(64_500)));
+        batch.add_flow(flow_to(Some("b.example"), Some("FR"), Some(64_501)));
+        batch.add_flow(flow_to(Some("b.example"), None, None));
+        let (_, events) = store.flush(&batch, 1_140, 10, 1_150, DAY).unwrap();
+        let tool = "/usr/bin/tool".to_owned();
+        assert_eq!(
+            destination_events(&events),
+            [
+                (tool.clone(), "domain b.example".to_owned()),
+                (tool.clone(), "country FR".to_owned()),
+                (tool.clone(), "asn 64501".to_owned()),
+            ]
+        );
+        assert!(events.iter().all(|e| e.sha256 == Sha256::from_hex("aa")));
+        let stored: i64 = store
+            .connection()
+            .query_row(
+                "SELECT count(*) FROM events WHERE kind = 'new_destination'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(stored, 3);
+
+        let mut batch = Batch::default();
+        batch.add_flow(flow_to(Some("b.example"), Some("FR"), Some(64_501)));
+        let (_, events) = store.flush(&batch, 1_190, 10, 1_200, DAY).unwrap();
+        assert_eq!(destination_events(&events), []);
+    }
+
+    #[test]
+    fn a_baseline_younger_than_the_learning_period_raises_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_learning_for(dir.path(), Duration::from_secs(100));
+        // The build is old, but the baseline (an upgraded journal) began at 950.
+        let mut batch = Batch::default();
+        batch.add_executable(seen("/usr/bin/tool", "aa", 10));
+        store.flush(&batch, 0, 10, 10, DAY).unwrap();
+        store
+            .connection()
+            .execute(
+                "UPDATE journal_info SET value = 950 WHERE key = 'destinations_since'",
+                [],
+            )
+            .unwrap();
+        let mut batch = Batch::default();
+        batch.add_flow(flow_to(Some("a.example"), None, None));
+        let (_, events) = store.flush(&batch, 990, 10, 1_000, DAY).unwrap();
+        assert_eq!(destination_events(&events), []);
+        let mut batch = Batch::default();
+        batch.add_flow(flow_to(Some("b.example"), None, None));
+        let (_, events) = store.flush(&batch, 1_040, 10, 1_050, DAY).unwrap();
+        assert_eq!(
+            destination_events(&events),
+            [("/usr/bin/tool".to_owned(), "domain b.example".to_owned())]
+        );
+    }
+
+    #[test]
+    fn flows_without_a_hash_have_no_destinations() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_learning_for(dir.path(), Duration::ZERO);
+        let mut unhashed = flow_to(Some("a.example"), Some("DE"), None);
+        unhashed.program.sha256 = None;
+        let mut batch = Batch::default();
+        batch.add_flow(unhashed);
+        let (_, events) = store.flush(&batch, 90, 10, 100, DAY).unwrap();
+        assert_eq!(destination_events(&events), []);
+        let rows: i64 = store
+            .connection()
+            .query_row("SELECT count(*) FROM destinations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
+    }
+
+    #[test]
+    fn destination_details_name_their_kind() {
+        for kind in DESTINATION_KINDS {
+            assert_eq!(
+                destination_kind(&destination_detail(kind, "x y")),
+                Some(kind)
+            );
+        }
+        assert_eq!(destination_kind("port 443"), None);
     }
 
     #[test]

@@ -57,6 +57,7 @@ pub fn event_name(kind: EventKind) -> &'static str {
         EventKind::Modified => "fleetsnitch.modified",
         EventKind::VirusTotal => "fleetsnitch.virustotal",
         EventKind::AgentError => "fleetsnitch.agent_error",
+        EventKind::NewDestination => "fleetsnitch.new_destination",
     }
 }
 
@@ -89,7 +90,8 @@ fn severity(kind: EventKind) -> (Severity, &'static str) {
         EventKind::NewExecutable
         | EventKind::NewHash
         | EventKind::Modified
-        | EventKind::VirusTotal => (Severity::Warn, "WARN"),
+        | EventKind::VirusTotal
+        | EventKind::NewDestination => (Severity::Warn, "WARN"),
     }
 }
 
