@@ -9,6 +9,8 @@ use anyhow::{Context, Result, bail};
 pub const SUBSTITUTIONS: &[(&str, &str)] = &[
     ("$__rate_interval", "1m"),
     ("$__interval", "15s"),
+    // Before `$__range`, which it starts with.
+    ("$__range_s", "300"),
     ("$__range", "5m"),
     ("$job", ".*"),
     ("$host", ".*"),
@@ -32,6 +34,9 @@ pub fn substitute(expr: &str) -> String {
 pub struct Expr {
     pub place: String,
     pub promql: String,
+    /// Grafana runs it as an instant query (a table's `instant: true`), not
+    /// over the dashboard's range.
+    pub instant: bool,
 }
 
 fn collect_panels(dashboard: &str, panels: &[serde_json::Value], out: &mut Vec<Expr>) {
@@ -42,6 +47,7 @@ fn collect_panels(dashboard: &str, panels: &[serde_json::Value], out: &mut Vec<E
                 out.push(Expr {
                     place: format!("{dashboard} / {title} / {}", target["refId"]),
                     promql: substitute(expr),
+                    instant: target["instant"] == true && target["range"] != true,
                 });
             }
         }
@@ -81,6 +87,7 @@ pub fn expressions_of(name: &str, dashboard: &serde_json::Value) -> Result<Vec<E
             out.push(Expr {
                 place: format!("{name} / annotation {}", annotation["name"]),
                 promql: substitute(expr),
+                instant: false,
             });
         }
     }
@@ -96,9 +103,11 @@ pub fn expressions_of(name: &str, dashboard: &serde_json::Value) -> Result<Vec<E
             let query = query.context("query variable without a query")?;
             let promql =
                 variable_query(query).with_context(|| format!("{name}: variable query {query}"))?;
+            // Grafana asks for label values over the dashboard's range.
             out.push(Expr {
                 place: format!("{name} / variable {}", var["name"]),
                 promql,
+                instant: false,
             });
         }
     }

@@ -109,8 +109,13 @@ impl Prometheus {
 
     /// Runs an instant query; returns the `data.result` array.
     pub fn query(&self, promql: &str) -> Result<Vec<serde_json::Value>> {
+        self.query_within(promql, Duration::from_secs(10))
+    }
+
+    /// [`Prometheus::query`], waiting up to `timeout` for the answer.
+    pub fn query_within(&self, promql: &str, timeout: Duration) -> Result<Vec<serde_json::Value>> {
         let path = format!("/api/v1/query?query={}", url_encode(promql));
-        let response = http_get(self.addr, &path, Duration::from_secs(10))?;
+        let response = http_get(self.addr, &path, timeout)?;
         let body: serde_json::Value = serde_json::from_str(&response.body)
             .with_context(|| format!("query {promql}: {}", response.body))?;
         ensure!(

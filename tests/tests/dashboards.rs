@@ -139,6 +139,7 @@ fn rule_expressions() -> Result<Vec<Expr>> {
             out.push(Expr {
                 place: format!("rule {alert}"),
                 promql,
+                instant: true,
             });
         }
         i += 1;
