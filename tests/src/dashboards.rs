@@ -37,6 +37,9 @@ pub struct Expr {
     /// Grafana runs it as an instant query (a table's `instant: true`), not
     /// over the dashboard's range.
     pub instant: bool,
+    /// For `label_values(selector, label)` variables: the label, whose values
+    /// Grafana asks the labels API for (`promql` is then the selector).
+    pub label: Option<String>,
 }
 
 fn collect_panels(dashboard: &str, panels: &[serde_json::Value], out: &mut Vec<Expr>) {
@@ -48,6 +51,7 @@ fn collect_panels(dashboard: &str, panels: &[serde_json::Value], out: &mut Vec<E
                     place: format!("{dashboard} / {title} / {}", target["refId"]),
                     promql: substitute(expr),
                     instant: target["instant"] == true && target["range"] != true,
+                    label: None,
                 });
             }
         }
@@ -57,14 +61,14 @@ fn collect_panels(dashboard: &str, panels: &[serde_json::Value], out: &mut Vec<E
     }
 }
 
-/// `label_values(selector, label)` → `selector`; other variable queries as they are.
-fn variable_query(query: &str) -> Option<String> {
+/// `label_values(selector, label)` → (`selector`, `label`).
+fn variable_query(query: &str) -> Option<(String, String)> {
     let inner = query
         .trim()
         .strip_prefix("label_values(")?
         .strip_suffix(')')?;
-    let (selector, _label) = inner.rsplit_once(',')?;
-    Some(substitute(selector.trim()))
+    let (selector, label) = inner.rsplit_once(',')?;
+    Some((substitute(selector.trim()), label.trim().to_owned()))
 }
 
 /// Every expression of the dashboard `dashboard` (JSON) named `name`: panel
@@ -88,6 +92,7 @@ pub fn expressions_of(name: &str, dashboard: &serde_json::Value) -> Result<Vec<E
                 place: format!("{name} / annotation {}", annotation["name"]),
                 promql: substitute(expr),
                 instant: false,
+                label: None,
             });
         }
     }
@@ -101,13 +106,13 @@ pub fn expressions_of(name: &str, dashboard: &serde_json::Value) -> Result<Vec<E
             .or_else(|| var["query"].as_str());
         if var["type"] == "query" {
             let query = query.context("query variable without a query")?;
-            let promql =
+            let (selector, label) =
                 variable_query(query).with_context(|| format!("{name}: variable query {query}"))?;
-            // Grafana asks for label values over the dashboard's range.
             out.push(Expr {
                 place: format!("{name} / variable {}", var["name"]),
-                promql,
+                promql: selector,
                 instant: false,
+                label: Some(label),
             });
         }
     }

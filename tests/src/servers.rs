@@ -156,6 +156,47 @@ impl Prometheus {
             .unwrap_or_default())
     }
 
+    /// The values of `label` among the series `selector` matches over
+    /// `[start, end]` (the labels API, as Grafana's `label_values` asks).
+    pub fn label_values(
+        &self,
+        label: &str,
+        selector: &str,
+        start: f64,
+        end: f64,
+    ) -> Result<Vec<serde_json::Value>> {
+        let path = format!(
+            "/api/v1/label/{label}/values?match[]={}&start={start:.3}&end={end:.3}",
+            url_encode(selector)
+        );
+        let response = http_get(self.addr, &path, Duration::from_secs(120))?;
+        let body: serde_json::Value = serde_json::from_str(&response.body)
+            .with_context(|| format!("label values {label} of {selector}: {}", response.body))?;
+        ensure!(
+            body["status"] == "success",
+            "label values {label} of {selector} failed: {}",
+            response.body
+        );
+        Ok(body["data"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Every rule's last evaluation time in seconds, by rule name (the rules API).
+    pub fn rule_evaluation_times(&self) -> Result<Vec<(String, f64)>> {
+        let response = http_get(self.addr, "/api/v1/rules", Duration::from_secs(30))?;
+        let body: serde_json::Value = serde_json::from_str(&response.body)
+            .with_context(|| format!("rules: {}", response.body))?;
+        let mut times = Vec::new();
+        for group in body["data"]["groups"].as_array().into_iter().flatten() {
+            for rule in group["rules"].as_array().into_iter().flatten() {
+                times.push((
+                    rule["name"].as_str().unwrap_or("?").to_owned(),
+                    rule["evaluationTime"].as_f64().unwrap_or(0.0),
+                ));
+            }
+        }
+        Ok(times)
+    }
+
     /// The server's own `/metrics` page (rule evaluation, head series).
     pub fn own_metrics(&self) -> Result<String> {
         Ok(http_get(self.addr, "/metrics", Duration::from_secs(30))?.body)

@@ -140,6 +140,7 @@ fn rule_expressions() -> Result<Vec<Expr>> {
                 place: format!("rule {alert}"),
                 promql,
                 instant: true,
+                label: None,
             });
         }
         i += 1;

@@ -167,7 +167,10 @@ fn hex_sha256(text: &str) -> String {
 }
 
 /// Host `host`'s page: program `i` of the busy page renamed and rebuilt
-/// according to its share (fleet-wide, per group, this host only).
+/// according to its share (fleet-wide, per group, this host only), every
+/// first sighting a day old (a fleet that has run for a while: otherwise
+/// every program of every host is new, and the per-host new-executable
+/// alerts, one per program, dominate rule evaluation).
 fn host_page(busy: &BusyPage, host: usize) -> String {
     let shared = (busy.programs.len() as f64 * SHARED) as usize;
     let grouped = shared + (busy.programs.len() as f64 * PER_GROUP) as usize;
@@ -193,8 +196,19 @@ fn host_page(busy: &BusyPage, host: usize) -> String {
             (exe.as_str(), (path, sha256))
         })
         .collect();
+    let day_old = format!("{}", now() as i64 - 86_400);
     let mut out = String::with_capacity(busy.page.len() + busy.page.len() / 4);
     for line in busy.page.lines() {
+        let aged;
+        let line = if line.starts_with("fleetsnitch_executable_first_seen_timestamp_seconds{")
+            || line.starts_with("fleetsnitch_path_first_seen_timestamp_seconds{")
+        {
+            let series = line.rsplit_once(' ').map_or(line, |(series, _)| series);
+            aged = format!("{series} {day_old}");
+            aged.as_str()
+        } else {
+            line
+        };
         let renamed = line
             .split_once("exe=\"")
             .and_then(|(_, rest)| rest.split_once('"'))
@@ -262,19 +276,17 @@ fn own_value(prometheus: &Prometheus, name: &str) -> Result<f64> {
         .sum())
 }
 
-/// Median seconds of `QUERY_RUNS` runs of `promql` as Grafana runs it: an
-/// instant query at `end`, or a range query over `[start, end]`.
-fn time_query(
-    prometheus: &Prometheus,
-    promql: &str,
-    instant: bool,
-    start: f64,
-    end: f64,
-) -> Result<f64> {
+/// Median seconds of `QUERY_RUNS` runs of `expr` as Grafana runs it: a
+/// variable's label values, an instant query at `end`, or a range query over
+/// `[start, end]`.
+fn time_query(prometheus: &Prometheus, expr: &Expr, start: f64, end: f64) -> Result<f64> {
+    let promql = expr.promql.as_str();
     let mut times = Vec::with_capacity(QUERY_RUNS);
     for _ in 0..QUERY_RUNS {
         let began = Instant::now();
-        if instant {
+        if let Some(label) = &expr.label {
+            prometheus.label_values(label, promql, start, end)
+        } else if expr.instant {
             prometheus.query_within(promql, Duration::from_secs(120))
         } else {
             prometheus.query_range(promql, start, end, SCRAPE_INTERVAL_SECONDS as f64)
@@ -337,12 +349,20 @@ fn scrape_fleet(busy: &BusyPage, hosts: usize) -> Result<Vec<Row>> {
         .map(|(g, s)| (g.clone(), *s))
         .unwrap_or_default();
     let missed = own_value(&prometheus, "prometheus_rule_group_iterations_missed_total")?;
+    let mut rule_times = prometheus.rule_evaluation_times()?;
+    rule_times.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let slowest_rules = rule_times
+        .iter()
+        .take(3)
+        .map(|(name, seconds)| format!("{name} {:.0} ms", seconds * 1e3))
+        .collect::<Vec<_>>()
+        .join(", ");
 
     let end = now();
     let window_minutes = (end - data_start) / 60.0;
     let mut timed = Vec::new();
     for expr in fleet_overview_queries()? {
-        let seconds = time_query(&prometheus, &expr.promql, expr.instant, data_start, end)?;
+        let seconds = time_query(&prometheus, &expr, data_start, end)?;
         timed.push((expr.place, expr.instant, seconds));
     }
     let within = timed
@@ -369,7 +389,7 @@ fn scrape_fleet(busy: &BusyPage, hosts: usize) -> Result<Vec<Row>> {
         Row::new(
             &format!("rule evaluation at {hosts} hosts (every group, last round)"),
             format!(
-                "{:.0} ms; slowest group {slowest_group} {:.0} ms; missed iterations {missed:.0}",
+                "{:.0} ms; slowest group {slowest_group} {:.0} ms; slowest rules: {slowest_rules}; missed iterations {missed:.0}",
                 rules_total * 1e3,
                 slowest_group_seconds * 1e3
             ),
@@ -406,7 +426,13 @@ fn scrape_fleet(busy: &BusyPage, hosts: usize) -> Result<Vec<Row>> {
     );
     for (title, raw) in RAW_EQUIVALENTS {
         let (instant, recorded_seconds) = recorded[title];
-        let raw_seconds = time_query(&prometheus, &substitute(raw), instant, data_start, end)?;
+        let raw = Expr {
+            place: (*title).to_owned(),
+            promql: substitute(raw),
+            instant,
+            label: None,
+        };
+        let raw_seconds = time_query(&prometheus, &raw, data_start, end)?;
         rows.push(Row::new(
             &format!("\"{title}\" at {hosts} hosts: recorded / raw series"),
             format!(
