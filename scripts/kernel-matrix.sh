@@ -35,11 +35,11 @@ SCENARIOS="tcp_download tcp_upload udp_both ipv6_tcp short_lived loopback sendmm
 MODES="tp_btf fexit kprobe"
 JOBS=2
 # Per guest (and for the host's run). Quiet, the slowest guest (6.12, three agent
-# runs) finished its checks in 207 s with two guests sharing 2 cores. Under CPU
-# starvation each agent stop alone grows from 0.9-3.0 s to 7.5-16.6 s (the kernel's
-# probe detach, measured over 30 + 30 boots of 5.10): 600 s leaves room for three
-# starved stops and a general slowdown, so a starved guest finishes instead of being
-# retried.
+# runs) finished its checks in 207 and 209 s (two runs), two guests sharing 2 cores.
+# Under CPU starvation each agent stop alone grows from 0.9-3.0 s to 7.5-16.6 s (the
+# kernel's probe detach, measured over 30 + 30 boots of 5.10): 600 s leaves room for
+# three starved stops and a general slowdown, so a starved guest finishes instead of
+# being retried.
 VM_TIMEOUT=600
 RESULTS=
 KEEP=
