@@ -32,6 +32,9 @@ ip=/usr/bin/ip
 export MX_KERNEL MX_MODES MX_EXPECT MX_SCENARIOS MX_SCALE MX_STARTUP MX_DUMP_LOGS
 MX_AGENT=/usr/bin/fleetsnitch MX_TRAFFICGEN=/usr/bin/trafficgen MX_BUSYBOX=/bin/busybox \
 	MX_IP=$ip /bin/busybox sh /matrix/checks.sh
+# The exit marker: the host requires it (with status 0) as well as qemu's own exit
+# status, so a guest that hangs after its checks, or panics and reboots (which
+# -no-reboot turns into qemu exiting 0), fails.
 echo "MXEXIT|$MX_KERNEL|$?"
 sync
 poweroff -f

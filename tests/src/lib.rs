@@ -9,6 +9,7 @@
 //! - [`Report`]: the expected-versus-reported table.
 //! - [`Testbed`]: one test's directory, peer namespaces and agent, set up in one place.
 //! - [`filesystems`]: mounts undone on drop, a private ext4, copies onto a chosen inode.
+//! - [`kernel_matrix`]: the judge of `scripts/kernel-matrix.sh`'s results.
 //! - [`require_root!`]: the one root check; [`skip::skip`] decides what a skip means.
 //! - [`summary::Summary`]: the count of a `cargo test` run that `scripts/test.sh` ends with.
 //!
@@ -18,6 +19,7 @@ pub mod agent;
 pub mod dashboards;
 pub mod dnswire;
 pub mod filesystems;
+pub mod kernel_matrix;
 pub mod metrics;
 pub mod netns;
 pub mod otlp_collector;
