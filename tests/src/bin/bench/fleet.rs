@@ -41,9 +41,10 @@ const BUSY_EXECUTABLES: usize = 120;
 const SHARED: f64 = 0.7;
 const PER_GROUP: f64 = 0.2;
 const GROUPS: usize = 10;
-const SCRAPE_INTERVAL_SECONDS: u64 = 15;
+/// The chart's ServiceMonitor default, and the evaluation interval too.
+const SCRAPE_INTERVAL_SECONDS: u64 = 30;
 /// Scrapes (and rule evaluations) before anything is measured.
-const WARM_UP_SCRAPES: u64 = 10;
+const WARM_UP_SCRAPES: u64 = 6;
 const QUERY_RUNS: usize = 3;
 const QUERY_TARGET_SECONDS: f64 = 1.0;
 const SERIES_TARGET: usize = 1_500;
