@@ -180,6 +180,24 @@ impl Prometheus {
         Ok(body["data"].as_array().cloned().unwrap_or_default())
     }
 
+    /// Every active alert as Prometheus evaluates it now (the alerts API),
+    /// with its current annotations: a notification keeps the annotations
+    /// of the evaluation that first sent it.
+    pub fn alerts(&self) -> Result<Vec<serde_json::Value>> {
+        let response = http_get(self.addr, "/api/v1/alerts", Duration::from_secs(30))?;
+        let body: serde_json::Value = serde_json::from_str(&response.body)
+            .with_context(|| format!("alerts: {}", response.body))?;
+        ensure!(
+            body["status"] == "success",
+            "alerts failed: {}",
+            response.body
+        );
+        Ok(body["data"]["alerts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
+    }
+
     /// Every rule's last evaluation time in seconds, by rule name (the rules API).
     pub fn rule_evaluation_times(&self) -> Result<Vec<(String, f64)>> {
         let response = http_get(self.addr, "/api/v1/rules", Duration::from_secs(30))?;
