@@ -33,6 +33,11 @@ pub struct Cli {
     /// SQLite journal of executables seen [default: /var/lib/fleetsnitch/journal.db].
     #[arg(long = "journal.path", value_name = "PATH")]
     pub journal_path: Option<PathBuf>,
+    /// Where the node's root file system is mounted when the agent runs in a
+    /// mount namespace of its own (the chart mounts `/` at `/host`): user
+    /// names, and executables whose process has exited, are read there.
+    #[arg(long = "path.rootfs", value_name = "PATH")]
+    pub rootfs: Option<PathBuf>,
     /// Print which kernel features and capabilities this host offers, then exit
     /// (non-zero when a requirement is missing); loads nothing.
     #[arg(long)]

@@ -312,7 +312,13 @@ fn start_otlp(
         .kubernetes
         .node_name
         .clone()
-        .or_else(|| std::env::var(&config.kubernetes.node_name_env).ok());
+        .or_else(|| std::env::var(&config.kubernetes.node_name_env).ok())
+        .filter(|name| !name.is_empty());
+    // In the chart's pod the kernel's host name is the pod's (its own UTS
+    // namespace); the node's name is what the records are about.
+    if let Some(node) = &resource.k8s_node_name {
+        resource.host_name = Some(node.clone());
+    }
     let exporter = OtlpExporter::start(&config.otlp, &resource)?;
     exporter.counters().register(registry);
     tracing::info!("OTLP log export enabled");

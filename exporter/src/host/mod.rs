@@ -1,5 +1,6 @@
 //! What the host allows: preflight checks, capabilities, `--check`.
 
+pub mod node;
 pub mod preflight;
 pub mod privileges;
 pub mod readiness;

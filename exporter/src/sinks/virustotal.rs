@@ -424,8 +424,9 @@ impl Checker {
         if verdict != Verdict::NotFound || !self.upload_unknown {
             return Ok(verdict);
         }
+        // The node's file: in the chart's pod the agent's own path is the image's.
         let content = read_for_upload(
-            PathBuf::from(&check.path),
+            crate::host::node::path_on_node(std::path::Path::new(&check.path)),
             check.sha256.clone(),
             self.max_upload_bytes,
         )

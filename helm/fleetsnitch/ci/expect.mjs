@@ -43,8 +43,11 @@ const checks = {
   default(objs, text) {
     const c = container(objs);
     assert.deepEqual(c.args, ["--config.file=/etc/fleetsnitch/fleetsnitch.yaml", "--web.listen-address=0.0.0.0:9941",
-      "--journal.path=/var/lib/fleetsnitch/journal.db", "--log.level=info"]);
+      "--journal.path=/var/lib/fleetsnitch/journal.db", "--log.level=info", "--path.rootfs=/host"]);
     assert.deepEqual(c.env.map((e) => e.name), ["NODE_NAME"]);
+    // The node's / for user names and the files of exited processes.
+    assert.deepEqual(volume(objs, "host-root"), { name: "host-root", hostPath: { path: "/", type: "Directory" } });
+    assert.deepEqual(mount(objs, "host-root"), { name: "host-root", mountPath: "/host", readOnly: true, mountPropagation: "HostToContainer" });
     assert.deepEqual(c.startupProbe, { httpGet: { path: "/healthz", port: "metrics" }, periodSeconds: 5, failureThreshold: 60, timeoutSeconds: 3 });
     assert.equal(c.livenessProbe.initialDelaySeconds, undefined, "the startup probe replaces the liveness delay");
     assert.equal(volume(objs, "connection-log"), undefined);
@@ -112,6 +115,9 @@ const checks = {
     assert.deepEqual(config.connection_log, { enabled: true, path: "/var/log/flows/fleetsnitch.jsonl", max_files: 3 });
     assert.equal(c.startupProbe, undefined);
     assert.equal(c.livenessProbe.initialDelaySeconds, 60, "without a startup probe liveness waits");
+    assert.equal(volume(objs, "host-root"), undefined);
+    assert.equal(mount(objs, "host-root"), undefined);
+    assert.ok(!c.args.some((a) => a.startsWith("--path.rootfs")), "no --path.rootfs without the mount");
     const maps = dashboards(objs);
     assert.equal(maps.length, dashboardFiles.length);
     for (const map of maps) {

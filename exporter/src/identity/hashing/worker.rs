@@ -4,17 +4,21 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    os::unix::fs::MetadataExt,
     sync::{Arc, mpsc},
     time::Duration,
 };
 
 use super::{
     Cached, HashFailure, HashIndex, HashJob, HashMetrics, HeldFile, Shared, Stamp,
-    files::{open_executable, open_matching, sha256_of},
+    files::{Mismatch, open_executable, open_on_node, sha256_of},
     stamp_of,
 };
 use crate::{
-    identity::{modification::ModificationWatch, processes::ExeKey},
+    identity::{
+        modification::{ModificationWatch, Modified},
+        processes::ExeKey,
+    },
     model::{Activity, ExecutableSighting, Outbox, Record, Sha256, Touched},
     support::unix_now,
     telemetry::{ExeLabels, ExecutableLabels, UNAVAILABLE},
@@ -80,8 +84,8 @@ impl Worker {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
-            for (exe, path) in self.watch.poll() {
-                self.rehash_modified(exe, &path);
+            for modified in self.watch.poll() {
+                self.rehash_modified(modified);
             }
             self.expire(unix_now());
         }
@@ -135,11 +139,21 @@ impl Worker {
     }
 
     /// `exe` was written to in place: hash it again and journal the change.
-    fn rehash_modified(&mut self, exe: ExeKey, path: &str) {
+    fn rehash_modified(&mut self, modified: Modified) {
+        let Modified { exe, path, file } = modified;
+        let path = path.as_str();
         let Some(mut job) = self.last_jobs.get(&exe).cloned() else {
             return;
         };
-        let (sha256, file_dev, stamp) = match open_matching(path, exe) {
+        // The file the event handed over, else the file where it was marked.
+        let opened = match file {
+            Some(file) => file
+                .metadata()
+                .map(|metadata| (file, metadata.dev()))
+                .map_err(|_| Mismatch::Missing),
+            None => open_on_node(path, exe),
+        };
+        let (sha256, file_dev, stamp) = match opened {
             Ok((file, file_dev)) => match sha256_of(&file) {
                 Ok(sha256) => (sha256, file_dev, stamp_of(&file)),
                 Err(_) => return,
@@ -172,8 +186,8 @@ impl Worker {
     fn run(&mut self, mut job: HashJob) {
         // Writes seen to watched files first: a sighting of a file being
         // modified in place must not pass for a new file (see `outcome`).
-        for (exe, path) in self.watch.poll() {
-            self.rehash_modified(exe, &path);
+        for modified in self.watch.poll() {
+            self.rehash_modified(modified);
         }
         let held = job.file.take();
         let started = std::time::Instant::now();
@@ -188,7 +202,7 @@ impl Worker {
         // The descriptor is released here, before the job is remembered.
         drop(held);
         if outcome.is_ok() {
-            self.watch.watch(job.exe, &job.path);
+            self.watch.watch(job.exe, &job.path, job.tgid);
             self.last_jobs.insert(job.exe, job.clone());
         }
         self.export(&job, outcome, false);

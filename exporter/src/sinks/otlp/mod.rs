@@ -81,7 +81,9 @@ pub const SERVICE_NAME: &str = "fleetsnitch";
 /// Who is sending: the resource of every record.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResourceInfo {
-    /// `host.name`; [`ResourceInfo::detect`] reads the kernel's host name.
+    /// `host.name`; [`ResourceInfo::detect`] reads the kernel's host name,
+    /// which the node name replaces when the agent knows one (in a pod the
+    /// kernel's host name is the pod's).
     pub host_name: Option<String>,
     /// `k8s.node.name`, when running in Kubernetes.
     pub k8s_node_name: Option<String>,
