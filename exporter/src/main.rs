@@ -4,8 +4,8 @@ use clap::Parser;
 use fleetsnitch::{
     agent,
     cli::Cli,
-    host::{node, readiness},
-    support::logging,
+    host::readiness,
+    support::{logging, node},
 };
 
 #[tokio::main]

@@ -202,7 +202,14 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let dns = start_dns_capture(&probe_metrics, DnsCaptureMetrics::register(&mut registry));
 
     let parts = Parts {
-        identities: IdentityTable::new(IdentityMetrics::register(&mut registry)),
+        identities: {
+            let table = IdentityTable::new(IdentityMetrics::register(&mut registry));
+            if config.journal.record_command_lines {
+                table.with_command_lines(config.journal.command_line_max_bytes)
+            } else {
+                table
+            }
+        },
         hasher,
         enricher,
         dns,

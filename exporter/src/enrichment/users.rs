@@ -13,7 +13,7 @@ use std::{
     time::SystemTime,
 };
 
-use crate::host::node;
+use crate::support::node;
 
 /// Names of uids, looked up once each.
 #[derive(Debug, Default)]

@@ -1,6 +1,5 @@
 //! What the host allows: preflight checks, capabilities, `--check`.
 
-pub mod node;
 pub mod preflight;
 pub mod privileges;
 pub mod readiness;

@@ -27,7 +27,7 @@ use nix::{
     },
 };
 
-use crate::{host::node, identity::processes::ExeKey};
+use crate::{identity::processes::ExeKey, support::node};
 
 /// Writes keep coming while a file is rewritten: rehash once it is quiet.
 const QUIET_TIME: Duration = Duration::from_millis(300);

@@ -87,6 +87,7 @@ impl RecordPolicy {
         let peer = &mut flow.peer;
         if !self.addresses {
             peer.remote_address = None;
+            peer.local_address = None;
         }
         if !self.ports {
             peer.local_port = None;

@@ -426,7 +426,7 @@ impl Checker {
         }
         // The node's file: in the chart's pod the agent's own path is the image's.
         let content = read_for_upload(
-            crate::host::node::path_on_node(std::path::Path::new(&check.path)),
+            crate::support::node::path_on_node(std::path::Path::new(&check.path)),
             check.sha256.clone(),
             self.max_upload_bytes,
         )

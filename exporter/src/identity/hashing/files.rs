@@ -10,9 +10,9 @@ use sha2::Digest;
 
 use super::{HashFailure, HashJob};
 use crate::{
-    host::node,
     identity::{inode::generation_agrees, processes::ExeKey},
     model::Sha256,
+    support::node,
 };
 
 /// Hashes the file the kernel identified as `job.exe`.

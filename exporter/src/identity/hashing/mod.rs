@@ -140,6 +140,10 @@ pub struct HashJob {
     pub used_network: bool,
     /// Its command line, when exec tracking records them.
     pub command_line: Option<String>,
+    /// A sighting for the sinks and the metrics; `false` for a parent hashed
+    /// only so its children's records carry its sha256 (a parent that never
+    /// used the network is not journaled as seen).
+    pub sighting: bool,
 }
 
 impl HashJob {
@@ -169,7 +173,21 @@ impl HashJob {
             file: None,
             used_network: true,
             command_line: None,
+            sighting: true,
         }
+    }
+
+    /// The parent of `process`, to hash for its children's records, when its
+    /// file and path are known.
+    pub fn parent_of(process: &Process, seen_at: i64) -> Option<Self> {
+        let path = process.parent_path.clone()?;
+        if process.ppid == 0 || process.parent_exe.is_kernel() {
+            return None;
+        }
+        Some(Self {
+            sighting: false,
+            ..Self::unannounced(process.parent_exe, process.ppid, path, seen_at)
+        })
     }
 }
 
@@ -525,6 +543,7 @@ pub(super) mod test_support {
             file: None,
             used_network: true,
             command_line: None,
+            sighting: true,
         }
     }
 

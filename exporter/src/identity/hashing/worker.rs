@@ -201,6 +201,14 @@ impl Worker {
         }
         // The descriptor is released here, before the job is remembered.
         drop(held);
+        if !job.sighting {
+            // A parent's hash for its children's records: cached and indexed,
+            // forgotten like any file nothing ran for the expiry.
+            let now = unix_now();
+            self.files.insert(job.exe, job.path.clone());
+            self.files_touched.touch(&job.exe, now);
+            return;
+        }
         if outcome.is_ok() {
             self.watch.watch(job.exe, &job.path, job.tgid);
             self.last_jobs.insert(job.exe, job.clone());
@@ -354,6 +362,41 @@ mod tests {
             ModificationWatch::new(),
             activity(),
         )
+    }
+
+    #[test]
+    fn a_parent_is_hashed_for_its_children_without_a_sighting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("parent-shell");
+        std::fs::write(&path, b"a parent that never used the network").unwrap();
+        let key = key_of(&path);
+        let (outbox, records) = Outbox::bounded(16, Default::default());
+        let metrics = HashMetrics::default();
+        let mut worker = Worker::new(
+            metrics.clone(),
+            Some(outbox),
+            HashIndex::default(),
+            Arc::new(Shared::default()),
+            ModificationWatch::new(),
+            activity(),
+        );
+        let parent = HashJob {
+            sighting: false,
+            ..job(key, u32::MAX - 1, &path.to_string_lossy())
+        };
+        worker.run(parent);
+        assert_eq!(
+            worker.index.sha256_of(key),
+            Some(sha256_of(&File::open(&path).unwrap()).unwrap()),
+            "the parent's hash is in the index its children's flows read"
+        );
+        assert!(
+            records.try_recv().is_err(),
+            "no sighting: a parent is not journaled as an executable seen"
+        );
+        // The same file as a sighting of its own is handed on.
+        worker.run(job(key, u32::MAX - 1, &path.to_string_lossy()));
+        assert!(matches!(records.try_recv(), Ok(Record::Executable(_))));
     }
 
     #[test]
