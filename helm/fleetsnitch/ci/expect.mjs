@@ -77,7 +77,7 @@ const dashboardJobs = () => {
 const checks = {
   default(objs, text) {
     const c = container(objs);
-    assert.deepEqual(c.args, ["--config.file=/etc/fleetsnitch/fleetsnitch.yaml", "--web.listen-address=0.0.0.0:9941",
+    assert.deepEqual(c.args, ["--config.file=/etc/fleetsnitch/fleetsnitch.yaml", "--web.listen-address=[::]:9941",
       "--journal.path=/var/lib/fleetsnitch/journal.db", "--log.level=info"]);
     assert.deepEqual(c.env.map((e) => e.name), ["NODE_NAME"]);
     assert.deepEqual(c.startupProbe, { httpGet: { path: "/healthz", port: "metrics" }, periodSeconds: 5, failureThreshold: 60, timeoutSeconds: 3 });
