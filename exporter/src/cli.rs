@@ -20,7 +20,7 @@ pub struct Cli {
     /// YAML configuration file (see config.example.yaml); every key has a default.
     #[arg(long = "config.file", value_name = "PATH")]
     pub config_file: Option<PathBuf>,
-    /// Address to serve metrics on [default: 0.0.0.0:9941].
+    /// Address to serve metrics on; [::] is both IPv4 and IPv6 [default: [::]:9941].
     #[arg(long = "web.listen-address", value_name = "HOST:PORT")]
     pub listen_address: Option<String>,
     /// Path under which to expose metrics [default: /metrics].

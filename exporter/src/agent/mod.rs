@@ -5,7 +5,6 @@
 pub mod collector;
 
 use std::{
-    net::SocketAddr,
     sync::{Arc, atomic::AtomicBool},
     thread,
 };
@@ -53,7 +52,7 @@ use crate::{
     telemetry,
     web::{
         health::Health,
-        http,
+        http, listen,
         server::{self, WebConfigMetrics},
     },
 };
@@ -62,11 +61,8 @@ use crate::{
 pub enum AgentError {
     #[error(transparent)]
     Preflight(#[from] PreflightError),
-    #[error("cannot listen on {address} (web.listen_address): {source}")]
-    Listen {
-        address: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] listen::ListenError),
     #[error("cannot read the kernel's BTF from {}: {source}", preflight::BTF_PATH)]
     Btf { source: aya::BtfError },
     #[error(
@@ -119,10 +115,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     preflight::raise_memlock_limit();
 
     // Bind first: a port in use is the cheapest failure to report.
-    let address = config.web.listen_address()?;
-    let listener = TcpListener::bind(address)
-        .await
-        .map_err(|source| AgentError::Listen { address, source })?;
+    let listening = listen::bind(config.web.listen_address()?)?;
+    let (address, families) = (listening.address, listening.families);
+    let listener = TcpListener::from_std(listening.listener)
+        .map_err(|source| AgentError::Listen(listen::ListenError { address, source }))?;
     let web_settings = match &config.web.config_file {
         Some(path) => Some((path, server::WebState::load(path)?)),
         None => None,
@@ -261,6 +257,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let registry = Arc::new(registry);
     tracing::info!(
         %address,
+        %families,
         telemetry_path = %config.web.telemetry_path,
         "fleetsnitch is counting; serving metrics"
     );
