@@ -19,6 +19,11 @@ pub struct IgnoreList {
 }
 
 impl IgnoreList {
+    /// Whether executables are ignored by hash (flows then wait for theirs).
+    pub fn has_hashes(&self) -> bool {
+        !self.hashes.is_empty()
+    }
+
     pub fn matches(&self, flow: &FlowRecord) -> bool {
         let (program, peer) = (&flow.program, &flow.peer);
         if let Some(sha256) = &program.sha256
