@@ -131,6 +131,20 @@ impl VirusTotalMetrics {
             "VirusTotal requests by result (found, not_found, uploaded, rate_limited, http_error, malformed, transport_error, file_error)",
             metrics.lookups.clone(),
         );
+        // Every result exported from the start, at zero: the first failure
+        // is then an increase the alert rule sees.
+        for result in [
+            "found",
+            "not_found",
+            "uploaded",
+            "rate_limited",
+            "http_error",
+            "malformed",
+            "transport_error",
+            "file_error",
+        ] {
+            metrics.lookups.get_or_create(&ResultLabels::new(result));
+        }
         metrics
     }
 }
