@@ -154,7 +154,10 @@ fn each_blinding_failure_is_counted_journaled_and_alerted() -> Result<()> {
     let mounts_dir = TempDir::new("fsn-failures-mnt")?;
     let mut mounts = Mounts::default();
     let log_dir = mounts_dir.path().join("log");
-    mounts.mount(&["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"], &log_dir)?;
+    mounts.mount(
+        &["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"],
+        &log_dir,
+    )?;
 
     let collector_port = free_port()?;
     let virustotal = FailingServer::start()?;

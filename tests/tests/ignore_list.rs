@@ -18,8 +18,8 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    ProcessGuard, TempDir, Testbed, process::run_bounded, query_journal, require_root,
-    run_client, sha256_file, skip, workspace_root,
+    ProcessGuard, TempDir, Testbed, process::run_bounded, query_journal, require_root, run_client,
+    sha256_file, skip, workspace_root,
 };
 
 /// Connection lines of the connection log that name `exe` (its events, such
@@ -151,11 +151,9 @@ fn an_ignored_hash_is_ignored_from_the_first_window_even_when_hashing_is_slow() 
     // windows more, so anything that was going to leak has leaked.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let info = bed.metrics().samples_for(
-            "fleetsnitch_executable_info",
-            &exe,
-            None,
-        )?;
+        let info = bed
+            .metrics()
+            .samples_for("fleetsnitch_executable_info", &exe, None)?;
         if info
             .iter()
             .any(|sample| sample.labels.get("sha256") == Some(&sha256))

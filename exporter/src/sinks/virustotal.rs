@@ -143,7 +143,7 @@ impl VirusTotalMetrics {
             "transport_error",
             "file_error",
         ] {
-            metrics.lookups.get_or_create(&ResultLabels::new(result));
+            let _ = metrics.lookups.get_or_create(&ResultLabels::new(result));
         }
         metrics
     }

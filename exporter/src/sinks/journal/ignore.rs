@@ -1,4 +1,5 @@
-//! Traffic kept out of the connection log (its executable is still journaled).
+//! Traffic kept out of the journal's rollups, the connection log and OTLP (its
+//! executable is still journaled, and /metrics counts it).
 
 use ipnet::IpNet;
 use serde::Deserialize;
