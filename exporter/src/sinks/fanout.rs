@@ -412,6 +412,105 @@ mod tests {
         assert_eq!(recorded.peer.local_port, Some(45_000));
     }
 
+    /// The fan-out's state with a connection log in `dir`, ignoring `hash`.
+    fn state(dir: &std::path::Path, hash: &str) -> State {
+        let journal = JournalConfig {
+            path: dir.join("journal.db"),
+            ignore: IgnoreList {
+                hashes: vec![hash.to_owned()],
+                ..IgnoreList::default()
+            },
+            ..JournalConfig::default()
+        };
+        let log = super::super::connection_log::ConnectionLogConfig {
+            enabled: true,
+            path: dir.join("connections.jsonl"),
+            ..Default::default()
+        };
+        State {
+            journal: Journal::open(
+                journal.clone(),
+                super::super::journal::JournalMetrics::default(),
+                crate::model::Activity::new(Duration::from_secs(3600)),
+            ),
+            sinks: Sinks {
+                connection_log: Some(ConnectionLog::start(&log).unwrap()),
+                ..Sinks::default()
+            },
+            policy: policy(&journal),
+            hashes: HashMap::new(),
+            unhashable: HashMap::new(),
+            held: Vec::new(),
+            hash_retention: 300,
+            flows: FlowTotals::default(),
+            events: Vec::new(),
+            window_start: unix_now(),
+        }
+    }
+
+    fn sighting(file: ExeKey, sha256: Option<Sha256>) -> ExecutableSighting {
+        ExecutableSighting {
+            path: "/usr/bin/curl".into(),
+            file,
+            sha256,
+            hash_failure: None,
+            name: "curl".into(),
+            uid: 0,
+            parent_path: None,
+            seen_at: unix_now(),
+            modified: false,
+            used_network: true,
+            command_line: None,
+        }
+    }
+
+    #[test]
+    fn a_flow_waits_for_its_hash_while_hashes_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let ignored = Sha256::from_hex(&"ab".repeat(32)).unwrap();
+        let mut state = state(dir.path(), ignored.as_str());
+        let (slow, unhashable) = (
+            ExeKey {
+                dev: 1,
+                ino: 2,
+                generation: 3,
+            },
+            ExeKey {
+                dev: 1,
+                ino: 4,
+                generation: 5,
+            },
+        );
+        let unhashed = |file: ExeKey, remote_port: u16| {
+            let mut flow = flow(remote_port, 45_000);
+            flow.program.file = Some(file);
+            flow
+        };
+        // Drained before their files were hashed (the collector gave up waiting).
+        state.accept(Record::Flows(vec![
+            unhashed(slow, 443),
+            unhashed(unhashable, 8443),
+        ]));
+        state.flush(false);
+        assert_eq!(state.held.len(), 2, "both wait for their hash");
+        // The slow file's hash is the ignored one; the other cannot be hashed.
+        state.accept(Record::Executable(sighting(slow, Some(ignored))));
+        state.accept(Record::Executable(sighting(unhashable, None)));
+        assert!(state.held.is_empty());
+        // A later flow of the unhashable file is not held.
+        state.accept(Record::Flows(vec![unhashed(unhashable, 8443)]));
+        assert!(state.held.is_empty());
+        state.flush(true);
+        state.sinks.shutdown();
+        let log = std::fs::read_to_string(dir.path().join("connections.jsonl")).unwrap();
+        let connections: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains("\"record\":\"connection\""))
+            .collect();
+        assert_eq!(connections.len(), 1, "{log}");
+        assert!(connections[0].contains("\"remote_port\":8443"), "{log}");
+    }
+
     #[test]
     fn an_ignored_port_in_the_ephemeral_range_matches_before_it_is_left_out() {
         let config = JournalConfig {
