@@ -39,7 +39,7 @@ use crate::{
         probes::{self, NoModeFits, ProbeMetrics},
         stats::KernelStatsMetrics,
     },
-    model::Activity,
+    model::{Activity, Failures},
     sinks::{
         connection_log::ConnectionLog,
         fanout::{self, Fanout, RecordPolicy, Sinks},
@@ -153,12 +153,14 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     // Sinks: everything records reach through the fan-out's queue.
     let journal_metrics = JournalMetrics::register(&mut registry);
     let (outbox, records) = fanout::outbox(journal_metrics.dropped.clone());
+    // Failures that leave the operator blind become agent_error events.
+    let failures = Failures::new(Some(outbox.clone()));
     let sinks = Sinks {
-        otlp: start_otlp(&config, &mut registry)?,
-        connection_log: start_connection_log(&config, &mut registry)?,
+        otlp: start_otlp(&config, &mut registry, &failures)?,
+        connection_log: start_connection_log(&config, &mut registry, &failures)?,
         virustotal: virustotal::spawn(
             &config.virustotal,
-            VirusTotalMetrics::register(&mut registry),
+            VirusTotalMetrics::register(&mut registry).reporting_to(failures.clone()),
             Some(outbox.clone()),
             activity.clone(),
         )
@@ -177,11 +179,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     // Identity and enrichment.
     let hasher = Hasher::spawn(
-        HashMetrics::register(&mut registry),
+        HashMetrics::register(&mut registry).reporting_to(failures.clone()),
         Some(outbox.clone()),
         activity.clone(),
     )
     .map_err(AgentError::Thread)?;
+    let geoip = geoip.map(|geoip| geoip.reporting_to(failures.clone()));
     if let Some(geoip) = &geoip {
         geoip.register(&mut registry);
     }
@@ -305,6 +308,7 @@ fn register_start_time(registry: &mut Registry) {
 fn start_otlp(
     config: &Config,
     registry: &mut Registry,
+    failures: &Failures,
 ) -> Result<Option<OtlpExporter>, AgentError> {
     if !config.otlp.enabled {
         // Exported at zero all the same: dashboards and rules see the family.
@@ -323,7 +327,7 @@ fn start_otlp(
     if let Some(node) = &resource.k8s_node_name {
         resource.host_name = Some(node.clone());
     }
-    let exporter = OtlpExporter::start(&config.otlp, &resource)?;
+    let exporter = OtlpExporter::start_reporting(&config.otlp, &resource, failures.clone())?;
     exporter.counters().register(registry);
     tracing::info!("OTLP log export enabled");
     Ok(Some(exporter))
@@ -333,12 +337,13 @@ fn start_otlp(
 fn start_connection_log(
     config: &Config,
     registry: &mut Registry,
+    failures: &Failures,
 ) -> Result<Option<ConnectionLog>, AgentError> {
     if !config.connection_log.enabled {
         crate::sinks::connection_log::ConnectionLogCounters::default().register(registry);
         return Ok(None);
     }
-    let log = ConnectionLog::start(&config.connection_log)?;
+    let log = ConnectionLog::start_reporting(&config.connection_log, failures.clone())?;
     log.counters().register(registry);
     Ok(Some(log))
 }

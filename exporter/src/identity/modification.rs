@@ -27,7 +27,13 @@ use nix::{
     },
 };
 
-use crate::{identity::processes::ExeKey, support::node};
+use prometheus_client::metrics::counter::Counter;
+
+use crate::{
+    identity::processes::ExeKey,
+    model::{FailureClass, Failures},
+    support::node,
+};
 
 /// Writes keep coming while a file is rewritten: rehash once it is quiet.
 const QUIET_TIME: Duration = Duration::from_millis(300);
@@ -58,11 +64,28 @@ pub struct ModificationWatch {
     /// last event handed it over.
     dirty: HashMap<ExeKey, (Instant, Option<File>)>,
     failed_marks: u64,
+    reporting: WatchReporting,
+}
+
+/// Where the watch reports what it cannot do: counters by reason
+/// (`fleetsnitch_modification_watch_errors_total`) and `agent_error` events.
+#[derive(Debug, Clone, Default)]
+pub struct WatchReporting {
+    /// fanotify could not be initialised (counted once, at start).
+    pub unavailable: Counter,
+    /// A mark that failed.
+    pub mark: Counter,
+    pub failures: Failures,
 }
 
 impl ModificationWatch {
     /// A watch; without fanotify (no privilege, old kernel) it watches nothing and says so once.
     pub fn new() -> Self {
+        Self::reporting_to(WatchReporting::default())
+    }
+
+    /// [`Self::new`], counting and reporting what fails in `reporting`.
+    pub fn reporting_to(reporting: WatchReporting) -> Self {
         let fanotify = Fanotify::init(
             InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
             EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
@@ -70,6 +93,14 @@ impl ModificationWatch {
         let fanotify = match fanotify {
             Ok(fanotify) => Some(fanotify),
             Err(errno) => {
+                reporting.unavailable.inc();
+                reporting.failures.failed(
+                    FailureClass::Fanotify,
+                    format_args!(
+                        "fanotify_init failed ({errno}): executables modified in place are \
+                         only noticed when they run again"
+                    ),
+                );
                 tracing::warn!(
                     error = %errno,
                     "fanotify is unavailable: executables modified in place are only noticed \
@@ -83,6 +114,7 @@ impl ModificationWatch {
             watched: HashMap::new(),
             dirty: HashMap::new(),
             failed_marks: 0,
+            reporting,
         }
     }
 
@@ -176,6 +208,7 @@ impl ModificationWatch {
             Some(marked_at.as_str()),
         ) {
             Ok(()) => {
+                self.reporting.failures.succeeded(FailureClass::Fanotify);
                 self.watched.insert(
                     (exe.dev, exe.ino),
                     Watched {
@@ -187,6 +220,11 @@ impl ModificationWatch {
             }
             Err(errno) => {
                 self.failed_marks += 1;
+                self.reporting.mark.inc();
+                self.reporting.failures.failed(
+                    FailureClass::Fanotify,
+                    format_args!("cannot mark {path} ({marked_at}): {errno}"),
+                );
                 tracing::debug!(exe = path, error = %errno, "cannot watch executable");
             }
         }

@@ -40,11 +40,11 @@ use files::open_matching;
 use worker::Worker;
 
 use super::{
-    modification::ModificationWatch,
+    modification::{ModificationWatch, WatchReporting},
     processes::{ExeKey, Process},
 };
 use crate::{
-    model::{Activity, Outbox, Sha256},
+    model::{Activity, Failures, Outbox, Sha256},
     telemetry::{ExeLabels, ExecutableLabels, ReasonLabels},
 };
 
@@ -76,9 +76,32 @@ pub struct HashMetrics {
     executable_info: Family<ExecutableLabels, Gauge>,
     hash_failures: Family<ReasonLabels, Counter>,
     executable_modified: Family<ExeLabels, Gauge>,
+    watch_errors: Family<ReasonLabels, Counter>,
+    failures: Failures,
 }
 
 impl HashMetrics {
+    /// The modification watch reports fanotify failures to `failures`.
+    pub fn reporting_to(mut self, failures: Failures) -> Self {
+        self.failures = failures;
+        self
+    }
+
+    fn watch_reporting(&self) -> WatchReporting {
+        let reason = |reason: &str| {
+            self.watch_errors
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .clone()
+        };
+        WatchReporting {
+            unavailable: reason("unavailable"),
+            mark: reason("mark"),
+            failures: self.failures.clone(),
+        }
+    }
+
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
         registry.register(
@@ -97,6 +120,13 @@ impl HashMetrics {
             Unit::Seconds,
             metrics.executable_modified.clone(),
         );
+        registry.register(
+            "modification_watch_errors",
+            "fanotify failures, by reason: unavailable (fanotify_init failed at start: no \
+             executable modified in place is noticed until it runs again), mark (a file \
+             that could not be watched)",
+            metrics.watch_errors.clone(),
+        );
         for failure in [
             HashFailure::ProcessExited,
             HashFailure::Replaced,
@@ -104,6 +134,8 @@ impl HashMetrics {
         ] {
             metrics.failure(failure).inc_by(0);
         }
+        // Both reasons exported at zero: rules see the family.
+        let _ = metrics.watch_reporting();
         metrics
     }
 
@@ -389,7 +421,7 @@ impl Hasher {
         let worker_shared = shared.clone();
         // fanotify_init needs CAP_SYS_ADMIN, which is dropped once start-up ends:
         // initialised here, before the worker thread could run late.
-        let watch = ModificationWatch::new();
+        let watch = ModificationWatch::reporting_to(metrics.watch_reporting());
         let worker = thread::Builder::new()
             .name("fleetsnitch-hash".into())
             .spawn(move || {
