@@ -16,6 +16,7 @@
 //! Every guard cleans up on drop, also while panicking.
 
 pub mod agent;
+pub mod cgroups;
 pub mod chart;
 pub mod dashboards;
 pub mod dnswire;
@@ -24,6 +25,7 @@ pub mod kernel_matrix;
 pub mod metrics;
 pub mod netns;
 pub mod otlp_collector;
+pub mod pod;
 pub mod process;
 pub mod scenarios;
 pub mod servers;

@@ -18,13 +18,17 @@
 //! the peer services, deletes the namespaces, then the directory. Mounts a test makes
 //! belong in a directory of their own, created before the testbed, so that they are
 //! unmounted before the testbed's directory is removed.
+//!
+//! [`Setup::in_pod`] starts the agent as the chart's pod runs it (see [`crate::pod`]):
+//! a test written for the host then shows the same on a Kubernetes node.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
 
 use crate::metrics::MetricsClient;
+use crate::pod::Pod;
 use crate::{
     AgentGuard, NetnsPair, PeerNet, PeerServer, TempDir, agent, agent_binary, exe_copy, program,
     write_config,
@@ -40,6 +44,7 @@ pub struct Setup {
     args: Vec<String>,
     wrapper: Vec<String>,
     peer: Option<Vec<String>>,
+    in_pod: bool,
 }
 
 impl Setup {
@@ -88,6 +93,14 @@ impl Setup {
         self
     }
 
+    /// Runs the agent in the chart's pod (see [`Pod::prepare`]): its own network, mount
+    /// and UTS namespaces, the image as a read-only root, the node's `/` at `/host`,
+    /// listening on the pod's address; restarts start it in the same pod.
+    pub fn in_pod(mut self) -> Self {
+        self.in_pod = true;
+        self
+    }
+
     /// The client and peer namespaces, with the peer services running (see [`PeerNet`]).
     pub fn peer(self) -> Self {
         self.peer_with(&[])
@@ -120,23 +133,41 @@ impl Setup {
             }
             None => None,
         };
-        let addr = match self.addr {
-            Some(addr) => addr,
-            None => SocketAddr::from(([127, 0, 0, 1], agent::free_port()?)),
-        };
         let journal = self
             .journal
             .unwrap_or_else(|| self.dir.path().join("journal.db"));
+        let mut wrapper = self.wrapper;
+        let pod = if self.in_pod {
+            ensure!(
+                wrapper.is_empty() && self.addr.is_none(),
+                "a testbed in a pod has the pod's command and address"
+            );
+            let pod = Pod::prepare(self.dir.path(), &journal, &args)?;
+            wrapper = pod.wrapper().to_vec();
+            args.extend(Pod::agent_args().map(str::to_owned));
+            Some(pod)
+        } else {
+            None
+        };
+        let addr = match (self.addr, &pod) {
+            (_, Some(pod)) => pod.addr(),
+            (Some(addr), None) => addr,
+            (None, None) => SocketAddr::from(([127, 0, 0, 1], agent::free_port()?)),
+        };
         let bin = agent_binary()?;
-        let agent = launch(&self.wrapper, &bin, addr, &journal, &args)?;
+        let mut agent = launch(&wrapper, &bin, addr, &journal, &args)?;
+        if pod.is_some() {
+            Pod::ensure_runs(agent.pid())?;
+        }
         Ok(Testbed {
             agent,
+            pod,
             peers: peer,
             bin,
             addr,
             journal,
             args,
-            wrapper: self.wrapper,
+            wrapper,
             dir: self.dir,
         })
     }
@@ -161,9 +192,12 @@ fn copy_into(dir: &Path, program: &str, name: &str) -> Result<PathBuf> {
 /// A started testbed: the agent (and the peer namespaces, if asked for) running.
 /// The parts are public, for a test that needs two of them at once.
 pub struct Testbed {
-    // Drop order: the agent, then the peer services and namespaces, then the directory.
+    // Drop order: the agent, then its pod, the peer services and namespaces, then the
+    // directory.
     /// The running agent.
     pub agent: AgentGuard,
+    /// The chart's pod the agent runs in, if the setup asked for one.
+    pub pod: Option<Pod>,
     /// The client and peer namespaces with the peer services, if the setup asked for them.
     pub peers: Option<PeerNet>,
     bin: PathBuf,
@@ -185,6 +219,7 @@ impl Testbed {
             args: Vec::new(),
             wrapper: Vec::new(),
             peer: None,
+            in_pod: false,
         })
     }
 

@@ -248,15 +248,26 @@ fn diagnosis(bed: &Testbed, fs_dir: &Path) -> Result<String> {
     Ok(lines.join("\n"))
 }
 
-fn inode_reuse(config: &str, name: &str) -> Result<()> {
+/// Where the agent runs: on the host, or as the chart's pod runs it (its own
+/// mount namespace, the node's files read through `/host`).
+#[derive(Clone, Copy, PartialEq)]
+enum Agent {
+    OnTheHost,
+    InThePod,
+}
+
+fn inode_reuse(config: &str, name: &str, agent: Agent) -> Result<()> {
     let python = python()?;
     let fs_dir = TempDir::new(&format!("fsn-{name}-fs"))?;
     let mut mounts = Mounts::default();
     let mnt = ext4(&fs_dir, &mut mounts)?;
-    let mut bed = Testbed::setup(&format!("fsn-{name}"))?
+    let mut setup = Testbed::setup(&format!("fsn-{name}"))?
         .peer()
-        .config(config)
-        .start()?;
+        .config(config);
+    if agent == Agent::InThePod {
+        setup = setup.in_pod();
+    }
+    let mut bed = setup.start()?;
 
     let started = Instant::now();
     let mut rounds = Vec::with_capacity(ROUNDS);
@@ -355,19 +366,32 @@ fn inode_reuse(config: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+const WITHOUT_EXEC_TRACKING: &str = "journal:\n  write_interval: 10s\n";
+const WITH_EXEC_TRACKING: &str = "journal:\n  write_interval: 10s\nexec:\n  enabled: true\n";
+
 #[test]
 fn a_deleted_program_keeps_its_bytes_when_the_next_file_takes_its_inode_number() -> Result<()> {
     require_root!("eBPF, network namespaces, mounts");
-    inode_reuse("journal:\n  write_interval: 10s\n", "reuse")
+    inode_reuse(WITHOUT_EXEC_TRACKING, "reuse", Agent::OnTheHost)
 }
 
 #[test]
 fn a_deleted_program_keeps_its_bytes_with_exec_tracking_on() -> Result<()> {
     require_root!("eBPF, network namespaces, mounts");
-    inode_reuse(
-        "journal:\n  write_interval: 10s\nexec:\n  enabled: true\n",
-        "reuse-exec",
-    )
+    inode_reuse(WITH_EXEC_TRACKING, "reuse-exec", Agent::OnTheHost)
+}
+
+#[test]
+fn in_the_charts_pod_a_deleted_program_keeps_its_bytes_when_the_next_file_takes_its_inode()
+-> Result<()> {
+    require_root!("eBPF, network and mount namespaces, mounts");
+    inode_reuse(WITHOUT_EXEC_TRACKING, "reuse-pod", Agent::InThePod)
+}
+
+#[test]
+fn in_the_charts_pod_a_deleted_program_keeps_its_bytes_with_exec_tracking_on() -> Result<()> {
+    require_root!("eBPF, network and mount namespaces, mounts");
+    inode_reuse(WITH_EXEC_TRACKING, "reuse-exec-pod", Agent::InThePod)
 }
 
 // --- two versions at one path ---------------------------------------------

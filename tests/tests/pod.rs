@@ -22,9 +22,8 @@ use std::{
     collections::BTreeMap,
     fs,
     io::Write,
-    net::SocketAddr,
     os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     thread,
     time::{Duration, Instant},
@@ -33,134 +32,18 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
     AgentGuard, MetricsClient, Sample, TempDir, agent_binary,
+    cgroups::{Cgroups, cgroup2_mount},
     otlp_collector::{Collector, free_port, rotel_agent},
     parse_samples,
-    process::{ip_bin, run_bounded, run_checked},
+    pod::{NODE_NAME, POD_NAME, Pod, WORKLOAD_UID, inside},
+    process::run_bounded,
     program, require_root,
     servers::Prometheus,
     sha256_file, workspace_root,
 };
 
-/// What `spec.nodeName` hands the pod through the downward API.
-const NODE_NAME: &str = "node-fsn-e2e";
-/// The pod's name: its host name.
-const POD_NAME: &str = "fleetsnitch-x7k2p";
-/// The uid the host workload runs as; the image's passwd calls it `imposter`.
-const WORKLOAD_UID: u32 = 65534;
 const HOST_BYTES: u64 = 40_000;
 const CONTAINER_BYTES: u64 = 70_000;
-const METRICS_PORT: u16 = 9941;
-
-/// The pod's network namespace, joined to the host by a veth pair
-/// (host 198.18.77.1/30, pod 198.18.77.2/30); deleted on drop.
-struct PodNetwork {
-    ns: String,
-}
-
-impl PodNetwork {
-    const HOST_IP: &str = "198.18.77.1";
-    const POD_IP: &str = "198.18.77.2";
-
-    fn create() -> Result<Self> {
-        let pid = std::process::id();
-        let ns = format!("fsn-pod-{pid}");
-        let host_end = format!("fsnpod{}", pid % 100_000);
-        let ip = ip_bin();
-        if Path::new("/var/run/netns").join(&ns).exists() {
-            let _ = run_checked(&ip, &["netns", "del", &ns]);
-        }
-        run_checked(&ip, &["netns", "add", &ns])?;
-        let network = Self { ns };
-        let ns = network.ns.as_str();
-        let host_cidr = format!("{}/30", Self::HOST_IP);
-        let pod_cidr = format!("{}/30", Self::POD_IP);
-        for args in [
-            vec![
-                "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", ns,
-            ],
-            vec!["addr", "add", &host_cidr, "dev", &host_end],
-            vec!["link", "set", &host_end, "up"],
-            vec!["-n", ns, "addr", "add", &pod_cidr, "dev", "eth0"],
-            vec!["-n", ns, "link", "set", "eth0", "up"],
-            vec!["-n", ns, "link", "set", "lo", "up"],
-        ] {
-            run_checked(&ip, &args)?;
-        }
-        Ok(network)
-    }
-}
-
-impl Drop for PodNetwork {
-    fn drop(&mut self) {
-        // Removes the pod's end of the veth pair, and with it the host's.
-        if let Err(error) = run_checked(&ip_bin(), &["netns", "del", &self.ns]) {
-            eprintln!("pod: cleanup: {error:#}");
-        }
-    }
-}
-
-/// Cgroups made for the test, removed (deepest first) on drop.
-struct Cgroups(Vec<PathBuf>);
-
-impl Cgroups {
-    fn create(&mut self, path: &Path) -> Result<()> {
-        let mut missing = Vec::new();
-        let mut at = path.to_path_buf();
-        while !at.exists() {
-            missing.push(at.clone());
-            at = at.parent().context("cgroup root")?.to_path_buf();
-        }
-        for dir in missing.into_iter().rev() {
-            fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-            self.0.push(dir);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        for dir in self.0.iter().rev() {
-            // The processes moved in have exited: wait for the kernel to let go.
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while fs::remove_dir(dir).is_err() && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
-
-fn cgroup2_mount() -> Result<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
-    mountinfo
-        .lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            if right.split_whitespace().next()? != "cgroup2" {
-                return None;
-            }
-            left.split_whitespace().nth(4).map(PathBuf::from)
-        })
-        .context("no cgroup2 mount")
-}
-
-/// The capabilities the chart adds (`capabilities` in values.yaml).
-fn chart_capabilities() -> Result<Vec<String>> {
-    let path = workspace_root().join("helm/fleetsnitch/values.yaml");
-    let text = fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-    let mut lines = text.lines().skip_while(|line| *line != "capabilities:");
-    lines.next().context("no `capabilities:` in values.yaml")?;
-    let caps: Vec<String> = lines
-        .map_while(|line| line.strip_prefix("  - "))
-        .map(|cap| cap.trim().to_owned())
-        .collect();
-    ensure!(
-        !caps.is_empty(),
-        "no capabilities listed in {}",
-        path.display()
-    );
-    Ok(caps)
-}
 
 /// The node's name for `uid` (its /etc/passwd, through the C library).
 fn node_user_name(uid: u32) -> Result<String> {
@@ -170,67 +53,6 @@ fn node_user_name(uid: u32) -> Result<String> {
     )?;
     ensure!(out.status.success(), "getent passwd {uid}: {}", out.stderr);
     Ok(out.stdout.split(':').next().unwrap_or_default().to_owned())
-}
-
-/// The image: the agent, the shared objects it loads, an /etc of its own
-/// (whose passwd names `WORKLOAD_UID` `imposter`), the chart's mount points,
-/// and a file of its own at `twin_path`, a path the node also has.
-fn build_image(root: &Path, agent: &Path, twin_path: &Path) -> Result<()> {
-    for dir in [
-        "proc",
-        "sys",
-        "dev",
-        "tmp",
-        "host",
-        "etc/fleetsnitch",
-        "var/lib/fleetsnitch",
-        "usr/local/bin",
-    ] {
-        fs::create_dir_all(root.join(dir))?;
-    }
-    let inside = |path: &Path| root.join(path.strip_prefix("/").unwrap_or(path));
-    let image_agent = root.join("usr/local/bin/fleetsnitch");
-    fs::copy(agent, &image_agent)?;
-    fs::set_permissions(&image_agent, fs::Permissions::from_mode(0o755))?;
-    let ldd = run_bounded(Command::new("ldd").arg(agent), Duration::from_secs(30))?;
-    ensure!(
-        ldd.status.success(),
-        "ldd {}: {}",
-        agent.display(),
-        ldd.stderr
-    );
-    for line in ldd.stdout.lines() {
-        // `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` or `/lib64/ld-linux-x86-64.so.2 (0x...)`.
-        let object = line
-            .split_once("=>")
-            .map_or(line, |(_, right)| right)
-            .split_whitespace()
-            .next()
-            .unwrap_or_default();
-        if object.starts_with('/') {
-            let target = inside(Path::new(object));
-            fs::create_dir_all(target.parent().context("library directory")?)?;
-            fs::copy(object, &target).with_context(|| format!("copy {object}"))?;
-        }
-    }
-    fs::write(
-        root.join("etc/passwd"),
-        format!(
-            "root:x:0:0:root:/root:/bin/sh\nimposter:x:{WORKLOAD_UID}:{WORKLOAD_UID}:the image's, not the node's:/:/usr/sbin/nologin\n"
-        ),
-    )?;
-    fs::write(root.join("etc/group"), "root:x:0:\n")?;
-    fs::write(
-        root.join("etc/nsswitch.conf"),
-        "passwd: files\ngroup: files\n",
-    )?;
-    fs::write(root.join("etc/hostname"), format!("{POD_NAME}\n"))?;
-    fs::write(root.join("etc/fleetsnitch/fleetsnitch.yaml"), "")?;
-    let twin = inside(twin_path);
-    fs::create_dir_all(twin.parent().context("twin directory")?)?;
-    fs::write(&twin, b"#!/bin/sh\n# the image's own file at a node path\n")?;
-    fs::set_permissions(&twin, fs::Permissions::from_mode(0o755))?;
-    Ok(())
 }
 
 /// Polls `done` every 250 ms for up to `bound`; the error names `what`.
@@ -297,111 +119,49 @@ fn in_the_charts_pod_programs_users_and_the_node_are_the_nodes() -> Result<()> {
     }
     let (host_sha, container_sha) = (sha256_file(&app)?, sha256_file(&container_build)?);
 
-    let image = work.path().join("image");
     let agent = agent_binary()?;
-    build_image(&image, &agent, &app)?;
     let journal_dir = work.path().join("journal");
     fs::create_dir(&journal_dir)?;
     let journal = journal_dir.join("journal.db");
+    let config = work.path().join("fleetsnitch.yaml");
+    let mut args = vec![
+        "--config.file".to_owned(),
+        config.to_str().context("config path")?.to_owned(),
+    ];
+    let pod = Pod::prepare(work.path(), &journal, &args)?;
+    // The image's own file at the node program's path: hashing it instead of
+    // the node's file would give the wrong sha256.
+    let twin = inside(pod.image(), &app);
+    fs::create_dir_all(twin.parent().context("twin directory")?)?;
+    fs::write(&twin, b"#!/bin/sh\n# the image's own file at a node path\n")?;
+    fs::set_permissions(&twin, fs::Permissions::from_mode(0o755))?;
 
-    let network = PodNetwork::create()?;
+    let host_ip = pod.network.host_ip().to_string();
     let collector_dir = TempDir::new("fsn-pod-collector")?;
     let grpc_port = free_port();
     let collector = Collector::start_on(
         &rotel,
         collector_dir.path(),
         "collector",
-        PodNetwork::HOST_IP,
+        &host_ip,
         grpc_port,
         free_port(),
     );
-    let config = work.path().join("fleetsnitch.yaml");
     fs::write(
         &config,
         format!(
             "journal:\n  write_interval: 1s\n\
              metrics:\n  bytes_labels: [user, sha256, container_id]\n\
-             otlp:\n  enabled: true\n  protocol: grpc\n  endpoint: http://{}:{grpc_port}\n  batch_delay: 200ms\n",
-            PodNetwork::HOST_IP
+             otlp:\n  enabled: true\n  protocol: grpc\n  endpoint: http://{host_ip}:{grpc_port}\n  batch_delay: 200ms\n",
         ),
     )?;
+    args.extend(Pod::agent_args().map(str::to_owned));
+    let wrapper: Vec<&str> = pod.wrapper().iter().map(String::as_str).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let addr = pod.addr();
+    let mut agent = AgentGuard::start_wrapped(&wrapper, &agent, addr, Some(&journal), &args)?;
 
-    let podrun = program("podrun")?;
-    let podrun = podrun.to_str().context("podrun path")?;
-    let image_arg = image.to_str().context("image path")?.to_owned();
-    let mut wrapper: Vec<String> = [
-        podrun,
-        "--root",
-        &image_arg,
-        "--hostname",
-        POD_NAME,
-        "--netns",
-        &network.ns,
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    let binds = [
-        format!("{}:/var/lib/fleetsnitch", journal_dir.display()),
-        format!("{}:/etc/fleetsnitch/fleetsnitch.yaml:ro", config.display()),
-        "/sys/fs/bpf:/sys/fs/bpf".to_owned(),
-        "/sys/kernel/btf:/sys/kernel/btf:ro".to_owned(),
-        format!("{}:/sys/fs/cgroup:ro", cgroup2_mount()?.display()),
-        "/sys/kernel/tracing:/sys/kernel/tracing".to_owned(),
-        "/:/host:ro".to_owned(),
-    ];
-    for bind in binds {
-        wrapper.extend(["--bind".to_owned(), bind]);
-    }
-    for cap in chart_capabilities()? {
-        wrapper.extend(["--cap".to_owned(), cap]);
-    }
-    wrapper.extend([
-        "--env".to_owned(),
-        format!("NODE_NAME={NODE_NAME}"),
-        "--arg-map".to_owned(),
-        format!("{}=/var/lib/fleetsnitch/journal.db", journal.display()),
-        "--arg-map".to_owned(),
-        format!("{}=/etc/fleetsnitch/fleetsnitch.yaml", config.display()),
-        "--".to_owned(),
-        "/usr/local/bin/fleetsnitch".to_owned(),
-    ]);
-    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let addr: SocketAddr = format!("{}:{METRICS_PORT}", PodNetwork::POD_IP).parse()?;
-    let config_arg = config.to_str().context("config path")?;
-    let mut pod = AgentGuard::start_wrapped(
-        &wrapper,
-        &agent,
-        addr,
-        Some(&journal),
-        &["--config.file", config_arg, "--path.rootfs", "/host"],
-    )?;
-
-    // It really is in a pod: its own mount, UTS and network namespaces, the
-    // host's PID namespace, a read-only root.
-    let pid = pod.pid();
-    for ns in ["mnt", "uts", "net", "cgroup"] {
-        ensure!(
-            fs::read_link(format!("/proc/{pid}/ns/{ns}"))?
-                != fs::read_link(format!("/proc/self/ns/{ns}"))?,
-            "the agent shares the test's {ns} namespace"
-        );
-    }
-    ensure!(
-        fs::read_link(format!("/proc/{pid}/ns/pid"))? == fs::read_link("/proc/self/ns/pid")?,
-        "the agent is not in the host's PID namespace"
-    );
-    let agent_mounts = fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
-    let root_line = agent_mounts
-        .lines()
-        .find(|line| line.split_whitespace().nth(4) == Some("/"))
-        .context("no root mount in the agent's mountinfo")?;
-    ensure!(
-        root_line
-            .split_whitespace()
-            .nth(5)
-            .is_some_and(|options| options.split(',').any(|o| o == "ro")),
-        "the agent's root is not read-only: {root_line}"
-    );
+    Pod::ensure_runs(agent.pid())?;
 
     // The host program, as the node's unprivileged user.
     let out = run_bounded(
@@ -422,7 +182,7 @@ fn in_the_charts_pod_programs_users_and_the_node_are_the_nodes() -> Result<()> {
         .chain("0123456789abcdef".chars().cycle())
         .take(64)
         .collect();
-    let mut cgroups = Cgroups(Vec::new());
+    let mut cgroups = Cgroups::default();
     let cgroup = cgroup2_mount()?
         .join(format!("fsn-pod-{}.slice", std::process::id()))
         .join("kubepods-besteffort.slice/kubepods-besteffort-pod1a2b.slice")
@@ -464,7 +224,7 @@ fn in_the_charts_pod_programs_users_and_the_node_are_the_nodes() -> Result<()> {
             CONTAINER_BYTES as f64,
         );
     }
-    let metrics = pod.metrics();
+    let metrics = agent.metrics();
     let mut seen = BTreeMap::new();
     let settled = wait_until(
         "bytes per build, user and container",
@@ -478,7 +238,7 @@ fn in_the_charts_pod_programs_users_and_the_node_are_the_nodes() -> Result<()> {
         bail!(
             "{} in the pod, by (sha256, direction, user, container_id):\nexpected {expected:#?}\nseen {seen:#?}\nagent log:\n{}",
             app.display(),
-            pod.log_tail(40)
+            agent.log_tail(40)
         );
     }
 
@@ -552,13 +312,13 @@ fn in_the_charts_pod_programs_users_and_the_node_are_the_nodes() -> Result<()> {
         format!(
             "ALERTS: {:?}\nagent log:\n{}",
             prometheus.query("ALERTS"),
-            pod.log_tail(40)
+            agent.log_tail(40)
         )
     })?;
 
-    pod.check_running()?;
-    drop(pod);
+    agent.check_running()?;
+    drop(agent);
     drop(collector);
-    drop(network);
+    drop(pod);
     Ok(())
 }

@@ -212,11 +212,14 @@ fn setup(pod: &Pod) -> Result<(), String> {
         unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWCGROUP) },
         "unshare(mount, uts, cgroup)",
     )?;
+    // Slave, not private: mounts the node makes later still reach the pod's
+    // node root volume, as with the chart's `mountPropagation: HostToContainer`,
+    // and nothing the pod mounts reaches the node.
     mount(
         None,
         Path::new("/"),
         None,
-        libc::MS_REC | libc::MS_PRIVATE,
+        libc::MS_REC | libc::MS_SLAVE,
         None,
     )?;
     let root = &pod.root;
