@@ -38,6 +38,9 @@ pub const WORKLOAD_UID: u32 = 65534;
 pub const METRICS_PORT: u16 = 9941;
 /// Where the chart mounts the node's `/` (`hostRootFsMount`).
 pub const HOST_ROOT: &str = "/host";
+/// Where the chart mounts the journal's volume; the pod's agent sees the
+/// directory of the test's journal there.
+pub const JOURNAL_DIR: &str = "/var/lib/fleetsnitch";
 
 /// Pods made by this test process so far (each gets its own /30).
 static NEXT_POD: AtomicU8 = AtomicU8::new(0);
@@ -205,17 +208,21 @@ pub struct Pod {
 }
 
 impl Pod {
-    /// Builds the image in `<dir>/image` and the pod's network, and the
+    /// Builds the image in `<dir>/image` and, for the pod on `network`, the
     /// command line for an agent whose journal is `journal` and whose other
     /// arguments are `args`, as the test would pass them on the host: the
     /// journal's directory becomes the chart's journal volume, a
     /// `--config.file` the chart's ConfigMap, and every other absolute path
     /// in `args` is read through the node's root at `/host`, as a hostPath
     /// volume would show it.
-    pub fn prepare(dir: &Path, journal: &Path, args: &[String]) -> Result<Self> {
+    pub fn prepare(
+        dir: &Path,
+        network: PodNetwork,
+        journal: &Path,
+        args: &[String],
+    ) -> Result<Self> {
         let image = dir.join("image");
         build_image(&image, &crate::agent_binary()?)?;
-        let network = PodNetwork::create()?;
         let journal_dir = journal.parent().context("journal directory")?;
         let journal_name = journal.file_name().context("journal file name")?;
         let mut wrapper: Vec<String> = vec![
@@ -231,7 +238,7 @@ impl Pod {
             network.ns().to_owned(),
         ];
         let mut bind = |bind: String| wrapper.extend(["--bind".to_owned(), bind]);
-        bind(format!("{}:/var/lib/fleetsnitch", utf8(journal_dir)?));
+        bind(format!("{}:{JOURNAL_DIR}", utf8(journal_dir)?));
         bind("/sys/fs/bpf:/sys/fs/bpf".to_owned());
         bind("/sys/kernel/btf:/sys/kernel/btf:ro".to_owned());
         bind(format!("{}:/sys/fs/cgroup:ro", utf8(&cgroup2_mount()?)?));
@@ -239,7 +246,7 @@ impl Pod {
         bind(format!("/:{HOST_ROOT}:ro"));
         let mut arg_maps = vec![(
             utf8(journal)?.to_owned(),
-            format!("/var/lib/fleetsnitch/{}", utf8(Path::new(journal_name))?),
+            format!("{JOURNAL_DIR}/{}", utf8(Path::new(journal_name))?),
         )];
         let mut config = false;
         for (index, arg) in args.iter().enumerate() {

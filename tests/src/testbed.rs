@@ -22,13 +22,13 @@
 //! [`Setup::in_pod`] starts the agent as the chart's pod runs it (see [`crate::pod`]):
 //! a test written for the host then shows the same on a Kubernetes node.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, ensure};
 
 use crate::metrics::MetricsClient;
-use crate::pod::Pod;
+use crate::pod::{Pod, PodNetwork};
 use crate::{
     AgentGuard, NetnsPair, PeerNet, PeerServer, TempDir, agent, agent_binary, exe_copy, program,
     write_config,
@@ -44,7 +44,7 @@ pub struct Setup {
     args: Vec<String>,
     wrapper: Vec<String>,
     peer: Option<Vec<String>>,
-    in_pod: bool,
+    pod_network: Option<PodNetwork>,
 }
 
 impl Setup {
@@ -96,9 +96,18 @@ impl Setup {
     /// Runs the agent in the chart's pod (see [`Pod::prepare`]): its own network, mount
     /// and UTS namespaces, the image as a read-only root, the node's `/` at `/host`,
     /// listening on the pod's address; restarts start it in the same pod.
-    pub fn in_pod(mut self) -> Self {
-        self.in_pod = true;
-        self
+    /// The pod's network exists from here on (see [`Self::host_address`]).
+    pub fn in_pod(mut self) -> Result<Self> {
+        self.pod_network = Some(PodNetwork::create()?);
+        Ok(self)
+    }
+
+    /// Where the agent reaches a service the test runs on the host (a collector, an
+    /// API server): 127.0.0.1, or in a pod the host's end of the pod's veth pair.
+    pub fn host_address(&self) -> Ipv4Addr {
+        self.pod_network
+            .as_ref()
+            .map_or(Ipv4Addr::LOCALHOST, PodNetwork::host_ip)
     }
 
     /// The client and peer namespaces, with the peer services running (see [`PeerNet`]).
@@ -137,12 +146,12 @@ impl Setup {
             .journal
             .unwrap_or_else(|| self.dir.path().join("journal.db"));
         let mut wrapper = self.wrapper;
-        let pod = if self.in_pod {
+        let pod = if let Some(network) = self.pod_network {
             ensure!(
                 wrapper.is_empty() && self.addr.is_none(),
                 "a testbed in a pod has the pod's command and address"
             );
-            let pod = Pod::prepare(self.dir.path(), &journal, &args)?;
+            let pod = Pod::prepare(self.dir.path(), network, &journal, &args)?;
             wrapper = pod.wrapper().to_vec();
             args.extend(Pod::agent_args().map(str::to_owned));
             Some(pod)
@@ -219,7 +228,7 @@ impl Testbed {
             args: Vec::new(),
             wrapper: Vec::new(),
             peer: None,
-            in_pod: false,
+            pod_network: None,
         })
     }
 

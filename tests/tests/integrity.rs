@@ -265,7 +265,7 @@ fn inode_reuse(config: &str, name: &str, agent: Agent) -> Result<()> {
         .peer()
         .config(config);
     if agent == Agent::InThePod {
-        setup = setup.in_pod();
+        setup = setup.in_pod()?;
     }
     let mut bed = setup.start()?;
 

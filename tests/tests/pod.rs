@@ -35,7 +35,7 @@ use fleetsnitch_e2e::{
     cgroups::{Cgroups, cgroup2_mount},
     otlp_collector::{Collector, free_port, rotel_agent},
     parse_samples,
-    pod::{NODE_NAME, POD_NAME, Pod, WORKLOAD_UID, inside},
+    pod::{NODE_NAME, POD_NAME, Pod, PodNetwork, WORKLOAD_UID, inside},
     process::run_bounded,
     program, require_root,
     servers::Prometheus,
@@ -128,7 +128,7 @@ fn in_the_charts_pod_programs_users_and_the_node_are_the_nodes() -> Result<()> {
         "--config.file".to_owned(),
         config.to_str().context("config path")?.to_owned(),
     ];
-    let pod = Pod::prepare(work.path(), &journal, &args)?;
+    let pod = Pod::prepare(work.path(), PodNetwork::create()?, &journal, &args)?;
     // The image's own file at the node program's path: hashing it instead of
     // the node's file would give the wrong sha256.
     let twin = inside(pod.image(), &app);

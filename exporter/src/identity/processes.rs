@@ -14,7 +14,8 @@ use std::{collections::HashMap, fs, path::PathBuf, time::Duration};
 use fleetsnitch_ebpf::{IDENTITY_NO_EXE, IDENTITY_PATH_TRUNCATED, IdentityEvent};
 
 use prometheus_client::{
-    metrics::{counter::Counter, gauge::Gauge},
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -70,6 +71,13 @@ pub struct IdentityMetrics {
     tracked_processes: Gauge,
     tracked_executables: Gauge,
     truncated_paths: Counter,
+    command_lines_unread: Family<OfLabels, Counter>,
+}
+
+/// Whose command line: `process` or `parent`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OfLabels {
+    of: String,
 }
 
 impl IdentityMetrics {
@@ -90,7 +98,19 @@ impl IdentityMetrics {
             "Executable paths too deep or too long for the kernel walk, resolved through /proc",
             metrics.truncated_paths.clone(),
         );
+        registry.register(
+            "command_lines_unread",
+            "Command lines left out because the process (or its parent) exited before the \
+             agent read its announcement",
+            metrics.command_lines_unread.clone(),
+        );
         metrics
+    }
+
+    fn command_line_unread(&self, of: &str) {
+        self.command_lines_unread
+            .get_or_create(&OfLabels { of: of.to_owned() })
+            .inc();
     }
 }
 
@@ -189,11 +209,21 @@ impl IdentityTable {
         let exe = exe_key_of(event);
         let mut process = self.process_of(event, exe);
         if let Some(max_bytes) = self.command_lines {
-            // Read now: the process may exit before its first window is drained.
+            // Read now: the process may exit before its first window is
+            // drained. A short-lived one may be gone already (the ring buffer
+            // is read a little later than the kernel wrote it): counted, so
+            // a missing command line is never mistaken for an empty one.
+            // Kernel threads have none to read.
             process.command_line = command_line::of_process(event.tgid, max_bytes);
-            process.parent_command_line = (event.ppid != 0)
-                .then(|| command_line::of_process(event.ppid, max_bytes))
-                .flatten();
+            if process.command_line.is_none() && event.flags & IDENTITY_NO_EXE == 0 {
+                self.metrics.command_line_unread("process");
+            }
+            if event.ppid != 0 && event.parent_exe_ino != 0 {
+                process.parent_command_line = command_line::of_process(event.ppid, max_bytes);
+                if process.parent_command_line.is_none() {
+                    self.metrics.command_line_unread("parent");
+                }
+            }
         }
         let mut new_exe = None;
         if event.flags & IDENTITY_NO_EXE == 0 {

@@ -6,8 +6,10 @@
 //! dnsclient udp NAME --server ADDR --port P --bytes N     # its own UDP query
 //! dnsclient tcp NAME --server ADDR --port P --bytes N     # its own query over TCP
 //! ```
-//! Prints `{"address":"...","sent":N}`: the address connected to and the bytes
-//! the upload's send calls returned.
+//! `--linger SECS` keeps it running that long after the upload.
+//! Prints `{"address":"...","local":"ADDR:PORT","sent":N}`: the address
+//! connected to, the connection's own address and port, and the bytes the
+//! upload's send calls returned.
 
 use std::{
     io::{Read, Write},
@@ -73,7 +75,12 @@ fn run(args: &[String]) -> Result<()> {
     // Wait for the peer to close, so every byte has been received.
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
-    println!("{{\"address\":\"{address}\",\"sent\":{sent}}}");
+    let local = stream.local_addr()?;
+    println!("{{\"address\":\"{address}\",\"local\":\"{local}\",\"sent\":{sent}}}");
+    if let Some(seconds) = option(args, "--linger") {
+        let seconds: f64 = seconds.parse().context("--linger")?;
+        std::thread::sleep(Duration::from_secs_f64(seconds.clamp(0.0, 60.0)));
+    }
     Ok(())
 }
 
