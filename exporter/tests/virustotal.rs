@@ -1,6 +1,7 @@
 //! The VirusTotal checker against a local server that speaks the v3 files API
 //! (the real service cannot be reached from here): found, unknown, uploaded,
-//! rate-limited and malformed answers.
+//! rate-limited and malformed answers; an upload's analysis followed until it
+//! completes; verdicts the journal kept reused without a request.
 
 use std::{
     collections::HashMap,
@@ -19,7 +20,7 @@ use axum::{
 use fleetsnitch::{
     config::VirusTotalConfig,
     model::{Activity, Sha256},
-    sinks::virustotal::{self, Check, VirusTotalMetrics},
+    sinks::virustotal::{self, AnalysisStats, Check, KnownVerdicts, Verdict, VirusTotalMetrics},
     telemetry,
 };
 use prometheus_client::registry::Registry;
@@ -35,6 +36,8 @@ struct Server {
     requests: Vec<(String, Instant, Option<String>)>,
     rate_limited_once: bool,
     uploads: Vec<usize>,
+    /// Polls of each analysis so far; it completes at the third.
+    polls: HashMap<String, u32>,
 }
 
 type Shared = Arc<Mutex<Server>>;
@@ -91,11 +94,36 @@ async fn upload(State(server): State<Shared>, body: Bytes) -> impl IntoResponse 
     )
 }
 
+/// Polls of an analysis answered "queued" or "in-progress" before it completes.
+const POLLS_BEFORE_COMPLETION: u32 = 2;
+
+async fn analysis(State(server): State<Shared>, Path(id): Path<String>) -> impl IntoResponse {
+    let mut server = server.lock().unwrap();
+    server
+        .requests
+        .push((format!("/analyses/{id}"), Instant::now(), None));
+    let polls = server.polls.entry(id.clone()).or_default();
+    *polls += 1;
+    let status = match *polls {
+        1 => "queued",
+        n if n <= POLLS_BEFORE_COMPLETION => "in-progress",
+        _ => "completed",
+    };
+    (
+        StatusCode::OK,
+        format!(
+            r#"{{"data":{{"type":"analysis","id":"{id}","attributes":{{"status":"{status}",
+               "stats":{{"malicious":4,"suspicious":0,"harmless":0,"undetected":58,"timeout":1}}}}}}}}"#
+        ),
+    )
+}
+
 async fn start_server() -> (String, Shared) {
     let shared = Shared::default();
     let app = Router::new()
         .route("/api/v3/files/{id}", get(file))
         .route("/api/v3/files", post(upload))
+        .route("/api/v3/analyses/{id}", get(analysis))
         .with_state(shared.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
@@ -154,9 +182,15 @@ fn activity() -> Activity {
 async fn verdicts_rate_limits_and_bad_answers_are_handled_and_counted() {
     let (base_url, server) = start_server().await;
     let (registry, metrics) = metrics();
-    let handle = virustotal::spawn(&config(base_url, false), metrics, None, activity())
-        .unwrap()
-        .expect("an API key enables the checker");
+    let handle = virustotal::spawn(
+        &config(base_url, false),
+        metrics,
+        None,
+        activity(),
+        KnownVerdicts::new(),
+    )
+    .unwrap()
+    .expect("an API key enables the checker");
     for sha256 in [MALICIOUS, UNKNOWN, LIMITED, MALFORMED] {
         handle.check(Check {
             path: format!("/opt/{}", &sha256[..4]),
@@ -228,11 +262,18 @@ async fn unknown_file_is_uploaded_only_when_enabled() {
     std::fs::write(&path, content).unwrap();
     use sha2::Digest;
     let sha256 = Sha256::from_digest(&sha2::Sha256::digest(content));
+    let sha256_text = sha256.to_string();
 
     let (registry, metrics) = metrics();
-    let handle = virustotal::spawn(&config(base_url, true), metrics, None, activity())
-        .unwrap()
-        .unwrap();
+    let handle = virustotal::spawn(
+        &config(base_url, true),
+        metrics,
+        None,
+        activity(),
+        KnownVerdicts::new(),
+    )
+    .unwrap()
+    .unwrap();
     handle.check(Check {
         path: path.to_string_lossy().into_owned(),
         sha256,
@@ -243,12 +284,164 @@ async fn unknown_file_is_uploaded_only_when_enabled() {
     })
     .await;
     assert_eq!(seen.get("uploaded"), Some(&1), "{seen:?}");
-    let server = server.lock().unwrap();
-    assert_eq!(server.uploads.len(), 1);
-    assert!(
-        server.uploads[0] > content.len(),
-        "multipart body carries the file"
+    {
+        let server = server.lock().unwrap();
+        assert_eq!(server.uploads.len(), 1);
+        assert!(
+            server.uploads[0] > content.len(),
+            "multipart body carries the file"
+        );
+    }
+
+    // The upload's analysis is polled until it completes; its stats then
+    // take the place of "unknown".
+    let seen = wait_until(&registry, |seen| seen.get("analysed") == Some(&1)).await;
+    assert_eq!(
+        seen.get("analysis_pending"),
+        Some(&u64::from(POLLS_BEFORE_COMPLETION)),
+        "{seen:?}"
     );
+    let text = telemetry::encode(&registry);
+    assert!(
+        text.contains(&format!(
+            "fleetsnitch_virustotal_detections{{exe=\"{}\",sha256=\"{}\"}} 4",
+            path.display(),
+            sha256_text
+        )),
+        "{text}"
+    );
+    let server = server.lock().unwrap();
+    let polls: Vec<&str> = server
+        .requests
+        .iter()
+        .map(|(path, ..)| path.as_str())
+        .filter(|path| path.starts_with("/analyses/"))
+        .collect();
+    assert_eq!(
+        polls, ["/analyses/analysis-1"; 3],
+        "the analysis the upload answered, until complete"
+    );
+    // The polls keep the request interval too.
+    for pair in server.requests.windows(2) {
+        let gap = pair[1].1 - pair[0].1;
+        assert!(
+            gap >= Duration::from_millis(190),
+            "requests {gap:?} apart: {:?}",
+            server.requests
+        );
+    }
+}
+
+#[tokio::test]
+async fn verdicts_the_journal_kept_are_exported_without_a_request() {
+    let (base_url, server) = start_server().await;
+    let (registry, metrics) = metrics();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let sha = |hex: &str| Sha256::from_hex(hex).unwrap();
+    let recent = "5555555555555555555555555555555555555555555555555555555555555555";
+    let pending = "6666666666666666666666666666666666666666666666666666666666666666";
+    let stats = AnalysisStats {
+        malicious: 2,
+        suspicious: 1,
+        harmless: 0,
+        undetected: 60,
+    };
+    // As the journal's events give them: a recent verdict, one older than
+    // verdict_max_age (7 days by default), an upload not analysed yet.
+    let known = virustotal::known_verdicts([
+        (
+            recent.to_owned(),
+            now - 3600,
+            Verdict::Found(stats).detail(),
+        ),
+        (
+            MALICIOUS.to_owned(),
+            now - 8 * 86_400,
+            Verdict::Found(AnalysisStats::default()).detail(),
+        ),
+        (
+            pending.to_owned(),
+            now - 60,
+            Verdict::Uploaded("analysis-9".into()).detail(),
+        ),
+        (
+            UNKNOWN.to_owned(),
+            now - 60,
+            "error: unexpected HTTP status 500".into(),
+        ),
+    ]);
+    assert_eq!(known.len(), 3, "an error is no verdict: {known:?}");
+    let handle = virustotal::spawn(&config(base_url, false), metrics, None, activity(), known)
+        .unwrap()
+        .unwrap();
+    for hex in [recent, MALICIOUS, pending] {
+        handle.check(Check {
+            path: format!("/opt/{}", &hex[..4]),
+            sha256: sha(hex),
+        });
+    }
+    let seen = wait_until(&registry, |seen| {
+        seen.get("found") == Some(&1) && seen.get("analysed") == Some(&1)
+    })
+    .await;
+    assert_eq!(seen.get("found"), Some(&1), "{seen:?}");
+    assert_eq!(seen.get("analysed"), Some(&1), "{seen:?}");
+    let text = telemetry::encode(&registry);
+    for (exe, hex, detections) in [
+        ("/opt/5555", recent, 3),
+        ("/opt/1111", MALICIOUS, 7),
+        ("/opt/6666", pending, 4),
+    ] {
+        assert!(
+            text.contains(&format!(
+                "fleetsnitch_virustotal_detections{{exe=\"{exe}\",sha256=\"{hex}\"}} {detections}"
+            )),
+            "{exe}: {text}"
+        );
+    }
+    assert!(
+        text.contains("fleetsnitch_virustotal_reused_verdicts_total 2"),
+        "the recent verdict and the pending upload: {text}"
+    );
+    let server = server.lock().unwrap();
+    let paths: Vec<&str> = server
+        .requests
+        .iter()
+        .map(|(path, ..)| path.as_str())
+        .collect();
+    assert!(
+        !paths.iter().any(|path| path.contains(recent)),
+        "a recent verdict is not asked for again: {paths:?}"
+    );
+    assert!(
+        paths.contains(&format!("/files/{MALICIOUS}").as_str()),
+        "an old verdict is asked for again: {paths:?}"
+    );
+    assert!(
+        !paths.iter().any(|path| path.contains(pending)) && paths.contains(&"/analyses/analysis-9"),
+        "a pending upload is polled, not looked up or uploaded again: {paths:?}"
+    );
+    assert!(server.uploads.is_empty());
+}
+
+#[test]
+fn a_verdict_reads_back_from_its_journal_detail() {
+    for verdict in [
+        Verdict::Found(AnalysisStats {
+            malicious: 1,
+            suspicious: 2,
+            harmless: 3,
+            undetected: 4,
+        }),
+        Verdict::NotFound,
+        Verdict::Uploaded("ZmlsZQ==/+x".into()),
+    ] {
+        assert_eq!(Verdict::from_detail(&verdict.detail()), Some(verdict));
+    }
+    assert_eq!(Verdict::from_detail("error: request failed: timeout"), None);
 }
 
 #[test]
@@ -260,6 +453,7 @@ fn no_api_key_means_no_checker() {
         VirusTotalMetrics::default(),
         None,
         activity(),
+        KnownVerdicts::new(),
     )
     .unwrap();
     assert!(handle.is_none());

@@ -389,69 +389,85 @@ fn read_post(stream: TcpStream) -> Result<Vec<u8>> {
     Ok(body)
 }
 
-/// Static `/metrics` pages on one loopback listener: the hosts of a fleet, as
-/// many as wanted, for one real Prometheus to scrape. Page `i` answers at
-/// [`MetricsPages::path`]`(i)` (a target's `__metrics_path__`) with its text
-/// (Prometheus text format 0.0.4), until dropped. A few threads answer, each
-/// blocked in `accept`: thousands of targets cost no polling.
-pub struct MetricsPages {
+/// What an [`HttpStub`] answers a request for a path with: status, content
+/// type and body.
+pub type Answer = (u16, &'static str, String);
+
+/// A small HTTP/1.1 server for a service that cannot run here, speaking its
+/// protocol: each request's path is recorded and answered by `respond`, one
+/// request per connection. A few threads answer, each blocked in `accept`:
+/// thousands of clients cost no polling. Stopped on drop.
+pub struct HttpStub {
     pub addr: SocketAddr,
+    listener: TcpListener,
+    requests: Arc<Mutex<Vec<String>>>,
     stop: Arc<AtomicBool>,
     threads: Vec<thread::JoinHandle<()>>,
 }
 
-impl MetricsPages {
+type Respond = dyn Fn(&str) -> Answer + Send + Sync;
+
+impl HttpStub {
     const WORKERS: usize = 4;
 
-    pub fn serve(pages: Vec<String>) -> Result<Self> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    /// Listens on `ip` (a free port).
+    pub fn start(
+        ip: Ipv4Addr,
+        respond: impl Fn(&str) -> Answer + Send + Sync + 'static,
+    ) -> Result<Self> {
+        let listener = TcpListener::bind((ip, 0))?;
         let addr = listener.local_addr()?;
-        let pages = Arc::new(pages);
+        let respond: Arc<Respond> = Arc::new(respond);
+        let requests = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::with_capacity(Self::WORKERS);
         for _ in 0..Self::WORKERS {
             let listener = listener.try_clone()?;
-            let (pages, stop) = (pages.clone(), stop.clone());
+            let (respond, requests, stop) = (respond.clone(), requests.clone(), stop.clone());
             threads.push(thread::spawn(move || {
                 for stream in listener.incoming() {
                     if stop.load(Ordering::Relaxed) {
                         break;
                     }
                     if let Ok(stream) = stream {
-                        let _ = answer_page(stream, &pages);
+                        let _ = answer(stream, &*respond, &requests);
                     }
                 }
             }));
         }
         Ok(Self {
             addr,
+            listener,
+            requests,
             stop,
             threads,
         })
     }
 
-    /// The path page `index` answers at.
-    pub fn path(index: usize) -> String {
-        format!("/hosts/{index}")
+    /// The paths requested so far, in arrival order.
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
     }
 }
 
-impl Drop for MetricsPages {
+impl Drop for HttpStub {
     fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
         self.stop.store(true, Ordering::Relaxed);
-        // One connection per worker wakes it from `accept` to see `stop`.
-        for _ in 0..self.threads.len() {
-            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
-        }
+        // Shutting the listening socket down wakes every worker from `accept`
+        // (with an error) to see `stop`, even once its address is gone (a
+        // pod's network deleted first): a connection could not.
+        // SAFETY: a valid descriptor, owned by `self.listener`.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
 }
 
-/// Reads one request's head and answers it with the page its path names
-/// (404 for any other path), closing the connection.
-fn answer_page(stream: TcpStream, pages: &[String]) -> Result<()> {
+/// Reads one request's head (and its body, unread: requests here carry
+/// none that matters), answers it and closes the connection.
+fn answer(stream: TcpStream, respond: &Respond, requests: &Mutex<Vec<String>>) -> Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(stream);
     let mut request_line = String::new();
@@ -466,24 +482,61 @@ fn answer_page(stream: TcpStream, pages: &[String]) -> Result<()> {
             break;
         }
     }
-    let page = request_line
+    let path = request_line
         .split_whitespace()
         .nth(1)
-        .and_then(|path| path.strip_prefix("/hosts/"))
-        .and_then(|index| index.parse::<usize>().ok())
-        .and_then(|index| pages.get(index));
+        .unwrap_or_default()
+        .to_owned();
+    let (status, content_type, body) = respond(&path);
+    requests.lock().unwrap().push(path);
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        _ => "Error",
+    };
     let mut stream = reader.into_inner();
-    match page {
-        Some(page) => write!(
-            stream,
-            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-             Content-Length: {}\r\nConnection: close\r\n\r\n{page}",
-            page.len()
-        )?,
-        None => write!(
-            stream,
-            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )?,
-    }
+    write!(
+        stream,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
     Ok(())
+}
+
+/// Static `/metrics` pages on one loopback listener: the hosts of a fleet, as
+/// many as wanted, for one real Prometheus to scrape. Page `i` answers at
+/// [`MetricsPages::path`]`(i)` (a target's `__metrics_path__`) with its text
+/// (Prometheus text format 0.0.4), until dropped.
+pub struct MetricsPages {
+    pub addr: SocketAddr,
+    _server: HttpStub,
+}
+
+impl MetricsPages {
+    pub fn serve(pages: Vec<String>) -> Result<Self> {
+        let server = HttpStub::start(Ipv4Addr::LOCALHOST, move |path| {
+            let page = path
+                .strip_prefix("/hosts/")
+                .and_then(|index| index.parse::<usize>().ok())
+                .and_then(|index| pages.get(index));
+            match page {
+                Some(page) => (
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    page.clone(),
+                ),
+                None => (404, "text/plain", String::new()),
+            }
+        })?;
+        Ok(Self {
+            addr: server.addr,
+            _server: server,
+        })
+    }
+
+    /// The path page `index` answers at.
+    pub fn path(index: usize) -> String {
+        format!("/hosts/{index}")
+    }
 }

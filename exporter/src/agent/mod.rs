@@ -43,7 +43,7 @@ use crate::{
     sinks::{
         connection_log::ConnectionLog,
         fanout::{self, Fanout, RecordPolicy, Sinks},
-        journal::{Journal, JournalMetrics},
+        journal::{self, Journal, JournalMetrics},
         metrics::TrafficMetrics,
         otlp::{OtlpExporter, ResourceInfo},
         virustotal::{self, VirusTotalMetrics},
@@ -163,6 +163,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
             VirusTotalMetrics::register(&mut registry).reporting_to(failures.clone()),
             Some(outbox.clone()),
             activity.clone(),
+            known_verdicts(&config),
         )
         .map_err(|error| AgentError::VirusTotal(error.to_string()))?,
     };
@@ -302,6 +303,29 @@ fn register_start_time(registry: &mut Registry) {
         prometheus_client::registry::Unit::Seconds,
         start_time,
     );
+}
+
+/// The journal's VirusTotal verdicts, when checks are on: after a restart
+/// they are exported again without asking. An unreadable journal only costs
+/// the requests (the journal's own errors are reported when it is opened).
+fn known_verdicts(config: &Config) -> virustotal::KnownVerdicts {
+    if config.virustotal.api_key.is_none() && config.virustotal.api_key_file.is_none() {
+        return virustotal::KnownVerdicts::new();
+    }
+    match journal::virustotal_events(&config.journal.path) {
+        Ok(events) => {
+            let known = virustotal::known_verdicts(events);
+            tracing::info!(
+                verdicts = known.len(),
+                "VirusTotal verdicts read from the journal"
+            );
+            known
+        }
+        Err(error) => {
+            tracing::warn!(%error, "VirusTotal verdicts not read from the journal: every hash is asked again");
+            virustotal::KnownVerdicts::new()
+        }
+    }
 }
 
 /// Starts the OTLP exporter, when enabled.

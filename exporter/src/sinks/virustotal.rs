@@ -4,12 +4,20 @@
 //! one per `virustotal.request_interval` (the public API allows four a
 //! minute); a 429 answer puts the hash back at the front of the queue and
 //! doubles the interval until a lookup succeeds. Unknown files are uploaded
-//! only when `virustotal.upload_unknown` is set. Every answer, including
-//! malformed ones, is data: it is counted, journaled and never trusted
-//! beyond the numbers it carries.
+//! only when `virustotal.upload_unknown` is set, and the upload's analysis is
+//! then polled (one request per interval, like lookups) until it completes;
+//! its stats take the place of "unknown". Every answer, including malformed
+//! ones, is data: it is counted, journaled and never trusted beyond the
+//! numbers it carries.
+//!
+//! Verdicts are journaled (`virustotal` events); at start the agent hands the
+//! journal's latest verdict of each hash to the checker, which exports it
+//! again without a request while it is younger than
+//! `virustotal.verdict_max_age` (a fleet restarting would otherwise spend
+//! its API quota asking again about every binary it already asked about).
 
 use std::{
-    collections::{HashSet, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     path::PathBuf,
     time::Duration,
 };
@@ -47,6 +55,10 @@ pub struct VirusTotalConfig {
     /// Timeout of one request.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// A verdict found in the journal is reused, without a request, while
+    /// younger than this; an older one is asked for again.
+    #[serde(with = "humantime_serde")]
+    pub verdict_max_age: Duration,
 }
 
 impl Default for VirusTotalConfig {
@@ -59,6 +71,7 @@ impl Default for VirusTotalConfig {
             upload_unknown: false,
             max_upload_bytes: 32 << 20,
             timeout: Duration::from_secs(30),
+            verdict_max_age: Duration::from_secs(7 * 86_400),
         }
     }
 }
@@ -70,6 +83,13 @@ impl VirusTotalConfig {
                 "virustotal.request_interval",
                 humantime::format_duration(self.request_interval),
                 "must be at least 10ms",
+            ));
+        }
+        if self.verdict_max_age > Duration::from_secs(365 * 86_400) {
+            return Err(InvalidValue::new(
+                "virustotal.verdict_max_age",
+                humantime::format_duration(self.verdict_max_age),
+                "must be at most 365d (0s asks again after every restart)",
             ));
         }
         if !(self.base_url.starts_with("https://") || self.base_url.starts_with("http://")) {
@@ -107,6 +127,7 @@ impl VirusTotalConfig {
 pub struct VirusTotalMetrics {
     detections: Family<ExecutableLabels, Gauge>,
     lookups: Family<ResultLabels, Counter>,
+    reused: Counter,
     /// Told when lookups fail and work again (`agent_error` events).
     failures: Failures,
 }
@@ -128,8 +149,13 @@ impl VirusTotalMetrics {
         );
         registry.register(
             "virustotal_lookups",
-            "VirusTotal requests by result (found, not_found, uploaded, rate_limited, http_error, malformed, transport_error, file_error)",
+            "VirusTotal requests by result (found, not_found, uploaded, analysis_pending, analysed, rate_limited, http_error, malformed, transport_error, file_error)",
             metrics.lookups.clone(),
+        );
+        registry.register(
+            "virustotal_reused_verdicts",
+            "Verdicts taken from the journal instead of asking VirusTotal again",
+            metrics.reused.clone(),
         );
         // Every result exported from the start, at zero: the first failure
         // is then an increase the alert rule sees.
@@ -137,6 +163,8 @@ impl VirusTotalMetrics {
             "found",
             "not_found",
             "uploaded",
+            "analysis_pending",
+            "analysed",
             "rate_limited",
             "http_error",
             "malformed",
@@ -154,6 +182,9 @@ impl VirusTotalMetrics {
 const MAX_ATTEMPTS: u32 = 3;
 /// Upper bound of the back-off after repeated 429 answers.
 const MAX_BACKOFF_FACTOR: u32 = 16;
+/// Polls of an upload's analysis before it is given up (an hour at the
+/// public API's pace).
+const MAX_ANALYSIS_POLLS: u32 = 240;
 
 /// What VirusTotal knows of a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +193,68 @@ pub enum Verdict {
     NotFound,
     /// Submitted for analysis; the identifier of the analysis.
     Uploaded(String),
+}
+
+impl Verdict {
+    /// The `result` label of the request that answered it.
+    fn result(&self) -> &'static str {
+        match self {
+            Self::Found(_) => "found",
+            Self::NotFound => "not_found",
+            Self::Uploaded(_) => "uploaded",
+        }
+    }
+
+    /// The journal's detail of a `virustotal` event.
+    pub fn detail(&self) -> String {
+        match self {
+            Self::Found(stats) => serde_json::json!({
+                "malicious": stats.malicious,
+                "suspicious": stats.suspicious,
+                "harmless": stats.harmless,
+                "undetected": stats.undetected,
+            })
+            .to_string(),
+            Self::NotFound => "not_found".to_owned(),
+            Self::Uploaded(id) => serde_json::json!({ "uploaded": id }).to_string(),
+        }
+    }
+
+    /// The verdict a journaled detail records; `None` for an error (nothing
+    /// was learnt) or a detail this version does not know.
+    pub fn from_detail(detail: &str) -> Option<Self> {
+        if detail == "not_found" {
+            return Some(Self::NotFound);
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Detail {
+            Uploaded { uploaded: String },
+            Found(AnalysisStats),
+        }
+        match serde_json::from_str::<Detail>(detail).ok()? {
+            Detail::Uploaded { uploaded } => Some(Self::Uploaded(uploaded)),
+            Detail::Found(stats) => Some(Self::Found(stats)),
+        }
+    }
+}
+
+/// The journal's latest verdict of each hash, and when it was journaled
+/// (Unix seconds).
+pub type KnownVerdicts = HashMap<Sha256, (i64, Verdict)>;
+
+/// [`KnownVerdicts`] from the journal's `virustotal` events (sha256, time,
+/// detail), oldest first: the last verdict of a hash wins; errors are skipped.
+pub fn known_verdicts(events: impl IntoIterator<Item = (String, i64, String)>) -> KnownVerdicts {
+    let mut known = KnownVerdicts::new();
+    for (sha256, time, detail) in events {
+        if let (Some(sha256), Some(verdict)) =
+            (Sha256::from_hex(&sha256), Verdict::from_detail(&detail))
+        {
+            known.insert(sha256, (time, verdict));
+        }
+    }
+    known
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -234,6 +327,24 @@ struct UploadData {
     id: String,
 }
 
+#[derive(Deserialize)]
+struct AnalysisObject {
+    data: AnalysisData,
+}
+
+#[derive(Deserialize)]
+struct AnalysisData {
+    attributes: AnalysisAttributes,
+}
+
+#[derive(Deserialize)]
+struct AnalysisAttributes {
+    /// `queued`, `in-progress` or `completed`.
+    status: String,
+    #[serde(default)]
+    stats: AnalysisStats,
+}
+
 /// A thin client of the endpoints fleetsnitch uses.
 #[derive(Clone)]
 pub struct Client {
@@ -273,6 +384,27 @@ impl Client {
         }
         let object: FileObject = read_json(response).await?;
         Ok(Verdict::Found(object.data.attributes.last_analysis_stats))
+    }
+
+    /// `GET /analyses/{id}`: the stats once the analysis has completed,
+    /// `None` while it is queued or in progress.
+    pub async fn analysis(&self, id: &str) -> Result<Option<AnalysisStats>, LookupError> {
+        let mut url = reqwest::Url::parse(&format!("{}/analyses", self.base_url))
+            .map_err(|err| LookupError::Malformed(format!("base URL: {err}")))?;
+        // The identifier came from an answer: one path segment, escaped.
+        url.path_segments_mut()
+            .map_err(|()| LookupError::Malformed("base URL cannot have a path".to_owned()))?
+            .push(id);
+        let response = self
+            .http
+            .get(url)
+            .header("x-apikey", &self.api_key)
+            .send()
+            .await
+            .map_err(|err| LookupError::Transport(err.to_string()))?;
+        let object: AnalysisObject = read_json(response).await?;
+        let attributes = object.data.attributes;
+        Ok((attributes.status == "completed").then_some(attributes.stats))
     }
 
     /// `POST /files` with the file's content.
@@ -337,12 +469,14 @@ impl VirusTotalHandle {
 
 /// Starts the checker on the current tokio runtime, or returns `None` when no
 /// API key is configured. Verdicts of executables `activity` has not seen
-/// for its expiry leave `/metrics` (the journal keeps them).
+/// for its expiry leave `/metrics` (the journal keeps them). `known`: the
+/// journal's verdicts (see [`known_verdicts`]).
 pub fn spawn(
     config: &VirusTotalConfig,
     metrics: VirusTotalMetrics,
     outbox: Option<Outbox>,
     activity: Activity,
+    known: KnownVerdicts,
 ) -> Result<Option<VirusTotalHandle>, LookupError> {
     let Some(api_key) = config.api_key()? else {
         return Ok(None);
@@ -358,6 +492,8 @@ pub fn spawn(
         outbox,
         activity,
         touched: Touched::default(),
+        known,
+        verdict_max_age: config.verdict_max_age,
     };
     tokio::spawn(checker.run(receiver));
     tracing::info!(
@@ -366,6 +502,57 @@ pub fn spawn(
         "VirusTotal checks enabled"
     );
     Ok(Some(VirusTotalHandle { sender }))
+}
+
+/// One request the checker owes.
+enum Task {
+    /// Look the hash up.
+    Lookup { check: Check, attempts: u32 },
+    /// Upload a file VirusTotal does not know (`upload_unknown`).
+    Upload { check: Check, attempts: u32 },
+    /// Poll the analysis of an uploaded file.
+    Analysis {
+        check: Check,
+        id: String,
+        polls: u32,
+        attempts: u32,
+    },
+}
+
+impl Task {
+    fn check(&self) -> &Check {
+        match self {
+            Self::Lookup { check, .. }
+            | Self::Upload { check, .. }
+            | Self::Analysis { check, .. } => check,
+        }
+    }
+
+    /// The task to try again after a failure, or itself back once given up.
+    fn failed_once_more(self) -> Result<Self, Self> {
+        match self {
+            Self::Lookup { check, attempts } if attempts + 1 < MAX_ATTEMPTS => Ok(Self::Lookup {
+                check,
+                attempts: attempts + 1,
+            }),
+            Self::Upload { check, attempts } if attempts + 1 < MAX_ATTEMPTS => Ok(Self::Upload {
+                check,
+                attempts: attempts + 1,
+            }),
+            Self::Analysis {
+                check,
+                id,
+                polls,
+                attempts,
+            } if attempts + 1 < MAX_ATTEMPTS => Ok(Self::Analysis {
+                check,
+                id,
+                polls,
+                attempts: attempts + 1,
+            }),
+            given_up => Err(given_up),
+        }
+    }
 }
 
 struct Checker {
@@ -377,11 +564,14 @@ struct Checker {
     outbox: Option<Outbox>,
     activity: Activity,
     touched: Touched<ExecutableLabels>,
+    /// The journal's verdicts at start.
+    known: KnownVerdicts,
+    verdict_max_age: Duration,
 }
 
 impl Checker {
     async fn run(mut self, mut receiver: mpsc::UnboundedReceiver<Check>) {
-        let mut queue: VecDeque<(Check, u32)> = VecDeque::new();
+        let mut queue: VecDeque<Task> = VecDeque::new();
         let mut queued: HashSet<Sha256> = HashSet::new();
         // After each 429 the pause doubles, from twice the interval up to
         // MAX_BACKOFF_FACTOR times it. No jitter: this paces one agent's
@@ -399,29 +589,34 @@ impl Checker {
             if queue.is_empty() {
                 let sweep = self.activity.sweep_interval();
                 match tokio::time::timeout(sweep, receiver.recv()).await {
-                    Ok(Some(check)) => {
-                        if queued.insert(check.sha256.clone()) {
-                            queue.push_back((check, 0));
-                        }
-                    }
+                    Ok(Some(check)) => self.enqueue(check, &mut queue, &mut queued),
                     Ok(None) => return,
                     Err(_) => continue,
                 }
             }
             while let Ok(check) = receiver.try_recv() {
-                if queued.insert(check.sha256.clone()) {
-                    queue.push_back((check, 0));
-                }
+                self.enqueue(check, &mut queue, &mut queued);
             }
-            let Some((check, attempts)) = queue.pop_front() else {
+            let Some(task) = queue.pop_front() else {
                 continue;
             };
-            match self.examine(&check).await {
-                Ok(verdict) => {
+            let outcome = match &task {
+                Task::Lookup { check, .. } => {
+                    self.client.lookup(check.sha256.as_str()).await.map(Some)
+                }
+                Task::Upload { check, .. } => self.upload(check).await.map(Some),
+                Task::Analysis { id, .. } => self
+                    .client
+                    .analysis(id)
+                    .await
+                    .map(|stats| stats.map(Verdict::Found)),
+            };
+            match outcome {
+                Ok(stats) => {
                     self.metrics.failures.succeeded(FailureClass::VirusTotal);
                     backoff = rate_limited();
                     pause = self.interval;
-                    self.record(&check, &verdict);
+                    self.answered(task, stats, &mut queue);
                 }
                 Err(LookupError::RateLimited) => {
                     self.count("rate_limited");
@@ -431,7 +626,7 @@ impl Checker {
                     );
                     pause = backoff.next_delay();
                     tracing::warn!(backoff = ?pause, "VirusTotal rate limit hit; slowing down");
-                    queue.push_front((check, attempts));
+                    queue.push_front(task);
                 }
                 Err(error) => {
                     self.count(error.label());
@@ -439,11 +634,13 @@ impl Checker {
                         FailureClass::VirusTotal,
                         format_args!("{}: {error}", error.label()),
                     );
-                    if attempts + 1 < MAX_ATTEMPTS {
-                        queue.push_back((check, attempts + 1));
-                    } else {
-                        tracing::warn!(exe = ?check.path, sha256 = %check.sha256, %error, "VirusTotal check given up");
-                        self.journal_event(&check, format!("error: {error}"));
+                    match task.failed_once_more() {
+                        Ok(task) => queue.push_back(task),
+                        Err(task) => {
+                            let check = task.check();
+                            tracing::warn!(exe = ?check.path, sha256 = %check.sha256, %error, "VirusTotal check given up");
+                            self.journal_event(check, format!("error: {error}"));
+                        }
                     }
                 }
             }
@@ -451,12 +648,101 @@ impl Checker {
         }
     }
 
-    async fn examine(&self, check: &Check) -> Result<Verdict, LookupError> {
-        let verdict = self.client.lookup(check.sha256.as_str()).await?;
-        if verdict != Verdict::NotFound || !self.upload_unknown {
-            return Ok(verdict);
+    /// Queues a check, unless its hash is queued already or the journal's
+    /// verdict of it is recent enough to export again without a request.
+    fn enqueue(&mut self, check: Check, queue: &mut VecDeque<Task>, queued: &mut HashSet<Sha256>) {
+        if !queued.insert(check.sha256.clone()) {
+            return;
         }
-        // The node's file: in the chart's pod the agent's own path is the image's.
+        let max_age = i64::try_from(self.verdict_max_age.as_secs()).unwrap_or(i64::MAX);
+        let known = self
+            .known
+            .get(&check.sha256)
+            .filter(|(time, _)| unix_now().saturating_sub(*time) < max_age)
+            .map(|(_, verdict)| verdict.clone());
+        let task = match known {
+            Some(Verdict::Found(stats)) => {
+                self.metrics.reused.inc();
+                self.export(&check, &stats);
+                return;
+            }
+            Some(Verdict::NotFound) if !self.upload_unknown => {
+                self.metrics.reused.inc();
+                return;
+            }
+            // Uploaded before the restart: its analysis is what is missing.
+            Some(Verdict::Uploaded(id)) => {
+                self.metrics.reused.inc();
+                Task::Analysis {
+                    check,
+                    id,
+                    polls: 0,
+                    attempts: 0,
+                }
+            }
+            Some(Verdict::NotFound) | None => Task::Lookup { check, attempts: 0 },
+        };
+        queue.push_back(task);
+    }
+
+    /// Records an answer: a lookup's verdict (an upload is then followed by
+    /// polls of its analysis), or a poll's (`None`: still running).
+    fn answered(&mut self, task: Task, verdict: Option<Verdict>, queue: &mut VecDeque<Task>) {
+        match (task, verdict) {
+            (Task::Lookup { check, .. } | Task::Upload { check, .. }, Some(verdict)) => {
+                self.count(verdict.result());
+                self.record(&check, &verdict);
+                // One request per interval: the upload and the polls of its
+                // analysis are tasks of their own.
+                match verdict {
+                    Verdict::NotFound if self.upload_unknown => {
+                        queue.push_back(Task::Upload { check, attempts: 0 });
+                    }
+                    Verdict::Uploaded(id) => queue.push_back(Task::Analysis {
+                        check,
+                        id,
+                        polls: 0,
+                        attempts: 0,
+                    }),
+                    _ => {}
+                }
+            }
+            (Task::Analysis { check, .. }, Some(verdict)) => {
+                self.count("analysed");
+                self.record(&check, &verdict);
+            }
+            (
+                Task::Analysis {
+                    check, id, polls, ..
+                },
+                None,
+            ) => {
+                self.count("analysis_pending");
+                if polls + 1 < MAX_ANALYSIS_POLLS {
+                    queue.push_back(Task::Analysis {
+                        check,
+                        id,
+                        polls: polls + 1,
+                        attempts: 0,
+                    });
+                } else {
+                    tracing::warn!(exe = ?check.path, sha256 = %check.sha256, analysis = %id, "VirusTotal analysis not completed; given up");
+                    self.journal_event(
+                        &check,
+                        format!(
+                            "error: analysis {id} not completed after {MAX_ANALYSIS_POLLS} polls"
+                        ),
+                    );
+                }
+            }
+            // Lookups and uploads always answer with a verdict.
+            (Task::Lookup { .. } | Task::Upload { .. }, None) => {}
+        }
+    }
+
+    /// Uploads the node's file (in the chart's pod the agent's own path is
+    /// the image's), if it still is the file that was hashed.
+    async fn upload(&self, check: &Check) -> Result<Verdict, LookupError> {
         let content = read_for_upload(
             crate::support::node::path_on_node(std::path::Path::new(&check.path)),
             check.sha256.clone(),
@@ -478,43 +764,31 @@ impl Checker {
         }
     }
 
+    /// Exports a verdict's detections and journals it.
     fn record(&mut self, check: &Check, verdict: &Verdict) {
+        if let Verdict::Found(stats) = verdict {
+            self.export(check, stats);
+        }
+        self.journal_event(check, verdict.detail());
+    }
+
+    /// Exports a file's detections (and says so when engines flag it).
+    fn export(&mut self, check: &Check, stats: &AnalysisStats) {
         let labels = ExecutableLabels::new(&check.path, Some(check.sha256.as_str()));
-        let detail = match verdict {
-            Verdict::Found(stats) => {
-                self.count("found");
-                self.metrics
-                    .detections
-                    .get_or_create(&labels)
-                    .set(i64::from(stats.detections()));
-                self.touched.touch(&labels, unix_now());
-                if stats.detections() > 0 {
-                    tracing::warn!(
-                        exe = ?check.path,
-                        sha256 = %check.sha256,
-                        malicious = stats.malicious,
-                        suspicious = stats.suspicious,
-                        "VirusTotal flags this executable"
-                    );
-                }
-                serde_json::json!({
-                    "malicious": stats.malicious,
-                    "suspicious": stats.suspicious,
-                    "harmless": stats.harmless,
-                    "undetected": stats.undetected,
-                })
-                .to_string()
-            }
-            Verdict::NotFound => {
-                self.count("not_found");
-                "not_found".to_owned()
-            }
-            Verdict::Uploaded(id) => {
-                self.count("uploaded");
-                serde_json::json!({ "uploaded": id }).to_string()
-            }
-        };
-        self.journal_event(check, detail);
+        self.metrics
+            .detections
+            .get_or_create(&labels)
+            .set(i64::from(stats.detections()));
+        self.touched.touch(&labels, unix_now());
+        if stats.detections() > 0 {
+            tracing::warn!(
+                exe = ?check.path,
+                sha256 = %check.sha256,
+                malicious = stats.malicious,
+                suspicious = stats.suspicious,
+                "VirusTotal flags this executable"
+            );
+        }
     }
 
     fn journal_event(&self, check: &Check, detail: String) {

@@ -22,7 +22,7 @@ use prometheus_client::{
 use serde::Deserialize;
 pub use store::{
     Batch, DEFAULT_DESTINATION_LEARNING_PERIOD, DESTINATION_KINDS, ExecutableState, Store,
-    StoreError,
+    StoreError, virustotal_events,
 };
 
 use crate::{

@@ -185,6 +185,34 @@ pub fn loose_permissions(path: &Path) -> Vec<(PathBuf, u32)> {
     loose
 }
 
+/// The journal's `virustotal` events (sha256, time, detail), oldest first,
+/// read without writing (the journal may not exist yet: then none). The
+/// VirusTotal checker takes its verdicts from them after a restart.
+pub fn virustotal_events(path: &Path) -> Result<Vec<(String, i64, String)>, StoreError> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let read_error = |source| StoreError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(read_error)?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(read_error)?;
+    let mut query = conn
+        .prepare(
+            "SELECT sha256, time, detail FROM events
+             WHERE kind = 'virustotal' AND sha256 IS NOT NULL AND detail IS NOT NULL
+             ORDER BY time, id",
+        )
+        .map_err(read_error)?;
+    let rows = query
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .map_err(read_error)?;
+    rows.collect::<Result<_, _>>().map_err(read_error)
+}
+
 impl Store {
     /// Opens (creating it if needed, readable by its owner only) and migrates the journal.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
