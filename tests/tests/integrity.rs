@@ -15,6 +15,10 @@
 //!   gives its series and its place under the caps back, a program new after
 //!   the churn gets its own `exe` value, and the agent's memory levels off.
 //!
+//! Each runs twice: with the agent on the host, and with the agent in the
+//! chart's pod (`Testbed::in_pod`), where every path it names and every file
+//! it hashes is the node's, seen through `/host`.
+//!
 //! Needs root (eBPF, network and mount namespaces, a loop-mounted ext4).
 
 use std::{
@@ -37,7 +41,9 @@ use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
     AgentGuard, TempDir, Testbed,
     filesystems::{Mounts, copy_executable, copy_onto_inode, ext4},
-    parse_samples, process, query_journal, random_suffix, require_root, run_loopback,
+    parse_samples,
+    pod::JOURNAL_DIR,
+    process, query_journal, random_suffix, require_root, run_loopback,
     scenarios::PEER_V4,
     sha256_file, wait_until,
 };
@@ -460,8 +466,21 @@ fn start_version(
 #[test]
 fn two_versions_at_one_path_are_told_apart_by_their_sha256() -> Result<()> {
     require_root!("eBPF, network and mount namespaces");
+    two_versions(Agent::OnTheHost)
+}
+
+#[test]
+fn in_the_charts_pod_two_versions_at_one_path_are_told_apart_by_their_sha256() -> Result<()> {
+    require_root!("eBPF, network and mount namespaces");
+    two_versions(Agent::InThePod)
+}
+
+fn two_versions(agent: Agent) -> Result<()> {
     let python = python()?;
-    let setup = Testbed::setup("fsn-versions")?;
+    let mut setup = Testbed::setup("fsn-versions")?;
+    if agent == Agent::InThePod {
+        setup = setup.in_pod()?;
+    }
     let dir = setup.dir().to_owned();
     let suffix = random_suffix();
     let (v1, v2) = (dir.join("v1"), dir.join("v2"));
@@ -474,12 +493,16 @@ fn two_versions_at_one_path_are_told_apart_by_their_sha256() -> Result<()> {
     fs::write(&tool, b"")?;
     fs::set_permissions(&tool, fs::Permissions::from_mode(0o755))?;
     let log = dir.join("connections.jsonl");
+    let agents_log = match agent {
+        Agent::OnTheHost => log.display().to_string(),
+        // The testbed's directory is the pod's journal volume.
+        Agent::InThePod => format!("{JOURNAL_DIR}/connections.jsonl"),
+    };
     let bed = setup
         .peer()
         .config(format!(
             "metrics:\n  bytes_labels: [sha256]\njournal:\n  write_interval: 1s\n\
-             connection_log:\n  enabled: true\n  path: {}\n",
-            log.display()
+             connection_log:\n  enabled: true\n  path: {agents_log}\n",
         ))
         .start()?;
 
@@ -783,6 +806,16 @@ fn churn_batch(
 #[test]
 fn ten_thousand_one_off_binaries_leave_the_series_bounded() -> Result<()> {
     require_root!("eBPF");
+    churn_with_a_listener(Agent::OnTheHost)
+}
+
+#[test]
+fn in_the_charts_pod_ten_thousand_one_off_binaries_leave_the_series_bounded() -> Result<()> {
+    require_root!("eBPF, network and mount namespaces");
+    churn_with_a_listener(Agent::InThePod)
+}
+
+fn churn_with_a_listener(agent: Agent) -> Result<()> {
     ensure!(
         cfg!(all(target_arch = "x86_64", target_os = "linux")),
         "the churn's one-off program is x86-64 Linux machine code"
@@ -807,14 +840,17 @@ fn ten_thousand_one_off_binaries_leave_the_series_bounded() -> Result<()> {
             }
         })
     };
-    let result = churn(port);
+    let result = churn(port, agent);
     stop.store(true, Ordering::Relaxed);
     let _ = accepting.join();
     result
 }
 
-fn churn(port: u16) -> Result<()> {
-    let setup = Testbed::setup("fsn-churn")?;
+fn churn(port: u16, agent: Agent) -> Result<()> {
+    let mut setup = Testbed::setup("fsn-churn")?;
+    if agent == Agent::InThePod {
+        setup = setup.in_pod()?;
+    }
     let bins = setup.dir().join("churn");
     fs::create_dir_all(&bins)?;
     let prefix = format!("{}/", bins.display());
