@@ -136,6 +136,17 @@ pub fn chart_capabilities() -> Result<Vec<String>> {
     Ok(caps)
 }
 
+/// The node's name for `uid` (its /etc/passwd, through the C library): what
+/// the pod's agent must report, not the image's name for it.
+pub fn node_user_name(uid: u32) -> Result<String> {
+    let out = run_bounded(
+        Command::new("getent").args(["passwd", &uid.to_string()]),
+        Duration::from_secs(10),
+    )?;
+    ensure!(out.status.success(), "getent passwd {uid}: {}", out.stderr);
+    Ok(out.stdout.split(':').next().unwrap_or_default().to_owned())
+}
+
 /// `path` (an absolute path) inside the tree rooted at `root`.
 pub fn inside(root: &Path, path: &Path) -> PathBuf {
     root.join(path.strip_prefix("/").unwrap_or(path))

@@ -35,7 +35,7 @@ use fleetsnitch_e2e::{
     cgroups::{Cgroups, cgroup2_mount},
     otlp_collector::{Collector, free_port, rotel_agent},
     parse_samples,
-    pod::{NODE_NAME, POD_NAME, Pod, PodNetwork, WORKLOAD_UID, inside},
+    pod::{NODE_NAME, POD_NAME, Pod, PodNetwork, WORKLOAD_UID, inside, node_user_name},
     process::run_bounded,
     program, require_root,
     servers::Prometheus,
@@ -44,16 +44,6 @@ use fleetsnitch_e2e::{
 
 const HOST_BYTES: u64 = 40_000;
 const CONTAINER_BYTES: u64 = 70_000;
-
-/// The node's name for `uid` (its /etc/passwd, through the C library).
-fn node_user_name(uid: u32) -> Result<String> {
-    let out = run_bounded(
-        Command::new("getent").args(["passwd", &uid.to_string()]),
-        Duration::from_secs(10),
-    )?;
-    ensure!(out.status.success(), "getent passwd {uid}: {}", out.stderr);
-    Ok(out.stdout.split(':').next().unwrap_or_default().to_owned())
-}
 
 /// Polls `done` every 250 ms for up to `bound`; the error names `what`.
 fn wait_until(what: &str, bound: Duration, mut done: impl FnMut() -> Result<bool>) -> Result<()> {

@@ -30,7 +30,7 @@ use fleetsnitch_e2e::{
     NetnsPair, TempDir, Testbed, exe_copy,
     otlp_collector::{Collector, Received, free_port, rotel_agent},
     parse_samples,
-    pod::{JOURNAL_DIR, WORKLOAD_UID},
+    pod::{JOURNAL_DIR, WORKLOAD_UID, node_user_name},
     process::run_bounded,
     program, require_root,
     scenarios::{CLIENT_V4, PEER_V4},
@@ -244,16 +244,6 @@ fn read_back(
         .collect::<Result<Vec<_>>>()?;
     sinks.insert("journal", journaled);
     Ok(sinks)
-}
-
-/// The node's name for `uid` (its /etc/passwd, through the C library).
-fn node_user_name(uid: u32) -> Result<String> {
-    let out = run_bounded(
-        Command::new("getent").args(["passwd", &uid.to_string()]),
-        Duration::from_secs(10),
-    )?;
-    ensure!(out.status.success(), "getent passwd {uid}: {}", out.stderr);
-    Ok(out.stdout.split(':').next().unwrap_or_default().to_owned())
 }
 
 /// The kernel's task name of a program started from `path`: its file name,
