@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use fleetsnitch_ebpf::{EXEC_ARGS_TRUNCATED, ExecEvent};
+use fleetsnitch_ebpf::{ARGS_LEN, EXEC_ARGS_TRUNCATED, ExecEvent};
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 
 use super::{
@@ -62,20 +62,40 @@ pub fn holding_files(
     }
 }
 
-/// The NUL-separated arguments the kernel copied, joined by spaces.
+/// The NUL-separated arguments the kernel copied, joined by spaces: invalid
+/// UTF-8 escaped as `\xNN` and a cut marked `…`, as for connection records
+/// (the kernel's copy is the only cut: escapes may make the line longer).
 pub fn command_line(event: &ExecEvent) -> Option<String> {
     let len = (event.args_len as usize).min(event.args.len());
-    let args: Vec<String> = event.args[..len]
-        .split(|&b| b == 0)
-        .filter(|arg| !arg.is_empty())
-        .map(|arg| String::from_utf8_lossy(arg).into_owned())
-        .collect();
-    if args.is_empty() {
-        return None;
+    super::command_line::from_args(
+        &event.args[..len],
+        4 * ARGS_LEN,
+        event.args_flags & EXEC_ARGS_TRUNCATED != 0,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exec_with_args(args: &[u8], flags: u32) -> Box<ExecEvent> {
+        // SAFETY: ExecEvent is plain data (aya::Pod): all zeroes is a valid value.
+        let mut event: Box<ExecEvent> = Box::new(unsafe { std::mem::zeroed() });
+        event.args[..args.len()].copy_from_slice(args);
+        event.args_len = args.len() as u32;
+        event.args_flags = flags;
+        event
     }
-    let mut line = args.join(" ");
-    if event.args_flags & EXEC_ARGS_TRUNCATED != 0 {
-        line.push('…');
+
+    #[test]
+    fn an_exec_command_line_is_escaped_like_a_connection_records() {
+        let event = exec_with_args(b"/bin/tool\0--name\0caf\xe9\0", 0);
+        assert_eq!(
+            command_line(&event).as_deref(),
+            Some("/bin/tool --name caf\\xe9")
+        );
+        let cut = exec_with_args(b"/bin/tool\0abc", EXEC_ARGS_TRUNCATED);
+        assert_eq!(command_line(&cut).as_deref(), Some("/bin/tool abc…"));
+        assert_eq!(command_line(&exec_with_args(b"", 0)), None);
     }
-    Some(line)
 }
