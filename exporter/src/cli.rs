@@ -14,7 +14,10 @@ use crate::{
     name = "fleetsnitch",
     version,
     long_version = build_info::LONG_VERSION,
-    about = "Per-executable network accounting agent"
+    about = "Per-executable network accounting agent",
+    // The last of a repeated flag wins, as with node_exporter: the chart's
+    // `extraArgs` come after its own flags and can override them.
+    args_override_self = true
 )]
 pub struct Cli {
     /// YAML configuration file (see config.example.yaml); every key has a default.
@@ -98,6 +101,22 @@ mod tests {
         let config = cli.config().unwrap();
         assert_eq!(config.web.listen_address, "127.0.0.1:2");
         assert_eq!(config.web.telemetry_path, "/m");
+    }
+
+    #[test]
+    fn the_last_of_a_repeated_flag_wins() {
+        let cli = Cli::try_parse_from([
+            "fleetsnitch",
+            "--web.listen-address",
+            "[::]:9941",
+            "--path.rootfs",
+            "/host",
+            "--web.listen-address",
+            "127.0.0.1:9941",
+        ])
+        .unwrap();
+        assert_eq!(cli.listen_address.as_deref(), Some("127.0.0.1:9941"));
+        assert_eq!(cli.rootfs.as_deref(), Some(std::path::Path::new("/host")));
     }
 
     #[test]
