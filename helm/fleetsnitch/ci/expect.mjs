@@ -89,6 +89,9 @@ const checks = {
     assert.equal(volume(objs, "geoip"), undefined);
     assert.equal(agentConfig(objs).geoip, undefined);
     assert.equal(dashboards(objs).length, 0);
+    const service = objs.find((o) => o.kind === "Service");
+    assert.equal(service.spec.ipFamilyPolicy, undefined, "the cluster's default");
+    assert.equal(service.spec.ipFamilies, undefined);
     // The pods roll when the rendered configuration changes (geoip paths included).
     const rendered = configMap(objs).data["fleetsnitch.yaml"].replace(/\n$/, "");
     assert.equal(daemonSet(objs).spec.template.metadata.annotations["checksum/config"],
@@ -111,6 +114,9 @@ const checks = {
     assert.match(text, /curl -k https:/);
   },
   extras(objs, text) {
+    const service = objs.find((o) => o.kind === "Service");
+    assert.equal(service.spec.ipFamilyPolicy, "PreferDualStack");
+    assert.deepEqual(service.spec.ipFamilies, ["IPv6", "IPv4"]);
     const c = container(objs);
     assert.deepEqual(c.args.slice(-2), ["--web.telemetry-path=/metrics", "--log.level=fleetsnitch=debug"]);
     assert.deepEqual(c.env.map((e) => e.name), ["NODE_NAME", "RUST_BACKTRACE", "POD_NAME"]);
