@@ -545,9 +545,14 @@ async fn list_then_watch_keeps_the_map() {
         ),
     );
     let counters = resolver.counters().clone();
-    wait_until("the bookmark", || counters.watch_events.get() >= 5).await;
+    assert_eq!(
+        counters.watch_events.get(),
+        4,
+        "bookmarks are not pod events"
+    );
     std::fs::write(fixture.dir.path().join("token"), "token-2\n").unwrap();
     {
+        // The watch ends after the bookmark line it already carries.
         let mut api = api.lock().unwrap();
         api.token = "token-2".to_owned();
         api.watch = None;
@@ -699,6 +704,79 @@ async fn a_rejected_token_is_retried_until_it_rotates() {
         seen.last().unwrap().authorization.as_deref(),
         Some("Bearer token-2")
     );
+}
+
+/// The kubelet rotates a bound service account token by swapping the
+/// projected volume's `..data` symlink, and the API server refuses the old
+/// token once it expired. The refusal makes the resolver read the file again:
+/// the next request carries the new token, although the periodic re-read is
+/// an hour away, and the watch resumes where it was (no relist).
+#[tokio::test]
+async fn a_token_rotated_on_disk_is_read_again_when_the_old_one_is_refused() {
+    use std::os::unix::fs::symlink;
+
+    let mut fixture = fixture(vec![web(1)], 2).await;
+    fixture.config.token_reload_interval = Duration::from_secs(3600);
+    let dir = fixture.dir.path().to_owned();
+    let volume = |name: &str, token: &str| {
+        std::fs::create_dir(dir.join(name)).unwrap();
+        std::fs::write(dir.join(name).join("token"), token).unwrap();
+    };
+    std::fs::remove_file(dir.join("token")).unwrap();
+    volume("..2024_05_01_10_00_00.1", "token-1\n");
+    symlink("..2024_05_01_10_00_00.1", dir.join("..data")).unwrap();
+    symlink("..data/token", dir.join("token")).unwrap();
+    let api = fixture.api.clone();
+    let resolver = spawn(&fixture);
+    let counters = resolver.counters().clone();
+    wait_until("the watch", || watch_open(&api)).await;
+
+    volume("..2024_05_01_10_48_00.2", "token-2\n");
+    symlink("..2024_05_01_10_48_00.2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    {
+        // The old token expires; the server ends the watch.
+        let mut api = api.lock().unwrap();
+        api.token = "token-2".to_owned();
+        api.watch = None;
+    }
+    wait_until("a watch with the new token", || {
+        watch_open(&api)
+            && requests(&api)
+                .iter()
+                .any(|r| r.authorization.as_deref() == Some("Bearer token-2"))
+    })
+    .await;
+    let seen = requests(&api);
+    let tokens: Vec<(bool, &str)> = seen
+        .iter()
+        .map(|r| (r.watch, r.authorization.as_deref().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        tokens,
+        [
+            (false, "Bearer token-1"),
+            (true, "Bearer token-1"),
+            (true, "Bearer token-1"),
+            (true, "Bearer token-2"),
+        ],
+        "list, watch, the refused watch, then the new token"
+    );
+    assert_eq!(
+        seen[3].query.get("resourceVersion").map(String::as_str),
+        Some("2"),
+        "resumed, not listed again"
+    );
+    assert_eq!(counters.watch_errors.get(), 1, "the 401");
+    assert_eq!(counters.lists.get(), 1);
+    assert_eq!(counters.list_errors.get(), 0);
+
+    // The watch with the new token works.
+    push(&api, event("ADDED", db(3, true)));
+    wait_until("an event after the rotation", || {
+        resolver.lookup(&id(6)).is_some()
+    })
+    .await;
 }
 
 #[test]
