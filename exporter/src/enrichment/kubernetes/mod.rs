@@ -6,7 +6,7 @@
 //! (`kube::runtime::watcher`, the reflector pattern of client-go) on
 //! `GET /api/v1/pods?fieldSelector=spec.nodeName=<node>`:
 //!
-//! - the pods are listed (500 a page) and then watched from the list's
+//! - the pods are listed (100 a page) and then watched from the list's
 //!   resource version; watch events (`ADDED`, `MODIFIED`, `DELETED`) update
 //!   the map as they come, bookmarks move the resource version;
 //! - a watch the server ends (it does after `timeoutSeconds`, `watch_timeout`)

@@ -17,8 +17,10 @@ use super::{
 };
 use crate::support::{backoff::Backoff, error_chain};
 
-/// Pods asked for in one list request; more come in further pages.
-const LIST_PAGE_SIZE: u32 = 500;
+/// Pods asked for in one list request; more come in further pages. Each
+/// page is held parsed whole while it is applied: 100 rather than 500 keeps
+/// the peak of a 1,000-pod list at 32 MB RSS instead of 52 MB (README).
+const LIST_PAGE_SIZE: u32 = 100;
 
 /// The watcher's configuration: the pods of `node`, each watch held open by
 /// the server for `watch_timeout` (`timeoutSeconds`), bookmarks asked for.
