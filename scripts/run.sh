@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds and runs the agent with defaults: /metrics on 0.0.0.0:9941, journal
+# Builds and runs the agent with defaults: /metrics on [::]:9941, journal
 # under /var/lib/fleetsnitch. Extra arguments go to the agent, e.g.
 #   scripts/run.sh --web.listen-address 127.0.0.1:9941
 set -euo pipefail

@@ -12,6 +12,9 @@ DEBIAN_PACKAGES=(clang-16 libbpf-dev iproute2 util-linux curl sqlite3 bpftool dn
 # (no running systemd needed); systemd-nspawn (systemd-container) boots systemd as
 # PID 1 of a container from a root that mmdebstrap builds, to run the unit there.
 DEBIAN_PACKAGES+=(systemd systemd-container mmdebstrap)
+# tests/ignore_list.rs runs a program from a slow FUSE file system
+# (tests/tools/slowfs.py): fuse3 mounts it, python3-fusepy serves it.
+DEBIAN_PACKAGES+=(fuse3 python3-fusepy)
 
 missing=()
 for package in "${DEBIAN_PACKAGES[@]}"; do

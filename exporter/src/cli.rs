@@ -20,7 +20,7 @@ pub struct Cli {
     /// YAML configuration file (see config.example.yaml); every key has a default.
     #[arg(long = "config.file", value_name = "PATH")]
     pub config_file: Option<PathBuf>,
-    /// Address to serve metrics on [default: 0.0.0.0:9941].
+    /// Address to serve metrics on; [::] is both IPv4 and IPv6 [default: [::]:9941].
     #[arg(long = "web.listen-address", value_name = "HOST:PORT")]
     pub listen_address: Option<String>,
     /// Path under which to expose metrics [default: /metrics].
@@ -33,6 +33,11 @@ pub struct Cli {
     /// SQLite journal of executables seen [default: /var/lib/fleetsnitch/journal.db].
     #[arg(long = "journal.path", value_name = "PATH")]
     pub journal_path: Option<PathBuf>,
+    /// Where the node's root file system is mounted when the agent runs in a
+    /// mount namespace of its own (the chart mounts `/` at `/host`): user
+    /// names, and executables whose process has exited, are read there.
+    #[arg(long = "path.rootfs", value_name = "PATH")]
+    pub rootfs: Option<PathBuf>,
     /// Print which kernel features and capabilities this host offers, then exit
     /// (non-zero when a requirement is missing); loads nothing.
     #[arg(long)]

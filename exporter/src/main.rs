@@ -1,7 +1,12 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use fleetsnitch::{agent, cli::Cli, host::readiness, support::logging};
+use fleetsnitch::{
+    agent,
+    cli::Cli,
+    host::readiness,
+    support::{logging, node},
+};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -16,6 +21,12 @@ async fn main() -> ExitCode {
         };
     }
     logging::init(cli.log_format, &cli.log_level);
+    if let Some(root) = &cli.rootfs
+        && let Err(error) = node::use_root(root)
+    {
+        tracing::error!("{error}");
+        return ExitCode::from(2);
+    }
 
     let config = match cli.config() {
         Ok(config) => config,

@@ -80,12 +80,17 @@ fn writes_one_json_line_per_record() {
             }),
             sha256: None,
             parent: Some("/bin/sh".into()),
+            parent_sha256: Sha256::from_hex(&"ef".repeat(32)),
+            parent_name: Some("sh".into()),
+            command_line: Some("weird --token \\xff \"q\"".into()),
+            parent_command_line: Some("sh -c weird".into()),
             uid: Some(0),
             user_name: Some("root".into()),
             comm: Some("weird".into()),
         },
         peer: Peer {
             transport: "udp",
+            local_address: "fd00::2".parse().ok(),
             local_port: Some(5353),
             remote_address: "fd00::1".parse().ok(),
             remote_port: Some(53),
@@ -155,6 +160,13 @@ fn writes_one_json_line_per_record() {
     assert_eq!(odd["country"], "FR");
     assert_eq!(odd["asn"], 64_501);
     assert_eq!(odd["domain"], "example.org");
+    assert_eq!(odd["parent"], "/bin/sh");
+    assert_eq!(odd["parent_sha256"], "ef".repeat(32));
+    assert_eq!(odd["parent_name"], "sh");
+    assert_eq!(odd["command_line"], "weird --token \\xff \"q\"");
+    assert_eq!(odd["parent_command_line"], "sh -c weird");
+    assert_eq!(odd["local_address"], "fd00::2");
+    assert_eq!(odd["local_port"], 5353);
 
     let event = &lines[2];
     assert_eq!(event["record"], "event");

@@ -111,13 +111,18 @@ fn delivers_records_with_their_attributes(protocol: OtlpProtocol) {
             exe: "/usr/sbin/ntpd".into(),
             file: None,
             sha256: None,
-            parent: None,
+            parent: Some("/sbin/init".into()),
+            parent_sha256: Sha256::from_hex(&"ef".repeat(32)),
+            parent_name: Some("systemd".into()),
+            command_line: Some("ntpd -g \\xff".into()),
+            parent_command_line: Some("/sbin/init splash".into()),
             uid: Some(0),
             user_name: Some("root".into()),
             comm: Some("ntpd".into()),
         },
         peer: Peer {
             transport: "udp",
+            local_address: "2001:db8::1".parse().ok(),
             local_port: Some(123),
             remote_address: "2001:db8::7".parse().ok(),
             remote_port: Some(123),
@@ -221,6 +226,19 @@ fn delivers_records_with_their_attributes(protocol: OtlpProtocol) {
     assert_eq!(ntpd.int(attr::PROCESS_REAL_USER_ID), Some(0));
     assert_eq!(ntpd.str(attr::PROCESS_REAL_USER_NAME), Some("root"));
     assert_eq!(ntpd.str(attr::PROCESS_COMM), Some("ntpd"));
+    assert_eq!(ntpd.str(attr::PROCESS_COMMAND_LINE), Some("ntpd -g \\xff"));
+    assert_eq!(ntpd.str(attr::PARENT_EXECUTABLE_PATH), Some("/sbin/init"));
+    let parent_sha256 = "ef".repeat(32);
+    assert_eq!(
+        ntpd.str(attr::PARENT_EXECUTABLE_SHA256),
+        Some(parent_sha256.as_str())
+    );
+    assert_eq!(ntpd.str(attr::PARENT_COMM), Some("systemd"));
+    assert_eq!(
+        ntpd.str(attr::PARENT_COMMAND_LINE),
+        Some("/sbin/init splash")
+    );
+    assert_eq!(ntpd.str(attr::NETWORK_LOCAL_ADDRESS), Some("2001:db8::1"));
     assert_eq!(ntpd.str(attr::CONTAINER_ID), Some("0123456789abcdef"));
     assert_eq!(ntpd.str(attr::K8S_CONTAINER_NAME), Some("ntp"));
     assert_eq!(ntpd.str(attr::K8S_POD_NAME), Some("ntp-7d9f"));

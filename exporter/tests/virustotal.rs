@@ -237,7 +237,11 @@ async fn unknown_file_is_uploaded_only_when_enabled() {
         path: path.to_string_lossy().into_owned(),
         sha256,
     });
-    let seen = wait_until(&registry, |seen| seen.contains_key("uploaded")).await;
+    // Every result is exported from the start, at zero: wait for the count.
+    let seen = wait_until(&registry, |seen| {
+        seen.get("uploaded").is_some_and(|n| *n > 0)
+    })
+    .await;
     assert_eq!(seen.get("uploaded"), Some(&1), "{seen:?}");
     let server = server.lock().unwrap();
     assert_eq!(server.uploads.len(), 1);

@@ -16,6 +16,7 @@
 //! Every guard cleans up on drop, also while panicking.
 
 pub mod agent;
+pub mod chart;
 pub mod dashboards;
 pub mod dnswire;
 pub mod filesystems;

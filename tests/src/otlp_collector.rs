@@ -68,6 +68,18 @@ pub struct Collector {
 
 impl Collector {
     pub fn start(binary: &Path, dir: &Path, name: &str, grpc_port: u16, http_port: u16) -> Self {
+        Self::start_on(binary, dir, name, "127.0.0.1", grpc_port, http_port)
+    }
+
+    /// [`Self::start`] listening on `ip` (an address a pod's network namespace reaches).
+    pub fn start_on(
+        binary: &Path,
+        dir: &Path,
+        name: &str,
+        ip: &str,
+        grpc_port: u16,
+        http_port: u16,
+    ) -> Self {
         let output = dir.join(format!("{name}.out"));
         let stdout = fs::File::create(&output).expect("collector output file");
         let stderr = stdout.try_clone().expect("collector output file");
@@ -81,9 +93,9 @@ impl Collector {
                 "--debug-log-verbosity",
                 "detailed",
                 "--otlp-grpc-endpoint",
-                &format!("127.0.0.1:{grpc_port}"),
+                &format!("{ip}:{grpc_port}"),
                 "--otlp-http-endpoint",
-                &format!("127.0.0.1:{http_port}"),
+                &format!("{ip}:{http_port}"),
                 "--otlp-receiver-traces-disabled",
                 "--otlp-receiver-metrics-disabled",
                 "--pid-file",
@@ -109,7 +121,7 @@ impl Collector {
             }
             [grpc_port, http_port]
                 .iter()
-                .all(|port| TcpStream::connect(("127.0.0.1", *port)).is_ok())
+                .all(|port| TcpStream::connect((ip, *port)).is_ok())
         });
         collector
     }

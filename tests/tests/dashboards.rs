@@ -470,6 +470,16 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
     let fleet_rules = ["FleetsnitchNewToFleet", "FleetsnitchDrift"];
     // Caused in tests/tests/domains.rs (a known program resolving new names).
     let destination_rules = ["FleetsnitchNewDestination"];
+    // Caused in tests/tests/failures.rs (fanotify unavailable, a corrupt GeoIP
+    // database, a collector nobody listens for, a full connection-log file
+    // system, VirusTotal answering 500).
+    let failure_rules = [
+        "FleetsnitchModificationWatchFailing",
+        "FleetsnitchGeoIpLookupErrors",
+        "FleetsnitchOtlpExportFailing",
+        "FleetsnitchConnectionLogErrors",
+        "FleetsnitchVirusTotalErrors",
+    ];
     let records = rules
         .iter()
         .map(|rule| rule.place.clone())
@@ -481,6 +491,7 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
         .chain(&exec_tracking_rules)
         .chain(&fleet_rules)
         .chain(&destination_rules)
+        .chain(&failure_rules)
         .map(|name| format!("rule {name}"))
         .chain(records)
         .chain(CAUSED_WITH_THE_DASHBOARDS.iter().map(|p| (*p).to_owned()))

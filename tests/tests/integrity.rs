@@ -175,22 +175,34 @@ fn inode_reuse_round(
 /// it sent `bytes`.
 fn send(client: &str, exe: &Path, transport: &str, bytes: u64, mode: &str) -> Result<()> {
     let path = exe.to_str().context("non-UTF-8 path")?;
-    let out = process::run_bounded(
-        &mut fleetsnitch_e2e::NetnsPair::command(
-            client,
-            exe,
-            &[
-                "-c",
-                SENDER,
-                path,
-                transport,
-                &bytes.to_string(),
-                PEER_V4,
-                mode,
-            ],
-        ),
-        Duration::from_secs(60),
-    )?;
+    let mut attempts = 0;
+    let out = loop {
+        let out = process::run_bounded(
+            &mut fleetsnitch_e2e::NetnsPair::command(
+                client,
+                exe,
+                &[
+                    "-c",
+                    SENDER,
+                    path,
+                    transport,
+                    &bytes.to_string(),
+                    PEER_V4,
+                    mode,
+                ],
+            ),
+            Duration::from_secs(60),
+        )?;
+        // `ip netns exec` could not execute the fresh copy: a child another
+        // test thread forked while the copy was open for writing still holds
+        // that descriptor (until its own exec). Nothing ran, nothing was sent.
+        if !out.status.success() && out.stderr.contains("Text file busy") && attempts < 20 {
+            attempts += 1;
+            thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        break out;
+    };
     ensure!(
         out.status.success(),
         "{} ({transport}) failed: {}",

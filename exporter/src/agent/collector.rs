@@ -297,6 +297,12 @@ impl Collector {
                         None => identities.exe_path(event.tgid, recorded.process.exe).0,
                     };
                     hasher.request(HashJob::of(&recorded.process, path, unix_now()));
+                    // Its parent too, once: its children's records carry its sha256.
+                    if let Some(parent) = HashJob::parent_of(&recorded.process, unix_now())
+                        && hasher.state(parent.exe, None).is_none()
+                    {
+                        hasher.request(parent);
+                    }
                 }
             }
             Announcement::Exit(event) => identities.forget(event.tgid, event.start_time_ns),
@@ -487,7 +493,10 @@ impl Collector {
         };
         let sha256 = state.as_ref().and_then(HashState::sha256).cloned();
         let process: Option<&Process> = self.identities.process(key.tgid);
-        let flow = self.enricher.flow(key, value, path, file, sha256, process);
+        let parent_sha256 = process.and_then(|p| self.hasher.sha256_of(p.parent_exe));
+        let flow = self
+            .enricher
+            .flow(key, value, path, file, sha256, process, parent_sha256);
         if !naming.is_resolved() {
             for (direction, bytes) in [
                 (Direction::Sent, flow.bytes.sent),

@@ -5,7 +5,6 @@
 pub mod collector;
 
 use std::{
-    net::SocketAddr,
     sync::{Arc, atomic::AtomicBool},
     thread,
 };
@@ -40,7 +39,7 @@ use crate::{
         probes::{self, NoModeFits, ProbeMetrics},
         stats::KernelStatsMetrics,
     },
-    model::Activity,
+    model::{Activity, Failures},
     sinks::{
         connection_log::ConnectionLog,
         fanout::{self, Fanout, RecordPolicy, Sinks},
@@ -53,7 +52,7 @@ use crate::{
     telemetry,
     web::{
         health::Health,
-        http,
+        http, listen,
         server::{self, WebConfigMetrics},
     },
 };
@@ -62,11 +61,8 @@ use crate::{
 pub enum AgentError {
     #[error(transparent)]
     Preflight(#[from] PreflightError),
-    #[error("cannot listen on {address} (web.listen_address): {source}")]
-    Listen {
-        address: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] listen::ListenError),
     #[error("cannot read the kernel's BTF from {}: {source}", preflight::BTF_PATH)]
     Btf { source: aya::BtfError },
     #[error(
@@ -119,10 +115,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     preflight::raise_memlock_limit();
 
     // Bind first: a port in use is the cheapest failure to report.
-    let address = config.web.listen_address()?;
-    let listener = TcpListener::bind(address)
-        .await
-        .map_err(|source| AgentError::Listen { address, source })?;
+    let listening = listen::bind(config.web.listen_address()?)?;
+    let (address, families) = (listening.address, listening.families);
+    let listener = TcpListener::from_std(listening.listener)
+        .map_err(|source| AgentError::Listen(listen::ListenError { address, source }))?;
     let web_settings = match &config.web.config_file {
         Some(path) => Some((path, server::WebState::load(path)?)),
         None => None,
@@ -157,12 +153,14 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     // Sinks: everything records reach through the fan-out's queue.
     let journal_metrics = JournalMetrics::register(&mut registry);
     let (outbox, records) = fanout::outbox(journal_metrics.dropped.clone());
+    // Failures that leave the operator blind become agent_error events.
+    let failures = Failures::new(Some(outbox.clone()));
     let sinks = Sinks {
-        otlp: start_otlp(&config, &mut registry)?,
-        connection_log: start_connection_log(&config, &mut registry)?,
+        otlp: start_otlp(&config, &mut registry, &failures)?,
+        connection_log: start_connection_log(&config, &mut registry, &failures)?,
         virustotal: virustotal::spawn(
             &config.virustotal,
-            VirusTotalMetrics::register(&mut registry),
+            VirusTotalMetrics::register(&mut registry).reporting_to(failures.clone()),
             Some(outbox.clone()),
             activity.clone(),
         )
@@ -181,11 +179,12 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
 
     // Identity and enrichment.
     let hasher = Hasher::spawn(
-        HashMetrics::register(&mut registry),
+        HashMetrics::register(&mut registry).reporting_to(failures.clone()),
         Some(outbox.clone()),
         activity.clone(),
     )
     .map_err(AgentError::Thread)?;
+    let geoip = geoip.map(|geoip| geoip.reporting_to(failures.clone()));
     if let Some(geoip) = &geoip {
         geoip.register(&mut registry);
     }
@@ -202,7 +201,14 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let dns = start_dns_capture(&probe_metrics, DnsCaptureMetrics::register(&mut registry));
 
     let parts = Parts {
-        identities: IdentityTable::new(IdentityMetrics::register(&mut registry)),
+        identities: {
+            let table = IdentityTable::new(IdentityMetrics::register(&mut registry));
+            if config.journal.record_command_lines {
+                table.with_command_lines(config.journal.command_line_max_bytes)
+            } else {
+                table
+            }
+        },
         hasher,
         enricher,
         dns,
@@ -254,6 +260,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let registry = Arc::new(registry);
     tracing::info!(
         %address,
+        %families,
         telemetry_path = %config.web.telemetry_path,
         "fleetsnitch is counting; serving metrics"
     );
@@ -301,6 +308,7 @@ fn register_start_time(registry: &mut Registry) {
 fn start_otlp(
     config: &Config,
     registry: &mut Registry,
+    failures: &Failures,
 ) -> Result<Option<OtlpExporter>, AgentError> {
     if !config.otlp.enabled {
         // Exported at zero all the same: dashboards and rules see the family.
@@ -312,8 +320,14 @@ fn start_otlp(
         .kubernetes
         .node_name
         .clone()
-        .or_else(|| std::env::var(&config.kubernetes.node_name_env).ok());
-    let exporter = OtlpExporter::start(&config.otlp, &resource)?;
+        .or_else(|| std::env::var(&config.kubernetes.node_name_env).ok())
+        .filter(|name| !name.is_empty());
+    // In the chart's pod the kernel's host name is the pod's (its own UTS
+    // namespace); the node's name is what the records are about.
+    if let Some(node) = &resource.k8s_node_name {
+        resource.host_name = Some(node.clone());
+    }
+    let exporter = OtlpExporter::start_reporting(&config.otlp, &resource, failures.clone())?;
     exporter.counters().register(registry);
     tracing::info!("OTLP log export enabled");
     Ok(Some(exporter))
@@ -323,12 +337,13 @@ fn start_otlp(
 fn start_connection_log(
     config: &Config,
     registry: &mut Registry,
+    failures: &Failures,
 ) -> Result<Option<ConnectionLog>, AgentError> {
     if !config.connection_log.enabled {
         crate::sinks::connection_log::ConnectionLogCounters::default().register(registry);
         return Ok(None);
     }
-    let log = ConnectionLog::start(&config.connection_log)?;
+    let log = ConnectionLog::start_reporting(&config.connection_log, failures.clone())?;
     log.counters().register(registry);
     Ok(Some(log))
 }

@@ -37,7 +37,12 @@ fn container_of(process: Option<&Process>) -> Option<&ContainerRef> {
 impl Enricher {
     /// The record of one traffic entry of the executable `exe` (the file
     /// `file`, hashed as `sha256` if it was yet), sent and received by
-    /// `process` (unknown if it exited before it was announced).
+    /// `process` (unknown if it exited before it was announced), whose
+    /// parent's executable hashed as `parent_sha256`.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "what the kernel, the identity table and the hasher each know of one flow"
+    )]
     pub fn flow(
         &mut self,
         key: &TrafficKey,
@@ -46,6 +51,7 @@ impl Enricher {
         file: Option<ExeKey>,
         sha256: Option<Sha256>,
         process: Option<&Process>,
+        parent_sha256: Option<Sha256>,
     ) -> FlowRecord {
         let endpoints = Endpoints::of(key, value);
         let container = container_of(process);
@@ -68,12 +74,17 @@ impl Enricher {
                 file,
                 sha256,
                 parent: process.and_then(|p| p.parent_path.clone()),
+                parent_sha256,
+                parent_name: process.and_then(|p| p.parent_comm.clone()),
+                command_line: process.and_then(|p| p.command_line.clone()),
+                parent_command_line: process.and_then(|p| p.parent_command_line.clone()),
                 uid,
                 user_name: uid.map(|uid| self.users.name(uid).to_owned()),
                 comm: process.map(|p| p.comm.clone()),
             },
             peer: Peer {
                 transport: endpoints.transport,
+                local_address: endpoints.local_address,
                 local_port: endpoints.local_port,
                 remote_address: endpoints.remote_address,
                 remote_port: endpoints.remote_port,
@@ -175,6 +186,9 @@ mod tests {
             ppid: 1,
             parent_exe: file(3),
             parent_path: Some("/bin/sh".into()),
+            parent_comm: Some("sh".into()),
+            command_line: Some("curl -s https://api.example.org".into()),
+            parent_command_line: Some("sh -c run".into()),
             container: container.map(|id| ContainerRef {
                 runtime: Runtime::Containerd,
                 id: id.to_owned(),
@@ -204,6 +218,9 @@ mod tests {
             .record(7, None, &[answer("api.example.org", peer)]);
         let (key, value) = key(7, peer, 443);
         let sha256 = Sha256::from_digest(&[0xab; 32]);
+        let parent_sha256 = Sha256::from_digest(&[0xcd; 32]);
+        let mut value = value;
+        value.local_addr[..4].copy_from_slice(&[198, 18, 0, 1]);
         let record = enricher.flow(
             &key,
             &value,
@@ -211,6 +228,7 @@ mod tests {
             Some(file(2)),
             Some(sha256.clone()),
             Some(&process(7, None)),
+            Some(parent_sha256.clone()),
         );
         assert_eq!(
             record,
@@ -220,12 +238,17 @@ mod tests {
                     file: Some(file(2)),
                     sha256: Some(sha256),
                     parent: Some("/bin/sh".into()),
+                    parent_sha256: Some(parent_sha256),
+                    parent_name: Some("sh".into()),
+                    command_line: Some("curl -s https://api.example.org".into()),
+                    parent_command_line: Some("sh -c run".into()),
                     uid: Some(0),
                     user_name: Some("root".into()),
                     comm: Some("curl".into()),
                 },
                 peer: Peer {
                     transport: "tcp",
+                    local_address: Some(Ipv4Addr::new(198, 18, 0, 1).into()),
                     local_port: Some(40_000),
                     remote_address: Some(peer.into()),
                     remote_port: Some(443),
@@ -257,7 +280,7 @@ mod tests {
             let (key, value) = key(tgid, shared, 443);
             let process = process(tgid, container);
             enricher
-                .flow(&key, &value, "/x".into(), None, None, Some(&process))
+                .flow(&key, &value, "/x".into(), None, None, Some(&process), None)
                 .peer
                 .domain
         };
@@ -277,7 +300,7 @@ mod tests {
     fn an_unannounced_process_still_has_its_bytes_and_peer() {
         let mut enricher = Enricher::default();
         let (key, value) = key(9, Ipv4Addr::new(198, 18, 0, 2), 5001);
-        let record = enricher.flow(&key, &value, "[unknown]".into(), None, None, None);
+        let record = enricher.flow(&key, &value, "[unknown]".into(), None, None, None, None);
         assert_eq!(record.program.uid, None);
         assert_eq!(record.program.user_name, None);
         assert_eq!(record.workload, Workload::default());

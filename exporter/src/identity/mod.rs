@@ -1,5 +1,6 @@
 //! Who is behind the traffic: processes, their executables and hashes.
 
+pub mod command_line;
 pub mod containers;
 pub mod execs;
 pub mod hashing;

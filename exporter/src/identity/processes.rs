@@ -18,7 +18,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::containers::{self, CgroupIndex, ContainerCache, ContainerRef};
+use super::{
+    command_line,
+    containers::{self, CgroupIndex, ContainerCache, ContainerRef},
+};
 pub use crate::model::ExeKey;
 use crate::support::unix_now;
 
@@ -47,6 +50,13 @@ pub struct Process {
     pub parent_exe: ExeKey,
     /// Path of the parent's executable, when it could be found.
     pub parent_path: Option<String>,
+    /// The parent's task name, read when the process was announced (`None`
+    /// when the parent had exited by then).
+    pub parent_comm: Option<String>,
+    /// Command lines of the process and its parent, when recorded
+    /// (`journal.record_command_lines`).
+    pub command_line: Option<String>,
+    pub parent_command_line: Option<String>,
     /// The container (or systemd unit) the process runs in, from its cgroup.
     pub container: Option<ContainerRef>,
 }
@@ -121,6 +131,8 @@ pub struct IdentityTable {
     exited: Vec<(u32, u64)>,
     exe_paths: HashMap<ExeKey, KnownPath>,
     metrics: IdentityMetrics,
+    /// Byte budget of command lines, when they are recorded.
+    command_lines: Option<usize>,
 }
 
 /// What [`IdentityTable::record`] learnt.
@@ -137,6 +149,13 @@ impl IdentityTable {
             metrics,
             ..Self::default()
         }
+    }
+
+    /// Reads each announced process's and its parent's command line, capped
+    /// at `max_bytes` (`journal.record_command_lines`).
+    pub fn with_command_lines(mut self, max_bytes: usize) -> Self {
+        self.command_lines = Some(max_bytes);
+        self
     }
 
     /// The process an announcement or an exec record describes.
@@ -156,6 +175,11 @@ impl IdentityTable {
             ppid: event.ppid,
             parent_exe,
             parent_path: self.parent_path(event.ppid, parent_exe),
+            parent_comm: (event.ppid != 0)
+                .then(|| command_line::comm_of(event.ppid))
+                .flatten(),
+            command_line: None,
+            parent_command_line: None,
             container: self.container_of(event.tgid, event.cgroup_id),
         }
     }
@@ -164,6 +188,13 @@ impl IdentityTable {
     pub fn record(&mut self, event: &IdentityEvent) -> Recorded {
         let exe = exe_key_of(event);
         let mut process = self.process_of(event, exe);
+        if let Some(max_bytes) = self.command_lines {
+            // Read now: the process may exit before its first window is drained.
+            process.command_line = command_line::of_process(event.tgid, max_bytes);
+            process.parent_command_line = (event.ppid != 0)
+                .then(|| command_line::of_process(event.ppid, max_bytes))
+                .flatten();
+        }
         let mut new_exe = None;
         if event.flags & IDENTITY_NO_EXE == 0 {
             // A known file announced under another path was renamed or

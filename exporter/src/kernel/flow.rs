@@ -13,6 +13,7 @@ const SOCK_RAW: u16 = 3;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoints {
     pub transport: &'static str,
+    pub local_address: Option<IpAddr>,
     pub local_port: Option<u16>,
     pub remote_address: Option<IpAddr>,
     pub remote_port: Option<u16>,
@@ -22,6 +23,7 @@ impl Endpoints {
     pub fn of(key: &TrafficKey, value: &TrafficValue) -> Self {
         Self {
             transport: transport(key, value),
+            local_address: local_address(key, value),
             local_port: local_port(key, value),
             remote_address: remote_address(key),
             remote_port: remote_port(key, value),
@@ -48,12 +50,22 @@ pub fn transport(key: &TrafficKey, value: &TrafficValue) -> &'static str {
 
 /// The connected peer, if the socket has one (unconnected UDP and raw sockets do not).
 pub fn remote_address(key: &TrafficKey) -> Option<IpAddr> {
-    let address = match key.family {
+    address_of(key.family, key.remote_addr)
+}
+
+/// The socket's own address, as the kernel read it when the flow's first
+/// bytes of the window went through (unbound sockets have none).
+pub fn local_address(key: &TrafficKey, value: &TrafficValue) -> Option<IpAddr> {
+    address_of(key.family, value.local_addr)
+}
+
+fn address_of(family: u16, bytes: [u8; 16]) -> Option<IpAddr> {
+    let address = match family {
         AF_INET => {
-            let [a, b, c, d, ..] = key.remote_addr;
+            let [a, b, c, d, ..] = bytes;
             IpAddr::V4(Ipv4Addr::new(a, b, c, d))
         }
-        AF_INET6 => IpAddr::V6(Ipv6Addr::from(key.remote_addr)).to_canonical(),
+        AF_INET6 => IpAddr::V6(Ipv6Addr::from(bytes)).to_canonical(),
         _ => return None,
     };
     (!address.is_unspecified()).then_some(address)
@@ -91,10 +103,11 @@ mod tests {
             ..TrafficKey::default()
         };
         key.remote_addr[..4].copy_from_slice(&[198, 18, 0, 2]);
-        let value = TrafficValue {
+        let mut value = TrafficValue {
             sock_type: 1,
             ..TrafficValue::default()
         };
+        value.local_addr[..4].copy_from_slice(&[198, 18, 0, 1]);
         (key, value)
     }
 
@@ -105,6 +118,10 @@ mod tests {
         assert_eq!(remote_address(&key), Some("198.18.0.2".parse().unwrap()));
         assert_eq!(remote_port(&key, &value), Some(443));
         assert_eq!(local_port(&key, &value), Some(40000));
+        assert_eq!(
+            local_address(&key, &value),
+            Some("198.18.0.1".parse().unwrap())
+        );
     }
 
     #[test]

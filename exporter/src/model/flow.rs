@@ -30,6 +30,18 @@ pub struct Program {
     /// Path of the parent process's executable.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parent: Option<String>,
+    /// The content of the parent's executable, through the same hash cache
+    /// (hashed when the child is announced; `None` if not done by the drain).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_sha256: Option<Sha256>,
+    /// The parent's task name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_name: Option<String>,
+    /// Command lines (`journal.record_command_lines`), capped and escaped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command_line: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_command_line: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
     /// The uid's name in the host's user database.
@@ -52,6 +64,9 @@ impl Program {
 pub struct Peer {
     /// `tcp`, `udp`, `icmp`, `icmpv6`, `raw`, `packet`, ...
     pub transport: &'static str,
+    /// The socket's own address (the first socket of the flow in a window).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_address: Option<IpAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub local_port: Option<u16>,
     #[serde(skip_serializing_if = "Option::is_none")]

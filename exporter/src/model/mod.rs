@@ -9,6 +9,7 @@
 mod activity;
 mod event;
 mod executable;
+mod failures;
 mod flow;
 mod outbox;
 mod sha256;
@@ -16,6 +17,7 @@ mod sha256;
 pub use activity::{Activity, Touched};
 pub use event::{Event, EventKind};
 pub use executable::{ExeKey, ExecutableSighting};
+pub use failures::{EVENT_INTERVAL, FailureClass, Failures};
 pub use flow::{Bytes, FlowRecord, FlowTotals, Peer, Program, Window, Workload, executable_name};
 pub use outbox::{Outbox, Record};
 pub use sha256::Sha256;

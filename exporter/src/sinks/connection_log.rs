@@ -36,7 +36,7 @@ use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    model::{Event, FlowRecord, Window, executable_name},
+    model::{Event, FailureClass, Failures, FlowRecord, Window, executable_name},
     sinks::otlp::unix_time,
 };
 
@@ -164,6 +164,14 @@ impl ConnectionLog {
     /// Starts the writer thread. The file is opened there: an unwritable
     /// path is counted and logged, not an error (the agent keeps running).
     pub fn start(config: &ConnectionLogConfig) -> Result<Self, ConnectionLogError> {
+        Self::start_reporting(config, Failures::none())
+    }
+
+    /// [`Self::start`], telling `failures` when writes fail and work again.
+    pub fn start_reporting(
+        config: &ConnectionLogConfig,
+        failures: Failures,
+    ) -> Result<Self, ConnectionLogError> {
         config.validate()?;
         let counters = ConnectionLogCounters::default();
         let (sender, receiver) = mpsc::sync_channel::<Vec<String>>(CHANNEL_WINDOWS);
@@ -176,6 +184,7 @@ impl ConnectionLog {
             size: 0,
             failing: false,
             counters: counters.clone(),
+            failures,
         };
         let thread = std::thread::Builder::new()
             .name("connection-log".to_owned())
@@ -339,6 +348,7 @@ struct Writer {
     /// A failure was logged and nothing was written since.
     failing: bool,
     counters: ConnectionLogCounters,
+    failures: Failures,
 }
 
 impl Writer {
@@ -389,6 +399,7 @@ impl Writer {
             Ok(()) => {
                 self.size += written;
                 self.counters.written.inc_by(lines);
+                self.failures.succeeded(FailureClass::ConnectionLog);
                 if self.failing {
                     self.failing = false;
                     tracing::info!(path = %self.path.display(), "the connection log is written again");
@@ -447,6 +458,10 @@ impl Writer {
     fn failed(&mut self, action: &str, error: &io::Error, lines: u64) {
         self.counters.errors.inc_by(1);
         self.drop_lines(lines);
+        self.failures.failed(
+            FailureClass::ConnectionLog,
+            format_args!("cannot {action} {}: {error}", self.path.display()),
+        );
         if !self.failing {
             self.failing = true;
             tracing::warn!(

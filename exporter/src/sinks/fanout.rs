@@ -46,6 +46,11 @@ const SINK_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// fan-out before it (at least three write intervals).
 const HASH_RETENTION: Duration = Duration::from_secs(300);
 
+/// How long a flow whose hash is still being computed is held back when the
+/// ignore list names hashes (so that an ignored program's first window is
+/// ignored too); past it the flow is recorded without its hash.
+const HASH_HOLD: Duration = Duration::from_secs(60);
+
 /// How often the thread looks at its stop flag while it waits for records.
 const STOP_CHECK: Duration = Duration::from_millis(200);
 
@@ -73,20 +78,22 @@ impl RecordPolicy {
         }
     }
 
-    /// `flow` as it is recorded, or `None` when it is ignored.
+    /// `flow` as it is recorded, or `None` when it is ignored. The ignore
+    /// list sees the flow as it came (an ignored port in the ephemeral range
+    /// matches before ephemeral ports are left out).
     pub fn apply(&self, mut flow: FlowRecord) -> Option<FlowRecord> {
+        if self.ignore.matches(&flow) {
+            return None;
+        }
         let peer = &mut flow.peer;
         if !self.ephemeral_ports {
             let keep = |port: Option<u16>| port.filter(|port| !self.ephemeral.contains(port));
             peer.local_port = keep(peer.local_port);
             peer.remote_port = keep(peer.remote_port);
         }
-        if self.ignore.matches(&flow) {
-            return None;
-        }
-        let peer = &mut flow.peer;
         if !self.addresses {
             peer.remote_address = None;
+            peer.local_address = None;
         }
         if !self.ports {
             peer.local_port = None;
@@ -159,6 +166,8 @@ impl Fanout {
                     sinks,
                     policy,
                     hashes: HashMap::new(),
+                    unhashable: HashMap::new(),
+                    held: Vec::new(),
                     hash_retention: i64::try_from(hash_retention.as_secs()).unwrap_or(i64::MAX),
                     flows: FlowTotals::default(),
                     events: Vec::new(),
@@ -192,6 +201,12 @@ struct State {
     /// The sha256 of each file sighted (and when), for flows drained before
     /// their executable was hashed: the file's own, never the path's latest.
     hashes: HashMap<ExeKey, (Sha256, i64)>,
+    /// Files sighted that could not be hashed (and when): their flows are
+    /// not held back waiting for a hash.
+    unhashable: HashMap<ExeKey, i64>,
+    /// Flows held back until their file's hash is known (and since when),
+    /// while the ignore list names hashes.
+    held: Vec<(FlowRecord, Instant)>,
     /// Seconds a sighted file's hash is kept.
     hash_retention: i64,
     /// This window's flows and events for the other sinks (the journal's
@@ -209,7 +224,7 @@ impl State {
                 while let Ok(record) = records.try_recv() {
                     self.accept(record);
                 }
-                self.flush();
+                self.flush(true);
                 return;
             }
             let wait = next_flush.saturating_duration_since(Instant::now());
@@ -217,12 +232,12 @@ impl State {
                 Ok(record) => self.accept(record),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    self.flush();
+                    self.flush(true);
                     return;
                 }
             }
             if Instant::now() >= next_flush {
-                self.flush();
+                self.flush(false);
                 next_flush = Instant::now() + write_interval;
             }
         }
@@ -231,14 +246,12 @@ impl State {
     fn accept(&mut self, record: Record) {
         match record {
             Record::Flows(flows) => {
-                let recorded: Vec<FlowRecord> = flows
-                    .into_iter()
-                    .filter_map(|flow| self.policy.apply(flow))
-                    .collect();
-                self.journal.add_flows(&recorded);
-                if self.sinks.want_windows() {
-                    for flow in recorded {
-                        self.flows.add(flow);
+                for flow in flows {
+                    let flow = self.with_known_hash(flow);
+                    if self.awaits_hash(&flow) {
+                        self.held.push((flow, Instant::now()));
+                    } else {
+                        self.record(flow);
                     }
                 }
             }
@@ -252,7 +265,57 @@ impl State {
         }
     }
 
+    /// `flow` with the hash of the file that sent it, when that is known here.
+    fn with_known_hash(&self, mut flow: FlowRecord) -> FlowRecord {
+        if flow.program.sha256.is_none()
+            && let Some(file) = &flow.program.file
+            && let Some((sha256, _)) = self.hashes.get(file)
+        {
+            flow.program.sha256 = Some(sha256.clone());
+        }
+        flow
+    }
+
+    /// Whether `flow` waits for its hash: the ignore list names hashes, and
+    /// its file is still being hashed (neither hash nor failure known yet).
+    fn awaits_hash(&self, flow: &FlowRecord) -> bool {
+        self.policy.ignore.has_hashes()
+            && flow.program.sha256.is_none()
+            && flow
+                .program
+                .file
+                .as_ref()
+                .is_some_and(|file| !self.unhashable.contains_key(file))
+    }
+
+    /// Records `flow` in the journal and this window, unless the policy ignores it.
+    fn record(&mut self, flow: FlowRecord) {
+        let Some(flow) = self.policy.apply(flow) else {
+            return;
+        };
+        self.journal.add_flows(std::slice::from_ref(&flow));
+        if self.sinks.want_windows() {
+            self.flows.add(flow);
+        }
+    }
+
+    /// Records the held flows that `release` picks, with their hash if known now.
+    fn release(&mut self, release: impl Fn(&FlowRecord, Instant) -> bool) {
+        if self.held.is_empty() {
+            return;
+        }
+        let (ready, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(flow, since)| release(flow, *since));
+        self.held = still;
+        for (flow, _) in ready {
+            let flow = self.with_known_hash(flow);
+            self.record(flow);
+        }
+    }
+
     fn accept_sighting(&mut self, sighting: ExecutableSighting) {
+        let file = sighting.file;
         if let Some(sha256) = &sighting.sha256 {
             self.hashes.insert(
                 sighting.file,
@@ -265,11 +328,15 @@ impl State {
                     sha256: sha256.clone(),
                 });
             }
+        } else {
+            self.unhashable.insert(sighting.file, unix_now());
         }
         self.journal.add_executable(sighting);
+        self.release(|flow, _| flow.program.file.as_ref() == Some(&file));
     }
 
-    fn flush(&mut self) {
+    fn flush(&mut self, last: bool) {
+        self.release(|_, since| last || since.elapsed() >= HASH_HOLD);
         let now = unix_now();
         let hashes = &self.hashes;
         let hash_of = |file: &ExeKey| hashes.get(file).map(|(sha256, _)| sha256.clone());
@@ -291,6 +358,7 @@ impl State {
         });
         let horizon = now.saturating_sub(self.hash_retention);
         self.hashes.retain(|_, (_, seen)| *seen >= horizon);
+        self.unhashable.retain(|_, seen| *seen >= horizon);
         if self.sinks.want_windows() && !found.is_empty() {
             self.sinks.deliver(&Window {
                 start: now,
@@ -343,6 +411,118 @@ mod tests {
         };
         let recorded = policy(&keep).apply(flow(443, 45_000)).unwrap();
         assert_eq!(recorded.peer.local_port, Some(45_000));
+    }
+
+    /// The fan-out's state with a connection log in `dir`, ignoring `hash`.
+    fn state(dir: &std::path::Path, hash: &str) -> State {
+        let journal = JournalConfig {
+            path: dir.join("journal.db"),
+            ignore: IgnoreList {
+                hashes: vec![hash.to_owned()],
+                ..IgnoreList::default()
+            },
+            ..JournalConfig::default()
+        };
+        let log = super::super::connection_log::ConnectionLogConfig {
+            enabled: true,
+            path: dir.join("connections.jsonl"),
+            ..Default::default()
+        };
+        State {
+            journal: Journal::open(
+                journal.clone(),
+                super::super::journal::JournalMetrics::default(),
+                crate::model::Activity::new(Duration::from_secs(3600)),
+            ),
+            sinks: Sinks {
+                connection_log: Some(ConnectionLog::start(&log).unwrap()),
+                ..Sinks::default()
+            },
+            policy: policy(&journal),
+            hashes: HashMap::new(),
+            unhashable: HashMap::new(),
+            held: Vec::new(),
+            hash_retention: 300,
+            flows: FlowTotals::default(),
+            events: Vec::new(),
+            window_start: unix_now(),
+        }
+    }
+
+    fn sighting(file: ExeKey, sha256: Option<Sha256>) -> ExecutableSighting {
+        ExecutableSighting {
+            path: "/usr/bin/curl".into(),
+            file,
+            sha256,
+            hash_failure: None,
+            name: "curl".into(),
+            uid: 0,
+            parent_path: None,
+            seen_at: unix_now(),
+            modified: false,
+            used_network: true,
+            command_line: None,
+        }
+    }
+
+    #[test]
+    fn a_flow_waits_for_its_hash_while_hashes_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let ignored = Sha256::from_hex(&"ab".repeat(32)).unwrap();
+        let mut state = state(dir.path(), ignored.as_str());
+        let (slow, unhashable) = (
+            ExeKey {
+                dev: 1,
+                ino: 2,
+                generation: 3,
+            },
+            ExeKey {
+                dev: 1,
+                ino: 4,
+                generation: 5,
+            },
+        );
+        let unhashed = |file: ExeKey, remote_port: u16| {
+            let mut flow = flow(remote_port, 45_000);
+            flow.program.file = Some(file);
+            flow
+        };
+        // Drained before their files were hashed (the collector gave up waiting).
+        state.accept(Record::Flows(vec![
+            unhashed(slow, 443),
+            unhashed(unhashable, 8443),
+        ]));
+        state.flush(false);
+        assert_eq!(state.held.len(), 2, "both wait for their hash");
+        // The slow file's hash is the ignored one; the other cannot be hashed.
+        state.accept(Record::Executable(sighting(slow, Some(ignored))));
+        state.accept(Record::Executable(sighting(unhashable, None)));
+        assert!(state.held.is_empty());
+        // A later flow of the unhashable file is not held.
+        state.accept(Record::Flows(vec![unhashed(unhashable, 8443)]));
+        assert!(state.held.is_empty());
+        state.flush(true);
+        state.sinks.shutdown();
+        let log = std::fs::read_to_string(dir.path().join("connections.jsonl")).unwrap();
+        let connections: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains("\"record\":\"connection\""))
+            .collect();
+        assert_eq!(connections.len(), 1, "{log}");
+        assert!(connections[0].contains("\"remote_port\":8443"), "{log}");
+    }
+
+    #[test]
+    fn an_ignored_port_in_the_ephemeral_range_matches_before_it_is_left_out() {
+        let config = JournalConfig {
+            ignore: IgnoreList {
+                ports: vec![51820],
+                ..IgnoreList::default()
+            },
+            ..JournalConfig::default()
+        };
+        assert_eq!(policy(&config).apply(flow(51820, 45_000)), None);
+        assert!(policy(&config).apply(flow(51821, 45_000)).is_some());
     }
 
     #[test]

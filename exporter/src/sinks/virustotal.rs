@@ -22,7 +22,7 @@ use serde::Deserialize;
 use tokio::sync::mpsc;
 
 use crate::{
-    model::{Activity, Event, EventKind, Outbox, Record, Sha256, Touched},
+    model::{Activity, Event, EventKind, FailureClass, Failures, Outbox, Record, Sha256, Touched},
     support::{InvalidValue, backoff::Backoff, unix_now},
     telemetry::{ExecutableLabels, ResultLabels},
 };
@@ -107,9 +107,18 @@ impl VirusTotalConfig {
 pub struct VirusTotalMetrics {
     detections: Family<ExecutableLabels, Gauge>,
     lookups: Family<ResultLabels, Counter>,
+    /// Told when lookups fail and work again (`agent_error` events).
+    failures: Failures,
 }
 
 impl VirusTotalMetrics {
+    /// Failed lookups (HTTP errors, 429, transport, malformed answers) are
+    /// reported to `failures`, and the next successful one too.
+    pub fn reporting_to(mut self, failures: Failures) -> Self {
+        self.failures = failures;
+        self
+    }
+
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
         registry.register(
@@ -122,6 +131,20 @@ impl VirusTotalMetrics {
             "VirusTotal requests by result (found, not_found, uploaded, rate_limited, http_error, malformed, transport_error, file_error)",
             metrics.lookups.clone(),
         );
+        // Every result exported from the start, at zero: the first failure
+        // is then an increase the alert rule sees.
+        for result in [
+            "found",
+            "not_found",
+            "uploaded",
+            "rate_limited",
+            "http_error",
+            "malformed",
+            "transport_error",
+            "file_error",
+        ] {
+            let _ = metrics.lookups.get_or_create(&ResultLabels::new(result));
+        }
         metrics
     }
 }
@@ -395,18 +418,27 @@ impl Checker {
             };
             match self.examine(&check).await {
                 Ok(verdict) => {
+                    self.metrics.failures.succeeded(FailureClass::VirusTotal);
                     backoff = rate_limited();
                     pause = self.interval;
                     self.record(&check, &verdict);
                 }
                 Err(LookupError::RateLimited) => {
                     self.count("rate_limited");
+                    self.metrics.failures.failed(
+                        FailureClass::VirusTotal,
+                        "rate limited (HTTP 429): lookups slowed down",
+                    );
                     pause = backoff.next_delay();
                     tracing::warn!(backoff = ?pause, "VirusTotal rate limit hit; slowing down");
                     queue.push_front((check, attempts));
                 }
                 Err(error) => {
                     self.count(error.label());
+                    self.metrics.failures.failed(
+                        FailureClass::VirusTotal,
+                        format_args!("{}: {error}", error.label()),
+                    );
                     if attempts + 1 < MAX_ATTEMPTS {
                         queue.push_back((check, attempts + 1));
                     } else {
@@ -424,8 +456,9 @@ impl Checker {
         if verdict != Verdict::NotFound || !self.upload_unknown {
             return Ok(verdict);
         }
+        // The node's file: in the chart's pod the agent's own path is the image's.
         let content = read_for_upload(
-            PathBuf::from(&check.path),
+            crate::support::node::path_on_node(std::path::Path::new(&check.path)),
             check.sha256.clone(),
             self.max_upload_bytes,
         )

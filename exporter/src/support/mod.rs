@@ -4,6 +4,7 @@ pub mod backoff;
 pub mod build_info;
 mod invalid;
 pub mod logging;
+pub mod node;
 pub mod raw_text;
 
 pub use invalid::{InvalidValue, check_duration, check_range, check_ring_buffer};

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod health;
 pub mod http;
+pub mod listen;
 pub mod server;
 
 use std::{net::SocketAddr, path::PathBuf};
@@ -11,15 +12,16 @@ use serde::Deserialize;
 
 use crate::support::InvalidValue;
 
-/// Where `/metrics` is served unless configured otherwise.
-pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0:9941";
+/// Where `/metrics` is served unless configured otherwise: every address of
+/// both families (`listen.rs`: dual-stack, IPv4 alone on hosts without IPv6).
+pub const DEFAULT_LISTEN_ADDRESS: &str = "[::]:9941";
 pub const DEFAULT_TELEMETRY_PATH: &str = "/metrics";
 
 /// The `web:` section of the configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebConfig {
-    /// `host:port` to serve `/metrics` and `/healthz` on.
+    /// `host:port` to serve `/metrics` and `/healthz` on; `[::]` is both families.
     pub listen_address: String,
     /// Path of the Prometheus endpoint.
     pub telemetry_path: String,
@@ -56,7 +58,7 @@ impl WebConfig {
             InvalidValue::new(
                 "web.listen_address",
                 &self.listen_address,
-                format!("{err} (expected host:port, e.g. 0.0.0.0:9941)"),
+                format!("{err} (expected host:port, e.g. [::]:9941 or 0.0.0.0:9941)"),
             )
         })
     }

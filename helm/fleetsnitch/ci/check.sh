@@ -67,12 +67,16 @@ done
 (cd "$work/node" && node validate.mjs "${outs[@]}") || failed=1
 (cd "$work/node" && node expect.mjs "$chart" "$work/out") || failed=1
 # The extras variant's PrometheusRule (drift thresholds from values: 25 %, 5
-# hosts), as Prometheus would load it: promtool checks it and runs
-# ci/fleet-thresholds.test.yml on it (a drift the default thresholds ignore).
+# hosts; job fleetsnitch-web), as Prometheus would load it: promtool checks it
+# and runs ci/fleet-thresholds.test.yml on it (a drift the default thresholds
+# ignore) and ci/job-selector.test.yml (the agent-down alert of that job only).
 if [ -f "$work/out/extras.rules.yml" ]; then
   promtool check rules "$work/out/extras.rules.yml" || failed=1
   sed "s|@RULES@|$work/out/extras.rules.yml|" "$chart/ci/fleet-thresholds.test.yml" > "$work/out/fleet-thresholds.test.yml"
   promtool test rules "$work/out/fleet-thresholds.test.yml" || failed=1
+  # Its serviceMonitor.jobLabel (fleetsnitch-web) in FleetsnitchAgentDown.
+  sed "s|@RULES@|$work/out/extras.rules.yml|" "$chart/ci/job-selector.test.yml" > "$work/out/job-selector.test.yml"
+  promtool test rules "$work/out/job-selector.test.yml" || failed=1
 else
   echo "no extras.rules.yml: the PrometheusRule of the extras variant was not checked"; failed=1
 fi

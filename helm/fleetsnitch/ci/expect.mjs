@@ -26,10 +26,9 @@ const dashboardFiles = fs.readdirSync(dashboardsDir).filter((f) => f.endsWith(".
 const serviceMonitor = (objs) => objs.find((o) => o.kind === "ServiceMonitor");
 const ruleGroups = (objs) => objs.find((o) => o.kind === "PrometheusRule").spec.groups;
 const rulesFile = YAML.parse(fs.readFileSync(path.join(chart, "rules/fleetsnitch.rules.yml"), "utf8"));
-// The PrometheusRule: the rules file's groups unchanged, then the drift thresholds.
+// The PrometheusRule: the rules file's groups (expectJob), then the drift thresholds.
 const expectRules = (objs, share, hosts) => {
   const groups = ruleGroups(objs);
-  assert.deepEqual(groups.slice(0, -1), rulesFile.groups);
   assert.deepEqual(groups.at(-1), {
     name: "fleetsnitch.fleet.thresholds",
     rules: [
@@ -39,12 +38,51 @@ const expectRules = (objs, share, hosts) => {
   });
 };
 
+// The PrometheusRule follows serviceMonitor.jobLabel: the rules file with its
+// one job selector, job="fleetsnitch", set to that job, and nothing else changed.
+const expectJob = (objs, job) => {
+  const groups = ruleGroups(objs);
+  const selecting = JSON.stringify(groups).match(/job=\\"[^"\\]*\\"/g);
+  assert.deepEqual(selecting, [`job=\\"${job}\\"`], "the rendered rules select the configured job, once");
+  const shipped = JSON.parse(JSON.stringify(groups.slice(0, -1)).replaceAll(`job=\\"${job}\\"`, 'job=\\"fleetsnitch\\"'));
+  assert.deepEqual(shipped, rulesFile.groups);
+  const agentDown = groups.flatMap((g) => g.rules).find((r) => r.alert === "FleetsnitchAgentDown");
+  assert.equal(agentDown.expr.trim(), `up{job="${job}"} == 0`);
+};
+// The ServiceMonitor's endpoint: honorLabels, then the operator's target labels
+// naming the agent's pod dropped before the chart's own relabelings.
+const expectEndpoint = (objs, honorLabels, job) => {
+  const endpoint = serviceMonitor(objs).spec.endpoints[0];
+  assert.equal(endpoint.honorLabels, honorLabels);
+  assert.deepEqual(endpoint.relabelings.slice(0, 3), [
+    { action: "labeldrop", regex: "(pod|namespace|container)" },
+    { targetLabel: "job", replacement: job },
+    { sourceLabels: ["__meta_kubernetes_pod_node_name"], targetLabel: "host" },
+  ]);
+  return endpoint;
+};
+
+// The dashboards select the job through their $job variable only (whatever
+// serviceMonitor.jobLabel is, they show it).
+const dashboardJobs = () => {
+  for (const file of dashboardFiles) {
+    const text = fs.readFileSync(path.join(dashboardsDir, file), "utf8");
+    const selectors = text.match(/job\s*(=~|!=|!~|=)\s*\\"[^"\\]*\\"/g) ?? [];
+    const fixed = selectors.filter((s) => !/^job=~\\"\$job\\"$/.test(s));
+    assert.deepEqual(fixed, [], `${file} selects a job other than $job`);
+    assert.ok(selectors.length > 0, `${file}: no job selector at all`);
+  }
+};
+
 const checks = {
   default(objs, text) {
     const c = container(objs);
-    assert.deepEqual(c.args, ["--config.file=/etc/fleetsnitch/fleetsnitch.yaml", "--web.listen-address=0.0.0.0:9941",
-      "--journal.path=/var/lib/fleetsnitch/journal.db", "--log.level=info"]);
+    assert.deepEqual(c.args, ["--config.file=/etc/fleetsnitch/fleetsnitch.yaml", "--web.listen-address=[::]:9941",
+      "--journal.path=/var/lib/fleetsnitch/journal.db", "--log.level=info", "--path.rootfs=/host"]);
     assert.deepEqual(c.env.map((e) => e.name), ["NODE_NAME"]);
+    // The node's / for user names and the files of exited processes.
+    assert.deepEqual(volume(objs, "host-root"), { name: "host-root", hostPath: { path: "/", type: "Directory" } });
+    assert.deepEqual(mount(objs, "host-root"), { name: "host-root", mountPath: "/host", readOnly: true, mountPropagation: "HostToContainer" });
     assert.deepEqual(c.startupProbe, { httpGet: { path: "/healthz", port: "metrics" }, periodSeconds: 5, failureThreshold: 60, timeoutSeconds: 3 });
     assert.equal(c.livenessProbe.initialDelaySeconds, undefined, "the startup probe replaces the liveness delay");
     assert.equal(volume(objs, "connection-log"), undefined);
@@ -65,6 +103,10 @@ const checks = {
     assert.match(text, /ServiceMonitor fleetsnitch \(job="fleetsnitch"\)/);
     assert.match(text, /PrometheusRule fleetsnitch/);
     expectRules(objs, 0.1, 10);
+    expectJob(objs, "fleetsnitch");
+    const endpoint = expectEndpoint(objs, true, "fleetsnitch");
+    assert.equal(endpoint.relabelings.length, 3);
+    assert.equal(endpoint.metricRelabelings, undefined);
     assert.equal(serviceMonitor(objs).spec.endpoints[0].relabelings.find((r) => r.targetLabel === "fleet_group"), undefined);
     assert.match(text, /curl -k https:/);
   },
@@ -96,8 +138,14 @@ const checks = {
     assert.match(text, /GeoIP databases are read from \/usr\/share\/GeoIP \(GeoLite2-Country\.mmdb, GeoLite2-ASN\.mmdb\)/);
     assert.match(text, /grafana_dashboard_fleetsnitch=yes/);
     expectRules(objs, 0.25, 5);
-    assert.deepEqual(serviceMonitor(objs).spec.endpoints[0].relabelings.find((r) => r.targetLabel === "fleet_group"),
-      { targetLabel: "fleet_group", replacement: "web" });
+    expectJob(objs, "fleetsnitch-web");
+    const endpoint = expectEndpoint(objs, false, "fleetsnitch-web");
+    assert.deepEqual(endpoint.relabelings.slice(3), [
+      { targetLabel: "fleet_group", replacement: "web" },
+      { sourceLabels: ["__meta_kubernetes_pod_node_name"], targetLabel: "node" },
+    ]);
+    assert.deepEqual(endpoint.metricRelabelings, [{ action: "drop", sourceLabels: ["__name__"], regex: "process_.*" }]);
+    assert.match(text, /ServiceMonitor fleetsnitch \(job="fleetsnitch-web"\)/);
     // The rendered rules, for promtool (check.sh): ci/fleet-thresholds.test.yml.
     fs.writeFileSync(path.join(out, "extras.rules.yml"), YAML.stringify({ groups: ruleGroups(objs) }));
   },
@@ -112,6 +160,9 @@ const checks = {
     assert.deepEqual(config.connection_log, { enabled: true, path: "/var/log/flows/fleetsnitch.jsonl", max_files: 3 });
     assert.equal(c.startupProbe, undefined);
     assert.equal(c.livenessProbe.initialDelaySeconds, 60, "without a startup probe liveness waits");
+    assert.equal(volume(objs, "host-root"), undefined);
+    assert.equal(mount(objs, "host-root"), undefined);
+    assert.ok(!c.args.some((a) => a.startsWith("--path.rootfs")), "no --path.rootfs without the mount");
     const maps = dashboards(objs);
     assert.equal(maps.length, dashboardFiles.length);
     for (const map of maps) {
@@ -133,5 +184,12 @@ for (const [name, check] of Object.entries(checks)) {
     console.log(`expectations FAILED: ${name}: ${e.message}`);
     bad++;
   }
+}
+try {
+  dashboardJobs();
+  console.log("expectations ok: dashboards select the job by $job only");
+} catch (e) {
+  console.log(`expectations FAILED: dashboards: ${e.message}`);
+  bad++;
 }
 process.exit(bad ? 1 : 0);

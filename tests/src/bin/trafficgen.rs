@@ -58,7 +58,7 @@ fn usage() -> String {
     let mut s = String::from(
         "usage:\n  trafficgen serve [--v4 ADDR] [--v6 ADDR]   (prints `ready`; answers `stats` on stdin)\n  \
          trafficgen client <scenario> [--peer-v4 ADDR] [--peer-v6 ADDR] [--bytes N] [--count N] \
-         [--secs N] [--iface NAME]\n  trafficgen list\n\nscenarios (default --bytes / --count):\n",
+         [--secs N] [--iface NAME] [--linger SECS]\n  trafficgen list\n\nscenarios (default --bytes / --count):\n",
     );
     for sc in SCENARIOS {
         s.push_str(&format!(
@@ -91,8 +91,13 @@ fn run(args: &[String]) -> Result<()> {
                 .ok_or_else(|| anyhow!("unknown scenario {name:?}\n{}", usage()))?;
             let opts = Opts::parse(
                 &rest[1..],
-                &["peer-v4", "peer-v6", "bytes", "count", "secs", "iface"],
+                &[
+                    "peer-v4", "peer-v6", "bytes", "count", "secs", "iface", "linger",
+                ],
             )?;
+            // Run on after the scenario, as a service would: its file stays
+            // reachable through the process (a container's file, from outside).
+            let linger: Option<f64> = opts.get_parsed("linger")?;
             let ctx = Ctx {
                 peer_v4: opts.get_parsed("peer-v4")?.unwrap_or(PEER_V4.parse()?),
                 peer_v6: opts.get_parsed("peer-v6")?.unwrap_or(PEER_V6.parse()?),
@@ -103,6 +108,9 @@ fn run(args: &[String]) -> Result<()> {
                 counts: Counts::default(),
             };
             let result = check_where(sc.name, &ctx).and_then(|()| run_scenario(sc.name, &ctx));
+            if let Some(secs) = linger {
+                std::thread::sleep(std::time::Duration::from_secs_f64(secs.clamp(0.0, 60.0)));
+            }
             let (sent, received) = ctx.counts.get();
             match result {
                 Ok(()) => {

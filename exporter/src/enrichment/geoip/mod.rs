@@ -43,6 +43,8 @@ use decode::{Fields, Lenient};
 use maxminddb::{MaxMindDbError, Reader};
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 
+use crate::model::{FailureClass, Failures};
+
 /// The `geoip:` section of the configuration.
 #[derive(Debug, Clone, Default, serde::Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -286,6 +288,9 @@ pub struct GeoIp {
     databases: Vec<Database>,
     lookup_errors: Counter,
     error_logged: AtomicBool,
+    /// The last lookup that touched a database failed.
+    failing: AtomicBool,
+    failures: Failures,
 }
 
 impl GeoIp {
@@ -343,7 +348,16 @@ impl GeoIp {
             databases,
             lookup_errors: Counter::default(),
             error_logged: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
+            failures: Failures::none(),
         }
+    }
+
+    /// Failed lookups are reported to `failures` (`agent_error` events), and
+    /// the first lookup that works again after them.
+    pub fn reporting_to(mut self, failures: Failures) -> Self {
+        self.failures = failures;
+        self
     }
 
     /// Exports the lookups that failed as `fleetsnitch_geoip_lookup_errors_total`.
@@ -394,6 +408,7 @@ impl GeoIp {
         if is_private_or_local(ip) {
             return geo;
         }
+        let mut failed = false;
         for database in &self.databases {
             if geo.is_complete() {
                 break;
@@ -404,8 +419,15 @@ impl GeoIp {
             }
             match database.fields(ip) {
                 Ok(fields) => fields.merge_into(&mut geo),
-                Err(error) => self.record_error(database, ip, &error),
+                Err(error) => {
+                    failed = true;
+                    self.record_error(database, ip, &error);
+                }
             }
+        }
+        if !failed && self.failing.load(Ordering::Relaxed) {
+            self.failing.store(false, Ordering::Relaxed);
+            self.failures.succeeded(FailureClass::GeoIp);
         }
         geo
     }
@@ -420,6 +442,14 @@ impl GeoIp {
     #[cold]
     fn record_error(&self, database: &Database, ip: IpAddr, error: &MaxMindDbError) {
         self.lookup_errors.inc();
+        self.failing.store(true, Ordering::Relaxed);
+        self.failures.failed(
+            FailureClass::GeoIp,
+            format_args!(
+                "lookup in {} failed (corrupt database?): {error}",
+                database.path.display()
+            ),
+        );
         if !self.error_logged.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 database = %database.path.display(),

@@ -12,6 +12,7 @@ use super::{HashFailure, HashJob};
 use crate::{
     identity::{inode::generation_agrees, processes::ExeKey},
     model::Sha256,
+    support::node,
 };
 
 /// Hashes the file the kernel identified as `job.exe`.
@@ -21,12 +22,12 @@ pub fn hash_executable(job: &HashJob) -> Result<Sha256, HashFailure> {
 }
 
 /// Opens the file the kernel identified as `job.exe`: through the process
-/// first, else by path; with the open file's `st_dev`.
+/// first, else by path on the node; with the open file's `st_dev`.
 pub(super) fn open_executable(job: &HashJob) -> Result<(File, u64), HashFailure> {
     let via_process = open_matching(&format!("/proc/{}/exe", job.tgid), job.exe);
     match via_process {
         Ok(opened) => Ok(opened),
-        Err(process_error) => match open_matching(&job.path, job.exe) {
+        Err(process_error) => match open_on_node(&job.path, job.exe) {
             Ok(opened) => Ok(opened),
             Err(Mismatch::Other) => Err(HashFailure::Replaced),
             Err(Mismatch::Missing) if process_error == Mismatch::Missing => {
@@ -34,6 +35,18 @@ pub(super) fn open_executable(job: &HashJob) -> Result<(File, u64), HashFailure>
             }
             Err(_) => Err(HashFailure::Replaced),
         },
+    }
+}
+
+/// Opens `path` as the node names it, if it is the file `exe`: through the
+/// node's root when the agent runs in a mount namespace of its own (the
+/// chart's pod), where its own `path` would be the image's file.
+pub(super) fn open_on_node(path: &str, exe: ExeKey) -> Result<(File, u64), Mismatch> {
+    match node::foreign_root() {
+        Some(root) if path.starts_with('/') => {
+            open_matching(&format!("{}{path}", root.display()), exe)
+        }
+        _ => open_matching(path, exe),
     }
 }
 

@@ -40,11 +40,11 @@ use files::open_matching;
 use worker::Worker;
 
 use super::{
-    modification::ModificationWatch,
+    modification::{ModificationWatch, WatchReporting},
     processes::{ExeKey, Process},
 };
 use crate::{
-    model::{Activity, Outbox, Sha256},
+    model::{Activity, Failures, Outbox, Sha256},
     telemetry::{ExeLabels, ExecutableLabels, ReasonLabels},
 };
 
@@ -76,9 +76,32 @@ pub struct HashMetrics {
     executable_info: Family<ExecutableLabels, Gauge>,
     hash_failures: Family<ReasonLabels, Counter>,
     executable_modified: Family<ExeLabels, Gauge>,
+    watch_errors: Family<ReasonLabels, Counter>,
+    failures: Failures,
 }
 
 impl HashMetrics {
+    /// The modification watch reports fanotify failures to `failures`.
+    pub fn reporting_to(mut self, failures: Failures) -> Self {
+        self.failures = failures;
+        self
+    }
+
+    fn watch_reporting(&self) -> WatchReporting {
+        let reason = |reason: &str| {
+            self.watch_errors
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_owned(),
+                })
+                .clone()
+        };
+        WatchReporting {
+            unavailable: reason("unavailable"),
+            mark: reason("mark"),
+            failures: self.failures.clone(),
+        }
+    }
+
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = Self::default();
         registry.register(
@@ -97,6 +120,13 @@ impl HashMetrics {
             Unit::Seconds,
             metrics.executable_modified.clone(),
         );
+        registry.register(
+            "modification_watch_errors",
+            "fanotify failures, by reason: unavailable (fanotify_init failed at start: no \
+             executable modified in place is noticed until it runs again), mark (a file \
+             that could not be watched)",
+            metrics.watch_errors.clone(),
+        );
         for failure in [
             HashFailure::ProcessExited,
             HashFailure::Replaced,
@@ -104,6 +134,8 @@ impl HashMetrics {
         ] {
             metrics.failure(failure).inc_by(0);
         }
+        // Both reasons exported at zero: rules see the family.
+        let _ = metrics.watch_reporting();
         metrics
     }
 
@@ -140,6 +172,10 @@ pub struct HashJob {
     pub used_network: bool,
     /// Its command line, when exec tracking records them.
     pub command_line: Option<String>,
+    /// A sighting for the sinks and the metrics; `false` for a parent hashed
+    /// only so its children's records carry its sha256 (a parent that never
+    /// used the network is not journaled as seen).
+    pub sighting: bool,
 }
 
 impl HashJob {
@@ -169,7 +205,21 @@ impl HashJob {
             file: None,
             used_network: true,
             command_line: None,
+            sighting: true,
         }
+    }
+
+    /// The parent of `process`, to hash for its children's records, when its
+    /// file and path are known.
+    pub fn parent_of(process: &Process, seen_at: i64) -> Option<Self> {
+        let path = process.parent_path.clone()?;
+        if process.ppid == 0 || process.parent_exe.is_kernel() {
+            return None;
+        }
+        Some(Self {
+            sighting: false,
+            ..Self::unannounced(process.parent_exe, process.ppid, path, seen_at)
+        })
     }
 }
 
@@ -371,7 +421,7 @@ impl Hasher {
         let worker_shared = shared.clone();
         // fanotify_init needs CAP_SYS_ADMIN, which is dropped once start-up ends:
         // initialised here, before the worker thread could run late.
-        let watch = ModificationWatch::new();
+        let watch = ModificationWatch::reporting_to(metrics.watch_reporting());
         let worker = thread::Builder::new()
             .name("fleetsnitch-hash".into())
             .spawn(move || {
@@ -525,6 +575,7 @@ pub(super) mod test_support {
             file: None,
             used_network: true,
             command_line: None,
+            sighting: true,
         }
     }
 

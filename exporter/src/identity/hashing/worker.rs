@@ -4,17 +4,21 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    os::unix::fs::MetadataExt,
     sync::{Arc, mpsc},
     time::Duration,
 };
 
 use super::{
     Cached, HashFailure, HashIndex, HashJob, HashMetrics, HeldFile, Shared, Stamp,
-    files::{open_executable, open_matching, sha256_of},
+    files::{Mismatch, open_executable, open_on_node, sha256_of},
     stamp_of,
 };
 use crate::{
-    identity::{modification::ModificationWatch, processes::ExeKey},
+    identity::{
+        modification::{ModificationWatch, Modified},
+        processes::ExeKey,
+    },
     model::{Activity, ExecutableSighting, Outbox, Record, Sha256, Touched},
     support::unix_now,
     telemetry::{ExeLabels, ExecutableLabels, UNAVAILABLE},
@@ -80,8 +84,8 @@ impl Worker {
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
-            for (exe, path) in self.watch.poll() {
-                self.rehash_modified(exe, &path);
+            for modified in self.watch.poll() {
+                self.rehash_modified(modified);
             }
             self.expire(unix_now());
         }
@@ -135,11 +139,21 @@ impl Worker {
     }
 
     /// `exe` was written to in place: hash it again and journal the change.
-    fn rehash_modified(&mut self, exe: ExeKey, path: &str) {
+    fn rehash_modified(&mut self, modified: Modified) {
+        let Modified { exe, path, file } = modified;
+        let path = path.as_str();
         let Some(mut job) = self.last_jobs.get(&exe).cloned() else {
             return;
         };
-        let (sha256, file_dev, stamp) = match open_matching(path, exe) {
+        // The file the event handed over, else the file where it was marked.
+        let opened = match file {
+            Some(file) => file
+                .metadata()
+                .map(|metadata| (file, metadata.dev()))
+                .map_err(|_| Mismatch::Missing),
+            None => open_on_node(path, exe),
+        };
+        let (sha256, file_dev, stamp) = match opened {
             Ok((file, file_dev)) => match sha256_of(&file) {
                 Ok(sha256) => (sha256, file_dev, stamp_of(&file)),
                 Err(_) => return,
@@ -172,8 +186,8 @@ impl Worker {
     fn run(&mut self, mut job: HashJob) {
         // Writes seen to watched files first: a sighting of a file being
         // modified in place must not pass for a new file (see `outcome`).
-        for (exe, path) in self.watch.poll() {
-            self.rehash_modified(exe, &path);
+        for modified in self.watch.poll() {
+            self.rehash_modified(modified);
         }
         let held = job.file.take();
         let started = std::time::Instant::now();
@@ -187,8 +201,16 @@ impl Worker {
         }
         // The descriptor is released here, before the job is remembered.
         drop(held);
+        if !job.sighting {
+            // A parent's hash for its children's records: cached and indexed,
+            // forgotten like any file nothing ran for the expiry.
+            let now = unix_now();
+            self.files.insert(job.exe, job.path.clone());
+            self.files_touched.touch(&job.exe, now);
+            return;
+        }
         if outcome.is_ok() {
-            self.watch.watch(job.exe, &job.path);
+            self.watch.watch(job.exe, &job.path, job.tgid);
             self.last_jobs.insert(job.exe, job.clone());
         }
         self.export(&job, outcome, false);
@@ -340,6 +362,41 @@ mod tests {
             ModificationWatch::new(),
             activity(),
         )
+    }
+
+    #[test]
+    fn a_parent_is_hashed_for_its_children_without_a_sighting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("parent-shell");
+        std::fs::write(&path, b"a parent that never used the network").unwrap();
+        let key = key_of(&path);
+        let (outbox, records) = Outbox::bounded(16, Default::default());
+        let metrics = HashMetrics::default();
+        let mut worker = Worker::new(
+            metrics.clone(),
+            Some(outbox),
+            HashIndex::default(),
+            Arc::new(Shared::default()),
+            ModificationWatch::new(),
+            activity(),
+        );
+        let parent = HashJob {
+            sighting: false,
+            ..job(key, u32::MAX - 1, &path.to_string_lossy())
+        };
+        worker.run(parent);
+        assert_eq!(
+            worker.index.sha256_of(key),
+            Some(sha256_of(&File::open(&path).unwrap()).unwrap()),
+            "the parent's hash is in the index its children's flows read"
+        );
+        assert!(
+            records.try_recv().is_err(),
+            "no sighting: a parent is not journaled as an executable seen"
+        );
+        // The same file as a sighting of its own is handed on.
+        worker.run(job(key, u32::MAX - 1, &path.to_string_lossy()));
+        assert!(matches!(records.try_recv(), Ok(Record::Executable(_))));
     }
 
     #[test]

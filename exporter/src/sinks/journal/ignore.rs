@@ -1,4 +1,5 @@
-//! Traffic kept out of the connection log (its executable is still journaled).
+//! Traffic kept out of the journal's rollups, the connection log and OTLP (its
+//! executable is still journaled, and /metrics counts it).
 
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -19,6 +20,11 @@ pub struct IgnoreList {
 }
 
 impl IgnoreList {
+    /// Whether executables are ignored by hash (flows then wait for theirs).
+    pub fn has_hashes(&self) -> bool {
+        !self.hashes.is_empty()
+    }
+
     pub fn matches(&self, flow: &FlowRecord) -> bool {
         let (program, peer) = (&flow.program, &flow.peer);
         if let Some(sha256) = &program.sha256

@@ -33,6 +33,9 @@ use crate::{
 
 pub const DEFAULT_JOURNAL_PATH: &str = "/var/lib/fleetsnitch/journal.db";
 
+/// Default of `journal.command_line_max_bytes`.
+pub const DEFAULT_COMMAND_LINE_MAX_BYTES: usize = 1024;
+
 /// The `journal:` section of the configuration.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -50,6 +53,12 @@ pub struct JournalConfig {
     pub record_addresses: bool,
     /// Record local and remote ports in connection rollups.
     pub record_ports: bool,
+    /// Record the command lines of each process and its parent in every
+    /// sink's connection records (they can hold secrets: off by default).
+    pub record_command_lines: bool,
+    /// Longest command line kept, in bytes; longer ones are cut on a
+    /// character boundary and end with `…`.
+    pub command_line_max_bytes: usize,
     /// Record ports in the ephemeral range (`metrics.ephemeral_ports`) in
     /// connection rollups. Off, a client's connections to one peer port fold
     /// into one rollup per window instead of one per source port.
@@ -74,6 +83,8 @@ impl Default for JournalConfig {
             retention_days: 30,
             record_addresses: true,
             record_ports: true,
+            record_command_lines: false,
+            command_line_max_bytes: DEFAULT_COMMAND_LINE_MAX_BYTES,
             record_ephemeral_ports: false,
             max_pending: 100_000,
             ignore: IgnoreList::default(),
@@ -95,6 +106,12 @@ impl JournalConfig {
             "must be between 100ms and 1h",
         )?;
         check_range("journal.retention_days", self.retention_days, 1, 36_500)?;
+        check_range(
+            "journal.command_line_max_bytes",
+            self.command_line_max_bytes,
+            16,
+            65_536,
+        )?;
         check_duration(
             "journal.destination_learning_period",
             self.destination_learning_period,

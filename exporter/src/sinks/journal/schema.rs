@@ -89,6 +89,18 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO journal_info (key, value)
         VALUES ('destinations_since', CAST(strftime('%s', 'now') AS INTEGER));
     ",
+    // 4: every field of picosnitch's conn.log in the rollups: the process's
+    // and its parent's names, the parent's sha256, the user name beside the
+    // uid, the local address, and the command lines when recorded.
+    "
+    ALTER TABLE connections ADD COLUMN process_name TEXT;
+    ALTER TABLE connections ADD COLUMN user_name TEXT;
+    ALTER TABLE connections ADD COLUMN command_line TEXT;
+    ALTER TABLE connections ADD COLUMN parent_name TEXT;
+    ALTER TABLE connections ADD COLUMN parent_sha256 TEXT;
+    ALTER TABLE connections ADD COLUMN parent_command_line TEXT;
+    ALTER TABLE connections ADD COLUMN local_address TEXT;
+    ",
 ];
 
 /// The version this code writes.

@@ -294,14 +294,16 @@ impl Store {
                 .prepare_cached(
                     "INSERT INTO connections (window_start, window_seconds, exe, sha256, parent, uid,
                          transport, local_port, remote_address, remote_port, domain,
-                         bytes_sent, bytes_received)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                         bytes_sent, bytes_received, process_name, user_name, command_line,
+                         parent_name, parent_sha256, parent_command_line, local_address)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15,
+                         ?16, ?17, ?18, ?19, ?20)",
                 )
                 .map_err(write_error)?;
             for (flow, bytes) in batch.flows.iter() {
-                // The journal keeps the flow's program and peer; context it does
-                // not store (user and process names, container, pod, GeoIP)
-                // reaches OTLP and the connection log.
+                // The journal keeps the flow's program and peer (every field of
+                // picosnitch's conn.log); the workload and GeoIP context reaches
+                // OTLP and the connection log.
                 let FlowRecord {
                     program:
                         Program {
@@ -310,13 +312,18 @@ impl Store {
                             file: _,
                             sha256,
                             parent,
+                            parent_sha256,
+                            parent_name,
+                            command_line,
+                            parent_command_line,
                             uid,
-                            user_name: _,
-                            comm: _,
+                            user_name,
+                            comm,
                         },
                     peer:
                         Peer {
                             transport,
+                            local_address,
                             local_port,
                             remote_address,
                             remote_port,
@@ -342,6 +349,13 @@ impl Store {
                         domain,
                         bytes.sent as i64,
                         bytes.received as i64,
+                        comm,
+                        user_name,
+                        command_line,
+                        parent_name,
+                        parent_sha256.as_ref().map(Sha256::as_str),
+                        parent_command_line,
+                        local_address.map(|address| address.to_string()),
                     ])
                     .map_err(write_error)?;
             }

@@ -73,7 +73,7 @@ pub use worker::OtlpCounters;
 
 use worker::{Shared, Worker};
 
-use crate::model::Window;
+use crate::model::{Failures, Window};
 
 /// `service.name` of every record.
 pub const SERVICE_NAME: &str = "fleetsnitch";
@@ -81,7 +81,9 @@ pub const SERVICE_NAME: &str = "fleetsnitch";
 /// Who is sending: the resource of every record.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResourceInfo {
-    /// `host.name`; [`ResourceInfo::detect`] reads the kernel's host name.
+    /// `host.name`; [`ResourceInfo::detect`] reads the kernel's host name,
+    /// which the node name replaces when the agent knows one (in a pod the
+    /// kernel's host name is the pod's).
     pub host_name: Option<String>,
     /// `k8s.node.name`, when running in Kubernetes.
     pub k8s_node_name: Option<String>,
@@ -141,6 +143,15 @@ impl OtlpExporter {
     /// the caller's business. Connecting is lazy: a collector that is down
     /// is not an error here.
     pub fn start(config: &OtlpConfig, resource: &ResourceInfo) -> Result<Self, OtlpError> {
+        Self::start_reporting(config, resource, Failures::none())
+    }
+
+    /// [`Self::start`], telling `failures` when export fails and works again.
+    pub fn start_reporting(
+        config: &OtlpConfig,
+        resource: &ResourceInfo,
+        failures: Failures,
+    ) -> Result<Self, OtlpError> {
         config.validate()?;
         let settings = config.resolve()?;
         let https = settings.endpoint.starts_with("https://");
@@ -215,6 +226,7 @@ impl OtlpExporter {
             timeout: settings.timeout,
             initial_backoff: config.retry_initial_backoff,
             max_backoff: config.retry_max_backoff,
+            failures,
         };
         let thread = std::thread::Builder::new()
             .name("otlp-export".to_owned())

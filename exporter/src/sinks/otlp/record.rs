@@ -21,6 +21,9 @@ pub mod attr {
     pub const NETWORK_PEER_ADDRESS: &str = "network.peer.address";
     pub const NETWORK_PEER_PORT: &str = "network.peer.port";
     pub const NETWORK_LOCAL_PORT: &str = "network.local.port";
+    pub const NETWORK_LOCAL_ADDRESS: &str = "network.local.address";
+    /// The arguments joined by spaces, as `/proc/<pid>/cmdline` has them.
+    pub const PROCESS_COMMAND_LINE: &str = "process.command_line";
     pub const NETWORK_TRANSPORT: &str = "network.transport";
     /// `ipv4` or `ipv6`, from the peer address.
     pub const NETWORK_TYPE: &str = "network.type";
@@ -36,6 +39,10 @@ pub mod attr {
     pub const EXECUTABLE_SHA256: &str = "fleetsnitch.executable.sha256";
     /// No convention for the parent's executable (only `process.parent_pid`, which we do not have).
     pub const PARENT_EXECUTABLE_PATH: &str = "fleetsnitch.parent.executable.path";
+    pub const PARENT_EXECUTABLE_SHA256: &str = "fleetsnitch.parent.executable.sha256";
+    /// The parent's task name (`comm`).
+    pub const PARENT_COMM: &str = "fleetsnitch.parent.comm";
+    pub const PARENT_COMMAND_LINE: &str = "fleetsnitch.parent.command_line";
     /// The kernel's task name (`comm`, 15 bytes at most); not `process.command` (argv\[0\]).
     pub const PROCESS_COMM: &str = "fleetsnitch.process.comm";
     pub const BYTES_SENT: &str = "fleetsnitch.bytes.sent";
@@ -181,6 +188,10 @@ fn add_flow_attributes(target: &mut SdkLogRecord, record: &FlowRecord) {
                 file: _,
                 sha256,
                 parent,
+                parent_sha256,
+                parent_name,
+                command_line,
+                parent_command_line,
                 uid,
                 user_name,
                 comm,
@@ -197,6 +208,7 @@ fn add_flow_attributes(target: &mut SdkLogRecord, record: &FlowRecord) {
     } = record;
     let Peer {
         transport,
+        local_address,
         local_port,
         remote_address,
         remote_port,
@@ -210,6 +222,9 @@ fn add_flow_attributes(target: &mut SdkLogRecord, record: &FlowRecord) {
         }
     };
     text(attr::PARENT_EXECUTABLE_PATH, parent);
+    text(attr::PARENT_COMM, parent_name);
+    text(attr::PROCESS_COMMAND_LINE, command_line);
+    text(attr::PARENT_COMMAND_LINE, parent_command_line);
     text(attr::PROCESS_REAL_USER_NAME, user_name);
     text(attr::PROCESS_COMM, comm);
     text(attr::SERVER_ADDRESS, domain);
@@ -226,6 +241,9 @@ fn add_flow_attributes(target: &mut SdkLogRecord, record: &FlowRecord) {
     if let Some(sha256) = sha256 {
         target.add_attribute(attr::EXECUTABLE_SHA256, sha256.to_string());
     }
+    if let Some(sha256) = parent_sha256 {
+        target.add_attribute(attr::PARENT_EXECUTABLE_SHA256, sha256.to_string());
+    }
     let mut number = |key: &'static str, value: Option<i64>| {
         if let Some(value) = value {
             target.add_attribute(key, value);
@@ -241,6 +259,9 @@ fn add_flow_attributes(target: &mut SdkLogRecord, record: &FlowRecord) {
     }
     if let Some(address) = remote_address {
         target.add_attribute(attr::NETWORK_PEER_ADDRESS, address.to_string());
+    }
+    if let Some(address) = local_address {
+        target.add_attribute(attr::NETWORK_LOCAL_ADDRESS, address.to_string());
     }
     target.add_attribute(attr::BYTES_SENT, int(*sent));
     target.add_attribute(attr::BYTES_RECEIVED, int(*received));

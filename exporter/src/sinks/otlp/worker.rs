@@ -28,7 +28,10 @@ use prometheus_client::{
 use tokio::sync::Notify;
 
 use super::record::{Queued, fill_sdk_record};
-use crate::{model::Window, support::backoff::Backoff};
+use crate::{
+    model::{FailureClass, Failures, Window},
+    support::backoff::Backoff,
+};
 
 /// What the exporter counts, as `fleetsnitch_otlp_*`. Shared with the worker.
 #[derive(Debug, Clone, Default)]
@@ -239,6 +242,8 @@ pub(super) struct Worker {
     pub(super) timeout: Duration,
     pub(super) initial_backoff: Duration,
     pub(super) max_backoff: Duration,
+    /// Told when export fails and works again (`agent_error` events).
+    pub(super) failures: Failures,
 }
 
 enum Attempt {
@@ -277,6 +282,7 @@ impl Worker {
                 match self.attempt(&records, limit).await {
                     Attempt::Delivered => {
                         self.shared.delivered(records.len());
+                        self.failures.succeeded(FailureClass::Otlp);
                         if let Some(failures) = failing.take() {
                             tracing::info!(
                                 endpoint = %self.endpoint,
@@ -289,6 +295,10 @@ impl Worker {
                     }
                     Attempt::Rejected(error) => {
                         self.shared.counters.export_errors.inc_by(1);
+                        self.failures.failed(
+                            FailureClass::Otlp,
+                            format_args!("{} rejected a batch: {error}", self.endpoint),
+                        );
                         let dropped = self.shared.discard(records.len(), false);
                         tracing::warn!(
                             endpoint = %self.endpoint,
@@ -300,6 +310,10 @@ impl Worker {
                     }
                     Attempt::Retry(error) => {
                         self.shared.counters.export_errors.inc_by(1);
+                        self.failures.failed(
+                            FailureClass::Otlp,
+                            format_args!("export to {} failed: {error}", self.endpoint),
+                        );
                         match &mut failing {
                             Some(failures) => *failures += 1,
                             None => {
