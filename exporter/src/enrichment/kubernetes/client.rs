@@ -1,5 +1,8 @@
 //! The kube-rs client: the API server's URL, its CA, timeouts, and a request
-//! layer of our own for the bearer token and the pacing of watches.
+//! layer of our own for the bearer token, the pacing of watches and the
+//! health of watches the server accepted (kube-rs's watcher makes no event
+//! for them, so a quiet node's recovery would otherwise wait for a pod to
+//! change).
 //!
 //! The token is not given to kube-rs (`AuthInfo::token_file`): kube-rs reads
 //! a token file again only once a minute, whatever happens. Ours is read again
@@ -20,7 +23,9 @@ use kube::client::{Body, ClientBuilder};
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 use tower::{Layer, Service};
 
-use super::{InCluster, KubernetesConfig, KubernetesError, ResolverCounters, read_token};
+use super::{
+    InCluster, KubernetesConfig, KubernetesError, ResolverCounters, health::ApiHealth, read_token,
+};
 use crate::support::backoff::Backoff;
 
 /// A client for the API server of `cluster`, with `config`'s timeouts.
@@ -28,6 +33,7 @@ pub(super) fn build(
     cluster: &InCluster,
     config: &KubernetesConfig,
     counters: &ResolverCounters,
+    health: &ApiHealth,
     watch_backoff: Backoff,
 ) -> Result<kube::Client, KubernetesError> {
     let url: http::Uri = cluster
@@ -78,6 +84,7 @@ pub(super) fn build(
             backoff: watch_backoff,
         })),
         counters: counters.clone(),
+        health: health.clone(),
     };
     let builder = ClientBuilder::try_from(kube_config)
         .map_err(|err| KubernetesError::Client(crate::support::error_chain(&err)))?;
@@ -163,12 +170,14 @@ impl Pacer {
     }
 }
 
-/// Sets the bearer token on every request, counts and paces watches.
+/// Sets the bearer token on every request, counts and paces watches, and
+/// reports a watch the server accepted as a success.
 #[derive(Clone)]
 struct RequestLayer {
     token: Arc<Token>,
     pacer: Arc<Mutex<Pacer>>,
     counters: ResolverCounters,
+    health: ApiHealth,
 }
 
 impl<S> Layer<S> for RequestLayer {
@@ -214,7 +223,8 @@ where
         request
             .headers_mut()
             .insert(AUTHORIZATION, self.layer.token.header());
-        let pause = if is_watch(&request) {
+        let watch = is_watch(&request);
+        let pause = if watch {
             self.layer.counters.watches.inc();
             self.layer
                 .pacer
@@ -228,6 +238,7 @@ where
         // pause here paces it whether or not the request went out yet.
         let response = self.inner.call(request);
         let token = self.layer.token.clone();
+        let health = self.layer.health.clone();
         Box::pin(async move {
             if let Some(pause) = pause {
                 tracing::debug!("the last watch ended at once: next one in {pause:?}");
@@ -236,6 +247,10 @@ where
             let response = response.await?;
             if response.status() == StatusCode::UNAUTHORIZED {
                 token.refused();
+            }
+            // A failed one is reported by the watcher's error, with its cause.
+            if watch && response.status().is_success() {
+                health.succeeded();
             }
             Ok(response)
         })

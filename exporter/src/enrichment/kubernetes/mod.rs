@@ -21,7 +21,11 @@
 //!   counted, logged when the state changes from healthy to failing, and
 //!   retried after an exponential back-off (`backoff_min` doubling up to
 //!   `backoff_max`, 1 s .. 60 s by default, with jitter so that a fleet of
-//!   agents does not retry in step). kube-rs's own retries are off.
+//!   agents does not retry in step). kube-rs's own retries are off;
+//! - `fleetsnitch_kubernetes_api_up` is 1 after a list that ended, a watch
+//!   the server accepted or a watch event, 0 from a failure until the next
+//!   of those; outages are journaled as the `kubernetes` failure class
+//!   ([`ApiHealth`]).
 //!
 //! The map is keyed by container id, from `status.containerStatuses`,
 //! `initContainerStatuses` and `ephemeralContainerStatuses`
@@ -42,6 +46,7 @@
 //! selector narrows to the node, not the permission).
 
 mod client;
+mod health;
 mod index;
 mod watch;
 
@@ -54,8 +59,9 @@ use std::{
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use serde::Deserialize;
 
-use crate::support::backoff::Backoff;
+use crate::{model::Failures, support::backoff::Backoff};
 
+pub use health::ApiHealth;
 pub use index::{PodIndex, PodInfo, PodRef, normalise_container_id};
 
 /// Where the kubelet mounts the service account token.
@@ -294,6 +300,7 @@ impl ResolverCounters {
 pub struct PodResolver {
     index: PodIndex,
     counters: ResolverCounters,
+    health: ApiHealth,
     node_name: String,
     task: tokio::task::JoinHandle<()>,
 }
@@ -307,12 +314,29 @@ impl Drop for PodResolver {
 impl PodResolver {
     /// Starts the resolver when the agent runs in a cluster; `None` outside
     /// Kubernetes, and when it cannot start (the cause is logged as a
-    /// warning). Must be called within a tokio runtime.
-    pub fn spawn(config: &KubernetesConfig, counters: ResolverCounters) -> Option<Self> {
-        match Self::try_spawn(config, &|name| std::env::var(name).ok(), counters) {
-            Ok(resolver) => resolver,
+    /// warning and reported to `failures`). Registers the counters in any
+    /// case (dashboards see the families) and `fleetsnitch_kubernetes_api_up`
+    /// in a cluster only, 0 when the resolver could not start: pods go
+    /// unnamed then as surely as with the API server down. Must be called
+    /// within a tokio runtime.
+    pub fn spawn(
+        config: &KubernetesConfig,
+        registry: &mut Registry,
+        failures: Failures,
+    ) -> Option<Self> {
+        let counters = ResolverCounters::register(registry);
+        let health = ApiHealth::new(failures);
+        let env = |name: &str| std::env::var(name).ok();
+        match Self::try_spawn(config, &env, counters, health.clone()) {
+            Ok(Some(resolver)) => {
+                health.register(registry);
+                Some(resolver)
+            }
+            Ok(None) => None,
             Err(err) => {
                 tracing::warn!("pods will not be attributed: {err}");
+                health.register(registry);
+                health.not_started(&err);
                 None
             }
         }
@@ -324,9 +348,10 @@ impl PodResolver {
         config: &KubernetesConfig,
         env: &dyn Fn(&str) -> Option<String>,
         counters: ResolverCounters,
+        health: ApiHealth,
     ) -> Result<Option<Self>, KubernetesError> {
         match detect(config, env)? {
-            Some(cluster) => Self::start(cluster, config, counters).map(Some),
+            Some(cluster) => Self::start(cluster, config, counters, health).map(Some),
             None => {
                 tracing::debug!("not running in Kubernetes: no pod attribution");
                 Ok(None)
@@ -339,11 +364,12 @@ impl PodResolver {
         cluster: InCluster,
         config: &KubernetesConfig,
         counters: ResolverCounters,
+        health: ApiHealth,
     ) -> Result<Self, KubernetesError> {
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| KubernetesError::NoRuntime)?;
         let backoff = || Backoff::new(config.backoff_min, config.backoff_max, BACKOFF_JITTER);
-        let client = client::build(&cluster, config, &counters, backoff())?;
+        let client = client::build(&cluster, config, &counters, &health, backoff())?;
         let index = PodIndex::default();
         tracing::info!(
             api = %cluster.api_url,
@@ -355,11 +381,13 @@ impl PodResolver {
             watch::watcher_config(&cluster.node_name, config.watch_timeout),
             index.clone(),
             counters.clone(),
+            health.clone(),
             backoff(),
         ));
         Ok(Self {
             index,
             counters,
+            health,
             node_name: cluster.node_name,
             task,
         })
@@ -382,6 +410,11 @@ impl PodResolver {
 
     pub fn counters(&self) -> &ResolverCounters {
         &self.counters
+    }
+
+    /// Whether the API server answers; see [`ApiHealth`].
+    pub fn api_health(&self) -> &ApiHealth {
+        &self.health
     }
 
     pub fn node_name(&self) -> &str {

@@ -13,9 +13,10 @@ use kube::{
 
 use super::{
     ResolverCounters,
+    health::ApiHealth,
     index::{Index, PodIndex},
 };
-use crate::support::{backoff::Backoff, error_chain};
+use crate::support::backoff::Backoff;
 
 /// Pods asked for in one list request; more come in further pages. Each
 /// page is held parsed whole while it is applied: 100 rather than 500 keeps
@@ -30,31 +31,6 @@ pub(super) fn watcher_config(node: &str, watch_timeout: Duration) -> watcher::Co
         .fields(&format!("spec.nodeName={node}"))
         .timeout(timeout)
         .page_size(LIST_PAGE_SIZE)
-}
-
-/// Logs a failure when the resolver goes from working to failing, and the
-/// recovery, so that a long outage is one warning, not one per retry.
-struct Health {
-    failing: bool,
-}
-
-impl Health {
-    fn failed(&mut self, what: &str, err: &dyn std::error::Error, pause: Duration) {
-        let err = error_chain(err);
-        if self.failing {
-            tracing::debug!("{what} failed again: {err}; retrying in {pause:?}");
-        } else {
-            tracing::warn!("{what} failed: {err}; retrying in {pause:?}");
-            self.failing = true;
-        }
-    }
-
-    fn recovered(&mut self) {
-        if self.failing {
-            tracing::info!("the Kubernetes API answers again");
-            self.failing = false;
-        }
-    }
 }
 
 /// What one watcher error means.
@@ -92,9 +68,9 @@ pub(super) async fn run(
     config: watcher::Config,
     index: PodIndex,
     counters: ResolverCounters,
+    health: ApiHealth,
     mut backoff: Backoff,
 ) {
-    let mut health = Health { failing: false };
     // The map being listed, put in place of the index when the list ends.
     let mut listing: Option<Index> = None;
     loop {
@@ -116,13 +92,13 @@ pub(super) async fn run(
                     counters.lists.inc();
                     tracing::debug!(pods, "listed the pods of this node");
                     backoff.reset();
-                    health.recovered();
+                    health.succeeded();
                 }
                 Ok(Event::Apply(pod)) => {
                     index.write().upsert_pod(&pod);
                     counters.watch_events.inc();
                     backoff.reset();
-                    health.recovered();
+                    health.succeeded();
                 }
                 Ok(Event::Delete(pod)) => {
                     if let Some(uid) = &pod.metadata.uid {
@@ -130,7 +106,7 @@ pub(super) async fn run(
                     }
                     counters.watch_events.inc();
                     backoff.reset();
-                    health.recovered();
+                    health.succeeded();
                 }
                 Err(err) => match classify(&err) {
                     Failure::Expired => {
