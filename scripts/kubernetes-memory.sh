@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Memory of a running agent with its pod index loaded (README, "The pods of the
 # node"): starts scripts/kubernetes-standin.py with PODS pods, the agent BINARY
-# against it, and prints the Kubernetes counters and VmRSS/VmHWM after 25 s.
+# against it, and prints the Kubernetes counters (and fleetsnitch_kubernetes_api_up where
+# the agent exports it) and VmRSS/VmHWM after 25 s.
 # Needs root (the agent loads its eBPF programs). Usage:
 #   scripts/kubernetes-memory.sh target/release/fleetsnitch 300 [PORT]
 set -euo pipefail
@@ -24,7 +25,7 @@ EOC
   --web.listen-address "127.0.0.1:$web" >"$dir/agent.log" 2>&1 &
 agent=$!
 sleep 25
-curl -s "127.0.0.1:$web/metrics" | grep -E '^fleetsnitch_kubernetes_(lists|list_errors|watches|watch_errors)_total' | tr '\n' ' '
+curl -s "127.0.0.1:$web/metrics" | grep -E '^fleetsnitch_kubernetes_((lists|list_errors|watches|watch_errors)_total|api_up) ' | tr '\n' ' '
 echo
 grep -E 'VmRSS|VmHWM' "/proc/$agent/status" | tr -s ' \t' ' ' | tr '\n' ' '
 echo
