@@ -21,9 +21,13 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use fleetsnitch::enrichment::kubernetes::{
-    InCluster, KubernetesConfig, PodRef, PodResolver, ResolverCounters,
+use fleetsnitch::{
+    enrichment::kubernetes::{
+        ApiHealth, InCluster, KubernetesConfig, PodRef, PodResolver, ResolverCounters,
+    },
+    model::{Event, EventKind, Failures, Outbox, Record},
 };
+use prometheus_client::{encoding::text::encode, metrics::counter::Counter, registry::Registry};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
@@ -368,9 +372,38 @@ fn env(name: &str) -> Option<String> {
 }
 
 fn spawn(fixture: &Fixture) -> PodResolver {
-    PodResolver::try_spawn(&fixture.config, &env, ResolverCounters::default())
+    spawn_reporting(fixture, ApiHealth::default())
+}
+
+fn spawn_reporting(fixture: &Fixture, health: ApiHealth) -> PodResolver {
+    PodResolver::try_spawn(&fixture.config, &env, ResolverCounters::default(), health)
         .expect("resolver starts")
         .expect("in a cluster")
+}
+
+/// Failures journaled at once (no interval between a class's events), and
+/// the queue their `agent_error` events go to.
+fn journaled_failures() -> (Failures, std::sync::mpsc::Receiver<Record>) {
+    let (outbox, records) = Outbox::bounded(100, Counter::default());
+    (
+        Failures::with_interval(Some(outbox), Duration::ZERO),
+        records,
+    )
+}
+
+/// The details of the `agent_error` events queued since the last call.
+fn agent_errors(records: &std::sync::mpsc::Receiver<Record>) -> Vec<String> {
+    records
+        .try_iter()
+        .filter_map(|record| match record {
+            Record::Event(Event {
+                kind: EventKind::AgentError,
+                detail,
+                ..
+            }) => detail,
+            _ => None,
+        })
+        .collect()
 }
 
 /// Polls `done` every 5 ms for up to 10 s.
@@ -545,9 +578,14 @@ async fn list_then_watch_keeps_the_map() {
         ),
     );
     let counters = resolver.counters().clone();
-    wait_until("the bookmark", || counters.watch_events.get() >= 5).await;
+    assert_eq!(
+        counters.watch_events.get(),
+        4,
+        "bookmarks are not pod events"
+    );
     std::fs::write(fixture.dir.path().join("token"), "token-2\n").unwrap();
     {
+        // The watch ends after the bookmark line it already carries.
         let mut api = api.lock().unwrap();
         api.token = "token-2".to_owned();
         api.watch = None;
@@ -587,9 +625,35 @@ async fn server_errors_back_off_then_recover() {
         api.list_failures = VecDeque::from([500, 500, 503, 500, 500]);
         api.watch_failures = VecDeque::from([500, 503]);
     }
-    let resolver = spawn(&fixture);
+    let (failures, records) = journaled_failures();
+    let resolver = spawn_reporting(&fixture, ApiHealth::new(failures));
     wait_until("recovery", || resolver.lookup(&id(1)).is_some()).await;
     wait_until("the watch", || watch_open(&api)).await;
+
+    // One event when listing starts failing, one when a list works; the
+    // same for the watch, whose recovery is the server accepting it (no
+    // event came: a quiet node must not look down).
+    let events = std::cell::RefCell::new(Vec::new());
+    wait_until("four agent_error events", || {
+        events.borrow_mut().extend(agent_errors(&records));
+        events.borrow().len() >= 4
+    })
+    .await;
+    let events = events.into_inner();
+    let expected = [
+        "kubernetes: failing: listing the pods of this node failed: ",
+        "kubernetes: recovered after 5 failures",
+        "kubernetes: failing: watching the pods of this node failed: ",
+        "kubernetes: recovered after 2 failures",
+    ];
+    assert_eq!(events.len(), expected.len(), "{events:#?}");
+    for (event, prefix) in events.iter().zip(expected) {
+        assert!(
+            event.starts_with(prefix),
+            "expected {prefix:?}, saw {events:#?}"
+        );
+    }
+    assert!(resolver.api_health().is_up(), "the watch was accepted");
 
     let seen = requests(&api);
     let lists: Vec<Instant> = seen.iter().filter(|r| !r.watch).map(|r| r.at).collect();
@@ -626,6 +690,7 @@ async fn server_errors_back_off_then_recover() {
         resolver.lookup(&id(6)).is_some()
     })
     .await;
+    assert!(agent_errors(&records).is_empty(), "nothing failed since");
 }
 
 #[tokio::test]
@@ -690,15 +755,93 @@ async fn a_rejected_token_is_retried_until_it_rotates() {
     let counters = resolver.counters().clone();
     wait_until("401 answers", || counters.list_errors.get() >= 2).await;
     assert!(!resolver.index().synced());
+    assert!(
+        !resolver.api_health().is_up(),
+        "a refused token is an outage"
+    );
     std::fs::write(fixture.dir.path().join("token"), "token-2").unwrap();
     wait_until("the list with the new token", || resolver.index().synced()).await;
     assert!(resolver.lookup(&id(1)).is_some());
+    wait_until("up again", || resolver.api_health().is_up()).await;
     let seen = requests(&api);
     assert_eq!(seen[0].authorization.as_deref(), Some("Bearer token-1"));
     assert_eq!(
         seen.last().unwrap().authorization.as_deref(),
         Some("Bearer token-2")
     );
+}
+
+/// The kubelet rotates a bound service account token by swapping the
+/// projected volume's `..data` symlink, and the API server refuses the old
+/// token once it expired. The refusal makes the resolver read the file again:
+/// the next request carries the new token, although the periodic re-read is
+/// an hour away, and the watch resumes where it was (no relist).
+#[tokio::test]
+async fn a_token_rotated_on_disk_is_read_again_when_the_old_one_is_refused() {
+    use std::os::unix::fs::symlink;
+
+    let mut fixture = fixture(vec![web(1)], 2).await;
+    fixture.config.token_reload_interval = Duration::from_secs(3600);
+    let dir = fixture.dir.path().to_owned();
+    let volume = |name: &str, token: &str| {
+        std::fs::create_dir(dir.join(name)).unwrap();
+        std::fs::write(dir.join(name).join("token"), token).unwrap();
+    };
+    std::fs::remove_file(dir.join("token")).unwrap();
+    volume("..2024_05_01_10_00_00.1", "token-1\n");
+    symlink("..2024_05_01_10_00_00.1", dir.join("..data")).unwrap();
+    symlink("..data/token", dir.join("token")).unwrap();
+    let api = fixture.api.clone();
+    let resolver = spawn(&fixture);
+    let counters = resolver.counters().clone();
+    wait_until("the watch", || watch_open(&api)).await;
+
+    volume("..2024_05_01_10_48_00.2", "token-2\n");
+    symlink("..2024_05_01_10_48_00.2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    {
+        // The old token expires; the server ends the watch.
+        let mut api = api.lock().unwrap();
+        api.token = "token-2".to_owned();
+        api.watch = None;
+    }
+    wait_until("a watch with the new token", || {
+        watch_open(&api)
+            && requests(&api)
+                .iter()
+                .any(|r| r.authorization.as_deref() == Some("Bearer token-2"))
+    })
+    .await;
+    let seen = requests(&api);
+    let tokens: Vec<(bool, &str)> = seen
+        .iter()
+        .map(|r| (r.watch, r.authorization.as_deref().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        tokens,
+        [
+            (false, "Bearer token-1"),
+            (true, "Bearer token-1"),
+            (true, "Bearer token-1"),
+            (true, "Bearer token-2"),
+        ],
+        "list, watch, the refused watch, then the new token"
+    );
+    assert_eq!(
+        seen[3].query.get("resourceVersion").map(String::as_str),
+        Some("2"),
+        "resumed, not listed again"
+    );
+    assert_eq!(counters.watch_errors.get(), 1, "the 401");
+    assert_eq!(counters.lists.get(), 1);
+    assert_eq!(counters.list_errors.get(), 0);
+
+    // The watch with the new token works.
+    push(&api, event("ADDED", db(3, true)));
+    wait_until("an event after the rotation", || {
+        resolver.lookup(&id(6)).is_some()
+    })
+    .await;
 }
 
 #[test]
@@ -714,14 +857,69 @@ fn outside_kubernetes_there_is_no_resolver() {
         ca_path: dir.path().join("ca.crt"),
         ..KubernetesConfig::default()
     };
-    // No token file.
-    assert!(PodResolver::spawn(&config, ResolverCounters::default()).is_none());
+    // No token file: the counters are exported (at zero), the API's health
+    // is not (no API to be down, no alert on a plain host).
+    let mut registry = Registry::default();
+    assert!(PodResolver::spawn(&config, &mut registry, Failures::none()).is_none());
+    let exposition = exposition(&registry);
+    assert!(
+        exposition.contains("\nkubernetes_lists_total 0\n"),
+        "{exposition}"
+    );
+    assert!(!exposition.contains("kubernetes_api_up"), "{exposition}");
     std::fs::write(dir.path().join("token"), "t").unwrap();
     // A token but no KUBERNETES_SERVICE_* variables.
     assert!(
-        PodResolver::try_spawn(&config, &|_| None, ResolverCounters::default())
-            .unwrap()
-            .is_none()
+        PodResolver::try_spawn(
+            &config,
+            &|_| None,
+            ResolverCounters::default(),
+            ApiHealth::default()
+        )
+        .unwrap()
+        .is_none()
+    );
+}
+
+fn exposition(registry: &Registry) -> String {
+    let mut text = String::new();
+    encode(&mut text, registry).unwrap();
+    text
+}
+
+#[test]
+fn in_a_cluster_a_resolver_that_cannot_start_is_an_outage() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), "t").unwrap();
+    std::fs::write(dir.path().join("ca.crt"), "not a certificate\n").unwrap();
+    // In a cluster by configuration (no environment needed), with a CA
+    // bundle that holds no certificate.
+    let config = KubernetesConfig {
+        token_path: dir.path().join("token"),
+        ca_path: dir.path().join("ca.crt"),
+        api_url: Some("https://127.0.0.1:1".to_owned()),
+        node_name: Some(NODE.to_owned()),
+        ..KubernetesConfig::default()
+    };
+    let (failures, records) = journaled_failures();
+    let mut registry = Registry::default();
+    assert!(PodResolver::spawn(&config, &mut registry, failures).is_none());
+    let exposition = exposition(&registry);
+    assert!(
+        exposition.contains("\nkubernetes_api_up 0\n"),
+        "{exposition}"
+    );
+    let events = agent_errors(&records);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        events[0].starts_with("kubernetes: failing: the pod resolver cannot start: ")
+            && events[0].contains("ca.crt"),
+        "{events:?}"
     );
 }
 
@@ -848,6 +1046,7 @@ async fn in_cluster_over_tls_with_the_cluster_ca() {
         &config,
         &in_cluster_env(address),
         ResolverCounters::default(),
+        ApiHealth::default(),
     )
     .unwrap()
     .expect("in a cluster");
@@ -882,7 +1081,13 @@ async fn a_server_the_cluster_ca_did_not_sign_is_refused() {
         token_path: config.token_path.clone(),
         ca_pem: Some(other_ca_pem.into_bytes()),
     };
-    let resolver = PodResolver::start(cluster, &config, ResolverCounters::default()).unwrap();
+    let resolver = PodResolver::start(
+        cluster,
+        &config,
+        ResolverCounters::default(),
+        ApiHealth::default(),
+    )
+    .unwrap();
     let counters = resolver.counters().clone();
     wait_until("refused lists", || counters.list_errors.get() >= 2).await;
     assert!(!resolver.index().synced());
@@ -895,6 +1100,7 @@ async fn a_server_the_cluster_ca_did_not_sign_is_refused() {
         &config,
         &in_cluster_env(address),
         ResolverCounters::default(),
+        ApiHealth::default(),
     )
     .unwrap_err();
     assert!(err.to_string().contains("ca.crt"), "{err}");

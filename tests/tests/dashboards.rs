@@ -472,13 +472,14 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
     let destination_rules = ["FleetsnitchNewDestination"];
     // Caused in tests/tests/failures.rs (fanotify unavailable, a corrupt GeoIP
     // database, a collector nobody listens for, a full connection-log file
-    // system, VirusTotal answering 500).
+    // system, VirusTotal and the Kubernetes API answering 500).
     let failure_rules = [
         "FleetsnitchModificationWatchFailing",
         "FleetsnitchGeoIpLookupErrors",
         "FleetsnitchOtlpExportFailing",
         "FleetsnitchConnectionLogErrors",
         "FleetsnitchVirusTotalErrors",
+        "FleetsnitchKubernetesApiUnreachable",
     ];
     let records = rules
         .iter()

@@ -12,7 +12,10 @@
 //! - an OTLP collector that stays down: a loopback port nobody listens on;
 //! - a connection log that becomes unwritable: its own 64 KiB tmpfs, filled
 //!   once the agent runs;
-//! - VirusTotal errors: a local server speaking HTTP that answers 500.
+//! - VirusTotal errors: a local server speaking HTTP that answers 500;
+//! - the Kubernetes API unreachable: a stand-in API server on loopback that
+//!   answers every request 500 (a `Status`, as the API server does), then
+//!   heals: the agent's view is current again, the alert resolves.
 //!
 //! The agent keeps running and counting through all of it.
 
@@ -39,21 +42,62 @@ use fleetsnitch_e2e::{
     skip, workspace_root,
 };
 
-/// A loopback HTTP server that answers every request with 500, counting them.
+/// An HTTP answer: the status line's code and reason, and a JSON body.
+fn json_response(status: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// VirusTotal's answer: 500 to everything.
+fn virustotal_answer(_request_line: &str, _healthy: bool) -> String {
+    json_response(
+        "500 Internal Server Error",
+        r#"{"error":{"code":"InternalError","message":"test"}}"#,
+    )
+}
+
+/// The Kubernetes API server's answer: a 500 `Status` while failing; once
+/// healthy, an empty pod list, and watches that end at once (the agent opens
+/// the next one, paced by its back-off).
+fn kubernetes_answer(request_line: &str, healthy: bool) -> String {
+    if !healthy {
+        return json_response(
+            "500 Internal Server Error",
+            r#"{"kind":"Status","apiVersion":"v1","metadata":{},"status":"Failure","message":"etcdserver: request timed out","reason":"InternalError","code":500}"#,
+        );
+    }
+    if request_line.contains("watch=true") {
+        // No length: the (empty) stream of events ends when the connection closes.
+        return "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
+            .to_owned();
+    }
+    json_response(
+        "200 OK",
+        r#"{"kind":"PodList","apiVersion":"v1","metadata":{"resourceVersion":"7"},"items":[]}"#,
+    )
+}
+
+/// A loopback HTTP server answering each request with `answer(request line,
+/// healthy)`, counting them; it starts failing (`healthy` false).
 struct FailingServer {
     addr: SocketAddr,
     requests: Arc<AtomicU64>,
+    healthy: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 }
 
 impl FailingServer {
-    fn start() -> Result<Self> {
+    fn start(answer: fn(&str, bool) -> String) -> Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let requests = Arc::new(AtomicU64::new(0));
+        let healthy = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let (counted, stopping) = (requests.clone(), stop.clone());
+        let (counted, healing, stopping) = (requests.clone(), healthy.clone(), stop.clone());
         thread::spawn(move || {
             while !stopping.load(Ordering::Relaxed) {
                 let Ok((mut stream, _)) = listener.accept() else {
@@ -72,20 +116,22 @@ impl FailingServer {
                     }
                 }
                 counted.fetch_add(1, Ordering::Relaxed);
-                let body = r#"{"error":{"code":"InternalError","message":"test"}}"#;
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/json\r\n\
-                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
+                let head = String::from_utf8_lossy(&head);
+                let request_line = head.lines().next().unwrap_or_default();
+                let _ = stream
+                    .write_all(answer(request_line, healing.load(Ordering::Relaxed)).as_bytes());
             }
         });
         Ok(Self {
             addr,
             requests,
+            healthy,
             stop,
         })
+    }
+
+    fn heal(&self) {
+        self.healthy.store(true, Ordering::Relaxed);
     }
 }
 
@@ -135,6 +181,14 @@ fn rules_with_short_for(dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// `fleetsnitch_kubernetes_api_up`, `None` when it is not exported.
+fn api_up(text: &str) -> Option<f64> {
+    fleetsnitch_e2e::parse_samples(text, "fleetsnitch_kubernetes_api_up")
+        .unwrap_or_default()
+        .first()
+        .map(|sample| sample.value)
+}
+
 /// Value of the first sample of `name` whose labels include `labels`.
 fn counter(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     fleetsnitch_e2e::parse_samples(text, name)
@@ -164,8 +218,13 @@ fn each_blinding_failure_is_counted_journaled_and_alerted() -> Result<()> {
     )?;
 
     let collector_port = free_port()?;
-    let virustotal = FailingServer::start()?;
+    let virustotal = FailingServer::start(virustotal_answer)?;
+    let kubernetes = FailingServer::start(kubernetes_answer)?;
     let geoip = corrupt_geoip(mounts_dir.path())?;
+    // In a cluster by configuration: a service account token, the stand-in's
+    // URL and a node name (no CA file: plain HTTP).
+    let token = mounts_dir.path().join("token");
+    fs::write(&token, "sa-token\n")?;
     let bed = Testbed::setup("fsn-failures")?
         .config(format!(
             "journal:\n  write_interval: 500ms\n\
@@ -173,10 +232,15 @@ fn each_blinding_failure_is_counted_journaled_and_alerted() -> Result<()> {
              otlp:\n  enabled: true\n  protocol: http/protobuf\n  endpoint: http://127.0.0.1:{collector_port}\n  \
              timeout: 1s\n  batch_delay: 100ms\n  retry_initial_backoff: 100ms\n  retry_max_backoff: 500ms\n\
              connection_log:\n  enabled: true\n  path: {log}\n\
-             virustotal:\n  api_key: test-key\n  base_url: http://{vt}/api/v3\n  request_interval: 200ms\n  timeout: 2s\n",
+             virustotal:\n  api_key: test-key\n  base_url: http://{vt}/api/v3\n  request_interval: 200ms\n  timeout: 2s\n\
+             kubernetes:\n  token_path: {token}\n  ca_path: {ca}\n  api_url: http://{api}\n  node_name: node-a\n  \
+             backoff_min: 100ms\n  backoff_max: 1s\n",
             geoip = geoip.display(),
             log = log_dir.join("connections.jsonl").display(),
             vt = virustotal.addr,
+            token = token.display(),
+            ca = mounts_dir.path().join("ca.crt").display(),
+            api = kubernetes.addr,
         ))
         .wrapped_in(&["setpriv", "--bounding-set", "-sys_admin", "--"])
         .peer()
@@ -232,6 +296,12 @@ fn each_blinding_failure_is_counted_journaled_and_alerted() -> Result<()> {
             vec![("reason", "unavailable")],
             "FleetsnitchModificationWatchFailing",
         ),
+        (
+            "kubernetes",
+            "fleetsnitch_kubernetes_list_errors_total",
+            vec![],
+            "FleetsnitchKubernetesApiUnreachable",
+        ),
     ];
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut missing: Vec<String>;
@@ -276,6 +346,11 @@ fn each_blinding_failure_is_counted_journaled_and_alerted() -> Result<()> {
                 missing.push(format!("{alert} not firing"));
             }
         }
+        // A gauge, not a counter: it must be there, and 0.
+        let api_up = api_up(&text);
+        if api_up != Some(0.0) {
+            missing.push(format!("fleetsnitch_kubernetes_api_up is {api_up:?}"));
+        }
         if missing.is_empty() {
             // Deduplicated: one event per class however long it fails.
             for (class, ..) in &expected {
@@ -294,13 +369,45 @@ fn each_blinding_failure_is_counted_journaled_and_alerted() -> Result<()> {
         if Instant::now() > deadline {
             bail!(
                 "after 90 s:\n  {}\njournal agent_error events:\n{events}\nfiring: {firing:?}\n\
-                 VirusTotal requests: {}\nagent log:\n{}",
+                 VirusTotal requests: {}\nKubernetes API requests: {}\nagent log:\n{}",
                 missing.join("\n  "),
                 virustotal.requests.load(Ordering::Relaxed),
+                kubernetes.requests.load(Ordering::Relaxed),
                 bed.log_tail(40)
             );
         }
     }
+
+    // The API server answers again: the gauge is 1 at the next list, and the
+    // alert resolves. The recovery event waits for the class's event interval
+    // (10 minutes, model/failures.rs): the journal still has the one event.
+    kubernetes.heal();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let api_up = api_up(&bed.metrics().text()?);
+        let firing = prometheus
+            .alerts()?
+            .iter()
+            .any(|alert| alert["labels"]["alertname"] == "FleetsnitchKubernetesApiUnreachable");
+        if api_up == Some(1.0) && !firing {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "30 s after the API server healed: fleetsnitch_kubernetes_api_up is {api_up:?}, \
+             alert still active: {firing}\nagent log:\n{}",
+            bed.log_tail(40)
+        );
+        thread::sleep(Duration::from_millis(500));
+    }
+    let events = query_journal(
+        bed.journal(),
+        "SELECT detail FROM events WHERE kind = 'agent_error' AND detail LIKE 'kubernetes:%'",
+    )?;
+    ensure!(
+        events.lines().count() == 1,
+        "one kubernetes agent_error event expected, saw:\n{events}"
+    );
     // Still counting every byte through all of it.
     bed.metrics().wait_for_bytes(&exe, "sent", 2000)?;
     Ok(())

@@ -20,7 +20,7 @@ use crate::{
         dns::{DnsCache, DnsCacheConfig, DnsCounters},
         flows::Enricher,
         geoip::GeoIp,
-        kubernetes::{PodResolver, ResolverCounters},
+        kubernetes::PodResolver,
         users::UserNames,
     },
     host::{
@@ -193,10 +193,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         geoip,
         domains: DnsCache::new(DnsCacheConfig::default())
             .with_counters(DnsCounters::register(&mut registry)),
-        pods: PodResolver::spawn(
-            &config.kubernetes,
-            ResolverCounters::register(&mut registry),
-        ),
+        pods: PodResolver::spawn(&config.kubernetes, &mut registry, failures.clone()),
         users: UserNames::default(),
     };
     let dns = start_dns_capture(&probe_metrics, DnsCaptureMetrics::register(&mut registry));

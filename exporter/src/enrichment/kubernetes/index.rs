@@ -8,7 +8,9 @@ use std::{
     },
 };
 
-use super::{MIRROR_ANNOTATION, wire::Pod};
+use k8s_openapi::api::core::v1::Pod;
+
+use super::MIRROR_ANNOTATION;
 
 /// The pod a container belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -43,6 +45,11 @@ struct Owned {
 }
 
 impl Index {
+    /// Pods known.
+    pub(super) fn pods(&self) -> usize {
+        self.owned.len()
+    }
+
     pub(super) fn remove_pod(&mut self, uid: &str) {
         if let Some(owned) = self.owned.remove(uid) {
             for id in owned.containers {
@@ -65,12 +72,15 @@ impl Index {
             pod_uid: uid.to_owned(),
         };
         let mut owned = Owned::default();
-        let statuses = pod
-            .status
-            .container_statuses
-            .iter()
-            .chain(&pod.status.init_container_statuses)
-            .chain(&pod.status.ephemeral_container_statuses);
+        let status = pod.status.as_ref();
+        let statuses = [
+            status.and_then(|s| s.container_statuses.as_deref()),
+            status.and_then(|s| s.init_container_statuses.as_deref()),
+            status.and_then(|s| s.ephemeral_container_statuses.as_deref()),
+        ]
+        .into_iter()
+        .flatten()
+        .flatten();
         for status in statuses {
             let Some(id) = status
                 .container_id
@@ -91,7 +101,12 @@ impl Index {
             owned.containers.push(id);
         }
         let mut uids = vec![uid.to_ascii_lowercase()];
-        if let Some(mirror) = pod.metadata.annotations.get(MIRROR_ANNOTATION) {
+        if let Some(mirror) = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|annotations| annotations.get(MIRROR_ANNOTATION))
+        {
             uids.push(mirror.to_ascii_lowercase());
         }
         for key in uids {
@@ -152,11 +167,8 @@ impl PodIndex {
         self.inner.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(super) fn replace_all(&self, pods: &[Pod]) {
-        let mut fresh = Index::default();
-        for pod in pods {
-            fresh.upsert_pod(pod);
-        }
+    /// Puts a freshly listed map in place of the current one.
+    pub(super) fn replace(&self, fresh: Index) {
         *self.write() = fresh;
         self.synced.store(true, Ordering::Relaxed);
     }
@@ -165,7 +177,12 @@ impl PodIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::enrichment::kubernetes::wire::{ContainerStatus, ObjectMeta, PodStatus};
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::{
+        api::core::v1::{ContainerStatus, PodStatus},
+        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
 
     #[test]
     fn container_ids_lose_their_scheme() {
@@ -191,19 +208,25 @@ mod tests {
                 name: Some("p".into()),
                 namespace: Some("ns".into()),
                 uid: Some("U1".into()),
-                annotations: HashMap::from([(MIRROR_ANNOTATION.to_owned(), "abc".to_owned())]),
+                annotations: Some(BTreeMap::from([(
+                    MIRROR_ANNOTATION.to_owned(),
+                    "abc".to_owned(),
+                )])),
                 ..ObjectMeta::default()
             },
-            status: PodStatus {
-                container_statuses: ids
-                    .iter()
-                    .map(|id| ContainerStatus {
-                        name: format!("c-{id}"),
-                        container_id: Some(format!("containerd://{id}")),
-                    })
-                    .collect(),
+            status: Some(PodStatus {
+                container_statuses: Some(
+                    ids.iter()
+                        .map(|id| ContainerStatus {
+                            name: format!("c-{id}"),
+                            container_id: Some(format!("containerd://{id}")),
+                            ..ContainerStatus::default()
+                        })
+                        .collect(),
+                ),
                 ..PodStatus::default()
-            },
+            }),
+            ..Pod::default()
         };
         index.write().upsert_pod(&pod(&["a", "b"]));
         assert_eq!(index.lookup("b").unwrap().container, "c-b");

@@ -2,22 +2,30 @@
 //!
 //! When the agent runs in a Kubernetes pod (the service account token is
 //! mounted and `KUBERNETES_SERVICE_HOST`/`KUBERNETES_SERVICE_PORT` are set),
-//! [`PodResolver`] lists the pods of this node from the API server
-//! (`GET /api/v1/pods?fieldSelector=spec.nodeName=<node>`) and then watches
-//! them from the list's resource version, the way client-go's reflector
-//! does:
+//! [`PodResolver`] keeps the pods of this node with kube-rs's watcher
+//! (`kube::runtime::watcher`, the reflector pattern of client-go) on
+//! `GET /api/v1/pods?fieldSelector=spec.nodeName=<node>`:
 //!
-//! - watch events (`ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK`, `ERROR`) arrive
-//!   as newline-delimited JSON and update the map as they come;
-//! - a watch the server ends (it does after `timeoutSeconds`) is resumed from
-//!   the last resource version seen, with no back-off;
-//! - `410 Gone`, as an HTTP status or as an `ERROR` event, means the resource
-//!   version is too old: the pods are listed again and the map replaced;
+//! - the pods are listed (100 a page) and then watched from the list's
+//!   resource version; watch events (`ADDED`, `MODIFIED`, `DELETED`) update
+//!   the map as they come, bookmarks move the resource version;
+//! - a watch the server ends (it does after `timeoutSeconds`, `watch_timeout`)
+//!   is resumed from the last resource version seen; a server that ends
+//!   every watch at once is paced by the back-off ([`client`]);
+//! - `410 Gone`, as an `ERROR` event or as the HTTP status of a watch, means
+//!   the resource version is too old: the pods are listed again and the map
+//!   replaced (the watcher does it for the event; for the status, which the
+//!   watcher would retry with the same expired version, a new watcher is
+//!   started);
 //! - any other failure (transport, TLS, HTTP 5xx, 401/403, malformed JSON) is
 //!   counted, logged when the state changes from healthy to failing, and
 //!   retried after an exponential back-off (`backoff_min` doubling up to
 //!   `backoff_max`, 1 s .. 60 s by default, with jitter so that a fleet of
-//!   agents does not retry in step).
+//!   agents does not retry in step). kube-rs's own retries are off;
+//! - `fleetsnitch_kubernetes_api_up` is 1 after a list that ended, a watch
+//!   the server accepted or a watch event, 0 from a failure until the next
+//!   of those; outages are journaled as the `kubernetes` failure class
+//!   ([`ApiHealth`]).
 //!
 //! The map is keyed by container id, from `status.containerStatuses`,
 //! `initContainerStatuses` and `ephemeralContainerStatuses`
@@ -27,17 +35,20 @@
 //! so a process in a container not yet in the pod's status (or in the pod
 //! sandbox, whose id is in no status) is still given its pod and namespace
 //! from the pod uid of its cgroup path ([`crate::enrichment::containers::pod_uid_of`]).
+//! Pod objects are not kept: the map holds names and ids only.
 //!
-//! The bearer token is read again every `token_reload_interval` (bound
-//! service account tokens are rotated by the kubelet); the CA bundle
-//! `ca.crt` is the only trust root of the connection when present.
+//! The bearer token is read again every `token_reload_interval` and after a
+//! `401 Unauthorized` (bound service account tokens are rotated by the
+//! kubelet); the CA bundle `ca.crt` is the only trust root of the connection
+//! when present. TLS is rustls on ring.
 //!
 //! Needs RBAC `get`, `list` and `watch` on `pods` (cluster-wide: the field
 //! selector narrows to the node, not the permission).
 
-mod api;
+mod client;
+mod health;
 mod index;
-mod wire;
+mod watch;
 
 use std::{
     io,
@@ -48,21 +59,15 @@ use std::{
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use serde::Deserialize;
 
-use crate::support::backoff::Backoff;
+use crate::{model::Failures, support::backoff::Backoff};
 
-use api::{ApiClient, run};
+pub use health::ApiHealth;
 pub use index::{PodIndex, PodInfo, PodRef, normalise_container_id};
 
 /// Where the kubelet mounts the service account token.
 pub const DEFAULT_TOKEN_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 /// Where the kubelet mounts the cluster's CA bundle.
 pub const DEFAULT_CA_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt";
-/// Pods asked for in one list request; more come in further pages.
-pub(super) const LIST_PAGE_SIZE: u32 = 500;
-/// Pages of one list before giving up (a node runs at most a few hundred pods).
-pub(super) const MAX_LIST_PAGES: usize = 100;
-/// Longest watch event accepted (a pod object is a few KiB to a few hundred).
-pub(super) const MAX_EVENT_BYTES: usize = 16 << 20;
 /// The annotation a mirror pod carries: the uid of the static pod it mirrors.
 pub(super) const MIRROR_ANNOTATION: &str = "kubernetes.io/config.mirror";
 
@@ -97,7 +102,7 @@ pub struct KubernetesConfig {
     /// Timeout of connecting and of one list request.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
-    /// How often the token file is read again.
+    /// How often the token file is read again (also at once after a 401).
     #[serde(with = "humantime_serde")]
     pub token_reload_interval: Duration,
 }
@@ -133,20 +138,14 @@ pub enum KubernetesError {
     BadCa { path: PathBuf, reason: String },
     #[error("{}: the token file is empty", path.display())]
     EmptyToken { path: PathBuf },
+    #[error("{}: the token is not a valid HTTP header value", path.display())]
+    BadToken { path: PathBuf },
     #[error("invalid API server URL {0:?}")]
     BadUrl(String),
     #[error("the pod resolver needs a tokio runtime")]
     NoRuntime,
-    #[error("HTTP client: {0}")]
+    #[error("Kubernetes client: {0}")]
     Client(String),
-    #[error("HTTP status {status}: {message}")]
-    Status { status: u16, message: String },
-    #[error("resource version too old (410 Gone)")]
-    Gone,
-    #[error("request failed: {0}")]
-    Transport(String),
-    #[error("malformed answer: {0}")]
-    Malformed(String),
 }
 
 /// What was found of the cluster this agent runs in.
@@ -249,7 +248,7 @@ pub struct ResolverCounters {
     pub watches: Counter,
     /// Watches that failed (anything but a clean end or 410 Gone).
     pub watch_errors: Counter,
-    /// Watch events applied.
+    /// Watch events applied (added, modified, deleted pods).
     pub watch_events: Counter,
 }
 
@@ -301,6 +300,7 @@ impl ResolverCounters {
 pub struct PodResolver {
     index: PodIndex,
     counters: ResolverCounters,
+    health: ApiHealth,
     node_name: String,
     task: tokio::task::JoinHandle<()>,
 }
@@ -314,12 +314,29 @@ impl Drop for PodResolver {
 impl PodResolver {
     /// Starts the resolver when the agent runs in a cluster; `None` outside
     /// Kubernetes, and when it cannot start (the cause is logged as a
-    /// warning). Must be called within a tokio runtime.
-    pub fn spawn(config: &KubernetesConfig, counters: ResolverCounters) -> Option<Self> {
-        match Self::try_spawn(config, &|name| std::env::var(name).ok(), counters) {
-            Ok(resolver) => resolver,
+    /// warning and reported to `failures`). Registers the counters in any
+    /// case (dashboards see the families) and `fleetsnitch_kubernetes_api_up`
+    /// in a cluster only, 0 when the resolver could not start: pods go
+    /// unnamed then as surely as with the API server down. Must be called
+    /// within a tokio runtime.
+    pub fn spawn(
+        config: &KubernetesConfig,
+        registry: &mut Registry,
+        failures: Failures,
+    ) -> Option<Self> {
+        let counters = ResolverCounters::register(registry);
+        let health = ApiHealth::new(failures);
+        let env = |name: &str| std::env::var(name).ok();
+        match Self::try_spawn(config, &env, counters, health.clone()) {
+            Ok(Some(resolver)) => {
+                health.register(registry);
+                Some(resolver)
+            }
+            Ok(None) => None,
             Err(err) => {
                 tracing::warn!("pods will not be attributed: {err}");
+                health.register(registry);
+                health.not_started(&err);
                 None
             }
         }
@@ -331,9 +348,10 @@ impl PodResolver {
         config: &KubernetesConfig,
         env: &dyn Fn(&str) -> Option<String>,
         counters: ResolverCounters,
+        health: ApiHealth,
     ) -> Result<Option<Self>, KubernetesError> {
         match detect(config, env)? {
-            Some(cluster) => Self::start(cluster, config, counters).map(Some),
+            Some(cluster) => Self::start(cluster, config, counters, health).map(Some),
             None => {
                 tracing::debug!("not running in Kubernetes: no pod attribution");
                 Ok(None)
@@ -346,25 +364,30 @@ impl PodResolver {
         cluster: InCluster,
         config: &KubernetesConfig,
         counters: ResolverCounters,
+        health: ApiHealth,
     ) -> Result<Self, KubernetesError> {
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| KubernetesError::NoRuntime)?;
-        let client = ApiClient::new(&cluster, config)?;
+        let backoff = || Backoff::new(config.backoff_min, config.backoff_max, BACKOFF_JITTER);
+        let client = client::build(&cluster, config, &counters, &health, backoff())?;
         let index = PodIndex::default();
         tracing::info!(
             api = %cluster.api_url,
             node = %cluster.node_name,
             "attributing containers to the pods of this node"
         );
-        let task = runtime.spawn(run(
-            client,
+        let task = runtime.spawn(watch::run(
+            kube::Api::all(client),
+            watch::watcher_config(&cluster.node_name, config.watch_timeout),
             index.clone(),
             counters.clone(),
-            Backoff::new(config.backoff_min, config.backoff_max, BACKOFF_JITTER),
+            health.clone(),
+            backoff(),
         ));
         Ok(Self {
             index,
             counters,
+            health,
             node_name: cluster.node_name,
             task,
         })
@@ -387,6 +410,11 @@ impl PodResolver {
 
     pub fn counters(&self) -> &ResolverCounters {
         &self.counters
+    }
+
+    /// Whether the API server answers; see [`ApiHealth`].
+    pub fn api_health(&self) -> &ApiHealth {
+        &self.health
     }
 
     pub fn node_name(&self) -> &str {
