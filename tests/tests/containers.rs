@@ -8,7 +8,7 @@ use std::{
     fs,
     io::{BufRead, BufReader, Write},
     net::{TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     sync::{
         Arc, Mutex, PoisonError,
@@ -19,53 +19,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, ensure};
-use fleetsnitch_e2e::{Testbed, process, require_root};
-
-/// The cgroup v2 mount (on hybrid hosts it is not /sys/fs/cgroup itself).
-fn cgroup2_mount() -> Result<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")?;
-    mountinfo
-        .lines()
-        .find_map(|line| {
-            let (mount, fs_part) = line.split_once(" - ")?;
-            (fs_part.split_whitespace().next()? == "cgroup2")
-                .then(|| mount.split_whitespace().nth(4).map(PathBuf::from))?
-        })
-        .context("no cgroup2 mount")
-}
-
-/// Cgroups created for one test, removed (deepest first) when dropped.
-struct Cgroups(Vec<PathBuf>);
-
-impl Cgroups {
-    fn create(&mut self, path: &Path) -> Result<()> {
-        let mut missing = Vec::new();
-        let mut at = path.to_path_buf();
-        while !at.exists() {
-            missing.push(at.clone());
-            at = at.parent().context("cgroup root")?.to_path_buf();
-        }
-        for dir in missing.into_iter().rev() {
-            fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
-            self.0.push(dir);
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        for dir in self.0.iter().rev() {
-            // The processes inside have exited; give the kernel a moment to agree.
-            for _ in 0..50 {
-                if fs::remove_dir(dir).is_ok() || !dir.exists() {
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
+use fleetsnitch_e2e::{
+    Testbed,
+    cgroups::{Cgroups, cgroup2_mount},
+    process, require_root,
+};
 
 /// Runs `exe client loopback` inside `cgroup` (joined before it touches the network).
 fn loopback_in(cgroup: &Path, exe: &Path, bytes: u64) -> Result<()> {
@@ -286,7 +244,7 @@ fn metric(bed: &Testbed, name: &str) -> Result<f64> {
 fn bytes_carry_the_container_id_of_each_runtime_and_the_pod_from_the_api() -> Result<()> {
     require_root!("eBPF, cgroups");
     let root = cgroup2_mount()?.join(format!("fsn-e2e-{}.slice", std::process::id()));
-    let mut cgroups = Cgroups(Vec::new());
+    let mut cgroups = Cgroups::default();
     let (containerd, crio, docker) = (hex_id('a'), hex_id('c'), hex_id('d'));
     let cases = [
         (
