@@ -38,6 +38,7 @@ use crate::{
         dns_capture::{DnsCapture, DnsCaptureMetrics},
         probes::{self, NoModeFits, ProbeMetrics},
         stats::KernelStatsMetrics,
+        traffic::TrafficMap,
     },
     model::{Activity, Failures},
     sinks::{
@@ -132,6 +133,9 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
                 detail: error_chain(&error),
             }
         })?;
+    // The first counting table goes in before any program can count.
+    let traffic = TrafficMap::new(&mut ebpf, config.collector.traffic_map_entries)
+        .map_err(CollectorError::from)?;
     // Exec tracking off: its probe is not attached (nor reported).
     let left_out: &[&str] = if config.exec.enabled {
         &[]
@@ -199,6 +203,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let dns = start_dns_capture(&probe_metrics, DnsCaptureMetrics::register(&mut registry));
 
     let parts = Parts {
+        traffic,
         identities: {
             let table = IdentityTable::new(IdentityMetrics::register(&mut registry));
             if config.journal.record_command_lines {
