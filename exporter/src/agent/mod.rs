@@ -126,7 +126,6 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     };
 
     let geoip = open_geoip(&config)?;
-    let btf = Btf::from_sys_fs().map_err(|source| AgentError::Btf { source })?;
     let mut ebpf =
         kernel::load_object(&config.collector, &config.exec).map_err(|error: EbpfError| {
             AgentError::BpfRefused {
@@ -136,6 +135,10 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     // The first counting table goes in before any program can count.
     let traffic = TrafficMap::new(&mut ebpf, config.collector.traffic_map_entries)
         .map_err(CollectorError::from)?;
+    // Parsed only now: the loader parses the kernel's BTF for itself and
+    // frees it when loading is done; two parsed copies at once would set the
+    // agent's peak memory for its whole life (VmHWM).
+    let btf = Btf::from_sys_fs().map_err(|source| AgentError::Btf { source })?;
     // Exec tracking off: its probe is not attached (nor reported).
     let left_out: &[&str] = if config.exec.enabled {
         &[]
