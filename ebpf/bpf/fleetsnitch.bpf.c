@@ -26,9 +26,9 @@
  *  - tp_btf / tracepoint sched_process_exec (exec tracking, off by default):
  *    every executed program, through its own ring buffer.
  *
- * Counting happens in the `traffic` hash, keyed by process, executable and
- * flow. The agent drains it by flipping `config.generation` and reading back
- * the keys of the previous generation, so nothing is lost between two reads.
+ * Counting happens in a hash table keyed by process, executable and flow,
+ * the one in slot 0 of `traffic`. The agent drains by putting an empty table
+ * in the slot and reading the one it took out (see `traffic` below).
  */
 #include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
@@ -45,18 +45,31 @@
 
 char LICENSE[] SEC("license") = "GPL";
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct fs_config);
-} config SEC(".maps");
+/*
+ * The counting table: bytes per (process, executable, flow) since the last
+ * drain. The agent creates the tables (sized by
+ * collector.traffic_map_entries) and drains by swapping the one in slot 0
+ * for an empty one. The kernel returns from a map-in-map update only after
+ * an RCU grace period, once every program that could still hold the old
+ * table has finished: no add can land in a table after the agent took it
+ * out, so reading and deleting its entries loses nothing. (A generation
+ * flag in one shared table could not promise that: a program preempted
+ * between reading the flag and adding would add to an entry already read.)
+ */
+/* Sizes, not types: the struct types reach BTF only as forward declarations
+ * through a map-in-map template, which the loader cannot size. */
+struct traffic_table {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, FS_TRAFFIC_TABLE_ENTRIES);
+	__uint(key_size, sizeof(struct fs_traffic_key));
+	__uint(value_size, sizeof(struct fs_traffic_value));
+};
 
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct fs_traffic_key);
-	__type(value, struct fs_traffic_value);
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__array(values, struct traffic_table);
 } traffic SEC(".maps");
 
 /* An executable file, as the traffic key names it. */
@@ -335,9 +348,10 @@ static __always_inline void account_with(struct sock *sk, long ret, __u32 direct
 		return;
 
 	__u32 zero = 0;
-	struct fs_config *cfg = bpf_map_lookup_elem(&config, &zero);
+	void *table = bpf_map_lookup_elem(&traffic, &zero);
 
-	if (!cfg)
+	/* Empty only before the agent put the first table in. */
+	if (!table)
 		return;
 
 	struct task_struct *task = btf ? bpf_get_current_task_btf()
@@ -346,13 +360,12 @@ static __always_inline void account_with(struct sock *sk, long ret, __u32 direct
 	struct file *exe = hot_task_exe_file(task, btf);
 	struct fs_traffic_key key = {
 		.tgid = tgid,
-		.generation = cfg->generation,
 	};
 
 	hot_file_identity(exe, &key.exe_ino, &key.exe_dev, &key.exe_inode_generation, btf);
 	fill_flow(&key, sk, family, btf);
 
-	struct fs_traffic_value *value = bpf_map_lookup_elem(&traffic, &key);
+	struct fs_traffic_value *value = bpf_map_lookup_elem(table, &key);
 
 	if (!value) {
 		/* The flow's first bytes since the last drain: a process is
@@ -365,11 +378,11 @@ static __always_inline void account_with(struct sock *sk, long ret, __u32 direct
 
 		fill_socket(&fresh, sk, family);
 		fresh.bytes[direction & 1] = ret;
-		err = bpf_map_update_elem(&traffic, &key, &fresh, BPF_NOEXIST);
+		err = bpf_map_update_elem(table, &key, &fresh, BPF_NOEXIST);
 		if (err == 0)
 			return;
 		/* Another CPU created the key between lookup and update. */
-		value = bpf_map_lookup_elem(&traffic, &key);
+		value = bpf_map_lookup_elem(table, &key);
 		if (!value) {
 			stat_add(FS_STAT_TRAFFIC_MAP_FULL, 1);
 			stat_add(direction == FS_DIR_SENT ? FS_STAT_UNATTRIBUTED_SENT_BYTES

@@ -16,6 +16,13 @@
 /* Bytes kept per path component (NUL included); longer names are marked truncated. */
 #define FS_NAME_LEN 128
 
+/*
+ * Entries of the template of the `traffic` tables. The agent sizes its
+ * tables by collector.traffic_map_entries; kernels before 5.10 accept only
+ * tables of the template's size.
+ */
+#define FS_TRAFFIC_TABLE_ENTRIES 65536
+
 /* Directions, used as indexes. */
 #define FS_DIR_SENT 0
 #define FS_DIR_RECEIVED 1
@@ -38,15 +45,8 @@ enum fs_stat {
 	FS_STAT_COUNT = 7,
 };
 
-/* Written by the agent, read by every program. */
-struct fs_config {
-	/* Generation new traffic is recorded under; the agent flips it to drain. */
-	__u32 generation;
-	__u32 _pad;
-};
-
 /*
- * One (process, executable, flow) within one drain generation. The flow is
+ * One (process, executable, flow) since the last drain. The flow is
  * the socket's addressing, not its kernel address: sockets are freed and
  * their memory reused by the next connection within microseconds, and a key
  * on the address would merge thousands of short connections into one.
@@ -58,7 +58,8 @@ struct fs_config {
  */
 struct fs_traffic_key {
 	__u32 tgid;
-	__u32 generation;
+	/* Zero: keeps exe_ino 8-byte aligned without hidden padding in a hashed key. */
+	__u32 _pad;
 	__u64 exe_ino;
 	/* Kernel-internal dev_t of the executable's file system (MAJOR << 20 | MINOR). */
 	__u32 exe_dev;

@@ -21,6 +21,9 @@ pub const PATH_DEPTH: usize = 32;
 /// Bytes kept per path component, NUL included.
 pub const NAME_LEN: usize = 128;
 
+/// Entries of the template of the `traffic` tables (see `bpf/fleetsnitch.h`).
+pub const TRAFFIC_TABLE_ENTRIES: u32 = 65_536;
+
 /// Index of sent bytes in [`TrafficValue::bytes`].
 pub const DIR_SENT: usize = 0;
 /// Index of received bytes in [`TrafficValue::bytes`].
@@ -52,20 +55,14 @@ impl Stat {
     ];
 }
 
-/// The single entry of the `config` array.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Config {
-    pub generation: u32,
-    pub _pad: u32,
-}
-
-/// Key of the `traffic` hash: one (process, executable, flow) per generation.
+/// Key of the `traffic` tables: one (process, executable, flow) since the
+/// last drain.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct TrafficKey {
     pub tgid: u32,
-    pub generation: u32,
+    /// Always zero.
+    pub _pad: u32,
     pub exe_ino: u64,
     /// Kernel-internal `dev_t` (`MAJOR << 20 | MINOR`).
     pub exe_dev: u32,
@@ -82,7 +79,7 @@ pub struct TrafficKey {
     pub remote_addr: [u8; 16],
 }
 
-/// Value of the `traffic` hash.
+/// Value of the `traffic` tables.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct TrafficValue {
@@ -188,13 +185,9 @@ pub struct DnsEvent {
 /// Every struct shared with the C programs: field offsets, in order, padding
 /// included. Adding a field means adding it here, in C and in Rust.
 pub const SHARED_STRUCTS: &[StructLayout] = &[
-    shared_struct!("fleetsnitch.h", fs_config = Config, size 8 {
-        generation @ 0,
-        _pad @ 4,
-    }),
     shared_struct!("fleetsnitch.h", fs_traffic_key = TrafficKey, size 48 {
         tgid @ 0,
-        generation @ 4,
+        _pad @ 4,
         exe_ino @ 8,
         exe_dev @ 16,
         family @ 20,
@@ -258,6 +251,10 @@ pub const SHARED_CONSTANTS: &[ConstantLayout] = &[
     shared_constant!("fleetsnitch.h", FS_COMM_LEN = COMM_LEN),
     shared_constant!("fleetsnitch.h", FS_PATH_DEPTH = PATH_DEPTH),
     shared_constant!("fleetsnitch.h", FS_NAME_LEN = NAME_LEN),
+    shared_constant!(
+        "fleetsnitch.h",
+        FS_TRAFFIC_TABLE_ENTRIES = TRAFFIC_TABLE_ENTRIES
+    ),
     shared_constant!("fleetsnitch.h", FS_DIR_SENT = DIR_SENT),
     shared_constant!("fleetsnitch.h", FS_DIR_RECEIVED = DIR_RECEIVED),
     shared_constant!(
@@ -305,12 +302,10 @@ pub const SHARED_CONSTANTS: &[ConstantLayout] = &[
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{Config, DnsEvent, ExecEvent, ExitEvent, IdentityEvent, TrafficKey, TrafficValue};
+    use super::{DnsEvent, ExecEvent, ExitEvent, IdentityEvent, TrafficKey, TrafficValue};
 
     // SAFETY: plain `repr(C)` structs of integers with explicit padding fields,
     // valid for every bit pattern.
-    unsafe impl aya::Pod for Config {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for TrafficKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TrafficValue {}

@@ -17,7 +17,6 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
-    thread,
     time::{Duration, Instant},
 };
 
@@ -42,7 +41,7 @@ use crate::{
         exec_events::ExecReader,
         stats::KernelStats,
         take_map,
-        traffic::{GENERATION_GRACE, TrafficMap},
+        traffic::TrafficMap,
     },
     model::{Activity, FlowRecord, Outbox, Record},
     sinks::metrics::TrafficMetrics,
@@ -153,6 +152,8 @@ pub struct Collector {
 
 /// The parts a [`Collector`] is made of, each started by the agent.
 pub struct Parts {
+    /// The counting tables, the first already in place (before attaching).
+    pub traffic: TrafficMap,
     pub identities: IdentityTable,
     pub hasher: Hasher,
     pub enricher: Enricher,
@@ -172,7 +173,7 @@ impl Collector {
         let stats = aya::maps::PerCpuArray::try_from(take_map(ebpf, "stats")?)
             .map_err(KernelError::map("stats"))?;
         Ok(Self {
-            traffic: TrafficMap::new(ebpf)?,
+            traffic: parts.traffic,
             announcements: Announcements::new(ebpf)?,
             stats: KernelStats::new(stats, parts.stats),
             identities: parts.identities,
@@ -346,14 +347,13 @@ impl Collector {
     }
 
     fn drain(&mut self) -> Result<(), CollectorError> {
-        // Processes that exited before this flip have all their traffic in
-        // the generation drained now: forget them only afterwards.
+        // Processes that exited before this swap have all their traffic in
+        // the table drained now: forget them only afterwards.
         let exited = self.identities.take_exited();
-        self.traffic.flip()?;
-        thread::sleep(GENERATION_GRACE);
-        // Announcements precede their traffic in the ring buffer.
+        let entries = self.traffic.drain()?;
+        // Announcements precede their traffic in the ring buffer: every
+        // process of the drained table is announced by now.
         self.read_events();
-        let entries = self.traffic.take_previous()?;
         let now = unix_now();
         let count_unhashed = !self.traffic_metrics.wants_sha256();
         let flows: Vec<_> = entries

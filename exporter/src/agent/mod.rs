@@ -38,6 +38,7 @@ use crate::{
         dns_capture::{DnsCapture, DnsCaptureMetrics},
         probes::{self, NoModeFits, ProbeMetrics},
         stats::KernelStatsMetrics,
+        traffic::TrafficMap,
     },
     model::{Activity, Failures},
     sinks::{
@@ -125,13 +126,19 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     };
 
     let geoip = open_geoip(&config)?;
-    let btf = Btf::from_sys_fs().map_err(|source| AgentError::Btf { source })?;
     let mut ebpf =
         kernel::load_object(&config.collector, &config.exec).map_err(|error: EbpfError| {
             AgentError::BpfRefused {
                 detail: error_chain(&error),
             }
         })?;
+    // The first counting table goes in before any program can count.
+    let traffic = TrafficMap::new(&mut ebpf, config.collector.traffic_map_entries)
+        .map_err(CollectorError::from)?;
+    // Parsed only now: the loader parses the kernel's BTF for itself and
+    // frees it when loading is done; two parsed copies at once would set the
+    // agent's peak memory for its whole life (VmHWM).
+    let btf = Btf::from_sys_fs().map_err(|source| AgentError::Btf { source })?;
     // Exec tracking off: its probe is not attached (nor reported).
     let left_out: &[&str] = if config.exec.enabled {
         &[]
@@ -199,6 +206,7 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     let dns = start_dns_capture(&probe_metrics, DnsCaptureMetrics::register(&mut registry));
 
     let parts = Parts {
+        traffic,
         identities: {
             let table = IdentityTable::new(IdentityMetrics::register(&mut registry));
             if config.journal.record_command_lines {

@@ -36,6 +36,8 @@ pub enum KernelError {
         #[source]
         source: MapError,
     },
+    #[error(transparent)]
+    Traffic(Box<traffic::TrafficTableError>),
 }
 
 impl KernelError {
@@ -70,7 +72,7 @@ impl Default for CollectorConfig {
     fn default() -> Self {
         Self {
             drain_interval: Duration::from_secs(1),
-            traffic_map_entries: 65_536,
+            traffic_map_entries: traffic::TEMPLATE_ENTRIES,
             process_map_entries: 32_768,
             ring_buffer_bytes: 1 << 20,
         }
@@ -112,7 +114,6 @@ pub fn load_object(collector: &CollectorConfig, exec: &ExecConfig) -> Result<Ebp
         4096
     };
     EbpfLoader::new()
-        .map_max_entries("traffic", collector.traffic_map_entries)
         .map_max_entries("announced", collector.process_map_entries)
         .map_max_entries("events", collector.ring_buffer_bytes)
         .map_max_entries("exec_events", exec_ring)

@@ -7,13 +7,18 @@
 //!                                                        # UDP queries, one datagram to each answer
 //! sweep forks   --peer ADDR:PORT --count N               # N processes, released together, each
 //!                                                        # sending one datagram
+//! sweep hammer  --threads N --seconds S                  # N threads sending 64-byte datagrams on
+//!                                                        # one shared connected UDP socket (one
+//!                                                        # flow) to a local sink, for S seconds
 //! ```
 //! Prints `{"values":N,"sent":BYTES}`. Loops are bounded by --count.
 
 use std::{
-    net::{IpAddr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     process::ExitCode,
-    time::Duration,
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
@@ -39,6 +44,15 @@ fn option<'a>(args: &'a [String], name: &str) -> Result<&'a str> {
 }
 
 fn run(args: &[String]) -> Result<()> {
+    if args.first().map(String::as_str) == Some("hammer") {
+        let threads: u32 = option(args, "--threads")?.parse()?;
+        let seconds: u64 = option(args, "--seconds")?.parse()?;
+        ensure!((1..=64).contains(&threads), "--threads is 1..=64");
+        ensure!((1..=120).contains(&seconds), "--seconds is 1..=120");
+        let sent = hammer(threads, Duration::from_secs(seconds))?;
+        println!("{{\"values\":{threads},\"sent\":{sent}}}");
+        return Ok(());
+    }
     let count: u32 = option(args, "--count")?.parse()?;
     ensure!(count <= 100_000, "--count is bounded to 100000");
     let mut sent = 0usize;
@@ -80,7 +94,7 @@ fn run(args: &[String]) -> Result<()> {
             ensure!(count <= 2_000, "forks: --count is bounded to 2000");
             sent = fork_burst(peer, count)?;
         }
-        _ => bail!("usage: sweep ports|domains|forks ..."),
+        _ => bail!("usage: sweep ports|domains|forks|hammer ..."),
     }
     println!("{{\"values\":{count},\"sent\":{sent}}}");
     Ok(())
@@ -141,4 +155,45 @@ fn fork_burst(peer: SocketAddr, count: u32) -> Result<usize> {
         std::io::Error::last_os_error()
     );
     Ok(sent)
+}
+
+/// Datagrams one hammer thread sends at most, whatever the time allows.
+const HAMMER_MAX_PER_THREAD: u64 = 20_000_000;
+
+/// `threads` threads send 64-byte datagrams on one connected UDP socket for
+/// `duration`: one flow (one process, one socket) the kernel programs add to
+/// from every CPU at once. The sink never reads; datagrams past its buffer
+/// are dropped by the kernel after the send succeeded, as the agent counts.
+/// Returns the bytes the sends returned.
+fn hammer(threads: u32, duration: Duration) -> Result<u64> {
+    let sink = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    socket.connect(sink.local_addr()?)?;
+    let socket = Arc::new(socket);
+    let deadline = Instant::now() + duration;
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let socket = Arc::clone(&socket);
+            thread::spawn(move || {
+                let mut sent = 0u64;
+                for _ in 0..HAMMER_MAX_PER_THREAD {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    if let Ok(length) = socket.send(&[0x5a; 64]) {
+                        sent += length as u64;
+                    }
+                }
+                sent
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for worker in workers {
+        total += worker
+            .join()
+            .map_err(|_| anyhow::anyhow!("a hammer thread panicked"))?;
+    }
+    drop(sink);
+    Ok(total)
 }
