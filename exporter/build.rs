@@ -347,16 +347,26 @@ fn emit_build_info(manifest_dir: &Path) {
         .or_else(|| from_git(&["rev-parse", "--abbrev-ref", "HEAD"]).filter(|b| b != "HEAD"))
         .unwrap_or_else(|| "unknown".to_owned());
     if own_repository {
-        // Rerun when a commit is made or another branch is checked out.
+        // Rerun when a commit is made or another branch is checked out. Only
+        // files that exist: cargo takes a missing one as changed, and a
+        // checkout whose refs were never packed has no packed-refs, so every
+        // build would rerun this script and recompile the agent. (Packing
+        // deletes the loose ref, which reruns it and picks up packed-refs.)
+        let watch = |path: String| {
+            let path = workspace.join(path);
+            if path.exists() {
+                println!("cargo::rerun-if-changed={}", path.display());
+            }
+        };
         for name in ["HEAD", "packed-refs"] {
             if let Some(path) = from_git(&["rev-parse", "--git-path", name]) {
-                println!("cargo::rerun-if-changed={}", workspace.join(path).display());
+                watch(path);
             }
         }
         if let Some(reference) = from_git(&["symbolic-ref", "-q", "HEAD"])
             && let Some(path) = from_git(&["rev-parse", "--git-path", &reference])
         {
-            println!("cargo::rerun-if-changed={}", workspace.join(path).display());
+            watch(path);
         }
     }
 
