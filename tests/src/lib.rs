@@ -16,6 +16,7 @@
 //! Every guard cleans up on drop, also while panicking.
 
 pub mod agent;
+pub mod ceiling;
 pub mod cgroups;
 pub mod chart;
 pub mod dashboards;
