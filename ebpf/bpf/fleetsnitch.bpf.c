@@ -26,9 +26,12 @@
  *  - tp_btf / tracepoint sched_process_exec (exec tracking, off by default):
  *    every executed program, through its own ring buffer.
  *
- * Counting happens in a hash table keyed by process, executable and flow,
- * the one in slot 0 of `traffic`. The agent drains by putting an empty table
- * in the slot and reading the one it took out (see `traffic` below).
+ * Counting happens in two hash tables: one keyed by a socket's kernel
+ * address, for the common case of a socket that carries one process's one
+ * flow (slot 0 of `socket_traffic`), and one keyed by process, executable and
+ * flow for everything else (slot 0 of `traffic`). The agent drains by putting
+ * empty tables in the slots and reading the ones it took out (see `traffic`
+ * below).
  */
 #include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
@@ -71,6 +74,26 @@ struct {
 	__type(key, __u32);
 	__array(values, struct traffic_table);
 } traffic SEC(".maps");
+
+/*
+ * The per-socket tables: the same swap, keyed by the socket's kernel address
+ * (8 bytes hash several times faster than the 48-byte flow key, the largest
+ * cost of a call). Each entry keeps the flow it was created for, and only
+ * bytes of exactly that flow are added to it (see count_by_socket).
+ */
+struct socket_table {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, FS_SOCKET_TABLE_ENTRIES);
+	__uint(key_size, sizeof(__u64));
+	__uint(value_size, sizeof(struct fs_socket_traffic));
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__array(values, struct socket_table);
+} socket_traffic SEC(".maps");
 
 /* An executable file, as the traffic key names it. */
 struct exe_file {
@@ -332,6 +355,62 @@ static __always_inline void fill_socket(struct fs_traffic_value *value, struct s
 		BPF_CORE_READ_INTO(&value->local_addr, sk, __sk_common.skc_v6_rcv_saddr);
 }
 
+static __always_inline bool same_flow(const struct fs_traffic_key *a, const struct fs_traffic_key *b)
+{
+	const __u64 *x = (const __u64 *)a;
+	const __u64 *y = (const __u64 *)b;
+
+	/* Six words, the whole key (its padding is always zero). */
+	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4]) |
+		(x[5] ^ y[5])) == 0;
+}
+
+/*
+ * The common case, counted by socket: the first flow a socket carries after
+ * a drain gets an entry keyed by the socket's address, holding that flow's
+ * key; later calls with exactly that key add to it. Any other key on the
+ * same address falls through to the flow table (returns false): a socket
+ * shared with another process or executable, a UDP socket connected to
+ * another peer, or a new socket at the address of a freed one (sockets are
+ * freed and their memory reused within microseconds). So an address never
+ * merges two flows, and every flow is counted under its own key either way.
+ */
+static __always_inline bool count_by_socket(struct sock *sk, const struct fs_traffic_key *key, long ret,
+					    __u32 direction, struct task_struct *task, struct file *exe,
+					    __u16 family)
+{
+	__u32 zero = 0;
+	void *table = bpf_map_lookup_elem(&socket_traffic, &zero);
+
+	if (!table)
+		return false;
+
+	__u64 address = (__u64)sk;
+	struct fs_socket_traffic *entry = bpf_map_lookup_elem(table, &address);
+
+	if (!entry) {
+		/* First bytes of this socket since the last drain: as for a new
+		 * flow-table key, the process is announced first. */
+		announce(task, key->tgid, key, exe);
+
+		struct fs_socket_traffic fresh = { .key = *key };
+
+		fill_socket(&fresh.value, sk, family);
+		fresh.value.bytes[direction & 1] = ret;
+		if (bpf_map_update_elem(table, &address, &fresh, BPF_NOEXIST) == 0)
+			return true;
+		/* Another CPU created it between lookup and update, or the table
+		 * is full (then the flow table takes the bytes). */
+		entry = bpf_map_lookup_elem(table, &address);
+		if (!entry)
+			return false;
+	}
+	if (!same_flow(&entry->key, key))
+		return false;
+	__sync_fetch_and_add(&entry->value.bytes[direction & 1], ret);
+	return true;
+}
+
 /*
  * The shared body of every send/receive hook. `btf`: `sk` is a BTF pointer
  * (tp_btf programs), read with plain loads.
@@ -347,13 +426,6 @@ static __always_inline void account_with(struct sock *sk, long ret, __u32 direct
 	if (family != AF_INET && family != AF_INET6 && family != AF_PACKET)
 		return;
 
-	__u32 zero = 0;
-	void *table = bpf_map_lookup_elem(&traffic, &zero);
-
-	/* Empty only before the agent put the first table in. */
-	if (!table)
-		return;
-
 	struct task_struct *task = btf ? bpf_get_current_task_btf()
 				       : (struct task_struct *)bpf_get_current_task();
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -364,6 +436,16 @@ static __always_inline void account_with(struct sock *sk, long ret, __u32 direct
 
 	hot_file_identity(exe, &key.exe_ino, &key.exe_dev, &key.exe_inode_generation, btf);
 	fill_flow(&key, sk, family, btf);
+
+	if (count_by_socket(sk, &key, ret, direction, task, exe, family))
+		return;
+
+	__u32 zero = 0;
+	void *table = bpf_map_lookup_elem(&traffic, &zero);
+
+	/* Empty only before the agent put the first table in. */
+	if (!table)
+		return;
 
 	struct fs_traffic_value *value = bpf_map_lookup_elem(table, &key);
 

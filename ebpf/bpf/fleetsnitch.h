@@ -23,6 +23,13 @@
  */
 #define FS_TRAFFIC_TABLE_ENTRIES 65536
 
+/*
+ * Entries of the template of the `socket_traffic` tables: a quarter of the
+ * `traffic` tables' (the agent keeps that ratio for any
+ * collector.traffic_map_entries; kernels before 5.10 take only this size).
+ */
+#define FS_SOCKET_TABLE_ENTRIES 16384
+
 /* Directions, used as indexes. */
 #define FS_DIR_SENT 0
 #define FS_DIR_RECEIVED 1
@@ -80,6 +87,17 @@ struct fs_traffic_value {
 	__u16 sock_type;
 	__u16 _pad[3];
 	__u8 local_addr[16];
+};
+
+/*
+ * Value of the `socket_traffic` tables, keyed by a socket's kernel address:
+ * the flow the socket's first bytes since the last drain were counted for
+ * (never changed afterwards), and its counters. Only bytes of exactly that
+ * flow are added here (see count_by_socket in fleetsnitch.bpf.c).
+ */
+struct fs_socket_traffic {
+	struct fs_traffic_key key;
+	struct fs_traffic_value value;
 };
 
 enum fs_event_kind {

@@ -24,6 +24,10 @@ pub const NAME_LEN: usize = 128;
 /// Entries of the template of the `traffic` tables (see `bpf/fleetsnitch.h`).
 pub const TRAFFIC_TABLE_ENTRIES: u32 = 65_536;
 
+/// Entries of the template of the `socket_traffic` tables: a quarter of
+/// [`TRAFFIC_TABLE_ENTRIES`].
+pub const SOCKET_TABLE_ENTRIES: u32 = TRAFFIC_TABLE_ENTRIES / 4;
+
 /// Index of sent bytes in [`TrafficValue::bytes`].
 pub const DIR_SENT: usize = 0;
 /// Index of received bytes in [`TrafficValue::bytes`].
@@ -88,6 +92,15 @@ pub struct TrafficValue {
     pub sock_type: u16,
     pub _pad: [u16; 3],
     pub local_addr: [u8; 16],
+}
+
+/// Value of the `socket_traffic` tables (keyed by a socket's kernel
+/// address): the flow the entry was created for, and its counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SocketTraffic {
+    pub key: TrafficKey,
+    pub value: TrafficValue,
 }
 
 /// `kind` of a ring-buffer record.
@@ -203,6 +216,10 @@ pub const SHARED_STRUCTS: &[StructLayout] = &[
         _pad @ 18,
         local_addr @ 24,
     }),
+    shared_struct!("fleetsnitch.h", fs_socket_traffic = SocketTraffic, size 88 {
+        key @ 0,
+        value @ 48,
+    }),
     shared_struct!("fleetsnitch.h", fs_identity_event = IdentityEvent, size 4184 {
         kind @ 0,
         tgid @ 4,
@@ -255,6 +272,10 @@ pub const SHARED_CONSTANTS: &[ConstantLayout] = &[
         "fleetsnitch.h",
         FS_TRAFFIC_TABLE_ENTRIES = TRAFFIC_TABLE_ENTRIES
     ),
+    shared_constant!(
+        "fleetsnitch.h",
+        FS_SOCKET_TABLE_ENTRIES = SOCKET_TABLE_ENTRIES
+    ),
     shared_constant!("fleetsnitch.h", FS_DIR_SENT = DIR_SENT),
     shared_constant!("fleetsnitch.h", FS_DIR_RECEIVED = DIR_RECEIVED),
     shared_constant!(
@@ -302,13 +323,17 @@ pub const SHARED_CONSTANTS: &[ConstantLayout] = &[
 
 #[cfg(feature = "user")]
 mod pod {
-    use super::{DnsEvent, ExecEvent, ExitEvent, IdentityEvent, TrafficKey, TrafficValue};
+    use super::{
+        DnsEvent, ExecEvent, ExitEvent, IdentityEvent, SocketTraffic, TrafficKey, TrafficValue,
+    };
 
     // SAFETY: plain `repr(C)` structs of integers with explicit padding fields,
     // valid for every bit pattern.
     unsafe impl aya::Pod for TrafficKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for TrafficValue {}
+    // SAFETY: `repr(C)`, two such structs, no implicit padding.
+    unsafe impl aya::Pod for SocketTraffic {}
     // SAFETY: ring buffer records: `repr(C)` integers and byte arrays with
     // explicit padding, valid for every bit pattern.
     unsafe impl aya::Pod for IdentityEvent {}

@@ -15,7 +15,13 @@
 //!   gives its series and its place under the caps back, a program new after
 //!   the churn gets its own `exe` value, and the agent's memory levels off.
 //!
-//! Each runs twice: with the agent on the host, and with the agent in the
+//! - A socket carried in turn by two programs (the second inherits it across
+//!   exec), then connected to another port, all within one drain: each
+//!   program's bytes to each port are counted under its own name. (The agent
+//!   counts most bytes in a table keyed by the socket's address; an entry
+//!   there holds only the flow it was created for.)
+//!
+//! Each of the first three runs twice: with the agent on the host, and with the agent in the
 //! chart's pod (`Testbed::in_pod`), where every path it names and every file
 //! it hashes is the node's, seen through `/host`.
 //!
@@ -370,6 +376,63 @@ fn inode_reuse(config: &str, name: &str, agent: Agent) -> Result<()> {
     drop(bed);
     drop(mounts);
     Ok(())
+}
+
+// --- a socket shared by two programs -------------------------------------
+
+/// One socket, two programs and two peers within one drain: the per-socket
+/// table's entry belongs to the first flow the socket carried; the child's
+/// bytes on the same socket, and the parent's after reconnecting, must land
+/// under their own executable and port, never in that entry.
+#[test]
+fn a_socket_shared_by_two_programs_counts_each_programs_own_bytes() -> Result<()> {
+    require_root!("eBPF");
+    const ROUNDS: &str = "300";
+    let bed = Testbed::setup("fsn-integrity-shared")?
+        .config("collector:\n  drain_interval: 2s\n")
+        .start()?;
+    let parent = bed.copy("sweep", "share-parent")?;
+    let child = bed.copy("sweep", "share-child")?;
+    let out = process::run_bounded(
+        Command::new(&parent).args([
+            "share",
+            "--child",
+            child.to_str().context("child path")?,
+            "--rounds",
+            ROUNDS,
+        ]),
+        Duration::from_secs(60),
+    )?;
+    ensure!(out.status.success(), "sweep share: {}", out.stderr);
+    let report: serde_json::Value = serde_json::from_str(out.stdout.trim())
+        .with_context(|| format!("sweep share said {:?}", out.stdout))?;
+    let field = |name: &str| -> Result<u64> {
+        report[name]
+            .as_u64()
+            .with_context(|| format!("no {name} in {report}"))
+    };
+    let (first, second) = (field("first_port")?, field("second_port")?);
+    let expected_parent = BTreeMap::from([
+        (first.to_string(), field("parent_first")?),
+        (second.to_string(), field("parent_second")?),
+    ]);
+    let expected_child = BTreeMap::from([(first.to_string(), field("child_first")?)]);
+    let (parent_exe, child_exe) = (
+        parent.to_string_lossy().into_owned(),
+        child.to_string_lossy().into_owned(),
+    );
+    let (mut seen_parent, mut seen_child) = (BTreeMap::new(), BTreeMap::new());
+    let settled = wait_until(Duration::from_secs(15), "both programs counted", || {
+        let text = bed.metrics().text()?;
+        seen_parent = sent_by(&text, &parent_exe, "remote_port")?;
+        seen_child = sent_by(&text, &child_exe, "remote_port")?;
+        Ok(seen_parent == expected_parent && seen_child == expected_child)
+    });
+    eprintln!(
+        "sent by remote_port: parent expected {expected_parent:?}, seen {seen_parent:?}; \
+         child expected {expected_child:?}, seen {seen_child:?}"
+    );
+    settled
 }
 
 const WITHOUT_EXEC_TRACKING: &str = "journal:\n  write_interval: 10s\n";

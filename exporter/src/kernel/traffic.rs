@@ -1,25 +1,32 @@
-//! The `traffic` tables: bytes per (process, executable, flow), drained by
+//! The traffic tables: bytes per (process, executable, flow), drained by
 //! swapping tables.
 //!
-//! The programs add to the hash table in slot 0 of the `traffic` array of
-//! maps. To drain, the collector puts an empty table in the slot and reads
-//! the one it took out. The kernel returns from a map-in-map update only
-//! after an RCU grace period, when every program that could still hold the
-//! old table has finished (`maybe_wait_bpf_programs` in kernel/bpf/syscall.c): from then on nothing adds to the old table, and
-//! reading and deleting its entries cannot lose an add. No sleep, no guess
-//! at how long a preempted program may take.
+//! The programs count in two hash tables, each in slot 0 of an array of maps:
+//! `socket_traffic`, keyed by a socket's kernel address, takes the common
+//! case (a socket carrying one process's one flow) at the cost of an 8-byte
+//! hash; `traffic`, keyed by the whole flow, takes everything else. Each
+//! entry of the first holds the flow key it counts for, so both drain into
+//! the same (key, value) pairs.
+//!
+//! To drain, the collector puts an empty table in each slot and reads the
+//! ones it took out. The kernel returns from a map-in-map update only after
+//! an RCU grace period, when every program that could still hold the old
+//! table has finished (`maybe_wait_bpf_programs` in kernel/bpf/syscall.c):
+//! from then on nothing adds to the old table, and reading and deleting its
+//! entries cannot lose an add. No sleep, no guess at how long a preempted
+//! program may take.
+
+use std::collections::HashMap as StdHashMap;
 
 use aya::{
-    Ebpf,
+    Ebpf, Pod,
     maps::{ArrayOfMaps, HashMap, MapData, MapError},
 };
-use fleetsnitch_ebpf::{TrafficKey, TrafficValue};
+use fleetsnitch_ebpf::{SocketTraffic, TrafficKey, TrafficValue};
 
 use super::{KernelError, take_map};
 
-type Table = HashMap<MapData, TrafficKey, TrafficValue>;
-
-/// The slot of `traffic` the programs count in.
+/// The slot of each array of maps the programs count in.
 const SLOT: u32 = 0;
 
 /// Entries of the table the object declares as the template of `traffic`'s
@@ -27,28 +34,44 @@ const SLOT: u32 = 0;
 /// accept only tables of exactly this size in the slot.
 pub const TEMPLATE_ENTRIES: u32 = fleetsnitch_ebpf::TRAFFIC_TABLE_ENTRIES;
 
+/// The per-socket tables hold a quarter of the flow tables' entries: sockets
+/// active within one drain interval. When one is full, the flow table takes
+/// the bytes; nothing is lost.
+pub fn socket_table_entries(traffic_entries: u32) -> u32 {
+    traffic_entries / 4
+}
+
 pub struct TrafficMap {
-    slot: ArrayOfMaps<MapData, Table>,
-    /// The table the programs write to.
-    counting: Table,
-    /// An empty table, swapped in at the next drain.
-    spare: Table,
+    flows: SwappedTables<TrafficKey, TrafficValue>,
+    sockets: SwappedTables<u64, SocketTraffic>,
+}
+
+/// One array of maps whose slot holds the table the programs count in, and
+/// the empty table swapped in at the next drain.
+struct SwappedTables<K: Pod, V: Pod> {
+    map: &'static str,
+    slot: ArrayOfMaps<MapData, HashMap<MapData, K, V>>,
+    counting: HashMap<MapData, K, V>,
+    spare: HashMap<MapData, K, V>,
     entries: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrafficTableError {
-    #[error("cannot create a traffic table of {entries} entries: {source}")]
+    #[error("cannot create a {map} table of {entries} entries: {source}")]
     Create {
+        map: &'static str,
         entries: u32,
         #[source]
         source: MapError,
     },
     #[error(
-        "the kernel refused a traffic table of {entries} entries: {source} (kernels before 5.10 \
-         take only {TEMPLATE_ENTRIES}: leave collector.traffic_map_entries at its default)"
+        "the kernel refused a {map} table of {entries} entries: {source} (kernels before 5.10 \
+         take only the default size: leave collector.traffic_map_entries at \
+         {TEMPLATE_ENTRIES})"
     )]
     Refused {
+        map: &'static str,
         entries: u32,
         #[source]
         source: MapError,
@@ -62,67 +85,101 @@ impl From<TrafficTableError> for KernelError {
 }
 
 impl TrafficMap {
-    /// Takes `traffic` out of the loaded object and puts a first table of
-    /// `entries` in it: call before attaching, or the first bytes have
-    /// nowhere to go.
+    /// Takes `traffic` and `socket_traffic` out of the loaded object and
+    /// puts a first table in each, sized from `entries`
+    /// (collector.traffic_map_entries): call before attaching, or the first
+    /// bytes have nowhere to go.
     pub fn new(ebpf: &mut Ebpf, entries: u32) -> Result<Self, KernelError> {
-        let slot = ArrayOfMaps::try_from(take_map(ebpf, "traffic")?)
-            .map_err(KernelError::map("traffic"))?;
-        let mut traffic = Self {
-            slot,
-            counting: create_table(entries)?,
-            spare: create_table(entries)?,
-            entries,
-        };
-        traffic
-            .slot
-            .set(SLOT, &traffic.counting, 0)
-            .map_err(|source| TrafficTableError::Refused { entries, source })?;
-        Ok(traffic)
+        Ok(Self {
+            flows: SwappedTables::new(ebpf, "traffic", entries)?,
+            sockets: SwappedTables::new(ebpf, "socket_traffic", socket_table_entries(entries))?,
+        })
     }
 
-    /// Swaps the counting table for the empty spare, then reads and deletes
-    /// every entry of the table taken out (which becomes the next spare).
+    /// Swaps both counting tables for empty ones, then reads and deletes
+    /// every entry of the tables taken out: one (key, value) per flow, the
+    /// bytes a flow has in both tables added together.
     pub fn drain(&mut self) -> Result<Vec<(TrafficKey, TrafficValue)>, KernelError> {
-        // Returns once no program holds the old table any more.
+        let sockets = self.sockets.swap_and_take()?;
+        let flows = self.flows.swap_and_take()?;
+        let mut merged: StdHashMap<TrafficKey, TrafficValue> =
+            StdHashMap::with_capacity(flows.len() + sockets.len());
+        let by_socket = sockets
+            .into_iter()
+            .map(|(_, entry)| (entry.key, entry.value));
+        for (key, value) in flows.into_iter().chain(by_socket) {
+            merged
+                .entry(key)
+                .and_modify(|total| {
+                    total.bytes[0] += value.bytes[0];
+                    total.bytes[1] += value.bytes[1];
+                })
+                .or_insert(value);
+        }
+        Ok(merged.into_iter().collect())
+    }
+}
+
+impl<K: Pod, V: Pod> SwappedTables<K, V> {
+    fn new(ebpf: &mut Ebpf, map: &'static str, entries: u32) -> Result<Self, KernelError> {
+        let slot = ArrayOfMaps::try_from(take_map(ebpf, map)?).map_err(KernelError::map(map))?;
+        let create = || {
+            HashMap::create(entries, 0).map_err(|source| TrafficTableError::Create {
+                map,
+                entries,
+                source,
+            })
+        };
+        let mut tables = Self {
+            map,
+            slot,
+            counting: create()?,
+            spare: create()?,
+            entries,
+        };
+        tables.install_spare_and_swap()?;
+        // The first install put the spare in; the other is the next spare.
+        Ok(tables)
+    }
+
+    /// Puts the spare in the slot and makes it the counting table. Returns
+    /// once no program holds the table taken out.
+    fn install_spare_and_swap(&mut self) -> Result<(), TrafficTableError> {
         self.slot
             .set(SLOT, &self.spare, 0)
             .map_err(|source| TrafficTableError::Refused {
+                map: self.map,
                 entries: self.entries,
                 source,
             })?;
         std::mem::swap(&mut self.counting, &mut self.spare);
-        take_all(&mut self.spare)
+        Ok(())
+    }
+
+    /// Swaps in the empty spare, then reads and deletes every entry of the
+    /// table taken out (which becomes the next spare).
+    fn swap_and_take(&mut self) -> Result<Vec<(K, V)>, KernelError> {
+        self.install_spare_and_swap()?;
+        take_all(self.map, &mut self.spare)
     }
 }
 
-fn create_table(entries: u32) -> Result<Table, TrafficTableError> {
-    Table::create(entries, 0).map_err(|source| TrafficTableError::Create { entries, source })
-}
-
 /// Reads and deletes every entry of a table no program writes to.
-fn take_all(table: &mut Table) -> Result<Vec<(TrafficKey, TrafficValue)>, KernelError> {
-    let keys: Vec<TrafficKey> = table.keys().filter_map(Result::ok).collect();
+fn take_all<K: Pod, V: Pod>(
+    name: &'static str,
+    table: &mut HashMap<MapData, K, V>,
+) -> Result<Vec<(K, V)>, KernelError> {
+    let keys: Vec<K> = table.keys().filter_map(Result::ok).collect();
     let mut entries = Vec::with_capacity(keys.len());
     for key in keys {
         let value = match table.get(&key, 0) {
             Ok(value) => value,
             Err(MapError::KeyNotFound) => continue,
-            Err(source) => {
-                return Err(KernelError::Map {
-                    name: "traffic",
-                    source,
-                });
-            }
+            Err(source) => return Err(KernelError::Map { name, source }),
         };
         match table.remove(&key) {
             Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(source) => {
-                return Err(KernelError::Map {
-                    name: "traffic",
-                    source,
-                });
-            }
+            Err(source) => return Err(KernelError::Map { name, source }),
         }
         entries.push((key, value));
     }

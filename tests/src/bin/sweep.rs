@@ -10,12 +10,22 @@
 //! sweep hammer  --threads N --seconds S                  # N threads sending 64-byte datagrams on
 //!                                                        # one shared connected UDP socket (one
 //!                                                        # flow) to a local sink, for S seconds
+//! sweep share   --child PATH --rounds N                # one connected UDP socket used in turn
+//!                                                        # by this process and a child running
+//!                                                        # PATH (another executable), N rounds,
+//!                                                        # then connected to a second port
+//! sweep share-child --fd FD                              # (the child) one 37-byte datagram on
+//!                                                        # FD per line read, its length printed
 //! ```
-//! Prints `{"values":N,"sent":BYTES}`. Loops are bounded by --count.
+//! Prints `{"values":N,"sent":BYTES}` (`share` adds the bytes by sender and
+//! port). Loops are bounded by --count or --rounds.
 
 use std::{
+    io::{BufRead, BufReader, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
-    process::ExitCode,
+    os::fd::{AsRawFd, FromRawFd},
+    path::Path,
+    process::{Command, ExitCode, Stdio},
     sync::Arc,
     thread,
     time::{Duration, Instant},
@@ -52,6 +62,16 @@ fn run(args: &[String]) -> Result<()> {
         let sent = hammer(threads, Duration::from_secs(seconds))?;
         println!("{{\"values\":{threads},\"sent\":{sent}}}");
         return Ok(());
+    }
+    match args.first().map(String::as_str) {
+        Some("share") => {
+            let rounds: u32 = option(args, "--rounds")?.parse()?;
+            ensure!((1..=10_000).contains(&rounds), "--rounds is 1..=10000");
+            println!("{}", share(Path::new(option(args, "--child")?), rounds)?);
+            return Ok(());
+        }
+        Some("share-child") => return share_child(option(args, "--fd")?.parse()?),
+        _ => {}
     }
     let count: u32 = option(args, "--count")?.parse()?;
     ensure!(count <= 100_000, "--count is bounded to 100000");
@@ -94,7 +114,7 @@ fn run(args: &[String]) -> Result<()> {
             ensure!(count <= 2_000, "forks: --count is bounded to 2000");
             sent = fork_burst(peer, count)?;
         }
-        _ => bail!("usage: sweep ports|domains|forks|hammer ..."),
+        _ => bail!("usage: sweep ports|domains|forks|hammer|share ..."),
     }
     println!("{{\"values\":{count},\"sent\":{sent}}}");
     Ok(())
@@ -196,4 +216,93 @@ fn hammer(threads: u32, duration: Duration) -> Result<u64> {
     }
     drop(sink);
     Ok(total)
+}
+
+/// Datagram sizes of `share`: the parent's, the child's, and the parent's
+/// after connecting to the second port.
+const SHARE_PARENT_BYTES: usize = 100;
+const SHARE_CHILD_BYTES: usize = 37;
+const SHARE_SECOND_BYTES: usize = 50;
+
+/// A local UDP sink on a port below the ephemeral range, so that the agent's
+/// `remote_port` label names it (ephemeral ports are folded).
+fn low_port_sink() -> Result<(UdpSocket, u16)> {
+    let start = 20_000 + (std::process::id() % 5_000) as u16;
+    for port in (start..30_000).chain(20_000..start) {
+        if let Ok(sink) = UdpSocket::bind((Ipv4Addr::LOCALHOST, port)) {
+            return Ok((sink, port));
+        }
+    }
+    bail!("no free UDP port in 20000..30000")
+}
+
+/// One connected UDP socket carried, in turn, by this process and by a child
+/// running another executable, `rounds` times (both within one drain), then
+/// connected to a second port and used `rounds` times more. Returns the
+/// report: what each sent to each port.
+fn share(child: &Path, rounds: u32) -> Result<String> {
+    let (_first_sink, first_port) = low_port_sink()?;
+    let (_second_sink, second_port) = low_port_sink()?;
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    socket.connect((Ipv4Addr::LOCALHOST, first_port))?;
+    // The child inherits the socket across exec: clear close-on-exec.
+    // SAFETY: fcntl on a descriptor this process owns, no pointers.
+    ensure!(
+        unsafe { libc::fcntl(socket.as_raw_fd(), libc::F_SETFD, 0) } == 0,
+        "fcntl(F_SETFD): {}",
+        std::io::Error::last_os_error()
+    );
+    let mut running = Command::new(child)
+        .args(["share-child", "--fd", &socket.as_raw_fd().to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {}", child.display()))?;
+    let mut to_child = running.stdin.take().context("child stdin")?;
+    let mut from_child = BufReader::new(running.stdout.take().context("child stdout")?);
+    let (mut parent_first, mut child_first) = (0u64, 0u64);
+    for _ in 0..rounds {
+        parent_first += socket.send(&[0x5a; SHARE_PARENT_BYTES])? as u64;
+        to_child.write_all(b"send\n")?;
+        to_child.flush()?;
+        let mut line = String::new();
+        ensure!(
+            from_child.read_line(&mut line)? > 0,
+            "the child ended early"
+        );
+        child_first += line
+            .trim()
+            .parse::<u64>()
+            .with_context(|| format!("child said {line:?}"))?;
+    }
+    drop(to_child);
+    let status = running.wait()?;
+    ensure!(status.success(), "the child failed: {status}");
+    socket.connect((Ipv4Addr::LOCALHOST, second_port))?;
+    let mut parent_second = 0u64;
+    for _ in 0..rounds {
+        parent_second += socket.send(&[0x5a; SHARE_SECOND_BYTES])? as u64;
+    }
+    Ok(format!(
+        "{{\"values\":3,\"sent\":{},\"first_port\":{first_port},\"second_port\":{second_port},\
+         \"parent_first\":{parent_first},\"child_first\":{child_first},\
+         \"parent_second\":{parent_second}}}",
+        parent_first + child_first + parent_second
+    ))
+}
+
+/// The child of `share`: one datagram on the inherited socket per line read,
+/// its length printed, until standard input ends.
+fn share_child(fd: i32) -> Result<()> {
+    // SAFETY: the parent passed this descriptor, a UDP socket, to this
+    // process, and nothing else here owns it.
+    let socket = unsafe { UdpSocket::from_raw_fd(fd) };
+    let mut out = std::io::stdout().lock();
+    for line in std::io::stdin().lock().lines() {
+        line?;
+        let sent = socket.send(&[0x5a; SHARE_CHILD_BYTES])?;
+        writeln!(out, "{sent}")?;
+        out.flush()?;
+    }
+    Ok(())
 }
