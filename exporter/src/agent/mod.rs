@@ -9,7 +9,7 @@ use std::{
     thread,
 };
 
-use aya::{Btf, EbpfError};
+use aya::EbpfError;
 use collector::{Collector, CollectorError, CollectorMetrics, Parts};
 use prometheus_client::{metrics::gauge::Gauge, registry::Registry};
 use tokio::net::TcpListener;
@@ -35,7 +35,7 @@ use crate::{
     },
     kernel::{
         self,
-        dns_capture::{DnsCapture, DnsCaptureMetrics},
+        dns_capture::{DnsCapture, DnsCaptureError, DnsCaptureMetrics, DnsObject},
         probes::{self, NoModeFits, ProbeMetrics},
         stats::KernelStatsMetrics,
         traffic::TrafficMap,
@@ -126,19 +126,22 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
     };
 
     let geoip = open_geoip(&config)?;
-    let mut ebpf =
-        kernel::load_object(&config.collector, &config.exec).map_err(|error: EbpfError| {
-            AgentError::BpfRefused {
-                detail: error_chain(&error),
-            }
-        })?;
+    // The DNS object is loaded here and attached further down.
+    let kernel::Objects {
+        main: mut ebpf,
+        dns: dns_object,
+    } = kernel::load_objects(&config.collector, &config.exec).map_err(|error: EbpfError| {
+        AgentError::BpfRefused {
+            detail: error_chain(&error),
+        }
+    })?;
     // The first counting table goes in before any program can count.
     let traffic = TrafficMap::new(&mut ebpf, config.collector.traffic_map_entries)
         .map_err(CollectorError::from)?;
     // Parsed only now: the loader parses the kernel's BTF for itself and
     // frees it when loading is done; two parsed copies at once would set the
     // agent's peak memory for its whole life (VmHWM).
-    let btf = Btf::from_sys_fs().map_err(|source| AgentError::Btf { source })?;
+    let btf = kernel::btf::parse().map_err(|source| AgentError::Btf { source })?;
     // Exec tracking off: its probe is not attached (nor reported).
     let left_out: &[&str] = if config.exec.enabled {
         &[]
@@ -146,8 +149,11 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         &[probes::EXEC_PROBE]
     };
     let outcomes = probes::attach_all(&mut ebpf, &btf, &config.probes.disabled_modes, left_out)?;
-    // The parsed kernel BTF is tens of MiB and only needed to attach.
+    // The parsed kernel BTF is some 12 MiB and only needed to attach. Handed
+    // back at once: glibc would keep it while the ring buffers are mapped and
+    // the threads start, and that sum would be the agent's peak (VmHWM).
     drop(btf);
+    release_freed_memory();
 
     let mut registry = telemetry::registry();
     register_start_time(&mut registry);
@@ -203,7 +209,11 @@ pub async fn run(config: Config) -> Result<(), AgentError> {
         pods: PodResolver::spawn(&config.kubernetes, &mut registry, failures.clone()),
         users: UserNames::default(),
     };
-    let dns = start_dns_capture(&probe_metrics, DnsCaptureMetrics::register(&mut registry));
+    let dns = start_dns_capture(
+        dns_object,
+        &probe_metrics,
+        DnsCaptureMetrics::register(&mut registry),
+    );
 
     let parts = Parts {
         traffic,
@@ -377,10 +387,15 @@ fn start_connection_log(
     Ok(Some(log))
 }
 
-/// Starts DNS capture; without it the agent runs, with empty domains.
-fn start_dns_capture(probes: &ProbeMetrics, metrics: DnsCaptureMetrics) -> Option<DnsCapture> {
+/// Starts DNS capture with `object` (loaded earlier); without it the agent
+/// runs, with empty domains.
+fn start_dns_capture(
+    object: Result<DnsObject, DnsCaptureError>,
+    probes: &ProbeMetrics,
+    metrics: DnsCaptureMetrics,
+) -> Option<DnsCapture> {
     let started = match containers::cgroup2_mount() {
-        Some(root) => DnsCapture::start(&root, metrics).map_err(|error| error.to_string()),
+        Some(root) => DnsCapture::start(&root, object, metrics).map_err(|error| error.to_string()),
         None => Err("no cgroup v2 hierarchy is mounted: DNS answers cannot be captured".into()),
     };
     match started {

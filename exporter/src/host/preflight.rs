@@ -8,7 +8,7 @@ const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-pub const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+pub const BTF_PATH: &str = crate::kernel::btf::PATH;
 pub const TRACEFS_PATH: &str = "/sys/kernel/tracing";
 
 #[derive(Debug, thiserror::Error)]

@@ -77,20 +77,38 @@ const PROGRAMS_OWNERS: &[&str] = &[
     "dns_owner_sendmsg6",
 ];
 
+/// The DNS object with its maps created; its programs are loaded into the
+/// kernel when [`DnsCapture::start`] attaches them.
+pub struct DnsObject(Ebpf);
+
+impl DnsObject {
+    /// Creates the object's maps with `loader`, which must carry no setting
+    /// (map sizes, globals) of another object: they would apply here too.
+    /// [`super::load_objects`] lends the loader of the main object, so the
+    /// kernel BTF it parsed is parsed once.
+    pub fn load(loader: &mut EbpfLoader<'_>) -> Result<Self, DnsCaptureError> {
+        loader
+            .load(DNS_OBJECT)
+            .map(Self)
+            .map_err(|error| DnsCaptureError::Load(error_chain(&error)))
+    }
+}
+
 impl DnsCapture {
-    /// Loads and attaches the DNS programs; the outcomes go to `fleetsnitch_probe_attached`.
-    /// `cgroup_root` is the root of the cgroup v2 hierarchy.
+    /// Attaches the DNS programs of `object`; the outcomes go to
+    /// `fleetsnitch_probe_attached`. `cgroup_root` is the root of the cgroup
+    /// v2 hierarchy. `object` is the result of [`DnsObject::load`]: a cgroup
+    /// that cannot be opened is reported before a failed load.
     pub fn start(
         cgroup_root: &Path,
+        object: Result<DnsObject, DnsCaptureError>,
         metrics: DnsCaptureMetrics,
     ) -> Result<(Self, Vec<DnsProbe>), DnsCaptureError> {
         let cgroup = File::open(cgroup_root).map_err(|source| DnsCaptureError::OpenCgroup {
             path: cgroup_root.to_owned(),
             source,
         })?;
-        let mut ebpf = EbpfLoader::new()
-            .load(DNS_OBJECT)
-            .map_err(|error| DnsCaptureError::Load(error_chain(&error)))?;
+        let DnsObject(mut ebpf) = object?;
 
         let owners = attach_owners(&mut ebpf, &cgroup);
         let answers = attach_answers(&mut ebpf, &cgroup);

@@ -3,6 +3,7 @@
 //! processes' names or sinks: the agent hands what is read on to `identity`.
 
 pub mod announcements;
+pub mod btf;
 pub mod dns_capture;
 pub mod exec_events;
 pub mod flow;
@@ -20,6 +21,7 @@ use aya::{
 use serde::Deserialize;
 
 use crate::support::{InvalidValue, check_duration, check_range, check_ring_buffer};
+use dns_capture::{DnsCaptureError, DnsObject};
 use exec_events::ExecConfig;
 
 /// The kernel programs, compiled by build.rs.
@@ -104,16 +106,29 @@ impl CollectorConfig {
     }
 }
 
-/// Loads the object with its maps sized by the configuration; nothing is
-/// attached yet.
-pub fn load_object(collector: &CollectorConfig, exec: &ExecConfig) -> Result<Ebpf, EbpfError> {
+/// The kernel objects, loaded; nothing is attached yet.
+pub struct Objects {
+    /// The counting programs, with their maps sized by the configuration.
+    pub main: Ebpf,
+    /// DNS capture's; failing to load it only leaves domains empty.
+    pub dns: Result<DnsObject, DnsCaptureError>,
+}
+
+/// Loads both objects with one loader: aya's loader parses the whole kernel
+/// BTF when it is created (some 17 MiB here while it lives, file included),
+/// and a second loader would parse it again. The agent keeps its peak memory
+/// (VmHWM) for life, and this is where the peak is.
+pub fn load_objects(collector: &CollectorConfig, exec: &ExecConfig) -> Result<Objects, EbpfError> {
+    let mut loader = EbpfLoader::new();
+    // DNS first, while the loader carries none of the main object's settings.
+    let dns = DnsObject::load(&mut loader);
     // Off, exec tracking keeps its ring buffer at one page.
     let exec_ring = if exec.enabled {
         exec.ring_buffer_bytes
     } else {
         4096
     };
-    EbpfLoader::new()
+    let main = loader
         .map_max_entries("announced", collector.process_map_entries)
         .map_max_entries("events", collector.ring_buffer_bytes)
         .map_max_entries("exec_events", exec_ring)
@@ -122,5 +137,6 @@ pub fn load_object(collector: &CollectorConfig, exec: &ExecConfig) -> Result<Ebp
             &u32::from(exec.record_command_lines),
             true,
         )
-        .load(BPF_OBJECT)
+        .load(BPF_OBJECT)?;
+    Ok(Objects { main, dns })
 }
