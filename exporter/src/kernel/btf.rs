@@ -8,17 +8,18 @@
 //! keeps for life) is that much lower. Older kernels refuse the mapping and
 //! the file is read as aya reads it.
 
-use std::{fs::File, io, os::fd::AsRawFd, ptr::NonNull};
+use std::{fs::File, io};
 
 use aya::{Btf, BtfError, Endianness};
+use memmap2::{Mmap, MmapOptions};
 
 /// Where the kernel exposes its BTF (CONFIG_DEBUG_INFO_BTF).
 pub const PATH: &str = "/sys/kernel/btf/vmlinux";
 
 /// Parses the running kernel's BTF.
 pub fn parse() -> Result<Btf, BtfError> {
-    match Mapping::of(PATH) {
-        Ok(mapping) => Btf::parse(mapping.bytes(), Endianness::default()),
+    match map(PATH) {
+        Ok(mapping) => Btf::parse(&mapping, Endianness::default()),
         Err(error) => {
             tracing::debug!(path = PATH, %error, "kernel BTF not mappable; reading it");
             Btf::parse_file(PATH, Endianness::default())
@@ -26,55 +27,17 @@ pub fn parse() -> Result<Btf, BtfError> {
     }
 }
 
-/// A private read-only mapping of a whole file, unmapped on drop.
-struct Mapping {
-    address: NonNull<u8>,
-    len: usize,
-}
-
-impl Mapping {
-    fn of(path: &str) -> io::Result<Self> {
-        let file = File::open(path)?;
-        let len = usize::try_from(file.metadata()?.len())
-            .map_err(|_| io::Error::other("file larger than the address space"))?;
-        if len == 0 {
-            return Err(io::Error::other("empty file"));
-        }
-        // SAFETY: a fresh mapping chosen by the kernel, aliasing nothing; the
-        // descriptor may be closed once it exists. The kernel refuses
-        // writable or shared mappings of its BTF.
-        let address = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if address == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let address = NonNull::new(address.cast::<u8>())
-            .ok_or_else(|| io::Error::other("mmap returned a null address"))?;
-        Ok(Self { address, len })
+/// A private read-only mapping of the whole file at `path` (the kernel
+/// refuses shared or writable mappings of its BTF).
+fn map(path: &str) -> io::Result<Mmap> {
+    let file = File::open(path)?;
+    if file.metadata()?.len() == 0 {
+        return Err(io::Error::other("empty file"));
     }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: `len` readable bytes are mapped at `address` until drop,
-        // and nothing writes to them (read-only, private).
-        unsafe { std::slice::from_raw_parts(self.address.as_ptr(), self.len) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `of` mapped; no slice of it outlives `self`.
-        unsafe {
-            libc::munmap(self.address.as_ptr().cast(), self.len);
-        }
-    }
+    // SAFETY: the kernel's BTF never changes while the system runs, and a
+    // private read-only mapping cannot be written through; a file that
+    // shrank under the mapping would fault, which the kernel's BTF does not.
+    unsafe { MmapOptions::new().map_copy_read_only(&file) }
 }
 
 #[cfg(test)]
@@ -89,31 +52,41 @@ mod tests {
         let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
         io::Write::write_all(&mut file, &data).expect("write temporary file");
         let path = file.path().to_str().expect("UTF-8 temporary path");
-        let mapping = Mapping::of(path).expect("map temporary file");
-        assert_eq!(mapping.bytes(), data.as_slice());
+        let mapping = map(path).expect("map temporary file");
+        assert_eq!(&mapping[..], data.as_slice());
     }
 
+    /// Linux 6.16 and later map their BTF, and the mapping is the file;
+    /// older kernels refuse, and `parse` reads the file instead.
     #[test]
     fn the_kernels_btf_mapped_is_the_kernels_btf_read() {
-        let Ok(read) = std::fs::read(PATH) else {
-            eprintln!("skipped: {PATH} cannot be read here");
-            return;
-        };
-        match Mapping::of(PATH) {
+        let read = std::fs::read(PATH)
+            .unwrap_or_else(|error| panic!("{PATH}: {error} (the agent needs the kernel's BTF)"));
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+        let mut numbers = release
+            .trim()
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+        match map(PATH) {
             Ok(mapping) => assert!(
-                mapping.bytes() == read.as_slice(),
+                mapping[..] == read[..],
                 "{PATH}: {} bytes mapped differ from the {} bytes read",
-                mapping.bytes().len(),
+                mapping.len(),
                 read.len()
             ),
-            Err(error) => eprintln!("skipped: this kernel does not map {PATH} ({error})"),
+            Err(error) => assert!(
+                version < (6, 16),
+                "Linux {release} should map {PATH}, and refused: {error}"
+            ),
         }
+        assert!(parse().is_ok(), "{PATH} does not parse");
     }
 
     #[test]
     fn an_empty_file_is_not_mapped() {
         let file = tempfile::NamedTempFile::new().expect("temporary file");
         let path = file.path().to_str().expect("UTF-8 temporary path");
-        assert!(Mapping::of(path).is_err());
+        assert!(map(path).is_err());
     }
 }
