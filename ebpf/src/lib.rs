@@ -62,7 +62,7 @@ impl Stat {
 /// Key of the `traffic` tables: one (process, executable, flow) since the
 /// last drain.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TrafficKey {
     pub tgid: u32,
     /// Always zero.

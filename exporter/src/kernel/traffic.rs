@@ -16,8 +16,6 @@
 //! entries cannot lose an add. No sleep, no guess at how long a preempted
 //! program may take.
 
-use std::collections::HashMap as StdHashMap;
-
 use aya::{
     Ebpf, Pod,
     maps::{ArrayOfMaps, HashMap, MapData, MapError},
@@ -98,26 +96,30 @@ impl TrafficMap {
 
     /// Swaps both counting tables for empty ones, then reads and deletes
     /// every entry of the tables taken out: one (key, value) per flow, the
-    /// bytes a flow has in both tables added together.
+    /// bytes a flow has in both tables (or under two sockets) added together.
     pub fn drain(&mut self) -> Result<Vec<(TrafficKey, TrafficValue)>, KernelError> {
-        let sockets = self.sockets.swap_and_take()?;
-        let flows = self.flows.swap_and_take()?;
-        let mut merged: StdHashMap<TrafficKey, TrafficValue> =
-            StdHashMap::with_capacity(flows.len() + sockets.len());
-        let by_socket = sockets
-            .into_iter()
-            .map(|(_, entry)| (entry.key, entry.value));
-        for (key, value) in flows.into_iter().chain(by_socket) {
-            merged
-                .entry(key)
-                .and_modify(|total| {
-                    total.bytes[0] += value.bytes[0];
-                    total.bytes[1] += value.bytes[1];
-                })
-                .or_insert(value);
-        }
-        Ok(merged.into_iter().collect())
+        let mut entries = Vec::new();
+        self.sockets
+            .swap_and_take(|_, entry| entries.push((entry.key, entry.value)))?;
+        self.flows
+            .swap_and_take(|key, value| entries.push((key, value)))?;
+        merge_same_flows(&mut entries);
+        Ok(entries)
     }
+}
+
+/// One entry per flow key, bytes added together; in place, so a drain holds
+/// no second collection.
+fn merge_same_flows(entries: &mut Vec<(TrafficKey, TrafficValue)>) {
+    entries.sort_unstable_by_key(|(key, _)| *key);
+    entries.dedup_by(|(key, value), (kept_key, kept)| {
+        let same = key == kept_key;
+        if same {
+            kept.bytes[0] += value.bytes[0];
+            kept.bytes[1] += value.bytes[1];
+        }
+        same
+    });
 }
 
 impl<K: Pod, V: Pod> SwappedTables<K, V> {
@@ -157,10 +159,10 @@ impl<K: Pod, V: Pod> SwappedTables<K, V> {
     }
 
     /// Swaps in the empty spare, then reads and deletes every entry of the
-    /// table taken out (which becomes the next spare).
-    fn swap_and_take(&mut self) -> Result<Vec<(K, V)>, KernelError> {
+    /// table taken out (which becomes the next spare), handing each to `take`.
+    fn swap_and_take(&mut self, take: impl FnMut(K, V)) -> Result<(), KernelError> {
         self.install_spare_and_swap()?;
-        take_all(self.map, &mut self.spare)
+        take_all(self.map, &mut self.spare, take)
     }
 }
 
@@ -168,9 +170,9 @@ impl<K: Pod, V: Pod> SwappedTables<K, V> {
 fn take_all<K: Pod, V: Pod>(
     name: &'static str,
     table: &mut HashMap<MapData, K, V>,
-) -> Result<Vec<(K, V)>, KernelError> {
+    mut take: impl FnMut(K, V),
+) -> Result<(), KernelError> {
     let keys: Vec<K> = table.keys().filter_map(Result::ok).collect();
-    let mut entries = Vec::with_capacity(keys.len());
     for key in keys {
         let value = match table.get(&key, 0) {
             Ok(value) => value,
@@ -181,7 +183,42 @@ fn take_all<K: Pod, V: Pod>(
             Ok(()) | Err(MapError::KeyNotFound) => {}
             Err(source) => return Err(KernelError::Map { name, source }),
         }
-        entries.push((key, value));
+        take(key, value);
     }
-    Ok(entries)
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(tgid: u32, sent: u64, received: u64) -> (TrafficKey, TrafficValue) {
+        let key = TrafficKey {
+            tgid,
+            ..TrafficKey::default()
+        };
+        let value = TrafficValue {
+            bytes: [sent, received],
+            ..TrafficValue::default()
+        };
+        (key, value)
+    }
+
+    /// A flow counted in both tables (or under two sockets) comes out once,
+    /// with every byte; other flows are untouched.
+    #[test]
+    fn a_flow_in_both_tables_is_one_entry_with_all_its_bytes() {
+        let mut entries = vec![
+            entry(7, 100, 1),
+            entry(9, 5, 5),
+            entry(7, 20, 2),
+            entry(7, 3, 0),
+        ];
+        merge_same_flows(&mut entries);
+        let totals: Vec<(u32, [u64; 2])> = entries
+            .iter()
+            .map(|(key, value)| (key.tgid, value.bytes))
+            .collect();
+        assert_eq!(totals, vec![(7, [123, 3]), (9, [5, 5])]);
+    }
 }
