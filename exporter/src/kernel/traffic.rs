@@ -35,7 +35,7 @@ pub const TEMPLATE_ENTRIES: u32 = fleetsnitch_ebpf::TRAFFIC_TABLE_ENTRIES;
 /// The per-socket tables hold a quarter of the flow tables' entries: sockets
 /// active within one drain interval. When one is full, the flow table takes
 /// the bytes; nothing is lost.
-pub fn socket_table_entries(traffic_entries: u32) -> u32 {
+fn socket_table_entries(traffic_entries: u32) -> u32 {
     traffic_entries / 4
 }
 
