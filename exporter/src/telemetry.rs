@@ -18,7 +18,7 @@ pub mod process;
 use std::fmt::Write;
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder},
+    encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder, LabelValueEncoder},
     metrics::{family::Family, gauge::Gauge},
     registry::Registry,
 };
@@ -151,6 +151,40 @@ impl ExecutableLabels {
             sha256: sha256.unwrap_or(UNAVAILABLE).to_owned(),
         }
     }
+}
+
+/// An executable version (`exe`, `sha256`) and who ran it when it was first
+/// seen on this host: `parent`, `user`, `container_id`, `container_name`,
+/// `pod`, `namespace`, each left out where unknown.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct FirstSeenLabels {
+    pub version: ExecutableLabels,
+    pub context: Vec<(&'static str, Text)>,
+}
+
+impl EncodeLabelSet for FirstSeenLabels {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encode_label_pair(encoder, "exe", &self.version.exe)?;
+        encode_label_pair(encoder, "sha256", &self.version.sha256)?;
+        for (name, value) in &self.context {
+            encode_label_pair(encoder, name, value)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes one `key="value"` pair of a label set whose keys are chosen at run time.
+pub fn encode_label_pair<V: EncodeLabelValue>(
+    encoder: &mut LabelSetEncoder<'_>,
+    key: &str,
+    value: &V,
+) -> Result<(), std::fmt::Error> {
+    let mut label = encoder.encode_label();
+    let mut key_encoder = label.encode_label_key()?;
+    key_encoder.write_str(key)?;
+    let mut value_encoder = key_encoder.encode_label_value()?;
+    value.encode(&mut value_encoder)?;
+    value_encoder.finish()
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

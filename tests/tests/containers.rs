@@ -22,7 +22,7 @@ use anyhow::{Context, Result, ensure};
 use fleetsnitch_e2e::{
     Testbed,
     cgroups::{Cgroups, cgroup2_mount},
-    process, require_root,
+    process, require_root, wait_until,
 };
 
 /// Runs `exe client loopback` inside `cgroup` (joined before it touches the network).
@@ -358,6 +358,40 @@ fn bytes_carry_the_container_id_of_each_runtime_and_the_pod_from_the_api() -> Re
             label("container_name"),
             Some(container),
             "{runtime}: {labels:?}"
+        );
+        // Its first sighting (journaled at the next write) names the same
+        // workload: the context the fleet alerts carry.
+        let mut first_seen = Vec::new();
+        wait_until(
+            Duration::from_secs(30),
+            &format!("{runtime}: the first sighting on /metrics"),
+            || {
+                first_seen = bed.metrics().samples_for(
+                    "fleetsnitch_executable_first_seen_timestamp_seconds",
+                    exe,
+                    None,
+                )?;
+                Ok(!first_seen.is_empty())
+            },
+        )?;
+        let labels = &first_seen[0].labels;
+        let label = |name: &str| labels.get(name).map(String::as_str);
+        assert_eq!(
+            (
+                label("container_id"),
+                label("container_name"),
+                label("pod"),
+                label("namespace"),
+                label("user")
+            ),
+            (
+                Some(id.as_str()),
+                Some(container),
+                Some(pod),
+                Some(namespace),
+                Some("root")
+            ),
+            "{runtime}: first sighting {labels:?}"
         );
     }
 

@@ -430,6 +430,23 @@ fn every_field_read_back_from_each_sink(name: &str, agent: Agent) -> Result<()> 
         problems.join("\n"),
         bed.log_tail(20)
     );
+
+    // The child's first sighting names who ran it: the fleet alerts' context.
+    let first_seen = format!(
+        "fleetsnitch_executable_first_seen_timestamp_seconds{{exe=\"{child_path}\",sha256=\"{}\",\
+         parent=\"{parent_path}\",user=\"{}\"}} ",
+        sha256_file(&child)?,
+        node_user_name(WORKLOAD_UID)?
+    );
+    let page = bed.metrics().text()?;
+    ensure!(
+        page.lines().any(|line| line.starts_with(&first_seen)),
+        "no {first_seen:?} on /metrics:\n{}",
+        page.lines()
+            .filter(|line| line.contains("first_seen_timestamp"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     drop(bed);
     drop(collector);
     Ok(())

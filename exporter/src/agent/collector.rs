@@ -284,6 +284,7 @@ impl Collector {
             announcements,
             identities,
             hasher,
+            enricher,
             ..
         } = self;
         announcements.drain(|announcement| match announcement {
@@ -297,7 +298,9 @@ impl Collector {
                         Some(path) => path.clone(),
                         None => identities.exe_path(event.tgid, recorded.process.exe).0,
                     };
-                    hasher.request(HashJob::of(&recorded.process, path, unix_now()));
+                    let mut job = HashJob::of(&recorded.process, path, unix_now());
+                    (job.user_name, job.workload) = enricher.run_context(&recorded.process);
+                    hasher.request(job);
                     // Its parent too, once: its children's records carry its sha256.
                     if let Some(parent) = HashJob::parent_of(&recorded.process, unix_now())
                         && hasher.state(parent.exe, None).is_none()
@@ -336,6 +339,7 @@ impl Collector {
         self.traffic_metrics.count_exec(&record.path);
         self.activity.record(&record.path, None, now);
         let mut job = HashJob::of(&process, record.path, now);
+        (job.user_name, job.workload) = self.enricher.run_context(&process);
         // Its traffic, if any, is announced with a job of its own.
         job.process = None;
         job.file = record.file;

@@ -63,10 +63,6 @@ impl Enricher {
             self.domains
                 .domain_for(key.tgid, container.map(|c| c.id.as_str()), ip)
         });
-        let pod = match (&self.pods, container) {
-            (Some(pods), Some(container)) => pods.lookup(&container.id),
-            _ => None,
-        };
         let uid = process.map(|p| p.uid);
         FlowRecord {
             program: Program {
@@ -92,16 +88,35 @@ impl Enricher {
                 country: geo.country.map(str::to_owned),
                 asn: geo.asn,
             },
-            workload: Workload {
-                container_id: container.map(|c| c.id.clone()),
-                container_name: pod.as_ref().map(|p| p.container.clone()),
-                pod: pod.as_ref().map(|p| p.pod.clone()),
-                namespace: pod.map(|p| p.namespace),
-            },
+            workload: self.workload_of(container),
             bytes: Bytes {
                 sent: value.bytes[DIR_SENT],
                 received: value.bytes[DIR_RECEIVED],
             },
+        }
+    }
+
+    /// Who `process` runs as (its user's name) and where (its workload):
+    /// the context of an executable's sighting.
+    pub fn run_context(&mut self, process: &Process) -> (Option<String>, Workload) {
+        let user_name = self.users.name(process.uid).to_owned();
+        (
+            Some(user_name),
+            self.workload_of(container_of(Some(process))),
+        )
+    }
+
+    /// The container's workload, its pod's names where the pods are known.
+    fn workload_of(&self, container: Option<&ContainerRef>) -> Workload {
+        let pod = match (&self.pods, container) {
+            (Some(pods), Some(container)) => pods.lookup(&container.id),
+            _ => None,
+        };
+        Workload {
+            container_id: container.map(|c| c.id.clone()),
+            container_name: pod.as_ref().map(|p| p.container.clone()),
+            pod: pod.as_ref().map(|p| p.pod.clone()),
+            namespace: pod.map(|p| p.namespace),
         }
     }
 
@@ -204,6 +219,20 @@ mod tests {
             addr: address.into(),
             ttl: 300,
         }
+    }
+
+    /// A sighting's context is what its flows would carry: the user's name
+    /// and the container.
+    #[test]
+    fn a_sightings_context_is_its_user_and_container() {
+        let mut enricher = Enricher::default();
+        let (user, workload) = enricher.run_context(&process(7, Some("c0ffee")));
+        assert_eq!(user.as_deref(), Some("root"));
+        assert_eq!(workload.container_id.as_deref(), Some("c0ffee"));
+        // No pods known (outside Kubernetes): no pod names.
+        assert_eq!((workload.pod, workload.namespace), (None, None));
+        let (_, workload) = enricher.run_context(&process(8, None));
+        assert_eq!(workload, Workload::default());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::{fs, os::unix::fs::MetadataExt};
 
-use super::Sha256;
+use super::{Sha256, Workload};
 
 /// An executable file as the kernel names it: its file system's device, its
 /// inode number and the inode's generation.
@@ -61,7 +61,11 @@ pub struct ExecutableSighting {
     /// The kernel's task name (`comm`).
     pub name: String,
     pub uid: u32,
+    /// The user's name on this host, when it was looked up.
+    pub user_name: Option<String>,
     pub parent_path: Option<String>,
+    /// The container and pod the process ran in, where known.
+    pub workload: Workload,
     /// Unix seconds.
     pub seen_at: i64,
     /// The file was modified in place since it was last hashed.

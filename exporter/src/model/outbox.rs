@@ -12,7 +12,8 @@ use super::{Event, ExecutableSighting, FlowRecord};
 pub enum Record {
     /// One drain's flows.
     Flows(Vec<FlowRecord>),
-    Executable(ExecutableSighting),
+    /// Boxed: a sighting (names, context) is several times an event's size.
+    Executable(Box<ExecutableSighting>),
     Event(Event),
 }
 

@@ -255,7 +255,7 @@ impl State {
                     }
                 }
             }
-            Record::Executable(sighting) => self.accept_sighting(sighting),
+            Record::Executable(sighting) => self.accept_sighting(*sighting),
             Record::Event(event) => {
                 if self.sinks.want_windows() {
                     self.events.push(event.clone());
@@ -457,7 +457,9 @@ mod tests {
             hash_failure: None,
             name: "curl".into(),
             uid: 0,
+            user_name: None,
             parent_path: None,
+            workload: Default::default(),
             seen_at: unix_now(),
             modified: false,
             used_network: true,
@@ -495,8 +497,8 @@ mod tests {
         state.flush(false);
         assert_eq!(state.held.len(), 2, "both wait for their hash");
         // The slow file's hash is the ignored one; the other cannot be hashed.
-        state.accept(Record::Executable(sighting(slow, Some(ignored))));
-        state.accept(Record::Executable(sighting(unhashable, None)));
+        state.accept(Record::Executable(Box::new(sighting(slow, Some(ignored)))));
+        state.accept(Record::Executable(Box::new(sighting(unhashable, None))));
         assert!(state.held.is_empty());
         // A later flow of the unhashable file is not held.
         state.accept(Record::Flows(vec![unhashed(unhashable, 8443)]));

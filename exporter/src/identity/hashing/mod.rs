@@ -44,7 +44,7 @@ use super::{
     processes::{ExeKey, Process},
 };
 use crate::{
-    model::{Activity, Failures, Outbox, Sha256},
+    model::{Activity, Failures, Outbox, Sha256, Workload},
     telemetry::{ExeLabels, ExecutableLabels, ReasonLabels},
 };
 
@@ -162,7 +162,11 @@ pub struct HashJob {
     pub path: String,
     pub name: String,
     pub uid: u32,
+    /// The user's name, filled by the collector (which has the user database).
+    pub user_name: Option<String>,
     pub parent_path: Option<String>,
+    /// The container and pod, filled by the collector (which has the pods).
+    pub workload: Workload,
     /// Unix seconds.
     pub seen_at: i64,
     /// The executable, opened (and its identity checked) when the event
@@ -200,7 +204,9 @@ impl HashJob {
             path,
             name: String::new(),
             uid: 0,
+            user_name: None,
             parent_path: None,
+            workload: Workload::default(),
             seen_at,
             file: None,
             used_network: true,
@@ -570,7 +576,9 @@ pub(super) mod test_support {
             path: path.to_owned(),
             name: "tool".into(),
             uid: 0,
+            user_name: None,
             parent_path: None,
+            workload: Workload::default(),
             seen_at: 0,
             file: None,
             used_network: true,

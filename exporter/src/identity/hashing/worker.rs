@@ -305,19 +305,21 @@ impl Worker {
         self.files.insert(job.exe, job.path.clone());
         self.files_touched.touch(&job.exe, now);
         if let Some(outbox) = &self.outbox {
-            outbox.send(Record::Executable(ExecutableSighting {
+            outbox.send(Record::Executable(Box::new(ExecutableSighting {
                 path: job.path.clone(),
                 file: job.exe,
                 hash_failure: outcome.as_ref().err().map(|failure| failure.reason()),
                 sha256: outcome.ok(),
                 name: job.name.clone(),
                 uid: job.uid,
+                user_name: job.user_name.clone(),
                 parent_path: job.parent_path.clone(),
+                workload: job.workload.clone(),
                 seen_at: job.seen_at,
                 modified,
                 used_network: job.used_network,
                 command_line: job.command_line.clone(),
-            }));
+            })));
         }
         // A file has one current hash: modified in place (or first
         // unhashable), its earlier series goes, unless another file still

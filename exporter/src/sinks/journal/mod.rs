@@ -21,14 +21,17 @@ use prometheus_client::{
 };
 use serde::Deserialize;
 pub use store::{
-    Batch, DEFAULT_DESTINATION_LEARNING_PERIOD, DESTINATION_KINDS, ExecutableState, Store,
-    StoreError, virustotal_events,
+    Batch, DEFAULT_DESTINATION_LEARNING_PERIOD, DESTINATION_KINDS, ExecutableState, FirstRun,
+    Store, StoreError, virustotal_events,
 };
 
 use crate::{
     model::{Activity, Event, EventKind, ExeKey, ExecutableSighting, FlowRecord, Sha256, Touched},
     support::{InvalidValue, check_duration, check_range, unix_now},
-    telemetry::{ExeKindLabels, ExeLabels, ExecutableLabels, KindLabels, PathLabels, UNAVAILABLE},
+    telemetry::{
+        ExeKindLabels, ExeLabels, ExecutableLabels, FirstSeenLabels, KindLabels, PathLabels, Text,
+        UNAVAILABLE,
+    },
 };
 
 pub const DEFAULT_JOURNAL_PATH: &str = "/var/lib/fleetsnitch/journal.db";
@@ -133,7 +136,7 @@ pub struct JournalMetrics {
     /// Entries dropped: the fan-out queue or the pending bound was full.
     pub dropped: Counter,
     loose_permissions: Family<PathLabels, Gauge>,
-    executable_first_seen: Family<ExecutableLabels, Gauge>,
+    executable_first_seen: Family<FirstSeenLabels, Gauge>,
     path_first_seen: Family<ExeLabels, Gauge>,
     exec_only: Family<ExeLabels, Gauge>,
     new_destinations: Family<ExeKindLabels, Counter>,
@@ -169,7 +172,8 @@ impl JournalMetrics {
         );
         registry.register_with_unit(
             "executable_first_seen_timestamp",
-            "Unix time each (executable, sha256) was first seen on this host, from the journal",
+            "Unix time each (executable, sha256) was first seen on this host, from the journal; \
+             parent, user, container_id, container_name, pod, namespace: who ran it then, where known",
             Unit::Seconds,
             metrics.executable_first_seen.clone(),
         );
@@ -213,7 +217,7 @@ pub struct Journal {
     metrics: JournalMetrics,
     /// The per-executable series it exports expire by this clock.
     activity: Activity,
-    first_seen_touched: Touched<ExecutableLabels>,
+    first_seen_touched: Touched<FirstSeenLabels>,
     path_touched: Touched<ExeLabels>,
     destinations_touched: Touched<ExeKindLabels>,
     store: Option<Store>,
@@ -368,8 +372,9 @@ impl Journal {
     fn expire(&mut self, now: i64) {
         let activity = self.activity.clone();
         for labels in self.first_seen_touched.sweep(&activity, now, |labels, at| {
-            let sha256 = Some(labels.sha256.as_str()).filter(|sha256| *sha256 != UNAVAILABLE);
-            activity.is_stale(&labels.exe.0, sha256, at, now)
+            let version = &labels.version;
+            let sha256 = Some(version.sha256.as_str()).filter(|sha256| *sha256 != UNAVAILABLE);
+            activity.is_stale(&version.exe.0, sha256, at, now)
         }) {
             self.metrics.executable_first_seen.remove(&labels);
         }
@@ -392,8 +397,7 @@ impl Journal {
     fn publish(&mut self, states: &[ExecutableState], events: &[Event]) {
         let now = unix_now();
         for state in states {
-            let sha256 = Some(state.sha256.as_str()).filter(|sha256| !sha256.is_empty());
-            let labels = ExecutableLabels::new(&state.path, sha256);
+            let labels = first_seen_labels(state);
             self.metrics
                 .executable_first_seen
                 .get_or_create(&labels)
@@ -438,5 +442,94 @@ impl Journal {
                 );
             }
         }
+    }
+}
+
+/// The first-seen series of a version, labelled with who ran it then where
+/// the journal knows (the labels of `fleetsnitch_bytes_total` of that name,
+/// as they were at that sighting).
+fn first_seen_labels(state: &ExecutableState) -> FirstSeenLabels {
+    let sha256 = Some(state.sha256.as_str()).filter(|sha256| !sha256.is_empty());
+    let FirstRun {
+        parent,
+        user,
+        workload,
+    } = &state.first_run;
+    let context = [
+        ("parent", parent),
+        ("user", user),
+        ("container_id", &workload.container_id),
+        ("container_name", &workload.container_name),
+        ("pod", &workload.pod),
+        ("namespace", &workload.namespace),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| {
+        let value = value.as_deref().filter(|value| !value.is_empty())?;
+        Some((name, Text(value.to_owned())))
+    })
+    .collect();
+    FirstSeenLabels {
+        version: ExecutableLabels::new(&state.path, sha256),
+        context,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+    use crate::model::Workload;
+
+    /// The first-seen series names who ran the version, leaves out what is
+    /// unknown (no empty labels) and escapes what it writes.
+    #[test]
+    fn first_seen_series_carries_who_ran_it_where_known() {
+        let mut registry = Registry::default();
+        let metrics = JournalMetrics::register(&mut registry);
+        let state = |sha256: &str, first_run: FirstRun| ExecutableState {
+            path: "/usr/bin/tool".into(),
+            sha256: sha256.into(),
+            first_seen: 100,
+            path_first_seen: 100,
+            path_used_network: true,
+            first_run,
+        };
+        let known = state(
+            "aa",
+            FirstRun {
+                parent: Some("/bin/ba\"sh".into()),
+                user: Some("alice".into()),
+                workload: Workload {
+                    pod: Some("web-1".into()),
+                    namespace: Some("shop".into()),
+                    container_name: Some(String::new()),
+                    ..Workload::default()
+                },
+            },
+        );
+        let unknown = state("", FirstRun::default());
+        for state in [&known, &unknown] {
+            metrics
+                .executable_first_seen
+                .get_or_create(&first_seen_labels(state))
+                .set(state.first_seen);
+        }
+        let mut page = String::new();
+        encode(&mut page, &registry).unwrap();
+        assert!(
+            page.contains(
+                "executable_first_seen_timestamp_seconds{exe=\"/usr/bin/tool\",sha256=\"aa\",\
+                 parent=\"/bin/ba\\\"sh\",user=\"alice\",pod=\"web-1\",namespace=\"shop\"} 100"
+            ),
+            "{page}"
+        );
+        assert!(
+            page.contains(
+                "executable_first_seen_timestamp_seconds{exe=\"/usr/bin/tool\",sha256=\"unavailable\"} 100"
+            ),
+            "{page}"
+        );
     }
 }

@@ -101,6 +101,17 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE connections ADD COLUMN parent_command_line TEXT;
     ALTER TABLE connections ADD COLUMN local_address TEXT;
     ",
+    // 5: who ran each (path, sha256) when it was first seen here: the
+    // parent's path, the user's name, the container and pod (NULL where
+    // unknown, and for executables first seen before this version).
+    "
+    ALTER TABLE executables ADD COLUMN first_parent TEXT;
+    ALTER TABLE executables ADD COLUMN first_user TEXT;
+    ALTER TABLE executables ADD COLUMN first_container_id TEXT;
+    ALTER TABLE executables ADD COLUMN first_container_name TEXT;
+    ALTER TABLE executables ADD COLUMN first_pod TEXT;
+    ALTER TABLE executables ADD COLUMN first_namespace TEXT;
+    ",
 ];
 
 /// The version this code writes.

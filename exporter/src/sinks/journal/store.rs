@@ -16,6 +16,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::schema::{self, SchemaError};
 use crate::model::{
     Event, EventKind, ExeKey, ExecutableSighting, FlowRecord, FlowTotals, Peer, Program, Sha256,
+    Workload,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +50,37 @@ pub struct ExecutableState {
     pub path_first_seen: i64,
     /// Whether this path was ever seen doing network I/O.
     pub path_used_network: bool,
+    /// Who ran this (path, sha256) when it was first seen.
+    pub first_run: FirstRun,
 }
+
+/// Who ran an executable at one sighting: the parent's path, the user's
+/// name, the container and pod; each `None` where unknown.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FirstRun {
+    pub parent: Option<String>,
+    pub user: Option<String>,
+    pub workload: Workload,
+}
+
+impl FirstRun {
+    /// From the row's `first_*` columns, starting at column `at`.
+    fn from_row(row: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Self> {
+        Ok(Self {
+            parent: row.get(at)?,
+            user: row.get(at + 1)?,
+            workload: Workload {
+                container_id: row.get(at + 2)?,
+                container_name: row.get(at + 3)?,
+                pod: row.get(at + 4)?,
+                namespace: row.get(at + 5)?,
+            },
+        })
+    }
+}
+
+/// The `first_*` columns, in [`FirstRun::from_row`]'s order.
+const FIRST_RUN_COLUMNS: &str = "first_parent, first_user, first_container_id, first_container_name, first_pod, first_namespace";
 
 /// What one flush writes.
 #[derive(Debug, Default)]
@@ -72,6 +103,8 @@ struct Sightings {
     used_network: bool,
     hash_failure: Option<&'static str>,
     command_line: Option<String>,
+    /// Who ran it at the earliest sighting of the batch.
+    first_run: Option<FirstRun>,
 }
 
 impl Batch {
@@ -94,6 +127,13 @@ impl Batch {
             last: seen.seen_at,
             ..Sightings::default()
         });
+        if entry.first_run.is_none() || seen.seen_at < entry.first {
+            entry.first_run = Some(FirstRun {
+                parent: seen.parent_path.clone(),
+                user: seen.user_name,
+                workload: seen.workload,
+            });
+        }
         entry.modified |= seen.modified;
         entry.used_network |= seen.used_network;
         if seen.hash_failure.is_some() {
@@ -429,15 +469,18 @@ impl Store {
         sha256: &str,
     ) -> Result<Option<ExecutableState>, StoreError> {
         let query = || -> rusqlite::Result<Option<ExecutableState>> {
-            let first_seen: Option<i64> = self
+            let first: Option<(i64, FirstRun)> = self
                 .conn
                 .query_row(
-                    "SELECT first_seen FROM executables WHERE path = ?1 AND sha256 = ?2",
+                    &format!(
+                        "SELECT first_seen, {FIRST_RUN_COLUMNS} FROM executables
+                         WHERE path = ?1 AND sha256 = ?2"
+                    ),
                     params![path, sha256],
-                    |row| row.get(0),
+                    |row| Ok((row.get(0)?, FirstRun::from_row(row, 1)?)),
                 )
                 .optional()?;
-            let Some(first_seen) = first_seen else {
+            let Some((first_seen, first_run)) = first else {
                 return Ok(None);
             };
             let path_first_seen: i64 = self.conn.query_row(
@@ -456,6 +499,7 @@ impl Store {
                 first_seen,
                 path_first_seen,
                 path_used_network,
+                first_run,
             }))
         };
         query().map_err(|source| StoreError::Write {
@@ -538,11 +582,14 @@ fn upsert_executable(
     sha256: &str,
     sightings: &Sightings,
 ) -> rusqlite::Result<(ExecutableState, Option<EventKind>)> {
-    let existing: Option<(i64, i64)> = tx
+    let existing: Option<(i64, i64, FirstRun)> = tx
         .query_row(
-            "SELECT id, first_seen FROM executables WHERE path = ?1 AND sha256 = ?2",
+            &format!(
+                "SELECT id, first_seen, {FIRST_RUN_COLUMNS} FROM executables
+                 WHERE path = ?1 AND sha256 = ?2"
+            ),
             params![path, sha256],
-            |row| Ok((row.get(0)?, row.get(1)?)),
+            |row| Ok((row.get(0)?, row.get(1)?, FirstRun::from_row(row, 2)?)),
         )
         .optional()?;
     let path_first_seen: Option<i64> = tx.query_row(
@@ -550,8 +597,8 @@ fn upsert_executable(
         [path],
         |row| row.get(0),
     )?;
-    let (id, first_seen, new_kind) = match existing {
-        Some((id, first_seen)) => {
+    let (id, first_seen, first_run, new_kind) = match existing {
+        Some((id, first_seen, first_run)) => {
             tx.execute(
                 "UPDATE executables SET last_seen = max(last_seen, ?2),
                      used_network = max(used_network, ?3),
@@ -564,19 +611,29 @@ fn upsert_executable(
                     sightings.hash_failure
                 ],
             )?;
-            (id, first_seen, None)
+            (id, first_seen, first_run, None)
         }
         None => {
+            let first_run = sightings.first_run.clone().unwrap_or_default();
             tx.execute(
-                "INSERT INTO executables (path, sha256, first_seen, last_seen, used_network, hash_failure)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                &format!(
+                    "INSERT INTO executables (path, sha256, first_seen, last_seen, used_network,
+                         hash_failure, {FIRST_RUN_COLUMNS})
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+                ),
                 params![
                     path,
                     sha256,
                     sightings.first,
                     sightings.last,
                     sightings.used_network,
-                    sightings.hash_failure
+                    sightings.hash_failure,
+                    first_run.parent,
+                    first_run.user,
+                    first_run.workload.container_id,
+                    first_run.workload.container_name,
+                    first_run.workload.pod,
+                    first_run.workload.namespace,
                 ],
             )?;
             let kind = match path_first_seen {
@@ -586,7 +643,7 @@ fn upsert_executable(
                 Some(_) => Some(EventKind::NewHash),
                 None => Some(EventKind::NewExecutable),
             };
-            (tx.last_insert_rowid(), sightings.first, kind)
+            (tx.last_insert_rowid(), sightings.first, first_run, kind)
         }
     };
     for name in &sightings.names {
@@ -619,6 +676,7 @@ fn upsert_executable(
             first_seen,
             path_first_seen: path_first_seen.unwrap_or(first_seen).min(first_seen),
             path_used_network,
+            first_run,
         },
         new_kind,
     ))
@@ -653,7 +711,9 @@ mod tests {
             sha256: Sha256::from_hex(sha),
             name: "tool".into(),
             uid: 1000,
+            user_name: Some("alice".into()),
             parent_path: Some("/bin/bash".into()),
+            workload: Workload::default(),
             seen_at: at,
             modified: false,
             used_network: true,
@@ -707,6 +767,68 @@ mod tests {
         let (states, events) = store.flush(&batch, 290, 10, 300, DAY).unwrap();
         assert!(events.is_empty(), "{events:?}");
         assert_eq!(states[0].first_seen, 100);
+    }
+
+    /// Who ran a version first is kept from its earliest sighting: later
+    /// sightings (another user, another pod) and a reopened journal keep it.
+    #[test]
+    fn who_ran_a_version_first_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        let in_pod = |at: i64, user: &str, pod: &str| ExecutableSighting {
+            user_name: Some(user.into()),
+            workload: Workload {
+                container_id: Some(format!("c-{pod}")),
+                container_name: Some("app".into()),
+                pod: Some(pod.into()),
+                namespace: Some("shop".into()),
+            },
+            ..seen("/usr/bin/tool", "aa", at)
+        };
+        let mut store = Store::open(&path).unwrap();
+        let mut batch = Batch::default();
+        // Sightings arrive out of order within one write: the earliest wins.
+        batch.add_executable(in_pod(105, "bob", "web-2"));
+        batch.add_executable(in_pod(100, "alice", "web-1"));
+        batch.add_executable(in_pod(110, "carol", "web-3"));
+        let (states, _) = store.flush(&batch, 90, 10, 110, DAY).unwrap();
+        let expected = FirstRun {
+            parent: Some("/bin/bash".into()),
+            user: Some("alice".into()),
+            workload: Workload {
+                container_id: Some("c-web-1".into()),
+                container_name: Some("app".into()),
+                pod: Some("web-1".into()),
+                namespace: Some("shop".into()),
+            },
+        };
+        assert_eq!(states[0].first_run, expected);
+
+        let mut batch = Batch::default();
+        batch.add_executable(in_pod(200, "mallory", "other"));
+        let (states, _) = store.flush(&batch, 190, 10, 200, DAY).unwrap();
+        assert_eq!(
+            states[0].first_run, expected,
+            "a later sighting changes nothing"
+        );
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        let state = store
+            .executable_state("/usr/bin/tool", "aa")
+            .unwrap()
+            .unwrap();
+        assert_eq!(state.first_run, expected, "kept across a reopen");
+        // A version first seen with nothing known has nothing recorded.
+        let mut store = store;
+        let mut batch = Batch::default();
+        batch.add_executable(ExecutableSighting {
+            user_name: None,
+            parent_path: None,
+            ..seen("/usr/bin/tool", "bb", 300)
+        });
+        let (states, _) = store.flush(&batch, 290, 10, 300, DAY).unwrap();
+        assert_eq!(states[0].first_run, FirstRun::default());
     }
 
     /// A flow of build "aa" at `/usr/bin/tool` to `domain`, `country`, `asn`.

@@ -19,14 +19,14 @@ use std::{
 };
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, EncodeLabelValue, LabelSetEncoder},
+    encoding::{EncodeLabelSet, LabelSetEncoder},
     metrics::{counter::Counter, family::Family, gauge::Gauge},
 };
 use serde::Deserialize;
 
 use crate::{
     model::FlowRecord,
-    telemetry::{Direction, Text, UNAVAILABLE},
+    telemetry::{Direction, Text, UNAVAILABLE, encode_label_pair},
 };
 
 /// Value of a folded label.
@@ -144,26 +144,13 @@ pub struct TrafficLabels {
 
 impl EncodeLabelSet for TrafficLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), fmt::Error> {
-        encode_pair(encoder, "exe", &self.exe)?;
-        encode_pair(encoder, "direction", &self.direction)?;
+        encode_label_pair(encoder, "exe", &self.exe)?;
+        encode_label_pair(encoder, "direction", &self.direction)?;
         for (dimension, value) in &self.extra {
-            encode_pair(encoder, dimension.name(), value)?;
+            encode_label_pair(encoder, dimension.name(), value)?;
         }
         Ok(())
     }
-}
-
-fn encode_pair<V: EncodeLabelValue>(
-    encoder: &mut LabelSetEncoder<'_>,
-    key: &str,
-    value: &V,
-) -> Result<(), fmt::Error> {
-    let mut label = encoder.encode_label();
-    let mut key_encoder = label.encode_label_key()?;
-    fmt::Write::write_str(&mut key_encoder, key)?;
-    let mut value_encoder = key_encoder.encode_label_value()?;
-    value.encode(&mut value_encoder)?;
-    value_encoder.finish()
 }
 
 /// Admits values of one dimension up to its cap.
