@@ -70,6 +70,28 @@ fn spawn_logged(name: &str, command: &mut Command, log: &Path) -> Result<Process
     ProcessGuard::spawn(name, command, Duration::from_secs(10))
 }
 
+/// The fleet groups' evaluation interval, as the shipped rules file sets it.
+const FLEET_GROUP_INTERVAL: &str = "\n    interval: 1m\n";
+
+/// The shipped rules file (`helm/fleetsnitch/rules/fleetsnitch.rules.yml`)
+/// copied into `dir`, with the fleet groups' own `interval: 1m` removed so
+/// that they run at the global evaluation interval like the other groups: a
+/// test evaluates every second and cannot wait minutes for a recorded series.
+pub fn rules_at_global_interval(dir: &Path) -> Result<std::path::PathBuf> {
+    let shipped = crate::workspace_root().join("helm/fleetsnitch/rules/fleetsnitch.rules.yml");
+    let text =
+        fs::read_to_string(&shipped).with_context(|| format!("read {}", shipped.display()))?;
+    ensure!(
+        text.contains(FLEET_GROUP_INTERVAL),
+        "{} has no group with `interval: 1m` any more: update rules_at_global_interval",
+        shipped.display()
+    );
+    let path = dir.join("fleetsnitch.rules.yml");
+    fs::write(&path, text.replace(FLEET_GROUP_INTERVAL, "\n"))
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(path)
+}
+
 /// A Prometheus server with its own configuration and storage.
 pub struct Prometheus {
     process: ProcessGuard,

@@ -28,7 +28,7 @@ use fleetsnitch_e2e::{
     agent::free_port,
     dashboards::{Expr, expressions_of},
     process, query_journal, require_root, run_client, run_loopback,
-    servers::Prometheus,
+    servers::{Prometheus, rules_at_global_interval},
     skip, wait_until, workspace_root,
 };
 
@@ -183,8 +183,7 @@ fn fake_virustotal() -> Result<SocketAddr> {
     Ok(addr)
 }
 
-fn prometheus_config(agent: SocketAddr) -> String {
-    let rules = workspace_root().join("helm/fleetsnitch/rules/fleetsnitch.rules.yml");
+fn prometheus_config(agent: SocketAddr, rules: &Path) -> String {
     format!(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
          rule_files:\n  - {}\n\
@@ -276,7 +275,9 @@ fn every_dashboard_expression_returns_series_from_a_real_agent() -> Result<()> {
     let virustotal = fake_virustotal()?;
     let config = agent_config(virustotal, setup.dir());
     let agent_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-    let prometheus = Prometheus::start(&prometheus_config(agent_addr))?;
+    let rules_dir = TempDir::new("fsn-dashboards-rules")?;
+    let rules_file = rules_at_global_interval(rules_dir.path())?;
+    let prometheus = Prometheus::start(&prometheus_config(agent_addr, &rules_file))?;
     let mut bed = setup.config(config).listen(agent_addr).peer().start()?;
 
     // Traffic, so that bytes series exist for a fresh program (a new executable).

@@ -343,10 +343,12 @@ fn a_known_program_talking_to_a_new_domain_raises_a_new_destination() -> Result<
         events, "domain beta.test\ndomain gamma.test",
         "journal events"
     );
+    // With its context: the build, and who first ran it here (this test, as root).
     let firing = |prometheus: &Prometheus| -> Result<bool> {
         Ok(!prometheus
             .query(&format!(
-                "ALERTS{{alertname=\"FleetsnitchNewDestination\",alertstate=\"firing\",exe=\"{path}\",kind=\"domain\"}}"
+                "ALERTS{{alertname=\"FleetsnitchNewDestination\",alertstate=\"firing\",exe=\"{path}\",\
+                 kind=\"domain\",sha256=\"{sha256}\",user=\"root\"}}"
             ))?
             .is_empty())
     };

@@ -30,7 +30,7 @@ use fleetsnitch_e2e::{
     filesystems::copy_executable,
     metrics::http_get,
     program, require_root, run_loopback,
-    servers::{Alertmanager, MetricsPages, Prometheus, Webhook},
+    servers::{Alertmanager, MetricsPages, Prometheus, Webhook, rules_at_global_interval},
     sha256_file, wait_until, workspace_root,
 };
 
@@ -102,8 +102,8 @@ fn a_day_old(page: &str, now: f64) -> Result<String> {
 }
 
 /// `page` plus the new build: each sample of `template` (its exe label) again
-/// for ROLLOUT_EXE with ROLLOUT_SHA256, first seen a minute ago.
-fn with_rollout(page: &str, template: &Path, sha256: &str, now: f64) -> Result<String> {
+/// for ROLLOUT_EXE with ROLLOUT_SHA256, first seen at `first_seen`.
+fn with_rollout(page: &str, template: &Path, sha256: &str, first_seen: f64) -> Result<String> {
     let exe = format!("exe=\"{}\"", template.display());
     let mut out = String::with_capacity(page.len() * 2);
     let mut copied = 0;
@@ -115,7 +115,7 @@ fn with_rollout(page: &str, template: &Path, sha256: &str, now: f64) -> Result<S
                 .replace(&exe, &format!("exe=\"{ROLLOUT_EXE}\""))
                 .replace(sha256, ROLLOUT_SHA256);
             let copy = if is_first_seen(&copy) {
-                with_value(&copy, now - 60.0)?
+                with_value(&copy, first_seen)?
             } else {
                 copy
             };
@@ -148,16 +148,16 @@ fn recording_rules() -> Result<Vec<String>> {
 /// The `for:` line of FleetsnitchDrift, as the rules file indents it.
 const FOR_30M: &str = "\n        for: 30m\n";
 
-/// The shipped rules with `for: 30m` (FleetsnitchDrift's) shortened to 5 s.
+/// The shipped rules evaluated at the global interval, with `for: 30m`
+/// (FleetsnitchDrift's) shortened to 5 s.
 fn rules_with_short_for(dir: &Path) -> Result<std::path::PathBuf> {
-    let shipped = workspace_root().join("helm/fleetsnitch/rules/fleetsnitch.rules.yml");
-    let text = fs::read_to_string(&shipped)?;
+    let path = rules_at_global_interval(dir)?;
+    let text = fs::read_to_string(&path)?;
     ensure!(
         text.matches(FOR_30M).count() == 1,
         "{} should have exactly one `for: 30m` (FleetsnitchDrift's)",
-        shipped.display()
+        path.display()
     );
-    let path = dir.join("fleetsnitch.rules.yml");
     fs::write(&path, text.replace(FOR_30M, "\n        for: 5s\n"))?;
     Ok(path)
 }
@@ -243,7 +243,8 @@ fn a_new_build_alerts_once_for_the_fleet_and_a_lone_build_alerts_for_its_host() 
             page = page.replace(&common_sha, ODD_SHA256);
         }
         if ROLLOUT_HOSTS.contains(&host) {
-            page = with_rollout(&page, &other, &other_sha, now)?;
+            // Host 1 first, a second before host 2, and so on.
+            page = with_rollout(&page, &other, &other_sha, now - 60.0 + host as f64)?;
         }
         pages.push(page);
     }
@@ -301,6 +302,16 @@ fn a_new_build_alerts_once_for_the_fleet_and_a_lone_build_alerts_for_its_host() 
             && new_build["labels"]["instance"].is_null(),
         "FleetsnitchNewToFleet for the fleet, not a host: {new_build:#}"
     );
+    // Context: who ran the build where it was first seen, as the real agent
+    // labelled its first sighting (this test, as root, started the programs).
+    let runner = std::env::current_exe()?.display().to_string();
+    ensure!(
+        new_build["labels"]["first_instance"] == instance(ROLLOUT_HOSTS[0] - 1).as_str()
+            && new_build["labels"]["user"] == "root"
+            && new_build["labels"]["parent"] == runner.as_str(),
+        "FleetsnitchNewToFleet with the first sighting's host, user root and parent {runner}: \
+         {new_build:#}"
+    );
     // The host count as Prometheus evaluates it now: the first notification
     // may have gone out before a slow scrape brought in the last rollout host.
     let evaluated = prometheus.alerts()?;
@@ -321,8 +332,10 @@ fn a_new_build_alerts_once_for_the_fleet_and_a_lone_build_alerts_for_its_host() 
             && drift["labels"]["exe"] == common.to_str().context("path")?
             && drift["labels"]["sha256"] == ODD_SHA256
             && drift["labels"]["host"] == format!("web{ODD_HOST}").as_str()
-            && drift["labels"]["fleet_group"] == "web",
-        "FleetsnitchDrift for web{ODD_HOST} ({odd_instance}): {drift:#}"
+            && drift["labels"]["fleet_group"] == "web"
+            && drift["labels"]["user"] == "root"
+            && drift["labels"]["parent"] == runner.as_str(),
+        "FleetsnitchDrift for web{ODD_HOST} ({odd_instance}), run by root from {runner}: {drift:#}"
     );
     let drift_now = evaluated
         .iter()

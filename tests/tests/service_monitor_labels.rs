@@ -28,9 +28,9 @@ use std::{collections::BTreeMap, fs, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use fleetsnitch_e2e::{
-    chart,
+    TempDir, chart,
     dashboards::expressions_of,
-    servers::{MetricsPages, Prometheus},
+    servers::{MetricsPages, Prometheus, rules_at_global_interval},
     skip, wait_until, workspace_root,
 };
 use serde_json::{Value, json};
@@ -74,6 +74,13 @@ fn agent_page() -> String {
          # TYPE fleetsnitch_executable_info gauge\n\
          fleetsnitch_executable_info{{exe=\"{WORKLOAD_EXE}\",sha256=\"{0}\"}} 1\n\
          fleetsnitch_executable_info{{exe=\"{HOST_EXE}\",sha256=\"{1}\"}} 1\n\
+         # HELP fleetsnitch_executable_first_seen_timestamp_seconds Unix time each (executable, sha256) was first seen on this host.\n\
+         # TYPE fleetsnitch_executable_first_seen_timestamp_seconds gauge\n\
+         fleetsnitch_executable_first_seen_timestamp_seconds{{exe=\"{WORKLOAD_EXE}\",sha256=\"{0}\",\
+         user=\"app\",container_id=\"{2}\",container_name=\"{WORKLOAD_CONTAINER}\",\
+         pod=\"{WORKLOAD_POD}\",namespace=\"{WORKLOAD_NAMESPACE}\"}} 1764926000\n\
+         fleetsnitch_executable_first_seen_timestamp_seconds{{exe=\"{HOST_EXE}\",sha256=\"{1}\",\
+         parent=\"/usr/lib/systemd/systemd\",user=\"root\"}} 1764920000\n\
          # HELP fleetsnitch_start_time_seconds When the agent started, seconds since the epoch.\n\
          # TYPE fleetsnitch_start_time_seconds gauge\n\
          fleetsnitch_start_time_seconds 1764926400\n\
@@ -82,6 +89,7 @@ fn agent_page() -> String {
          process_resident_memory_bytes 31457280\n",
         "a".repeat(64),
         "b".repeat(64),
+        "c".repeat(64),
     );
     page
 }
@@ -331,7 +339,8 @@ fn scraping_as_the_operator_would(
     override_honor_labels: bool,
 ) -> Result<Prometheus> {
     let job = operator_scrape_job(objects, pages, override_honor_labels)?;
-    let rules = workspace_root().join("helm/fleetsnitch/rules/fleetsnitch.rules.yml");
+    let rules_dir = TempDir::new("fsn-operator-rules")?;
+    let rules = rules_at_global_interval(rules_dir.path())?;
     // JSON is YAML: the configuration as Prometheus reads it.
     let config = json!({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -424,6 +433,17 @@ fn workload_and_host_labels_are_kept_apart(prometheus: &Prometheus) -> Result<()
     )?);
     failures.extend(expect(
         &format!("fleetsnitch_bytes_total{{exe=\"{HOST_EXE}\"}}"),
+        None,
+        None,
+    )?);
+    // The first sightings: who ran each version, the workload's in its pod.
+    failures.extend(expect(
+        &format!("fleetsnitch_executable_first_seen_timestamp_seconds{{exe=\"{WORKLOAD_EXE}\"}}"),
+        Some(WORKLOAD_POD),
+        Some(WORKLOAD_NAMESPACE),
+    )?);
+    failures.extend(expect(
+        &format!("fleetsnitch_executable_first_seen_timestamp_seconds{{exe=\"{HOST_EXE}\"}}"),
         None,
         None,
     )?);
