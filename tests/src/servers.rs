@@ -526,18 +526,25 @@ fn answer(stream: TcpStream, respond: &Respond, requests: &Mutex<Vec<String>>) -
     Ok(())
 }
 
-/// Static `/metrics` pages on one loopback listener: the hosts of a fleet, as
-/// many as wanted, for one real Prometheus to scrape. Page `i` answers at
+/// `/metrics` pages on one loopback listener: the hosts of a fleet, as many
+/// as wanted, for one real Prometheus to scrape. Page `i` answers at
 /// [`MetricsPages::path`]`(i)` (a target's `__metrics_path__`) with its text
-/// (Prometheus text format 0.0.4), until dropped.
+/// (Prometheus text format 0.0.4), until dropped; [`MetricsPages::set`]
+/// changes a page (a counter that moves on one host).
 pub struct MetricsPages {
     pub addr: SocketAddr,
+    pages: Arc<Mutex<Vec<String>>>,
     _server: HttpStub,
 }
 
 impl MetricsPages {
     pub fn serve(pages: Vec<String>) -> Result<Self> {
+        let pages = Arc::new(Mutex::new(pages));
+        let served = Arc::clone(&pages);
         let server = HttpStub::start(Ipv4Addr::LOCALHOST, move |path| {
+            let pages = served
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             let page = path
                 .strip_prefix("/hosts/")
                 .and_then(|index| index.parse::<usize>().ok())
@@ -553,8 +560,22 @@ impl MetricsPages {
         })?;
         Ok(Self {
             addr: server.addr,
+            pages,
             _server: server,
         })
+    }
+
+    /// Serves `page` as page `index` from now on.
+    pub fn set(&self, index: usize, page: String) -> Result<()> {
+        let mut pages = self
+            .pages
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let slot = pages
+            .get_mut(index)
+            .with_context(|| format!("no page {index}"))?;
+        *slot = page;
+        Ok(())
     }
 
     /// The path page `index` answers at.

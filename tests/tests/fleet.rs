@@ -5,9 +5,12 @@
 //! three hosts get a build no host ran before. A real Prometheus scrapes the
 //! twelve pages with the shipped rules, a real Alertmanager posts to a
 //! webhook: `FleetsnitchNewToFleet` fires once for the three hosts,
-//! `FleetsnitchDrift` once for the odd host, nothing else of the fleet alerts
-//! fires, and every recording rule of the shipped rules returns series (the
-//! host counts: what the pages hold).
+//! `FleetsnitchDrift` once for the odd host, `FleetsnitchNewDestination` once
+//! for the one host whose new-destination counter moves (every host's page has
+//! one, flat elsewhere), nothing else of the fleet alerts fires, each carries
+//! who ran the build (as the real agent labelled its first sighting), and
+//! every recording rule of the shipped rules returns series (the host counts:
+//! what the pages hold).
 //!
 //! Prometheus here is minutes old, so the 7-day memory of
 //! `FleetsnitchNewToFleet` and the 30 minutes of `FleetsnitchDrift` cannot be
@@ -38,10 +41,16 @@ const HOSTS: usize = 12;
 /// The hosts (1-based) that run the new build, and the one with another build.
 const ROLLOUT_HOSTS: [usize; 3] = [1, 2, 3];
 const ODD_HOST: usize = 12;
+/// The host whose program talks to a new country during the test.
+const DESTINATION_HOST: usize = 5;
 const ROLLOUT_EXE: &str = "/opt/rollout/app";
 const ROLLOUT_SHA256: &str = "5ca1ab1e00000000000000000000000000000000000000000000000000000001";
 const ODD_SHA256: &str = "0dd0000000000000000000000000000000000000000000000000000000000002";
-const FLEET_ALERTS: [&str; 2] = ["FleetsnitchNewToFleet", "FleetsnitchDrift"];
+const FLEET_ALERTS: [&str; 3] = [
+    "FleetsnitchNewToFleet",
+    "FleetsnitchDrift",
+    "FleetsnitchNewDestination",
+];
 
 /// A real agent's page once both programs are hashed and journaled: their
 /// info, first sightings and bytes are on it.
@@ -99,6 +108,27 @@ fn a_day_old(page: &str, now: f64) -> Result<String> {
         out.push('\n');
     }
     Ok(out)
+}
+
+/// `page` with `exe`'s new-destination counter (kind country) at `count`: a
+/// program known long enough that has found `count` new countries.
+fn with_new_destinations(page: &str, exe: &Path, count: u32) -> Result<String> {
+    // The agent writes no family without samples: the page has none yet.
+    ensure!(
+        !page.contains("fleetsnitch_new_destinations_total"),
+        "the agent's page already has new-destination counts"
+    );
+    let body = page.strip_suffix("# EOF\n").unwrap_or(page);
+    let eof = if body.len() < page.len() {
+        "# EOF\n"
+    } else {
+        ""
+    };
+    Ok(format!(
+        "{body}# TYPE fleetsnitch_new_destinations_total counter\n\
+         fleetsnitch_new_destinations_total{{exe=\"{}\",kind=\"country\"}} {count}\n{eof}",
+        exe.display()
+    ))
 }
 
 /// `page` plus the new build: each sample of `template` (its exe label) again
@@ -248,7 +278,14 @@ fn a_new_build_alerts_once_for_the_fleet_and_a_lone_build_alerts_for_its_host() 
         }
         pages.push(page);
     }
-    let hosts = MetricsPages::serve(pages)?;
+    // Every host found a new country for `common` long ago; one finds another
+    // once Prometheus has scraped the first count.
+    let flat = pages
+        .iter()
+        .map(|page| with_new_destinations(page, &common, 1))
+        .collect::<Result<Vec<_>>>()?;
+    let moved = with_new_destinations(&pages[DESTINATION_HOST - 1], &common, 2)?;
+    let hosts = MetricsPages::serve(flat)?;
     let odd_instance = instance(ODD_HOST - 1);
 
     let dir = TempDir::new("fsn-fleet-rules")?;
@@ -257,7 +294,19 @@ fn a_new_build_alerts_once_for_the_fleet_and_a_lone_build_alerts_for_its_host() 
     let alertmanager = Alertmanager::start(webhook.addr)?;
     let prometheus = Prometheus::start(&prometheus_config(&rules, &hosts, alertmanager.addr))?;
 
-    // Both alerts, then several more rounds for any other (wrong) fleet alert.
+    wait_until(
+        Duration::from_secs(60),
+        "a few scrapes of the first count",
+        || {
+            Ok(prometheus
+                .query("count_over_time(fleetsnitch_new_destinations_total[1m]) >= 3")?
+                .len()
+                == HOSTS)
+        },
+    )?;
+    hosts.set(DESTINATION_HOST - 1, moved)?;
+
+    // The alerts, then several more rounds for any other (wrong) fleet alert.
     let started = Instant::now();
     let deadline = started + Duration::from_secs(90);
     loop {
@@ -277,15 +326,17 @@ fn a_new_build_alerts_once_for_the_fleet_and_a_lone_build_alerts_for_its_host() 
         }
         thread::sleep(Duration::from_millis(250));
     }
-    eprintln!("both fleet alerts after {:?}", started.elapsed());
+    eprintln!("the fleet alerts after {:?}", started.elapsed());
     thread::sleep(Duration::from_secs(10));
 
-    // Exactly two distinct alerts: one for the fleet, one for the odd host.
+    // Exactly three distinct alerts: one for the fleet, one for the odd host,
+    // one for the host that found a new country.
     let alerts = fleet_alerts(&webhook);
     let distinct: BTreeSet<String> = alerts.iter().map(|a| a["labels"].to_string()).collect();
     ensure!(
-        distinct.len() == 2,
-        "expected one FleetsnitchNewToFleet and one FleetsnitchDrift, got {}:\n{:#?}",
+        distinct.len() == 3,
+        "expected one FleetsnitchNewToFleet, one FleetsnitchDrift and one \
+         FleetsnitchNewDestination, got {}:\n{:#?}",
         distinct.len(),
         distinct
     );
@@ -347,6 +398,18 @@ fn a_new_build_alerts_once_for_the_fleet_and_a_lone_build_alerts_for_its_host() 
             .unwrap_or_default()
             .contains("only 8.333% of the hosts"),
         "1 of 12 hosts: {drift_now:#}"
+    );
+    let destination = named("FleetsnitchNewDestination")?;
+    ensure!(
+        destination["labels"]["instance"] == instance(DESTINATION_HOST - 1).as_str()
+            && destination["labels"]["exe"] == common.to_str().context("path")?
+            && destination["labels"]["kind"] == "country"
+            && destination["labels"]["sha256"] == common_sha.as_str()
+            && destination["labels"]["user"] == "root"
+            && destination["labels"]["parent"] == runner.as_str(),
+        "FleetsnitchNewDestination for web{DESTINATION_HOST}'s {}, run by root from {runner}: \
+         {destination:#}",
+        common.display()
     );
 
     // Every recording rule has series; the host counts are the pages' own.
