@@ -26,10 +26,11 @@
  *  - tp_btf / tracepoint sched_process_exec (exec tracking, off by default):
  *    every executed program, through its own ring buffer.
  *
- * Counting happens in two hash tables: one keyed by a socket's kernel
- * address, for the common case of a socket that carries one process's one
- * flow (slot 0 of `socket_traffic`), and one keyed by process, executable and
- * flow for everything else (slot 0 of `traffic`). The agent drains by putting
+ * Counting happens in two tables, each in slot 0 of an array of maps. The
+ * common case goes to a fast one: an array of flow slots for the tp_btf
+ * programs (`flow_slots`), a hash keyed by the socket's kernel address for
+ * the others (`socket_traffic`). What does not fit there goes to a hash keyed
+ * by process, executable and flow (`traffic`). The agent drains by putting
  * empty tables in the slots and reading the ones it took out (see `traffic`
  * below).
  */
@@ -94,6 +95,34 @@ struct {
 	__type(key, __u32);
 	__array(values, struct socket_table);
 } socket_traffic SEC(".maps");
+
+#define BPF_F_MMAPABLE (1U << 10)
+
+/*
+ * The tp_btf programs' tables: an array of FS_FLOW_SLOTS slots, open
+ * addressing on the flow key (see count_in_slots). An array lookup is a few
+ * inlined instructions where a hash lookup is a call (about 25 ns on CPUs
+ * whose returns go through a safe-return thunk) plus hashing: the largest
+ * share of a call's cost. Drained by the same swap as `traffic`; the agent
+ * maps the table it took out (BPF_F_MMAPABLE) to read and zero it. The
+ * other modes keep `socket_traffic`: on kernels before 5.12 the verifier
+ * refuses the compare-and-swap a slot is claimed with, in any program of
+ * the object it loads.
+ */
+struct flow_slot_table {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, FS_FLOW_SLOTS);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct fs_flow_slot));
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__array(values, struct flow_slot_table);
+} flow_slots SEC(".maps");
 
 /* An executable file, as the traffic key names it. */
 struct exe_file {
@@ -412,6 +441,98 @@ static __always_inline bool count_by_socket(struct sock *sk, const struct fs_tra
 }
 
 /*
+ * The first slot a flow key probes: its six words folded by XOR, then
+ * Fibonacci hashing (one multiply, top bits). A chained multiply per word
+ * mixes better but costs its latency six times over, and a collision only
+ * costs a probe: flows of one process differ in their ports, which the
+ * multiply spreads over all the index bits.
+ */
+static __always_inline __u32 first_slot(const struct fs_traffic_key *key)
+{
+	const __u64 *word = (const __u64 *)key;
+	__u64 folded = (word[0] ^ word[1]) ^ (word[2] ^ word[3]) ^ (word[4] ^ word[5]);
+
+	return (folded * 0x9e3779b97f4a7c15ULL) >> (64 - FS_FLOW_SLOT_BITS);
+}
+
+/*
+ * A slot's state, read before its key. x86 keeps loads in order, so a plain
+ * load (and a compiler barrier) suffices; elsewhere a fetching atomic, which
+ * every JIT makes fully ordered, keeps a key still being written from being
+ * read as if it were ready. (BPF load-acquire needs kernel 6.15 and clang 20.)
+ */
+static __always_inline __u32 slot_state(struct fs_flow_slot *slot)
+{
+#if defined(__TARGET_ARCH_x86)
+	__u32 state = *(volatile __u32 *)&slot->state;
+
+	asm volatile("" ::: "memory");
+	return state;
+#else
+	return __sync_fetch_and_add(&slot->state, 0);
+#endif
+}
+
+/*
+ * The tp_btf programs' common case: the flow's slot in the `flow_slots`
+ * table, found by probing up to FS_FLOW_SLOT_PROBES slots from its hash. A
+ * ready slot with exactly this key takes the bytes. Otherwise the first empty
+ * slot is claimed (compare-and-swap, so one program owns it), filled and
+ * marked ready. A slot another CPU is filling is passed over, so the same
+ * flow may get a second slot, which the agent adds to the first. No slot
+ * within the probes, or a claim lost to another CPU: the flow table takes
+ * the bytes (returns false).
+ */
+static __always_inline bool count_in_slots(struct sock *sk, const struct fs_traffic_key *key, long ret,
+					   __u32 direction, struct task_struct *task, struct file *exe,
+					   __u16 family)
+{
+	__u32 zero = 0;
+	void *table = bpf_map_lookup_elem(&flow_slots, &zero);
+
+	if (!table)
+		return false;
+
+	__u32 first = first_slot(key);
+	struct fs_flow_slot *empty = NULL;
+
+#pragma unroll
+	for (__u32 probe = 0; probe < FS_FLOW_SLOT_PROBES; probe++) {
+		__u32 index = (first + probe) & (FS_FLOW_SLOTS - 1);
+		struct fs_flow_slot *slot = bpf_map_lookup_elem(table, &index);
+
+		if (!slot)
+			return false;
+
+		__u32 state = slot_state(slot);
+
+		if (state == FS_SLOT_READY && same_flow(&slot->key, key)) {
+			__sync_fetch_and_add(&slot->value.bytes[direction & 1], ret);
+			return true;
+		}
+		if (state == FS_SLOT_EMPTY) {
+			/* No slot is emptied while the table counts: a flow
+			 * already placed sits before the first empty slot. */
+			empty = slot;
+			break;
+		}
+	}
+	if (!empty)
+		return false;
+	/* A new flow: announced before it can be counted, as in the flow table,
+	 * and before the claim, so the slot is filled quickly. */
+	announce(task, key->tgid, key, exe);
+	if (__sync_val_compare_and_swap(&empty->state, FS_SLOT_EMPTY, FS_SLOT_CLAIMED) != FS_SLOT_EMPTY)
+		return false;
+	empty->key = *key;
+	fill_socket(&empty->value, sk, family);
+	empty->value.bytes[direction & 1] = ret;
+	/* An exchange: ordered after the writes above on every CPU. */
+	__sync_lock_test_and_set(&empty->state, FS_SLOT_READY);
+	return true;
+}
+
+/*
  * The shared body of every send/receive hook. `btf`: `sk` is a BTF pointer
  * (tp_btf programs), read with plain loads.
  */
@@ -443,7 +564,8 @@ static __always_inline void account_with(struct sock *sk, long ret, __u32 direct
 	hot_file_identity(exe, &key.exe_ino, &key.exe_dev, &key.exe_inode_generation, btf);
 	fill_flow(&key, sk, family, btf);
 
-	if (count_by_socket(sk, &key, ret, direction, task, exe, family))
+	if (btf ? count_in_slots(sk, &key, ret, direction, task, exe, family)
+		: count_by_socket(sk, &key, ret, direction, task, exe, family))
 		return;
 
 	__u32 zero = 0;

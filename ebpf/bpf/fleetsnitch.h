@@ -30,6 +30,20 @@
  */
 #define FS_SOCKET_TABLE_ENTRIES 16384
 
+/*
+ * Slots of each `flow_slots` table (tp_btf programs; see count_in_slots in
+ * fleetsnitch.bpf.c): a power of two, the slot index is masked. Flows that
+ * find no slot within FS_FLOW_SLOT_PROBES go to the `traffic` tables.
+ */
+#define FS_FLOW_SLOT_BITS 13
+#define FS_FLOW_SLOTS (1 << FS_FLOW_SLOT_BITS)
+#define FS_FLOW_SLOT_PROBES 4
+
+/* fs_flow_slot.state: free; taken and being filled by one program; counting. */
+#define FS_SLOT_EMPTY 0
+#define FS_SLOT_CLAIMED 1
+#define FS_SLOT_READY 2
+
 /* Directions, used as indexes. */
 #define FS_DIR_SENT 0
 #define FS_DIR_RECEIVED 1
@@ -96,6 +110,20 @@ struct fs_traffic_value {
  * flow are added here (see count_by_socket in fleetsnitch.bpf.c).
  */
 struct fs_socket_traffic {
+	struct fs_traffic_key key;
+	struct fs_traffic_value value;
+};
+
+/*
+ * One slot of a `flow_slots` table: a flow and its counters. A program
+ * claims an empty slot (compare-and-swap of `state`), writes `key` and
+ * `value`, then marks it ready; from then on `key` never changes and only
+ * bytes of exactly that flow are added. The agent reads ready slots after
+ * taking the table out, and zeroes them.
+ */
+struct fs_flow_slot {
+	__u32 state;
+	__u32 _pad;
 	struct fs_traffic_key key;
 	struct fs_traffic_value value;
 };

@@ -28,6 +28,19 @@ pub const TRAFFIC_TABLE_ENTRIES: u32 = 65_536;
 /// [`TRAFFIC_TABLE_ENTRIES`].
 pub const SOCKET_TABLE_ENTRIES: u32 = TRAFFIC_TABLE_ENTRIES / 4;
 
+/// Bits of a `flow_slots` table's slot index (see `bpf/fleetsnitch.h`).
+pub const FLOW_SLOT_BITS: u32 = 13;
+/// Slots of each `flow_slots` table.
+pub const FLOW_SLOTS: u32 = 1 << FLOW_SLOT_BITS;
+/// Slots a flow probes before it goes to the `traffic` tables.
+pub const FLOW_SLOT_PROBES: u32 = 4;
+/// [`FlowSlot::state`]: free.
+pub const SLOT_EMPTY: u32 = 0;
+/// [`FlowSlot::state`]: taken by a program still filling it.
+pub const SLOT_CLAIMED: u32 = 1;
+/// [`FlowSlot::state`]: holds a flow and its counters.
+pub const SLOT_READY: u32 = 2;
+
 /// Index of sent bytes in [`TrafficValue::bytes`].
 pub const DIR_SENT: usize = 0;
 /// Index of received bytes in [`TrafficValue::bytes`].
@@ -99,6 +112,17 @@ pub struct TrafficValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SocketTraffic {
+    pub key: TrafficKey,
+    pub value: TrafficValue,
+}
+
+/// One slot of a `flow_slots` table: a flow and its counters once `state`
+/// is [`SLOT_READY`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlowSlot {
+    pub state: u32,
+    pub _pad: u32,
     pub key: TrafficKey,
     pub value: TrafficValue,
 }
@@ -220,6 +244,12 @@ pub const SHARED_STRUCTS: &[StructLayout] = &[
         key @ 0,
         value @ 48,
     }),
+    shared_struct!("fleetsnitch.h", fs_flow_slot = FlowSlot, size 96 {
+        state @ 0,
+        _pad @ 4,
+        key @ 8,
+        value @ 56,
+    }),
     shared_struct!("fleetsnitch.h", fs_identity_event = IdentityEvent, size 4184 {
         kind @ 0,
         tgid @ 4,
@@ -276,6 +306,12 @@ pub const SHARED_CONSTANTS: &[ConstantLayout] = &[
         "fleetsnitch.h",
         FS_SOCKET_TABLE_ENTRIES = SOCKET_TABLE_ENTRIES
     ),
+    shared_constant!("fleetsnitch.h", FS_FLOW_SLOT_BITS = FLOW_SLOT_BITS),
+    shared_constant!("fleetsnitch.h", FS_FLOW_SLOTS = FLOW_SLOTS),
+    shared_constant!("fleetsnitch.h", FS_FLOW_SLOT_PROBES = FLOW_SLOT_PROBES),
+    shared_constant!("fleetsnitch.h", FS_SLOT_EMPTY = SLOT_EMPTY),
+    shared_constant!("fleetsnitch.h", FS_SLOT_CLAIMED = SLOT_CLAIMED),
+    shared_constant!("fleetsnitch.h", FS_SLOT_READY = SLOT_READY),
     shared_constant!("fleetsnitch.h", FS_DIR_SENT = DIR_SENT),
     shared_constant!("fleetsnitch.h", FS_DIR_RECEIVED = DIR_RECEIVED),
     shared_constant!(
@@ -324,7 +360,8 @@ pub const SHARED_CONSTANTS: &[ConstantLayout] = &[
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        DnsEvent, ExecEvent, ExitEvent, IdentityEvent, SocketTraffic, TrafficKey, TrafficValue,
+        DnsEvent, ExecEvent, ExitEvent, FlowSlot, IdentityEvent, SocketTraffic, TrafficKey,
+        TrafficValue,
     };
 
     // SAFETY: plain `repr(C)` structs of integers with explicit padding fields,
@@ -334,6 +371,8 @@ mod pod {
     unsafe impl aya::Pod for TrafficValue {}
     // SAFETY: `repr(C)`, two such structs, no implicit padding.
     unsafe impl aya::Pod for SocketTraffic {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowSlot {}
     // SAFETY: ring buffer records: `repr(C)` integers and byte arrays with
     // explicit padding, valid for every bit pattern.
     unsafe impl aya::Pod for IdentityEvent {}

@@ -582,7 +582,7 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
         &burst,
         &["forks", "--peer", "127.0.0.1:9", "--count", "200"],
     )?;
-    // More flows than 1024 traffic map entries.
+    // More flows than the 8,192 flow slots and 1024 traffic map entries hold.
     let ports = faulty_bed.copy("sweep", "ports")?;
     run_sweep(
         &ports,
@@ -593,7 +593,7 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
             "--first",
             "20000",
             "--count",
-            "3000",
+            "12000",
         ],
     )?;
 
