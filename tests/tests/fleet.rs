@@ -177,9 +177,12 @@ fn recording_rules() -> Result<Vec<String>> {
 
 /// The `for:` line of FleetsnitchDrift, as the rules file indents it.
 const FOR_30M: &str = "\n        for: 30m\n";
+/// FleetsnitchNewToFleet's `for`: the first sighting's context settles.
+const FOR_2M: &str = "\n        for: 2m\n";
 
 /// The shipped rules evaluated at the global interval, with `for: 30m`
-/// (FleetsnitchDrift's) shortened to 5 s.
+/// (FleetsnitchDrift's) and `for: 2m` (FleetsnitchNewToFleet's) shortened
+/// to 5 s.
 fn rules_with_short_for(dir: &Path) -> Result<std::path::PathBuf> {
     let path = rules_at_global_interval(dir)?;
     let text = fs::read_to_string(&path)?;
@@ -188,7 +191,16 @@ fn rules_with_short_for(dir: &Path) -> Result<std::path::PathBuf> {
         "{} should have exactly one `for: 30m` (FleetsnitchDrift's)",
         path.display()
     );
-    fs::write(&path, text.replace(FOR_30M, "\n        for: 5s\n"))?;
+    ensure!(
+        text.matches(FOR_2M).count() == 1,
+        "{} should have exactly one `for: 2m` (FleetsnitchNewToFleet's)",
+        path.display()
+    );
+    fs::write(
+        &path,
+        text.replace(FOR_30M, "\n        for: 5s\n")
+            .replace(FOR_2M, "\n        for: 5s\n"),
+    )?;
     Ok(path)
 }
 
