@@ -219,7 +219,7 @@ fn take_slots(
 ) -> Result<(), KernelError> {
     tables.install_spare_and_swap()?;
     let mut mapped = map_slots(&tables.spare)?;
-    take_ready_slots(slots_of(&mut mapped), take);
+    take_ready_slots(slots_of(&mut mapped)?, take);
     Ok(())
 }
 
@@ -239,16 +239,25 @@ fn map_slots(table: &MapData) -> Result<MmapMut, TrafficTableError> {
     .map_err(TrafficTableError::MapSlots)
 }
 
-fn slots_of(mapped: &mut MmapMut) -> &mut [FlowSlot] {
-    assert_eq!(mapped.len(), FLOW_SLOTS as usize * size_of::<FlowSlot>());
-    assert_eq!(mapped.as_ptr().align_offset(align_of::<FlowSlot>()), 0);
+/// The mapping as slots; refused (not a panic) if it is not exactly the
+/// table's size or not aligned for them, which no mapping of it should be.
+fn slots_of(mapped: &mut MmapMut) -> Result<&mut [FlowSlot], TrafficTableError> {
+    let expected = FLOW_SLOTS as usize * size_of::<FlowSlot>();
+    if mapped.len() != expected || mapped.as_ptr().align_offset(align_of::<FlowSlot>()) != 0 {
+        return Err(TrafficTableError::MapSlots(std::io::Error::other(format!(
+            "mapped {} bytes at {:p}, expected {expected} bytes aligned to {}",
+            mapped.len(),
+            mapped.as_ptr(),
+            align_of::<FlowSlot>()
+        ))));
+    }
     // SAFETY: the length and alignment are checked above; FlowSlot is
     // `repr(C)` plain integers, valid for any bit pattern, and the kernel
     // lays out an mmapable array's elements contiguously (96 bytes, already
     // a multiple of 8).
-    unsafe {
+    Ok(unsafe {
         std::slice::from_raw_parts_mut(mapped.as_mut_ptr().cast::<FlowSlot>(), FLOW_SLOTS as usize)
-    }
+    })
 }
 
 /// Hands every ready slot to `take` and zeroes every slot in use. A slot
