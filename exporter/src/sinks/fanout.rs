@@ -293,9 +293,11 @@ impl State {
         let Some(flow) = self.policy.apply(flow) else {
             return;
         };
-        self.journal.add_flows(std::slice::from_ref(&flow));
         if self.sinks.want_windows() {
+            self.journal.add_flow(flow.clone());
             self.flows.add(flow);
+        } else {
+            self.journal.add_flow(flow);
         }
     }
 

@@ -265,11 +265,9 @@ impl Journal {
         }
     }
 
-    pub fn add_flows(&mut self, flows: &[FlowRecord]) {
-        for flow in flows {
-            if self.has_room() {
-                self.batch.add_flow(flow.clone());
-            }
+    pub fn add_flow(&mut self, flow: FlowRecord) {
+        if self.has_room() {
+            self.batch.add_flow(flow);
         }
     }
 

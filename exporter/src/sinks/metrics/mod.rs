@@ -168,7 +168,7 @@ impl TrafficMetrics {
     }
 
     /// Adds one drain's flows to `fleetsnitch_bytes_total`.
-    pub fn count_flows(&mut self, flows: &[FlowRecord]) {
+    pub fn count_flows<'a>(&mut self, flows: impl IntoIterator<Item = &'a FlowRecord>) {
         let now = crate::support::unix_now();
         let mut totals: HashMap<TrafficLabels, u64> = HashMap::new();
         for flow in flows {
