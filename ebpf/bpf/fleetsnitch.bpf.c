@@ -139,6 +139,31 @@ struct {
 	__type(value, struct exe_file);
 } announced SEC(".maps");
 
+/*
+ * Thread id -> the identity event being built for the `events` ring. An
+ * announcement is sent with only the path slots it fills (a few hundred bytes
+ * where the whole record is over 4 KiB), so a small ring holds as many as a
+ * big one would of whole records; bpf_ringbuf_output() needs the record built
+ * elsewhere first, and only a per-thread place is safe from every program
+ * kind: fexit programs run preemptible, so two threads on one CPU could share
+ * a per-CPU buffer. The agent sizes it (two per possible CPU); a full table
+ * counts as a lost event, and the next packet announces again.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1);
+	__type(key, __u64);
+	__type(value, struct fs_identity_event);
+} identity_scratch SEC(".maps");
+
+/* An all-zero identity event: what a scratch entry starts from. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct fs_identity_event);
+} identity_blank SEC(".maps");
+
 /* Thread id -> fd_in of a splice in progress. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -339,16 +364,34 @@ static __always_inline void announce(struct task_struct *task, __u32 tgid, const
 	if (seen && seen->ino == id.ino && seen->dev == id.dev && seen->inode_generation == id.inode_generation)
 		return;
 
-	struct fs_identity_event *event = bpf_ringbuf_reserve(&events, sizeof(*event), 0);
+	__u64 thread = bpf_get_current_pid_tgid();
+	const __u32 zero = 0;
+	const struct fs_identity_event *blank = bpf_map_lookup_elem(&identity_blank, &zero);
+	struct fs_identity_event *event = NULL;
 
+	if (blank && bpf_map_update_elem(&identity_scratch, &thread, blank, BPF_ANY) == 0)
+		event = bpf_map_lookup_elem(&identity_scratch, &thread);
 	if (!event) {
 		/* Not marked as announced, so the next packet tries again. */
 		stat_add(FS_STAT_EVENTS_LOST, 1);
+		bpf_map_delete_elem(&identity_scratch, &thread);
 		return;
 	}
 	fill_identity(event, FS_EVENT_IDENTITY, task, tgid, &id, exe);
-	bpf_ringbuf_submit(event, 0);
 
+	/* The record up to its last filled path slot. */
+	__u32 depth = event->depth;
+
+	if (depth > FS_PATH_DEPTH)
+		depth = FS_PATH_DEPTH;
+	__u64 size = __builtin_offsetof(struct fs_identity_event, names) + (__u64)depth * FS_NAME_LEN;
+	long sent = bpf_ringbuf_output(&events, event, size, 0);
+
+	bpf_map_delete_elem(&identity_scratch, &thread);
+	if (sent != 0) {
+		stat_add(FS_STAT_EVENTS_LOST, 1);
+		return;
+	}
 	if (bpf_map_update_elem(&announced, &tgid, &id, BPF_ANY) != 0)
 		stat_add(FS_STAT_ANNOUNCED_MAP_FULL, 1);
 }

@@ -576,11 +576,12 @@ fn every_health_rule_fires_when_its_incident_is_caused() -> Result<()> {
         ],
     )?;
     fs::remove_file(&dropped)?;
-    // More new processes at once than 64 KiB of ring buffer can announce.
+    // More new processes than 64 KiB of ring buffer can announce (about 130
+    // records of a three-name path) while the collector is stuck.
     let burst = faulty_bed.copy("sweep", "burst")?;
     run_sweep(
         &burst,
-        &["forks", "--peer", "127.0.0.1:9", "--count", "200"],
+        &["forks", "--peer", "127.0.0.1:9", "--count", "300"],
     )?;
     // More flows than the 8,192 flow slots and 1024 traffic map entries hold.
     let ports = faulty_bed.copy("sweep", "ports")?;

@@ -110,14 +110,16 @@ fn a_full_traffic_map_loses_no_byte_uncounted() -> Result<()> {
 #[test]
 fn lost_announcements_are_counted_and_every_byte_is_accounted() -> Result<()> {
     require_root!("eBPF");
-    // The smallest ring buffer: 16 announcements.
+    // The smallest ring buffer: about 130 announcements of a three-name path
+    // (a record carries only the path slots it fills).
     let mut bed = Testbed::setup("fsn-stress-ring")?
         .config("collector:\n  ring_buffer_bytes: 65536\n")
         .start()?;
     let before = bed.metrics().text()?;
     let burst = bed.copy("sweep", "burst")?;
     // The collector stuck while 300 new processes send: the 64 KiB ring holds
-    // 16 announcements, the rest are lost whatever the scheduling.
+    // fewer than half of their announcements, the rest are lost whatever the
+    // scheduling.
     let frozen = process::FrozenThread::freeze(bed.agent.pid(), "fleetsnitch-col")?;
     let sent = run_sweep(
         &burst,

@@ -161,7 +161,7 @@ impl DnsCapture {
     /// Hands every pending answer to `handle`.
     pub fn drain(&mut self, mut handle: impl FnMut(&DnsEvent)) {
         while let Some(item) = self.events.next() {
-            if let Some(event) = ring::read::<DnsEvent>(&item) {
+            if let Some(event) = answer(&item) {
                 handle(&event);
             }
         }
@@ -227,4 +227,42 @@ fn attach_answers(ebpf: &mut Ebpf, cgroup: &File) -> Result<(), String> {
                 .map(drop)
         })
         .map_err(|e| format!("program {name}: {}", error_chain(&e)))
+}
+
+/// An answer record: sent up to the last byte captured, so it is valid when
+/// it holds the fixed fields and the `captured` bytes it counts.
+fn answer(bytes: &[u8]) -> Option<DnsEvent> {
+    let fixed = std::mem::offset_of!(DnsEvent, payload);
+    let event = ring::read_prefix::<DnsEvent>(bytes, fixed)?;
+    let captured = usize::from(event.captured);
+    (captured <= event.payload.len() && bytes.len() >= fixed + captured).then_some(event)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(captured: u16, payload_sent: usize) -> Vec<u8> {
+        let fixed = std::mem::offset_of!(DnsEvent, payload);
+        let mut bytes = vec![0u8; fixed + payload_sent];
+        let at = std::mem::offset_of!(DnsEvent, captured);
+        bytes[at..at + 2].copy_from_slice(&captured.to_ne_bytes());
+        bytes[fixed..].fill(0xab);
+        bytes
+    }
+
+    #[test]
+    fn an_answer_sent_at_its_length_reads_with_its_payload() {
+        let event = answer(&record(100, 100)).unwrap();
+        assert_eq!(event.captured, 100);
+        assert!(event.payload[..100].iter().all(|&byte| byte == 0xab));
+        assert!(event.payload[100..].iter().all(|&byte| byte == 0));
+    }
+
+    #[test]
+    fn an_answer_shorter_than_it_says_is_refused() {
+        assert!(answer(&record(100, 99)).is_none());
+        assert!(answer(&record(2000, 1024)).is_none());
+        assert!(answer(&record(0, 0)[..10]).is_none());
+    }
 }

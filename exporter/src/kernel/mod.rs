@@ -76,7 +76,9 @@ impl Default for CollectorConfig {
             drain_interval: Duration::from_secs(1),
             traffic_map_entries: traffic::TEMPLATE_ENTRIES,
             process_map_entries: 32_768,
-            ring_buffer_bytes: 1 << 20,
+            // Records carry only the path slots they fill (some 500 bytes
+            // for a three-name path): about 500 announcements at once.
+            ring_buffer_bytes: 256 << 10,
         }
     }
 }
@@ -128,8 +130,14 @@ pub fn load_objects(collector: &CollectorConfig, exec: &ExecConfig) -> Result<Ob
     } else {
         4096
     };
+    // One identity being built per thread at a time; a thread is on one CPU.
+    let scratch = aya::util::nr_cpus().map_or(256, |cpus| cpus.saturating_mul(2));
     let main = loader
         .map_max_entries("announced", collector.process_map_entries)
+        .map_max_entries(
+            "identity_scratch",
+            u32::try_from(scratch).unwrap_or(u32::MAX),
+        )
         .map_max_entries("events", collector.ring_buffer_bytes)
         .map_max_entries("exec_events", exec_ring)
         .override_global(
