@@ -52,10 +52,6 @@ pub struct TrafficMap {
     slots: Swapped<MapData>,
 }
 
-/// `BPF_F_MMAPABLE`: the agent maps a slot table to read and zero it in
-/// place (one pass over memory instead of a system call per slot).
-const BPF_F_MMAPABLE: u32 = 1 << 10;
-
 /// One array of maps whose slot holds the table the programs count in, and
 /// the empty table swapped in at the next drain.
 struct Swapped<T> {
@@ -198,15 +194,17 @@ fn take_entries<K: Pod, V: Pod>(
     take_all(tables.map, &mut tables.spare, take)
 }
 
-/// A `flow_slots` table: an array the agent can map (`BPF_F_MMAPABLE`), of
-/// exactly the template's size (the programs mask the slot index with it).
+/// A `flow_slots` table: an array the agent can map (`BPF_F_MMAPABLE`, to
+/// read and zero it in place: one pass over memory instead of a system call
+/// per slot), of exactly the template's size (the programs mask the slot
+/// index with it).
 fn create_slot_table() -> Result<MapData, MapError> {
     let definition = aya_obj::Map::new_from_params(
         aya_obj::generated::bpf_map_type::BPF_MAP_TYPE_ARRAY as u32,
         size_of::<u32>() as u32,
         size_of::<FlowSlot>() as u32,
         FLOW_SLOTS,
-        BPF_F_MMAPABLE,
+        aya_obj::generated::BPF_F_MMAPABLE,
     );
     MapData::create(definition, "flow_slots", None)
 }
