@@ -484,7 +484,8 @@ static __always_inline bool count_by_socket(struct sock *sk, const struct fs_tra
 }
 
 /*
- * The first slot a flow key probes: its six words folded by XOR, then
+ * The first slot a flow probes: its key's six words (process and flow; the
+ * executable is not read on this path, so zero) folded by XOR, then
  * Fibonacci hashing (one multiply, top bits). A chained multiply per word
  * mixes better but costs its latency six times over, and a collision only
  * costs a probe: flows of one process differ in their ports, which the
@@ -492,7 +493,11 @@ static __always_inline bool count_by_socket(struct sock *sk, const struct fs_tra
  */
 static __always_inline __u32 first_slot(const struct fs_traffic_key *key)
 {
-	const __u64 *word = (const __u64 *)key;
+	__u64 word[6];
+
+	_Static_assert(sizeof(word) == sizeof(*key), "the key is six words");
+	__builtin_memcpy(word, key, sizeof(word));
+
 	__u64 folded = (word[0] ^ word[1]) ^ (word[2] ^ word[3]) ^ (word[4] ^ word[5]);
 
 	return (folded * 0x9e3779b97f4a7c15ULL) >> (64 - FS_FLOW_SLOT_BITS);
@@ -517,18 +522,77 @@ static __always_inline __u32 slot_state(struct fs_flow_slot *slot)
 }
 
 /*
- * The tp_btf programs' common case: the flow's slot in the `flow_slots`
- * table, found by probing up to FS_FLOW_SLOT_PROBES slots from its hash. A
- * ready slot with exactly this key takes the bytes. Otherwise the first empty
- * slot is claimed (compare-and-swap, so one program owns it), filled and
- * marked ready. A slot another CPU is filling is passed over, so the same
- * flow may get a second slot, which the agent adds to the first. No slot
- * within the probes, or a claim lost to another CPU: the flow table takes
- * the bytes (returns false).
+ * Which run of which program a tp_btf call comes from, without reading the
+ * executable: the thread group's start time tells this process from any
+ * earlier one with the same id, and the exec count (one more at every exec,
+ * the same in every thread of an image) tells its images apart. Reading the
+ * executable itself takes five dependent loads (task, mm, file, inode,
+ * superblock), mostly from cache lines a bulk copy has just evicted; these
+ * take three, from task structures (the exec count shares its cache line with
+ * the lock a waker takes, so a call just after a wake-up from another CPU may
+ * still miss there once). Pointers (mm, file) would not do: an image's mm
+ * and executable file are freed at the next exec, and the exec after that
+ * can get the same addresses. A process that changes its executable link
+ * without exec (prctl PR_SET_MM_EXE_FILE, checkpoint/restore) keeps the
+ * executable its slots were claimed with until the next drain.
  */
-static __always_inline bool count_in_slots(struct sock *sk, const struct fs_traffic_key *key, long ret,
-					   __u32 direction, struct task_struct *task, struct file *exe,
-					   __u16 family)
+struct process_image {
+	__u64 start_ns;
+	__u32 exec_id;
+};
+
+static __always_inline struct process_image image_of(struct task_struct *task)
+{
+	struct process_image image = {
+		.start_ns = task->group_leader->start_time,
+		.exec_id = (__u32)task->self_exec_id,
+	};
+
+	return image;
+}
+
+/*
+ * A slot's flow is this call's: the same process image and the same flow.
+ * `key` has no executable yet; the slot's was read when it was claimed, by
+ * the same image.
+ */
+static __always_inline bool slot_holds(const struct fs_flow_slot *slot, const struct fs_traffic_key *key,
+				       const struct process_image *image)
+{
+	const struct fs_traffic_key *held = &slot->key;
+	__u64 held_addr[2], addr[2];
+
+	__builtin_memcpy(held_addr, held->remote_addr, sizeof(held_addr));
+	__builtin_memcpy(addr, key->remote_addr, sizeof(addr));
+	return ((slot->process_start_ns ^ image->start_ns) | (slot->exec_id ^ image->exec_id) |
+		(held->tgid ^ key->tgid) | (held->family ^ key->family) | (held->protocol ^ key->protocol) |
+		(held->local_port ^ key->local_port) | (held->remote_port ^ key->remote_port) |
+		(held_addr[0] ^ addr[0]) | (held_addr[1] ^ addr[1])) == 0;
+}
+
+/* The executable half of a key; returns the executable's file. */
+static __always_inline struct file *fill_executable(struct fs_traffic_key *key, struct task_struct *task, bool btf)
+{
+	struct file *exe = hot_task_exe_file(task, btf);
+
+	hot_file_identity(exe, &key->exe_ino, &key->exe_dev, &key->exe_inode_generation, btf);
+	return exe;
+}
+
+/*
+ * The tp_btf programs' common case: the flow's slot in the `flow_slots`
+ * table, found by probing up to FS_FLOW_SLOT_PROBES slots from the hash of
+ * `key` (process and flow; its executable is not read yet). A ready slot
+ * holding this flow for this process image takes the bytes. Otherwise the
+ * first empty slot is claimed (compare-and-swap, so one program owns it),
+ * filled with the full key and marked ready. A slot another CPU is filling is
+ * passed over, so the same flow may get a second slot, which the agent adds
+ * to the first; so does a flow of a process that exec'd (a new image). No
+ * slot within the probes, or a claim lost to another CPU: the flow table
+ * takes the bytes (returns false).
+ */
+static __always_inline bool count_in_slots(struct sock *sk, struct fs_traffic_key *key, long ret,
+					   __u32 direction, struct task_struct *task, __u16 family)
 {
 	__u32 zero = 0;
 	void *table = bpf_map_lookup_elem(&flow_slots, &zero);
@@ -536,6 +600,7 @@ static __always_inline bool count_in_slots(struct sock *sk, const struct fs_traf
 	if (!table)
 		return false;
 
+	struct process_image image = image_of(task);
 	__u32 first = first_slot(key);
 	struct fs_flow_slot *empty = NULL;
 
@@ -549,7 +614,7 @@ static __always_inline bool count_in_slots(struct sock *sk, const struct fs_traf
 
 		__u32 state = slot_state(slot);
 
-		if (state == FS_SLOT_READY && same_flow(&slot->key, key)) {
+		if (state == FS_SLOT_READY && slot_holds(slot, key, &image)) {
 			__sync_fetch_and_add(&slot->value.bytes[direction & 1], ret);
 			return true;
 		}
@@ -562,11 +627,16 @@ static __always_inline bool count_in_slots(struct sock *sk, const struct fs_traf
 	}
 	if (!empty)
 		return false;
+
+	struct file *exe = fill_executable(key, task, true);
+
 	/* A new flow: announced before it can be counted, as in the flow table,
 	 * and before the claim, so the slot is filled quickly. */
 	announce(task, key->tgid, key, exe);
 	if (__sync_val_compare_and_swap(&empty->state, FS_SLOT_EMPTY, FS_SLOT_CLAIMED) != FS_SLOT_EMPTY)
 		return false;
+	empty->exec_id = image.exec_id;
+	empty->process_start_ns = image.start_ns;
 	empty->key = *key;
 	fill_socket(&empty->value, sk, family);
 	empty->value.bytes[direction & 1] = ret;
@@ -599,16 +669,18 @@ static __always_inline void account_with(struct sock *sk, long ret, __u32 direct
 	 * a third of the hook's own cost.
 	 */
 	__u32 tgid = btf ? (__u32)task->tgid : (__u32)(bpf_get_current_pid_tgid() >> 32);
-	struct file *exe = hot_task_exe_file(task, btf);
 	struct fs_traffic_key key = {
 		.tgid = tgid,
 	};
 
-	hot_file_identity(exe, &key.exe_ino, &key.exe_dev, &key.exe_inode_generation, btf);
 	fill_flow(&key, sk, family, btf);
+	/* The slots find a flow without its executable (see image_of). */
+	if (btf && count_in_slots(sk, &key, ret, direction, task, family))
+		return;
 
-	if (btf ? count_in_slots(sk, &key, ret, direction, task, exe, family)
-		: count_by_socket(sk, &key, ret, direction, task, exe, family))
+	struct file *exe = fill_executable(&key, task, btf);
+
+	if (!btf && count_by_socket(sk, &key, ret, direction, task, exe, family))
 		return;
 
 	__u32 zero = 0;

@@ -116,14 +116,20 @@ struct fs_socket_traffic {
 
 /*
  * One slot of a `flow_slots` table: a flow and its counters. A program
- * claims an empty slot (compare-and-swap of `state`), writes `key` and
- * `value`, then marks it ready; from then on `key` never changes and only
- * bytes of exactly that flow are added. The agent reads ready slots after
+ * claims an empty slot (compare-and-swap of `state`), writes the process
+ * image, `key` and `value`, then marks it ready; from then on nothing but the
+ * bytes changes, and only bytes of exactly that flow are added. The agent reads ready slots after
  * taking the table out, and zeroes them.
  */
 struct fs_flow_slot {
 	__u32 state;
-	__u32 _pad;
+	/* The process image that claimed the slot: the low 32 bits of its
+	 * exec count (task->self_exec_id, one more at every exec) and its
+	 * thread group leader's start time. With the key's tgid they name one
+	 * run of one program, so a call that matches them needs not read which
+	 * executable it runs. The agent does not read them. */
+	__u32 exec_id;
+	__u64 process_start_ns;
 	struct fs_traffic_key key;
 	struct fs_traffic_value value;
 };

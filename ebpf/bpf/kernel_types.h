@@ -122,6 +122,9 @@ struct task_struct {
 	pid_t tgid;
 	__u64 start_time;
 	struct task_struct *real_parent;
+	struct task_struct *group_leader;
+	/* 64 bits since Linux 5.7; only the tp_btf programs (6.3+) read it. */
+	__u64 self_exec_id;
 	struct mm_struct *mm;
 	const struct cred *cred;
 	struct files_struct *files;

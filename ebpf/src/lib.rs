@@ -122,7 +122,9 @@ pub struct SocketTraffic {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FlowSlot {
     pub state: u32,
-    pub _pad: u32,
+    /// Which run of the process claimed the slot (read by the programs only).
+    pub exec_id: u32,
+    pub process_start_ns: u64,
     pub key: TrafficKey,
     pub value: TrafficValue,
 }
@@ -244,11 +246,12 @@ pub const SHARED_STRUCTS: &[StructLayout] = &[
         key @ 0,
         value @ 48,
     }),
-    shared_struct!("fleetsnitch.h", fs_flow_slot = FlowSlot, size 96 {
+    shared_struct!("fleetsnitch.h", fs_flow_slot = FlowSlot, size 104 {
         state @ 0,
-        _pad @ 4,
-        key @ 8,
-        value @ 56,
+        exec_id @ 4,
+        process_start_ns @ 8,
+        key @ 16,
+        value @ 64,
     }),
     shared_struct!("fleetsnitch.h", fs_identity_event = IdentityEvent, size 4184 {
         kind @ 0,

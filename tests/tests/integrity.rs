@@ -20,6 +20,10 @@
 //!   program's bytes to each port are counted under its own name. (The agent
 //!   counts most bytes in a table keyed by the socket's address; an entry
 //!   there holds only the flow it was created for.)
+//! - A socket kept by one process across an exec into another program, within
+//!   one drain: the bytes before and after the exec are counted under each
+//!   program's own name (the flow slots tell process images apart without
+//!   reading the executable on every call).
 //!
 //! Each of the first three runs twice: with the agent on the host, and with the agent in the
 //! chart's pod (`Testbed::in_pod`), where every path it names and every file
@@ -380,6 +384,48 @@ fn inode_reuse(config: &str, name: &str, agent: Agent) -> Result<()> {
 
 // --- a socket shared by two programs -------------------------------------
 
+/// Runs `sweep <what>` (its first program `first`, with `args`) and returns
+/// its report.
+fn sweep_report(first: &Path, what: &str, args: &[&str]) -> Result<serde_json::Value> {
+    let out = process::run_bounded(
+        Command::new(first).arg(what).args(args),
+        Duration::from_secs(60),
+    )?;
+    ensure!(out.status.success(), "sweep {what}: {}", out.stderr);
+    serde_json::from_str(out.stdout.trim())
+        .with_context(|| format!("sweep {what} said {:?}", out.stdout))
+}
+
+/// A number from a sweep report.
+fn report_field(report: &serde_json::Value, name: &str) -> Result<u64> {
+    report[name]
+        .as_u64()
+        .with_context(|| format!("no {name} in {report}"))
+}
+
+/// Waits until `/metrics` shows exactly `expected` (program -> remote port ->
+/// bytes sent) for each program, and says what it saw either way.
+fn wait_for_sent_by_port(bed: &Testbed, expected: &[(&Path, BTreeMap<String, u64>)]) -> Result<()> {
+    let mut seen = vec![BTreeMap::new(); expected.len()];
+    let settled = wait_until(Duration::from_secs(15), "every program counted", || {
+        let text = bed.metrics().text()?;
+        for ((program, _), seen) in expected.iter().zip(seen.iter_mut()) {
+            *seen = sent_by(&text, &program.to_string_lossy(), "remote_port")?;
+        }
+        Ok(expected
+            .iter()
+            .zip(&seen)
+            .all(|((_, want), got)| want == got))
+    });
+    for ((program, want), got) in expected.iter().zip(&seen) {
+        eprintln!(
+            "sent by remote_port, {}: expected {want:?}, seen {got:?}",
+            program.display()
+        );
+    }
+    settled
+}
+
 /// One socket, two programs and two peers within one drain: the per-socket
 /// table's entry belongs to the first flow the socket carried; the child's
 /// bytes on the same socket, and the parent's after reconnecting, must land
@@ -387,52 +433,55 @@ fn inode_reuse(config: &str, name: &str, agent: Agent) -> Result<()> {
 #[test]
 fn a_socket_shared_by_two_programs_counts_each_programs_own_bytes() -> Result<()> {
     require_root!("eBPF");
-    const ROUNDS: &str = "300";
     let bed = Testbed::setup("fsn-integrity-shared")?
         .config("collector:\n  drain_interval: 2s\n")
         .start()?;
     let parent = bed.copy("sweep", "share-parent")?;
     let child = bed.copy("sweep", "share-child")?;
-    let out = process::run_bounded(
-        Command::new(&parent).args([
-            "share",
-            "--child",
-            child.to_str().context("child path")?,
-            "--rounds",
-            ROUNDS,
-        ]),
-        Duration::from_secs(60),
+    let child_path = child.to_str().context("child path")?;
+    let report = sweep_report(
+        &parent,
+        "share",
+        &["--child", child_path, "--rounds", "300"],
     )?;
-    ensure!(out.status.success(), "sweep share: {}", out.stderr);
-    let report: serde_json::Value = serde_json::from_str(out.stdout.trim())
-        .with_context(|| format!("sweep share said {:?}", out.stdout))?;
-    let field = |name: &str| -> Result<u64> {
-        report[name]
-            .as_u64()
-            .with_context(|| format!("no {name} in {report}"))
-    };
+    let field = |name: &str| report_field(&report, name);
     let (first, second) = (field("first_port")?, field("second_port")?);
     let expected_parent = BTreeMap::from([
         (first.to_string(), field("parent_first")?),
         (second.to_string(), field("parent_second")?),
     ]);
     let expected_child = BTreeMap::from([(first.to_string(), field("child_first")?)]);
-    let (parent_exe, child_exe) = (
-        parent.to_string_lossy().into_owned(),
-        child.to_string_lossy().into_owned(),
-    );
-    let (mut seen_parent, mut seen_child) = (BTreeMap::new(), BTreeMap::new());
-    let settled = wait_until(Duration::from_secs(15), "both programs counted", || {
-        let text = bed.metrics().text()?;
-        seen_parent = sent_by(&text, &parent_exe, "remote_port")?;
-        seen_child = sent_by(&text, &child_exe, "remote_port")?;
-        Ok(seen_parent == expected_parent && seen_child == expected_child)
-    });
-    eprintln!(
-        "sent by remote_port: parent expected {expected_parent:?}, seen {seen_parent:?}; \
-         child expected {expected_child:?}, seen {seen_child:?}"
-    );
-    settled
+    wait_for_sent_by_port(
+        &bed,
+        &[(&parent, expected_parent), (&child, expected_child)],
+    )
+}
+
+/// One process, one socket, two programs: the program before an exec and the
+/// one after it send on the same connected socket within one drain. The
+/// tp_btf programs find a flow's slot without reading the executable (by
+/// process image, see `image_of` in the eBPF source); the bytes after the
+/// exec must still land under the new program, never in the slot the first
+/// one filled.
+#[test]
+fn a_socket_kept_across_exec_counts_each_programs_own_bytes() -> Result<()> {
+    require_root!("eBPF");
+    let bed = Testbed::setup("fsn-integrity-handover")?
+        .config("collector:\n  drain_interval: 2s\n")
+        .start()?;
+    let first = bed.copy("sweep", "handover-first")?;
+    let next = bed.copy("sweep", "handover-next")?;
+    let next_path = next.to_str().context("next path")?;
+    let report = sweep_report(
+        &first,
+        "handover",
+        &["--next", next_path, "--rounds", "300"],
+    )?;
+    let field = |name: &str| report_field(&report, name);
+    let port = field("port")?.to_string();
+    let expected_first = BTreeMap::from([(port.clone(), field("first")?)]);
+    let expected_next = BTreeMap::from([(port, field("next")?)]);
+    wait_for_sent_by_port(&bed, &[(&first, expected_first), (&next, expected_next)])
 }
 
 const WITHOUT_EXEC_TRACKING: &str = "journal:\n  write_interval: 10s\n";

@@ -16,14 +16,20 @@
 //!                                                        # then connected to a second port
 //! sweep share-child --fd FD                              # (the child) one 37-byte datagram on
 //!                                                        # FD per line read, its length printed
+//! sweep handover --next PATH --rounds N                  # N datagrams on a connected UDP socket,
+//!                                                        # then exec PATH (same process) which
+//!                                                        # sends N more on the same socket
 //! ```
 //! Prints `{"values":N,"sent":BYTES}` (`share` adds the bytes by sender and
-//! port). Loops are bounded by --count or --rounds.
+//! port, `handover` by program). Loops are bounded by --count or --rounds.
 
 use std::{
     io::{BufRead, BufReader, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
-    os::fd::{AsRawFd, FromRawFd},
+    os::{
+        fd::{AsRawFd, FromRawFd},
+        unix::process::CommandExt,
+    },
     path::Path,
     process::{Command, ExitCode, Stdio},
     sync::Arc,
@@ -71,6 +77,19 @@ fn run(args: &[String]) -> Result<()> {
             return Ok(());
         }
         Some("share-child") => return share_child(option(args, "--fd")?.parse()?),
+        Some("handover") => {
+            let rounds: u32 = option(args, "--rounds")?.parse()?;
+            ensure!((1..=10_000).contains(&rounds), "--rounds is 1..=10000");
+            return handover(Path::new(option(args, "--next")?), rounds);
+        }
+        Some("handover-next") => {
+            return handover_next(
+                option(args, "--fd")?.parse()?,
+                option(args, "--rounds")?.parse()?,
+                option(args, "--port")?.parse()?,
+                option(args, "--before")?.parse()?,
+            );
+        }
         _ => {}
     }
     let count: u32 = option(args, "--count")?.parse()?;
@@ -245,13 +264,8 @@ fn share(child: &Path, rounds: u32) -> Result<String> {
     let (_second_sink, second_port) = low_port_sink()?;
     let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
     socket.connect((Ipv4Addr::LOCALHOST, first_port))?;
-    // The child inherits the socket across exec: clear close-on-exec.
-    // SAFETY: fcntl on a descriptor this process owns, no pointers.
-    ensure!(
-        unsafe { libc::fcntl(socket.as_raw_fd(), libc::F_SETFD, 0) } == 0,
-        "fcntl(F_SETFD): {}",
-        std::io::Error::last_os_error()
-    );
+    // The child inherits the socket across exec.
+    keep_across_exec(socket.as_raw_fd())?;
     let mut running = Command::new(child)
         .args(["share-child", "--fd", &socket.as_raw_fd().to_string()])
         .stdin(Stdio::piped())
@@ -289,6 +303,72 @@ fn share(child: &Path, rounds: u32) -> Result<String> {
          \"parent_second\":{parent_second}}}",
         parent_first + child_first + parent_second
     ))
+}
+
+/// Datagram sizes of `handover`: before the exec and after it.
+const HANDOVER_FIRST_BYTES: usize = 100;
+const HANDOVER_NEXT_BYTES: usize = 37;
+
+/// Clears close-on-exec on `fd`, so that the program exec'd next keeps it.
+fn keep_across_exec(fd: i32) -> Result<()> {
+    // SAFETY: fcntl on a descriptor this process owns, no pointers.
+    ensure!(
+        unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == 0,
+        "fcntl(F_SETFD): {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+/// One connected UDP socket carried across an exec: this program sends
+/// `rounds` datagrams, then the same process becomes `next` (another
+/// executable), which sends `rounds` more on the same socket and prints the
+/// report. Same process id, same flow, two programs, within one drain.
+fn handover(next: &Path, rounds: u32) -> Result<()> {
+    let (sink, port) = low_port_sink()?;
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+    socket.connect((Ipv4Addr::LOCALHOST, port))?;
+    let mut before = 0u64;
+    for _ in 0..rounds {
+        before += socket.send(&[0x5a; HANDOVER_FIRST_BYTES])? as u64;
+    }
+    // The sink stays open across the exec too: a datagram to a closed port
+    // would make the next send fail.
+    keep_across_exec(sink.as_raw_fd())?;
+    keep_across_exec(socket.as_raw_fd())?;
+    let error = Command::new(next)
+        .args([
+            "handover-next",
+            "--fd",
+            &socket.as_raw_fd().to_string(),
+            "--rounds",
+            &rounds.to_string(),
+            "--port",
+            &port.to_string(),
+            "--before",
+            &before.to_string(),
+        ])
+        .exec();
+    Err(error).with_context(|| format!("exec {}", next.display()))
+}
+
+/// The program `handover` becomes: `rounds` datagrams on the socket it was
+/// handed, then the report.
+fn handover_next(fd: i32, rounds: u32, port: u16, before: u64) -> Result<()> {
+    ensure!((1..=10_000).contains(&rounds), "--rounds is 1..=10000");
+    // SAFETY: the program before this exec passed this descriptor, a UDP
+    // socket, and nothing else here owns it.
+    let socket = unsafe { UdpSocket::from_raw_fd(fd) };
+    let mut after = 0u64;
+    for _ in 0..rounds {
+        after += socket.send(&[0x5a; HANDOVER_NEXT_BYTES])? as u64;
+    }
+    println!(
+        "{{\"values\":2,\"sent\":{},\"port\":{port},\"pid\":{},\"first\":{before},\"next\":{after}}}",
+        before + after,
+        std::process::id()
+    );
+    Ok(())
 }
 
 /// The child of `share`: one datagram on the inherited socket per line read,
