@@ -1,12 +1,15 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * The benchmark's ceiling: the least a byte counter on the agent's hot hooks
- * can cost. Two programs on the same BTF tracepoints as the agent's
+ * The benchmark's ceiling: the least a byte counter on the agent's hooks can
+ * cost. Two programs on the same BTF tracepoints as the agent's
  * send_length_btf / recv_length_btf, each adding the call's length to one
- * per-CPU counter: no key, no hash, no shared cache line. The agent's cost
- * above this is what its attribution (process, executable, flow) costs; this
- * program's own cost is the hook's and the statistics' (tests/src/ceiling.rs
- * loads it; tests/src/bin/bench measures with it).
+ * per-CPU counter: no key, no hash, no shared cache line. A third on the hook
+ * of the agent's DNS capture (cgroup_skb ingress on the root cgroup, every
+ * packet delivered to a local socket) adds the packet's length. The agent's
+ * cost above this is what its attribution (process, executable, flow) and its
+ * look at each packet cost; these programs' own cost is the hooks' and the
+ * statistics' (tests/src/ceiling.rs loads them; tests/src/bin/bench measures
+ * with them).
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -16,10 +19,11 @@ char LICENSE[] SEC("license") = "GPL";
 
 struct sock;
 
-/* Slot 0: bytes sent, slot 1: bytes received, per CPU. */
+/* Slot 0: bytes sent, slot 1: bytes received, slot 2: bytes of packets
+ * delivered (IP headers included), per CPU. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 2);
+	__uint(max_entries, 3);
 	__type(key, __u32);
 	__type(value, __u64);
 } ceiling_bytes SEC(".maps");
@@ -47,4 +51,12 @@ int BPF_PROG(ceiling_recv, struct sock *sk, int ret, int flags)
 {
 	count(1, ret);
 	return 0;
+}
+
+SEC("cgroup_skb/ingress")
+int ceiling_ingress(struct __sk_buff *skb)
+{
+	count(2, skb->len);
+	/* Let every packet through, as the agent's program does. */
+	return 1;
 }

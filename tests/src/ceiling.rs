@@ -1,12 +1,15 @@
-//! The benchmark's ceiling program (`tests/bpf/ceiling.bpf.c`): a byte counter
-//! on the agent's two hot tracepoints that does nothing else, so the benchmark
-//! can say how far the agent is from the least any counter there costs.
+//! The benchmark's ceiling programs (`tests/bpf/ceiling.bpf.c`): a byte
+//! counter on the agent's two hot tracepoints and on the hook of its DNS
+//! capture (cgroup_skb ingress on the root cgroup) that does nothing else, so
+//! the benchmark can say how far the agent is from the least any counter
+//! there costs.
 //!
 //! The program is compiled when it is attached, with the clang the agent's own
 //! build uses (`CLANG`, else the first of clang-16..19 found), so the product's
 //! build does not carry a program only the benchmark loads.
 
 use std::{
+    fs::File,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -16,10 +19,10 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Btf, Ebpf,
     maps::{MapData, PerCpuArray},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType},
 };
 
-use crate::{TempDir, process};
+use crate::{TempDir, cgroups, process};
 
 /// Program name -> the tracepoint it attaches to (the agent's
 /// `send_length_btf` / `recv_length_btf` hooks).
@@ -28,9 +31,17 @@ pub const PROGRAMS: [(&str, &str); 2] = [
     ("ceiling_recv", "sock_recv_length"),
 ];
 
-/// The ceiling program, attached while this lives.
+/// The program on the DNS capture's hook (the agent's `dns_answers`).
+pub const INGRESS_PROGRAM: &str = "ceiling_ingress";
+
+/// Whether `name` is one of the ceiling's programs.
+pub fn is_ceiling_program(name: &str) -> bool {
+    name == INGRESS_PROGRAM || PROGRAMS.iter().any(|(program, _)| *program == name)
+}
+
+/// The ceiling programs, attached while this lives.
 pub struct Ceiling {
-    // Dropping the object detaches and unloads both programs.
+    // Dropping the object detaches and unloads the programs.
     _ebpf: Ebpf,
     bytes: PerCpuArray<MapData, u64>,
 }
@@ -57,6 +68,30 @@ impl Ceiling {
                 .attach()
                 .with_context(|| format!("attach {name} to tp_btf/{tracepoint}"))?;
         }
+        // The cgroup v2 root, where the agent attaches its DNS capture.
+        let root = cgroups::cgroup2_mount()?;
+        let cgroup = File::open(&root).with_context(|| format!("open {}", root.display()))?;
+        let program: &mut CgroupSkb = ebpf
+            .program_mut(INGRESS_PROGRAM)
+            .with_context(|| format!("program {INGRESS_PROGRAM} missing from the ceiling object"))?
+            .try_into()
+            .with_context(|| format!("program {INGRESS_PROGRAM} is not a cgroup_skb program"))?;
+        program
+            .load()
+            .with_context(|| format!("load {INGRESS_PROGRAM}"))?;
+        // As the agent attaches `dns_answers`: the two never run together.
+        program
+            .attach(
+                &cgroup,
+                CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )
+            .with_context(|| {
+                format!(
+                    "attach {INGRESS_PROGRAM} to {} (ingress; is an agent running?)",
+                    root.display()
+                )
+            })?;
         let map = ebpf
             .take_map("ceiling_bytes")
             .context("map ceiling_bytes missing from the ceiling object")?;
@@ -67,14 +102,21 @@ impl Ceiling {
     /// Bytes sent and received through every socket of the host since
     /// attaching, summed over CPUs.
     pub fn bytes(&self) -> Result<(u64, u64)> {
-        let slot = |index: u32| -> Result<u64> {
-            let values = self
-                .bytes
-                .get(&index, 0)
-                .with_context(|| format!("read ceiling_bytes[{index}]"))?;
-            Ok(values.iter().sum())
-        };
-        Ok((slot(0)?, slot(1)?))
+        Ok((self.slot(0)?, self.slot(1)?))
+    }
+
+    /// Bytes of the packets delivered to local sockets since attaching (IP
+    /// headers included), summed over CPUs.
+    pub fn delivered_bytes(&self) -> Result<u64> {
+        self.slot(2)
+    }
+
+    fn slot(&self, index: u32) -> Result<u64> {
+        let values = self
+            .bytes
+            .get(&index, 0)
+            .with_context(|| format!("read ceiling_bytes[{index}]"))?;
+        Ok(values.iter().sum())
     }
 }
 

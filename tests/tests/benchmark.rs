@@ -6,8 +6,9 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use fleetsnitch_e2e::{ceiling::Ceiling, require_root};
 
-/// The ceiling program counts on the hooks the agent counts on: every byte a
-/// loopback UDP exchange sends and receives shows in its two counters (other
+/// The ceiling programs count on the hooks the agent counts on: every byte a
+/// loopback UDP exchange sends and receives shows in their counters, and every
+/// datagram delivered, with its headers, in the DNS capture hook's (other
 /// traffic of the host can only add).
 #[test]
 fn ceiling_program_counts_what_is_sent_and_received() -> Result<()> {
@@ -16,6 +17,7 @@ fn ceiling_program_counts_what_is_sent_and_received() -> Result<()> {
     const SIZE: usize = 100;
     let ceiling = Ceiling::attach()?;
     let (sent_before, received_before) = ceiling.bytes()?;
+    let delivered_before = ceiling.delivered_bytes()?;
 
     let receiver = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
     receiver.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -29,9 +31,19 @@ fn ceiling_program_counts_what_is_sent_and_received() -> Result<()> {
     }
 
     let (sent, received) = ceiling.bytes()?;
+    let delivered = ceiling.delivered_bytes()? - delivered_before;
     let expected = DATAGRAMS * SIZE as u64;
+    // Each datagram reaches the receiver's socket with its UDP and IPv4 headers.
+    let expected_delivered = DATAGRAMS * (SIZE as u64 + 8 + 20);
     let (sent, received) = (sent - sent_before, received - received_before);
-    eprintln!("ceiling: sent {sent}, received {received}, this test alone {expected} each way");
+    eprintln!(
+        "ceiling: sent {sent}, received {received}, this test alone {expected} each way; \
+         delivered {delivered}, this test alone {expected_delivered}"
+    );
+    ensure!(
+        delivered >= expected_delivered,
+        "ceiling counted {delivered} bytes delivered, this test alone delivered {expected_delivered}"
+    );
     ensure!(
         sent >= expected,
         "ceiling counted {sent} bytes sent, this test alone sent {expected}"
