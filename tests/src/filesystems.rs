@@ -141,7 +141,22 @@ pub fn holders_of_inode(dir: &Path, inode: u64) -> Vec<String> {
             .flatten()
         {
             if fs::metadata(fd.path()).is_ok_and(|m| m.ino() == inode && m.dev() == device) {
-                found.push(format!("{pid} {} (fd {:?})", comm.trim(), fd.file_name()));
+                // Position and open flags tell who holds it: a hasher reading
+                // the file has moved its position, a fanotify event's
+                // descriptor has not.
+                let info = fs::read_to_string(entry.path().join("fdinfo").join(fd.file_name()))
+                    .unwrap_or_default();
+                let info: Vec<&str> = info
+                    .lines()
+                    .filter(|line| line.starts_with("pos:") || line.starts_with("flags:"))
+                    .map(str::trim)
+                    .collect();
+                found.push(format!(
+                    "{pid} {} (fd {:?}, {})",
+                    comm.trim(),
+                    fd.file_name(),
+                    info.join(", ")
+                ));
             }
         }
         if fs::read_to_string(entry.path().join("maps")).is_ok_and(|maps| maps.contains(&needle)) {
