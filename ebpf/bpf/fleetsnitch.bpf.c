@@ -523,32 +523,29 @@ static __always_inline __u32 slot_state(struct fs_flow_slot *slot)
 
 /*
  * Which run of which program a tp_btf call comes from, without reading the
- * executable: the thread group's start time tells this process from any
- * earlier one with the same id, and the exec count (one more at every exec,
- * the same in every thread of an image) tells its images apart. Reading the
- * executable itself takes five dependent loads (task, mm, file, inode,
- * superblock), mostly from cache lines a bulk copy has just evicted; these
- * take three, from task structures (the exec count shares its cache line with
- * the lock a waker takes, so a call just after a wake-up from another CPU may
- * still miss there once). Pointers (mm, file) would not do: an image's mm
- * and executable file are freed at the next exec, and the exec after that
- * can get the same addresses. A process that changes its executable link
- * without exec (prctl PR_SET_MM_EXE_FILE, checkpoint/restore) keeps the
- * executable its slots were claimed with until the next drain.
+ * executable: the id of its address space. x86 gives every mm a `ctx_id`
+ * from a global counter when it is created (fork without CLONE_VM, exec) and
+ * never hands one out twice while the system runs; all threads of an image
+ * share it. With the thread group id it names one image of one process: a
+ * reused process id comes with a new mm, an exec too. Two dependent loads
+ * (task -> mm -> context) from lines that are read, not written, while a
+ * process does network I/O. Reading the executable itself takes five (task,
+ * mm, file, inode, superblock), mostly from lines a bulk copy has just
+ * evicted. Rejected: the mm's or the file's address (both freed at the next
+ * exec, and the exec after it can get the same addresses); the leader's start
+ * time with the exec count (`self_exec_id` shares a line with the `pi_lock`
+ * a waker takes, so a receive just after a wake-up missed there). A kernel
+ * thread has no mm: its image is 0, and its tgid names it. A process that
+ * changes its executable link without exec (prctl PR_SET_MM_EXE_FILE,
+ * checkpoint/restore) keeps the executable its slots were claimed with until
+ * the next drain.
  */
-struct process_image {
-	__u64 start_ns;
-	__u32 exec_id;
-};
-
-static __always_inline struct process_image image_of(struct task_struct *task)
+#if !defined(__TARGET_ARCH_x86)
+#error "image_of reads x86's mm->context.ctx_id: another architecture needs its own never-reused per-mm id"
+#endif
+static __always_inline __u64 image_of(struct task_struct *task)
 {
-	struct process_image image = {
-		.start_ns = task->group_leader->start_time,
-		.exec_id = (__u32)task->self_exec_id,
-	};
-
-	return image;
+	return task->mm->context.ctx_id;
 }
 
 /*
@@ -557,14 +554,14 @@ static __always_inline struct process_image image_of(struct task_struct *task)
  * the same image.
  */
 static __always_inline bool slot_holds(const struct fs_flow_slot *slot, const struct fs_traffic_key *key,
-				       const struct process_image *image)
+				       __u64 image)
 {
 	const struct fs_traffic_key *held = &slot->key;
 	__u64 held_addr[2], addr[2];
 
 	__builtin_memcpy(held_addr, held->remote_addr, sizeof(held_addr));
 	__builtin_memcpy(addr, key->remote_addr, sizeof(addr));
-	return ((slot->process_start_ns ^ image->start_ns) | (slot->exec_id ^ image->exec_id) |
+	return ((slot->image ^ image) |
 		(held->tgid ^ key->tgid) | (held->family ^ key->family) | (held->protocol ^ key->protocol) |
 		(held->local_port ^ key->local_port) | (held->remote_port ^ key->remote_port) |
 		(held_addr[0] ^ addr[0]) | (held_addr[1] ^ addr[1])) == 0;
@@ -600,7 +597,7 @@ static __always_inline bool count_in_slots(struct sock *sk, struct fs_traffic_ke
 	if (!table)
 		return false;
 
-	struct process_image image = image_of(task);
+	__u64 image = image_of(task);
 	__u32 first = first_slot(key);
 	struct fs_flow_slot *empty = NULL;
 
@@ -614,7 +611,7 @@ static __always_inline bool count_in_slots(struct sock *sk, struct fs_traffic_ke
 
 		__u32 state = slot_state(slot);
 
-		if (state == FS_SLOT_READY && slot_holds(slot, key, &image)) {
+		if (state == FS_SLOT_READY && slot_holds(slot, key, image)) {
 			__sync_fetch_and_add(&slot->value.bytes[direction & 1], ret);
 			return true;
 		}
@@ -635,8 +632,7 @@ static __always_inline bool count_in_slots(struct sock *sk, struct fs_traffic_ke
 	announce(task, key->tgid, key, exe);
 	if (__sync_val_compare_and_swap(&empty->state, FS_SLOT_EMPTY, FS_SLOT_CLAIMED) != FS_SLOT_EMPTY)
 		return false;
-	empty->exec_id = image.exec_id;
-	empty->process_start_ns = image.start_ns;
+	empty->image = image;
 	empty->key = *key;
 	fill_socket(&empty->value, sk, family);
 	empty->value.bytes[direction & 1] = ret;

@@ -123,13 +123,13 @@ struct fs_socket_traffic {
  */
 struct fs_flow_slot {
 	__u32 state;
-	/* The process image that claimed the slot: the low 32 bits of its
-	 * exec count (task->self_exec_id, one more at every exec) and its
-	 * thread group leader's start time. With the key's tgid they name one
-	 * run of one program, so a call that matches them needs not read which
-	 * executable it runs. The agent does not read them. */
-	__u32 exec_id;
-	__u64 process_start_ns;
+	__u32 _pad;
+	/* The process image that claimed the slot: its address space's id
+	 * (x86 mm->context.ctx_id, never reused while the system runs). With
+	 * the key's tgid it names one run of one program, so a call that
+	 * matches it needs not read which executable it runs (see image_of).
+	 * The agent does not read it. */
+	__u64 image;
 	struct fs_traffic_key key;
 	struct fs_traffic_value value;
 };

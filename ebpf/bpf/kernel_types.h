@@ -107,8 +107,15 @@ struct files_struct {
 	struct fdtable *fdt;
 };
 
+/* x86's per-address-space context: `ctx_id` is drawn from a global counter
+ * when the mm is created and never reused while the system runs. */
+typedef struct {
+	__u64 ctx_id;
+} mm_context_t;
+
 struct mm_struct {
 	struct file *exe_file;
+	mm_context_t context;
 	unsigned long arg_start;
 	unsigned long arg_end;
 };
@@ -122,9 +129,6 @@ struct task_struct {
 	pid_t tgid;
 	__u64 start_time;
 	struct task_struct *real_parent;
-	struct task_struct *group_leader;
-	/* 64 bits since Linux 5.7; only the tp_btf programs (6.3+) read it. */
-	__u64 self_exec_id;
 	struct mm_struct *mm;
 	const struct cred *cred;
 	struct files_struct *files;

@@ -122,9 +122,10 @@ pub struct SocketTraffic {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct FlowSlot {
     pub state: u32,
-    /// Which run of the process claimed the slot (read by the programs only).
-    pub exec_id: u32,
-    pub process_start_ns: u64,
+    pub _pad: u32,
+    /// Which image of the process claimed the slot: its address space's id
+    /// (read by the programs only).
+    pub image: u64,
     pub key: TrafficKey,
     pub value: TrafficValue,
 }
@@ -248,8 +249,8 @@ pub const SHARED_STRUCTS: &[StructLayout] = &[
     }),
     shared_struct!("fleetsnitch.h", fs_flow_slot = FlowSlot, size 104 {
         state @ 0,
-        exec_id @ 4,
-        process_start_ns @ 8,
+        _pad @ 4,
+        image @ 8,
         key @ 16,
         value @ 64,
     }),

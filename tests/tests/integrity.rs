@@ -484,6 +484,42 @@ fn a_socket_kept_across_exec_counts_each_programs_own_bytes() -> Result<()> {
     wait_for_sent_by_port(&bed, &[(&first, expected_first), (&next, expected_next)])
 }
 
+/// Two programs, one process id, one flow, within one drain: the first
+/// sends from a fixed local port and exits, the next gets the same process
+/// id and sends from the same port to the same peer. The slot the first one
+/// filled matches the next one's process id and flow exactly; only the
+/// process image (see `image_of` in the eBPF source) tells them apart, and
+/// the next one's bytes must land under its own executable.
+#[test]
+fn a_reused_process_id_on_the_same_flow_counts_each_programs_own_bytes() -> Result<()> {
+    require_root!("eBPF, and writing /proc/sys/kernel/ns_last_pid");
+    let bed = Testbed::setup("fsn-integrity-reuse")?
+        .config("collector:\n  drain_interval: 2s\n")
+        .start()?;
+    let driver = bed.copy("sweep", "reuse-driver")?;
+    let first = bed.copy("sweep", "reuse-first")?;
+    let next = bed.copy("sweep", "reuse-next")?;
+    let path = |program: &Path| program.to_str().map(str::to_owned).context("path");
+    let report = sweep_report(
+        &driver,
+        "reuse",
+        &[
+            "--first",
+            &path(&first)?,
+            "--next",
+            &path(&next)?,
+            "--rounds",
+            "300",
+        ],
+    )?;
+    eprintln!("sweep reuse: {report}");
+    let field = |name: &str| report_field(&report, name);
+    let port = field("port")?.to_string();
+    let expected_first = BTreeMap::from([(port.clone(), field("first")?)]);
+    let expected_next = BTreeMap::from([(port, field("next")?)]);
+    wait_for_sent_by_port(&bed, &[(&first, expected_first), (&next, expected_next)])
+}
+
 const WITHOUT_EXEC_TRACKING: &str = "journal:\n  write_interval: 10s\n";
 const WITH_EXEC_TRACKING: &str = "journal:\n  write_interval: 10s\nexec:\n  enabled: true\n";
 

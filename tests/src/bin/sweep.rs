@@ -19,9 +19,18 @@
 //! sweep handover --next PATH --rounds N                  # N datagrams on a connected UDP socket,
 //!                                                        # then exec PATH (same process) which
 //!                                                        # sends N more on the same socket
+//! sweep reuse --first PATH --next PATH --rounds N        # PATH (first) sends N datagrams from a
+//!                                                        # fixed local port and exits; the next
+//!                                                        # PATH gets the same process id (root:
+//!                                                        # ns_last_pid) and sends N more on the
+//!                                                        # same flow
+//! sweep reuse-send --local L --port P --rounds N --size S [--pid ID]
+//!                                                        # (a program of `reuse`) N datagrams of
+//!                                                        # S bytes from port L to port P; with
+//!                                                        # --pid, only when its process id is ID
 //! ```
 //! Prints `{"values":N,"sent":BYTES}` (`share` adds the bytes by sender and
-//! port, `handover` by program). Loops are bounded by --count or --rounds.
+//! port, `handover` and `reuse` by program). Loops are bounded by --count or --rounds.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -88,6 +97,29 @@ fn run(args: &[String]) -> Result<()> {
                 option(args, "--rounds")?.parse()?,
                 option(args, "--port")?.parse()?,
                 option(args, "--before")?.parse()?,
+            );
+        }
+        Some("reuse") => {
+            let rounds: u32 = option(args, "--rounds")?.parse()?;
+            ensure!((1..=10_000).contains(&rounds), "--rounds is 1..=10000");
+            let programs = (
+                Path::new(option(args, "--first")?),
+                Path::new(option(args, "--next")?),
+            );
+            println!("{}", reuse(programs, rounds)?);
+            return Ok(());
+        }
+        Some("reuse-send") => {
+            let pid = match args.iter().any(|a| a == "--pid") {
+                true => Some(option(args, "--pid")?.parse()?),
+                false => None,
+            };
+            return reuse_send(
+                option(args, "--local")?.parse()?,
+                option(args, "--port")?.parse()?,
+                option(args, "--rounds")?.parse()?,
+                option(args, "--size")?.parse()?,
+                pid,
             );
         }
         _ => {}
@@ -368,6 +400,103 @@ fn handover_next(fd: i32, rounds: u32, port: u16, before: u64) -> Result<()> {
         before + after,
         std::process::id()
     );
+    Ok(())
+}
+
+/// Datagram sizes of `reuse`: the first program's and the next one's.
+const REUSE_FIRST_BYTES: usize = 100;
+const REUSE_NEXT_BYTES: usize = 37;
+/// Tries at giving the next program the first one's process id: another
+/// process on the host may fork between the write to `ns_last_pid` and ours.
+const REUSE_ATTEMPTS: u32 = 200;
+/// What `reuse-send` prints when it did not get the process id it wanted.
+const REUSE_MISSED: &str = "missed";
+
+/// Two programs, one after the other, with the same process id and the same
+/// flow (local port, peer) within one drain: `first` sends `rounds`
+/// datagrams and exits, then `next` is started with the id `first` had
+/// (`/proc/sys/kernel/ns_last_pid` set just below it, retried when another
+/// process takes it first) and sends `rounds` more. Returns the report: the
+/// bytes of each program, the port and the id.
+fn reuse((first, next): (&Path, &Path), rounds: u32) -> Result<String> {
+    let (_sink, port) = low_port_sink()?;
+    // A local port of our choosing for both programs: bound once here to
+    // have the kernel pick a free one, then left for them.
+    let local = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port();
+    let send = |program: &Path, size: usize, pid: Option<u32>| -> Result<(u32, String)> {
+        let mut command = Command::new(program);
+        command.args([
+            "reuse-send",
+            "--local",
+            &local.to_string(),
+            "--port",
+            &port.to_string(),
+            "--rounds",
+            &rounds.to_string(),
+            "--size",
+            &size.to_string(),
+        ]);
+        if let Some(pid) = pid {
+            command.args(["--pid", &pid.to_string()]);
+        }
+        let child = command
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawn {}", program.display()))?;
+        let id = child.id();
+        let out = child.wait_with_output()?;
+        ensure!(
+            out.status.success(),
+            "{} failed: {}",
+            program.display(),
+            out.status
+        );
+        Ok((id, String::from_utf8_lossy(&out.stdout).trim().to_owned()))
+    };
+    let (pid, said) = send(first, REUSE_FIRST_BYTES, None)?;
+    let first_bytes: u64 = said
+        .parse()
+        .with_context(|| format!("first said {said:?}"))?;
+    for attempt in 1..=REUSE_ATTEMPTS {
+        std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
+            .context("write /proc/sys/kernel/ns_last_pid (needs root)")?;
+        let (_, said) = send(next, REUSE_NEXT_BYTES, Some(pid))?;
+        if said == REUSE_MISSED {
+            continue;
+        }
+        let next_bytes: u64 = said
+            .parse()
+            .with_context(|| format!("next said {said:?}"))?;
+        return Ok(format!(
+            "{{\"values\":2,\"sent\":{},\"port\":{port},\"pid\":{pid},\"attempts\":{attempt},\
+             \"first\":{first_bytes},\"next\":{next_bytes}}}",
+            first_bytes + next_bytes
+        ));
+    }
+    bail!("process id {pid} was not given to the next program in {REUSE_ATTEMPTS} tries")
+}
+
+/// A program of `reuse`: `rounds` datagrams of `size` bytes from local port
+/// `local` to port `port`, the bytes sent printed; with `pid`, nothing sent
+/// (and "missed" printed) unless this process has that id.
+fn reuse_send(local: u16, port: u16, rounds: u32, size: usize, pid: Option<u32>) -> Result<()> {
+    ensure!((1..=10_000).contains(&rounds), "--rounds is 1..=10000");
+    ensure!((1..=1_000).contains(&size), "--size is 1..=1000");
+    if pid.is_some_and(|pid| pid != std::process::id()) {
+        println!("{REUSE_MISSED}");
+        return Ok(());
+    }
+    let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, local))
+        .with_context(|| format!("bind 127.0.0.1:{local}"))?;
+    socket.connect((Ipv4Addr::LOCALHOST, port))?;
+    let datagram = vec![0x5a; size];
+    let mut sent = 0u64;
+    for _ in 0..rounds {
+        sent += socket.send(&datagram)? as u64;
+    }
+    println!("{sent}");
     Ok(())
 }
 
