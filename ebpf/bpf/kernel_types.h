@@ -138,6 +138,9 @@ struct task_struct {
 struct in6_addr {
 	union {
 		__u8 u6_addr8[16];
+		/* Gives the address the kernel's 4-byte alignment, so a copy of it
+		 * is four loads rather than sixteen bytes' worth of small ones. */
+		__be32 u6_addr32[4];
 	} in6_u;
 };
 
