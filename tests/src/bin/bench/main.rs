@@ -127,6 +127,51 @@ impl Row {
             verdict,
         }
     }
+
+    /// A program's cost per call, measured once per round (`costs`, ns),
+    /// against a maximum: pass when every round is within it, FAIL when none
+    /// is, inconclusive when the spread crosses it; information when there is
+    /// no maximum. `above`: the same program's cost above the ceiling's on
+    /// its hook, each round against the ceiling of the same round, with the
+    /// ceiling's own per-round costs.
+    fn per_call(
+        figure: &str,
+        costs: &[f64],
+        calls: u64,
+        above: Option<(&str, &[f64], &[f64])>,
+        maximum: Option<f64>,
+    ) -> Self {
+        let mut costs = costs.to_vec();
+        // Sorts the costs: the first is the lowest, the last the highest.
+        let cost_median = median(&mut costs);
+        let (min, max) = (costs[0], costs[costs.len() - 1]);
+        let verdict = match maximum {
+            None => Verdict::Info,
+            Some(maximum) if max <= maximum => Verdict::Pass,
+            Some(maximum) if min > maximum => Verdict::Fail,
+            Some(_) => Verdict::Inconclusive,
+        };
+        let mut measured = format!(
+            "{cost_median:.0} ns median, spread {min:.0} to {max:.0} ns over {} rounds ({calls} calls)",
+            costs.len()
+        );
+        if let Some((ceiling, differences, ceiling_costs)) = above
+            && !differences.is_empty()
+        {
+            measured.push_str(&format!(
+                "; {:.0} ns above `{ceiling}` ({:.0} ns; medians of the rounds, the hook's and \
+                 the statistics' own cost)",
+                median(&mut differences.to_vec()),
+                median(&mut ceiling_costs.to_vec())
+            ));
+        }
+        Self {
+            figure: figure.to_owned(),
+            measured,
+            target: maximum.map_or_else(|| "-".to_owned(), |m| format!("<= {m:.0} ns")),
+            verdict,
+        }
+    }
 }
 
 fn option<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T> {
@@ -397,15 +442,15 @@ const CEILING_OF: &[(&str, &str)] = &[
 /// its data in the cache, a 64-byte datagram most of it).
 const WORKLOADS: [&str; 2] = ["64-byte UDP", "TCP bulk"];
 
-/// (program name, workload) -> (run_time_ns, run_cnt) summed over the
-/// measured windows.
-type Calls = BTreeMap<(String, &'static str), (u64, u64)>;
+/// (program name, workload) -> round -> (run_time_ns, run_cnt) of that
+/// round's measured window.
+type Calls = BTreeMap<(String, &'static str), BTreeMap<usize, (u64, u64)>>;
 
-/// Runs each workload once more with the kernel's BPF statistics on, and adds
-/// what each program loaded since `before_start` cost to `calls`. A pass of
-/// its own: the statistics cost a clock read per call, which the rates must
-/// not pay.
-fn count_calls(before_start: &HashSet<u64>, calls: &mut Calls) -> Result<()> {
+/// Runs each workload once more with the kernel's BPF statistics on, and
+/// records what each program loaded since `before_start` cost in `round`. A
+/// pass of its own: the statistics cost a clock read per call, which the
+/// rates must not pay.
+fn count_calls(before_start: &HashSet<u64>, round: usize, calls: &mut Calls) -> Result<()> {
     let _stats = BpfStatsEnabled::enable()?;
     for workload in WORKLOADS {
         let before = bpf_stats()?;
@@ -419,7 +464,11 @@ fn count_calls(before_start: &HashSet<u64>, calls: &mut Calls) -> Result<()> {
                 continue;
             }
             let (time0, count0) = before.get(&id).map_or((0, 0), |(_, t, c)| (*t, *c));
-            let entry = calls.entry((name, workload)).or_default();
+            let entry = calls
+                .entry((name, workload))
+                .or_default()
+                .entry(round)
+                .or_default();
             entry.0 += time.saturating_sub(time0);
             entry.1 += count.saturating_sub(count0);
         }
@@ -449,7 +498,7 @@ fn overhead(agent: &std::path::Path, rounds: usize) -> Result<Vec<Row>> {
                     let _attached = Ceiling::attach()?;
                     rates.tcp.push(tcp_throughput(TCP_BYTES)?);
                     rates.udp.push(udp_rate(UDP_DATAGRAMS)?);
-                    count_calls(&before_start, &mut calls)?;
+                    count_calls(&before_start, round, &mut calls)?;
                 }
                 State::Agent => {
                     let running = AgentGuard::start(agent)?;
@@ -457,7 +506,7 @@ fn overhead(agent: &std::path::Path, rounds: usize) -> Result<Vec<Row>> {
                     thread::sleep(Duration::from_secs(2));
                     rates.tcp.push(tcp_throughput(TCP_BYTES)?);
                     rates.udp.push(udp_rate(UDP_DATAGRAMS)?);
-                    count_calls(&before_start, &mut calls)?;
+                    count_calls(&before_start, round, &mut calls)?;
                     drop(running);
                 }
             }
@@ -518,34 +567,46 @@ fn overhead(agent: &std::path::Path, rounds: usize) -> Result<Vec<Row>> {
             None,
         ));
     }
-    let per_call = |name: &str, workload: &'static str| {
+    // A round's cost per call of a program, in rounds where it ran.
+    let per_round = |name: &str, workload: &'static str| -> BTreeMap<usize, f64> {
         calls
             .get(&(name.to_owned(), workload))
-            .filter(|(_, count)| *count > 0)
-            .map(|(time, count)| *time as f64 / *count as f64)
+            .into_iter()
+            .flatten()
+            .filter(|(_, (_, count))| *count > 0)
+            .map(|(round, (time, count))| (*round, *time as f64 / *count as f64))
+            .collect()
     };
-    for ((name, workload), (_, count)) in &calls {
-        let Some(cost) = per_call(name, workload) else {
+    for ((name, workload), rounds) in &calls {
+        let costs = per_round(name, workload);
+        if costs.is_empty() {
             continue;
-        };
+        }
+        let count: u64 = rounds.values().map(|(_, count)| count).sum();
         let hot = !ceiling::is_ceiling_program(name) && !OFF_THE_HOT_PATH.contains(&name.as_str());
-        let net = CEILING_OF
+        // Above the ceiling: each round against the ceiling of that round.
+        let ceiling = CEILING_OF
             .iter()
             .find(|(program, _)| program == name)
-            .and_then(|(_, ceiling)| Some((*ceiling, per_call(ceiling, workload)?)));
-        let measured = match net {
-            Some((ceiling, floor)) => format!(
-                "{cost:.0} ns ({count} calls); {:.0} ns above `{ceiling}` ({floor:.0} ns, \
-                 the hook's and the statistics' own cost)",
-                cost - floor
-            ),
-            None => format!("{cost:.0} ns ({count} calls)"),
-        };
-        rows.push(Row::new(
+            .map(|(_, ceiling)| (*ceiling, per_round(ceiling, workload)));
+        let (differences, ceiling_costs): (Vec<f64>, Vec<f64>) = ceiling
+            .as_ref()
+            .map(|(_, floor)| {
+                costs
+                    .iter()
+                    .filter_map(|(round, cost)| floor.get(round).map(|f| (cost - f, *f)))
+                    .unzip()
+            })
+            .unwrap_or_default();
+        let costs: Vec<f64> = costs.into_values().collect();
+        rows.push(Row::per_call(
             &format!("per-call cost of `{name}`, {workload}"),
-            measured,
-            if hot { "<= 100 ns" } else { "-" },
-            hot.then_some(cost <= 100.0),
+            &costs,
+            count,
+            ceiling
+                .as_ref()
+                .map(|(ceiling, _)| (*ceiling, &differences[..], &ceiling_costs[..])),
+            hot.then_some(100.0),
         ));
     }
     Ok(rows)
@@ -757,6 +818,34 @@ mod tests {
             "{}",
             row.measured
         );
+    }
+
+    #[test]
+    fn a_per_call_cost_passes_only_when_every_round_is_within_the_limit() {
+        let row = Row::per_call("x", &[91.0, 97.0, 94.0], 30, None, Some(100.0));
+        assert_eq!(row.verdict, Verdict::Pass, "{}", row.measured);
+        let row = Row::per_call("x", &[101.0, 130.0, 117.0], 30, None, Some(100.0));
+        assert_eq!(row.verdict, Verdict::Fail, "{}", row.measured);
+        // The median (98 ns) is within the limit, one round (106 ns) is not.
+        let above = [36.0, 40.0, 44.0];
+        let ceiling = [58.0, 58.0, 62.0];
+        let row = Row::per_call(
+            "x",
+            &[94.0, 98.0, 106.0],
+            30,
+            Some(("c", &above, &ceiling)),
+            Some(100.0),
+        );
+        assert_eq!(row.verdict, Verdict::Inconclusive, "{}", row.measured);
+        assert!(
+            row.measured.starts_with(
+                "98 ns median, spread 94 to 106 ns over 3 rounds (30 calls); 40 ns above `c` (58 ns;"
+            ),
+            "{}",
+            row.measured
+        );
+        let row = Row::per_call("x", &[500.0], 3, None, None);
+        assert_eq!(row.verdict, Verdict::Info, "{}", row.measured);
     }
 
     #[test]
